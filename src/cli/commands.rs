@@ -1,0 +1,333 @@
+//! One function per subcommand. Each loads what it needs, prints, and returns an exit code.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Command, DagFormat, PipelineArgs, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK};
+use crate::engine::executor::{self, Outcome, RunOptions};
+use crate::engine::status::{self, State};
+use crate::engine::{gc, load_checked, watch, Engine, OpenError};
+use crate::torch_env;
+
+pub fn dispatch(command: Command) -> i32 {
+    match command {
+        Command::Run {
+            pipeline,
+            stages,
+            force,
+            dry_run,
+            keep_going,
+            jobs,
+            gpus,
+            json,
+        } => {
+            if dry_run {
+                return print_status(&pipeline, &stages, json, true);
+            }
+            let options = RunOptions {
+                targets: stages,
+                force,
+                keep_going,
+                jobs: jobs.unwrap_or_else(cores),
+                threads: cores(),
+                gpus: gpus.unwrap_or_else(|| (0..torch_env::gpu_count()).collect()),
+                quiet: json,
+            };
+            run(&pipeline, &options, json)
+        }
+        Command::Status {
+            pipeline,
+            stages,
+            json,
+        } => print_status(&pipeline, &stages, json, false),
+        Command::Dag { pipeline, format } => dag(&pipeline, format),
+        Command::Validate { pipeline } => validate(&pipeline),
+        Command::Schema => {
+            print!("{}", crate::schema::pipeline_schema_text());
+            EXIT_OK
+        }
+        Command::Watch {
+            pipeline,
+            jobs,
+            debounce_ms,
+        } => watch_pipeline(&pipeline, jobs, debounce_ms),
+        Command::Gc { pipeline, keep_last } => collect_garbage(&pipeline, keep_last),
+        Command::Doctor { json } => doctor(json),
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn open(args: &PipelineArgs) -> Result<Engine, i32> {
+    Engine::open(&args.pipeline, &args.sets).map_err(|error| {
+        match error {
+            OpenError::Invalid(diagnostics) => eprintln!("{diagnostics}"),
+            other => eprintln!("error: {other}"),
+        }
+        EXIT_INVALID
+    })
+}
+
+/// SIGINT / SIGTERM set the flag: running stages are stopped and nothing half-done is committed.
+/// A second Ctrl-C exits at once.
+fn cancellation() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let _ = signal_hook::flag::register_conditional_shutdown(signal, EXIT_INTERRUPTED, Arc::clone(&flag));
+        let _ = signal_hook::flag::register(signal, Arc::clone(&flag));
+    }
+    flag
+}
+
+fn run(args: &PipelineArgs, options: &RunOptions, json: bool) -> i32 {
+    let engine = match open(args) {
+        Ok(engine) => engine,
+        Err(code) => return code,
+    };
+    let cancel = cancellation();
+    run_engine(&engine, options, json, &cancel)
+}
+
+fn run_engine(engine: &Engine, options: &RunOptions, json: bool, cancel: &AtomicBool) -> i32 {
+    let report = match executor::run(engine, options, cancel) {
+        Ok(report) => report,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return EXIT_INVALID;
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("report serializes")
+        );
+    } else {
+        let count = |outcome| report.stages.iter().filter(|s| s.outcome == outcome).count();
+        eprintln!(
+            "{}: {} ran, {} cached, {} failed, {} skipped",
+            report.pipeline,
+            count(Outcome::Ran),
+            count(Outcome::Cached),
+            count(Outcome::Failed),
+            count(Outcome::Skipped)
+        );
+    }
+    if report.interrupted {
+        EXIT_INTERRUPTED
+    } else if report.ok {
+        EXIT_OK
+    } else {
+        EXIT_FAILED
+    }
+}
+
+fn print_status(args: &PipelineArgs, stages: &[String], json: bool, dry_run: bool) -> i32 {
+    let engine = match open(args) {
+        Ok(engine) => engine,
+        Err(code) => return code,
+    };
+    let report = match status::status(&engine, stages) {
+        Ok(report) => report,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return EXIT_INVALID;
+        }
+    };
+    if json {
+        let value =
+            serde_json::json!({ "pipeline": engine.pipeline.name, "dry_run": dry_run, "stages": report });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).expect("status serializes")
+        );
+        return EXIT_OK;
+    }
+    for stage in &report {
+        let label = match (stage.state, dry_run) {
+            (State::Fresh, _) => "fresh",
+            (_, true) if stage.in_cache => "restore",
+            (_, true) => "run",
+            (State::Stale, false) => "stale",
+            (State::New, false) => "new",
+        };
+        let cached = if stage.state != State::Fresh && stage.in_cache {
+            " (outputs in cache)"
+        } else {
+            ""
+        };
+        println!("{label:>8}  {}{cached}", stage.id);
+        for reason in &stage.reasons {
+            println!("            {reason}");
+        }
+    }
+    EXIT_OK
+}
+
+fn validate(args: &PipelineArgs) -> i32 {
+    match load_checked(&args.pipeline, &args.sets) {
+        Ok(pipeline) => {
+            println!(
+                "{}: {} stage instance(s), valid",
+                args.pipeline.display(),
+                pipeline.instances.len()
+            );
+            EXIT_OK
+        }
+        Err(diagnostics) => {
+            eprintln!("{diagnostics}");
+            EXIT_INVALID
+        }
+    }
+}
+
+fn dag(args: &PipelineArgs, format: DagFormat) -> i32 {
+    let engine = match open(args) {
+        Ok(engine) => engine,
+        Err(code) => return code,
+    };
+    let instances = &engine.pipeline.instances;
+    let quote = |s: &str| s.replace('"', "\\\"");
+    let mut out = String::new();
+    match format {
+        DagFormat::Text => {
+            for &i in &engine.dag.order {
+                let deps: Vec<&str> = engine
+                    .dag
+                    .dependencies(i)
+                    .iter()
+                    .map(|&d| instances[d].id.as_str())
+                    .collect();
+                let after = if deps.is_empty() {
+                    String::new()
+                } else {
+                    format!("  <- {}", deps.join(", "))
+                };
+                out.push_str(&format!(
+                    "{} ({}){after}\n",
+                    instances[i].id, instances[i].kind.name
+                ));
+            }
+        }
+        DagFormat::Dot => {
+            out.push_str(&format!(
+                "digraph \"{}\" {{\n  rankdir=LR;\n",
+                quote(&engine.pipeline.name)
+            ));
+            for &i in &engine.dag.order {
+                out.push_str(&format!(
+                    "  n{i} [label=\"{}\\n({})\"];\n",
+                    quote(&instances[i].id),
+                    instances[i].kind.name
+                ));
+            }
+            for &i in &engine.dag.order {
+                for d in engine.dag.dependencies(i) {
+                    out.push_str(&format!("  n{d} -> n{i};\n"));
+                }
+            }
+            out.push_str("}\n");
+        }
+        DagFormat::Mermaid => {
+            out.push_str("flowchart LR\n");
+            for &i in &engine.dag.order {
+                out.push_str(&format!(
+                    "  n{i}[\"{} ({})\"]\n",
+                    instances[i].id.replace('"', "#quot;"),
+                    instances[i].kind.name
+                ));
+            }
+            for &i in &engine.dag.order {
+                for d in engine.dag.dependencies(i) {
+                    out.push_str(&format!("  n{d} --> n{i}\n"));
+                }
+            }
+        }
+    }
+    print!("{out}");
+    EXIT_OK
+}
+
+fn watch_pipeline(args: &PipelineArgs, jobs: Option<usize>, debounce_ms: u64) -> i32 {
+    let cancel = cancellation();
+    let options = RunOptions {
+        jobs: jobs.unwrap_or_else(cores),
+        threads: cores(),
+        gpus: (0..torch_env::gpu_count()).collect(),
+        ..RunOptions::default()
+    };
+    let result = watch::watch(
+        &args.pipeline,
+        Duration::from_millis(debounce_ms),
+        &cancel,
+        || {
+            let engine = open(args).ok()?;
+            run_engine(&engine, &options, false, &AtomicBool::new(false));
+            eprintln!(
+                "watching {} for changes (Ctrl-C to stop)",
+                args.pipeline.display()
+            );
+            Some(engine)
+        },
+    );
+    match result {
+        Ok(()) => EXIT_OK,
+        Err(message) => {
+            eprintln!("error: {message}");
+            EXIT_FAILED
+        }
+    }
+}
+
+fn collect_garbage(args: &PipelineArgs, keep_last: usize) -> i32 {
+    let engine = match open(args) {
+        Ok(engine) => engine,
+        Err(code) => return code,
+    };
+    match gc::collect(&engine, keep_last) {
+        Ok(report) => {
+            println!(
+                "removed {} cache entries and {} blobs, freed {} bytes",
+                report.entries_removed, report.blobs_removed, report.bytes_freed
+            );
+            EXIT_OK
+        }
+        Err(message) => {
+            eprintln!("error: {message}");
+            EXIT_FAILED
+        }
+    }
+}
+
+fn doctor(json: bool) -> i32 {
+    let facts = torch_env::doctor();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&facts).expect("doctor serializes")
+        );
+    } else {
+        println!("nnflow            {}", facts.nnflow_version);
+        println!("libtorch          {}", facts.libtorch_version);
+        println!(
+            "libtorch_cuda.so  {}",
+            if facts.libtorch_cuda_loaded {
+                "loaded"
+            } else {
+                "not found (CPU only)"
+            }
+        );
+        println!("CUDA available    {}", facts.cuda_available);
+        println!("cuDNN available   {}", facts.cudnn_available);
+        println!("GPUs              {}", facts.gpu_count);
+        println!("CPU cores         {}", facts.cpu_cores);
+        println!(
+            "torch threads     {} (inter-op {})",
+            facts.torch_threads, facts.torch_interop_threads
+        );
+        println!("rayon threads     {}", facts.rayon_threads);
+    }
+    EXIT_OK
+}

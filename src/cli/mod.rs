@@ -1,0 +1,130 @@
+//! The `nnflow` command line: arguments in, exit code out. Exit codes: 0 success, 1 a stage
+//! failed, 2 invalid pipeline or usage, 130 interrupted.
+
+mod commands;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_FAILED: i32 = 1;
+pub const EXIT_INVALID: i32 = 2;
+pub const EXIT_INTERRUPTED: i32 = 130;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "nnflow",
+    version,
+    about = "nnU-Net as a declarative, content-cached pipeline engine"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command that reads a pipeline accepts.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PipelineArgs {
+    /// The pipeline file (TOML).
+    pub pipeline: PathBuf,
+    /// Override a variable (`NAME=VALUE`) or a stage parameter (`STAGE.PARAM=VALUE`, every matrix
+    /// instance). VALUE is read as TOML (`'folds=[0,1]'`), else taken as a string.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the pipeline (or the named stages and what they depend on).
+    Run {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+        /// Stage names or instance ids (e.g. `train` or `train[fold=0]`); default: all.
+        stages: Vec<String>,
+        /// Run these stages even if they are fresh (repeatable).
+        #[arg(long, value_name = "STAGE")]
+        force: Vec<String>,
+        /// Show what would run and why, run nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Keep running everything that does not depend on a failed stage.
+        #[arg(long)]
+        keep_going: bool,
+        /// Most stages running at once (default: CPU cores).
+        #[arg(short = 'j', long)]
+        jobs: Option<usize>,
+        /// CUDA device indices stages may use, e.g. `0,1` (default: all detected).
+        #[arg(long, value_delimiter = ',')]
+        gpus: Option<Vec<usize>>,
+        /// Print one JSON object (see README) instead of progress.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show every stage instance as fresh, stale or new, and why.
+    Status {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+        /// Stage names or instance ids; default: all.
+        stages: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the DAG.
+    Dag {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+        #[arg(long, value_enum, default_value_t = DagFormat::Text)]
+        format: DagFormat,
+    },
+    /// Check the pipeline and report every problem.
+    Validate {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+    },
+    /// Print the JSON Schema of the pipeline format.
+    Schema,
+    /// Re-run affected stages whenever the pipeline file or an input changes.
+    Watch {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+        /// Most stages running at once (default: CPU cores).
+        #[arg(short = 'j', long)]
+        jobs: Option<usize>,
+        /// Milliseconds of quiet before a change triggers a run.
+        #[arg(long, default_value_t = 300)]
+        debounce_ms: u64,
+    },
+    /// Remove cache entries the pipeline's current state does not reference.
+    Gc {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+        /// Also keep the entries used by the last N runs in this work directory.
+        #[arg(long, default_value_t = 0)]
+        keep_last: usize,
+    },
+    /// Print nnflow and libtorch versions, CUDA availability, GPU and thread counts.
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DagFormat {
+    Text,
+    Dot,
+    Mermaid,
+}
+
+/// Parses the process arguments and runs the command; returns the exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { EXIT_INVALID } else { EXIT_OK };
+        }
+    };
+    commands::dispatch(cli.command)
+}

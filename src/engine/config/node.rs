@@ -1,0 +1,203 @@
+//! A TOML document as a tree whose every value remembers where it was written, so that merging
+//! (`extends`, `--set`) keeps positions and later errors can point at the right file and column.
+
+use std::collections::BTreeMap;
+
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
+
+use super::diagnostics::{FileId, Location};
+
+#[derive(Clone, Debug)]
+pub enum NodeValue {
+    Scalar(toml::Value),
+    Array(Vec<Node>),
+    Table(BTreeMap<String, Node>),
+}
+
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub value: NodeValue,
+    /// Where the value is written.
+    pub location: Location,
+    /// Where its key is written (for "unknown key" errors); None for array elements and roots.
+    pub key_location: Option<Location>,
+}
+
+impl Node {
+    pub fn scalar(value: toml::Value, location: Location) -> Node {
+        match value {
+            toml::Value::Array(items) => Node {
+                value: NodeValue::Array(
+                    items
+                        .into_iter()
+                        .map(|v| Node::scalar(v, location.clone()))
+                        .collect(),
+                ),
+                location,
+                key_location: None,
+            },
+            toml::Value::Table(table) => Node {
+                value: NodeValue::Table(
+                    table
+                        .into_iter()
+                        .map(|(k, v)| {
+                            let mut child = Node::scalar(v, location.clone());
+                            child.key_location = Some(location.clone());
+                            (k, child)
+                        })
+                        .collect(),
+                ),
+                location,
+                key_location: None,
+            },
+            scalar => Node {
+                value: NodeValue::Scalar(scalar),
+                location,
+                key_location: None,
+            },
+        }
+    }
+
+    pub fn from_document(table: &Spanned<DeTable<'_>>, file: FileId) -> Node {
+        Node {
+            value: NodeValue::Table(convert_table(table.get_ref(), file)),
+            location: Location::File {
+                file,
+                span: table.span(),
+            },
+            key_location: None,
+        }
+    }
+
+    pub fn as_table(&self) -> Option<&BTreeMap<String, Node>> {
+        match &self.value {
+            NodeValue::Table(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match &self.value {
+            NodeValue::Scalar(toml::Value::String(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Node> {
+        self.as_table()?.get(key)
+    }
+
+    /// The plain TOML value, positions dropped.
+    pub fn to_toml(&self) -> toml::Value {
+        match &self.value {
+            NodeValue::Scalar(v) => v.clone(),
+            NodeValue::Array(items) => toml::Value::Array(items.iter().map(Node::to_toml).collect()),
+            NodeValue::Table(t) => {
+                toml::Value::Table(t.iter().map(|(k, v)| (k.clone(), v.to_toml())).collect())
+            }
+        }
+    }
+
+    /// The node at a path of table keys / array indices (as strings), if any.
+    pub fn find(&self, path: &[String]) -> Option<&Node> {
+        let mut node = self;
+        for segment in path {
+            node = match &node.value {
+                NodeValue::Table(t) => t.get(segment)?,
+                NodeValue::Array(items) => items.get(segment.parse::<usize>().ok()?)?,
+                NodeValue::Scalar(_) => return None,
+            };
+        }
+        Some(node)
+    }
+
+    /// Deep merge: tables merge key by key, anything else in `over` replaces what is in `self`.
+    pub fn merge(&mut self, over: Node) {
+        match (&mut self.value, over.value) {
+            (NodeValue::Table(base), NodeValue::Table(over_table)) => {
+                for (key, value) in over_table {
+                    match base.get_mut(&key) {
+                        Some(existing) => existing.merge(value),
+                        None => {
+                            base.insert(key, value);
+                        }
+                    }
+                }
+            }
+            (_, value) => {
+                self.value = value;
+                self.location = over.location;
+                if over.key_location.is_some() {
+                    self.key_location = over.key_location;
+                }
+            }
+        }
+    }
+
+    /// Sets the value at a dotted path, creating tables on the way.
+    pub fn set_path(&mut self, path: &[&str], value: Node) -> Result<(), String> {
+        let Some((first, rest)) = path.split_first() else {
+            *self = value;
+            return Ok(());
+        };
+        let NodeValue::Table(table) = &mut self.value else {
+            return Err(format!("`{first}` is inside a value that is not a table"));
+        };
+        if rest.is_empty() {
+            let key_location = Some(value.location.clone());
+            table.insert(
+                first.to_string(),
+                Node {
+                    key_location,
+                    ..value
+                },
+            );
+            return Ok(());
+        }
+        let location = value.location.clone();
+        let child = table.entry(first.to_string()).or_insert_with(|| Node {
+            value: NodeValue::Table(BTreeMap::new()),
+            location: location.clone(),
+            key_location: Some(location),
+        });
+        child.set_path(rest, value)
+    }
+}
+
+fn convert_table(table: &DeTable<'_>, file: FileId) -> BTreeMap<String, Node> {
+    table
+        .iter()
+        .map(|(key, value)| {
+            let mut node = convert_value(value, file);
+            node.key_location = Some(Location::File {
+                file,
+                span: key.span(),
+            });
+            (key.get_ref().to_string(), node)
+        })
+        .collect()
+}
+
+fn convert_value(value: &Spanned<DeValue<'_>>, file: FileId) -> Node {
+    let location = Location::File {
+        file,
+        span: value.span(),
+    };
+    let value = match value.get_ref() {
+        DeValue::String(s) => NodeValue::Scalar(toml::Value::String(s.to_string())),
+        DeValue::Integer(i) => NodeValue::Scalar(toml::Value::Integer(
+            i64::from_str_radix(i.as_str(), i.radix()).unwrap_or(i64::MAX),
+        )),
+        DeValue::Float(f) => NodeValue::Scalar(toml::Value::Float(f.as_str().parse().unwrap_or(f64::NAN))),
+        DeValue::Boolean(b) => NodeValue::Scalar(toml::Value::Boolean(*b)),
+        DeValue::Datetime(d) => NodeValue::Scalar(toml::Value::Datetime(*d)),
+        DeValue::Array(items) => NodeValue::Array(items.iter().map(|v| convert_value(v, file)).collect()),
+        DeValue::Table(t) => NodeValue::Table(convert_table(t, file)),
+    };
+    Node {
+        value,
+        location,
+        key_location: None,
+    }
+}

@@ -1,0 +1,68 @@
+//! The pipeline file's tables as typed structs. They deny unknown keys, and their doc comments
+//! become the descriptions in `schemas/pipeline.schema.json`.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Top-level keys of a pipeline file.
+pub const TOP_LEVEL_KEYS: &[&str] = &["pipeline", "vars", "stages"];
+
+/// The `[pipeline]` table.
+#[derive(Deserialize, Serialize, JsonSchema, Default, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSection {
+    /// Name shown in logs (default: the pipeline file's name without extension).
+    pub name: Option<String>,
+    /// A pipeline file this one builds on, relative to this file. Its tables are merged key by key
+    /// with this file's; any other value written here replaces the base's.
+    pub extends: Option<String>,
+    /// Work directory for stage outputs, records and logs, relative to the pipeline file.
+    /// Default `.nnflow`.
+    pub work_dir: Option<String>,
+    /// Cache of stage outputs, shareable between checkouts and CI jobs, relative to the pipeline
+    /// file. Default `<work_dir>/cache`. The environment variable `NNFLOW_CACHE_DIR` overrides it.
+    pub cache_dir: Option<String>,
+}
+
+/// A value a matrix dimension can take.
+#[derive(Deserialize, Serialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(untagged)]
+pub enum MatrixValue {
+    Integer(i64),
+    String(String),
+    Boolean(bool),
+}
+
+/// Keys every stage accepts, whatever its kind; the kind's own parameters sit beside them.
+#[derive(Deserialize, Serialize, JsonSchema, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct StageCommon {
+    /// What the stage does: one of the registered stage kinds (e.g. `command`).
+    pub kind: String,
+    /// Free text shown by `nnflow dag`; not part of the cache key.
+    pub description: Option<String>,
+    /// Stages that must finish first. `"name"` waits for the instances of `name` whose matrix
+    /// values match this instance's (all of them when nothing is shared); `"name[*]"` waits for
+    /// every instance.
+    #[serde(default)]
+    pub after: Vec<String>,
+    /// One stage instance per combination of these values, e.g. `{ fold = [0, 1, 2, 3, 4] }`.
+    /// Values are usable in parameters as `${fold}`; a string `"${var}"` takes a list from `[vars]`.
+    #[serde(default)]
+    pub matrix: BTreeMap<String, Vec<MatrixValue>>,
+    /// CPU threads the stage uses; the scheduler runs stages side by side within the thread budget.
+    #[serde(default = "one")]
+    pub threads: u32,
+    /// GPUs the stage needs; each running stage gets distinct CUDA device indices.
+    #[serde(default)]
+    pub gpus: u32,
+}
+
+/// Keys of [`StageCommon`], split from the kind's parameters before each part is read.
+pub const COMMON_STAGE_KEYS: &[&str] = &["kind", "description", "after", "matrix", "threads", "gpus"];
+
+fn one() -> u32 {
+    1
+}

@@ -1,0 +1,764 @@
+//! From the merged document to stage instances: variables, matrix expansion, references between
+//! stages, and the kind-specific parameters of every instance.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+
+use super::diagnostics::{Diagnostic, Diagnostics, Location, Sources};
+use super::load::{apply_set, read_merged, relative_to};
+use super::node::{Node, NodeValue};
+use super::raw::{MatrixValue, PipelineSection, StageCommon, COMMON_STAGE_KEYS, TOP_LEVEL_KEYS};
+use super::template::{self, Piece};
+use crate::stages::{find_kind, Kind, ParamError, Stage, KINDS};
+
+/// A checked pipeline, ready to be turned into a DAG.
+pub struct Pipeline {
+    pub name: String,
+    /// The pipeline file as given.
+    pub file: PathBuf,
+    /// The pipeline file's folder (absolute): commands run here, relative paths resolve here.
+    pub root: PathBuf,
+    pub work_dir: PathBuf,
+    /// `<work_dir>/<name>`: this pipeline's outputs, records, logs and locks.
+    pub state_dir: PathBuf,
+    pub cache_dir: PathBuf,
+    pub sources: Sources,
+    pub instances: Vec<Instance>,
+}
+
+/// One stage instance: a stage, or one combination of its matrix.
+pub struct Instance {
+    /// `name`, or `name[key=value,...]` for a matrix instance.
+    pub id: String,
+    pub stage: String,
+    pub matrix: BTreeMap<String, toml::Value>,
+    pub kind: &'static Kind,
+    pub implementation: Box<dyn Stage>,
+    /// Parameters as they enter the cache key: references to other stages' outputs stay symbolic,
+    /// so no absolute path reaches the key.
+    pub key_params: serde_json::Value,
+    /// Instances this one waits for (explicit `after` and `${stage.outputs}` references).
+    pub after: Vec<usize>,
+    pub threads: u32,
+    pub gpus: u32,
+    /// The folder holding this instance's outputs.
+    pub out_dir: PathBuf,
+    /// Where `[stages.NAME]` is written, and where each of its keys is.
+    pub location: Location,
+    pub key_locations: BTreeMap<String, Location>,
+}
+
+impl Pipeline {
+    pub fn diagnostics(&self, items: Vec<Diagnostic>) -> Diagnostics {
+        Diagnostics::new(items, &self.sources)
+    }
+}
+
+/// Reads and checks a pipeline file. `sets` are `--set` arguments.
+pub fn load(path: &Path, sets: &[String]) -> Result<Pipeline, (Diagnostics, Option<Pipeline>)> {
+    let mut sources = Sources::default();
+    let mut errors = Vec::new();
+    let Some(mut document) = read_merged(path, &mut sources, &mut errors) else {
+        return Err((Diagnostics::new(errors, &sources), None));
+    };
+    for arg in sets {
+        if let Err(e) = apply_set(&mut document, arg) {
+            errors.push(e);
+        }
+    }
+    let pipeline = resolve(path, &document, sources, &mut errors);
+    // A mistake in a matrix stage shows up once per instance; report it once.
+    let mut seen = std::collections::HashSet::new();
+    errors.retain(|d| seen.insert(format!("{:?} {}", d.location, d.message)));
+    if errors.is_empty() {
+        Ok(pipeline)
+    } else {
+        let diagnostics = Diagnostics::new(errors, &pipeline.sources);
+        Err((diagnostics, Some(pipeline)))
+    }
+}
+
+fn resolve(path: &Path, document: &Node, sources: Sources, errors: &mut Vec<Diagnostic>) -> Pipeline {
+    for (key, node) in document.as_table().into_iter().flatten() {
+        if !TOP_LEVEL_KEYS.contains(&key.as_str()) {
+            let message = format!(
+                "unknown top-level key `{key}` (expected one of: {})",
+                TOP_LEVEL_KEYS.join(", ")
+            );
+            errors.push(Diagnostic::new(node.key_location.clone(), message));
+        }
+    }
+    let section: PipelineSection = match document.get("pipeline") {
+        Some(node) => typed(node, errors).unwrap_or_default(),
+        None => PipelineSection::default(),
+    };
+    let root = absolute(path.parent().unwrap_or(Path::new(".")));
+    let work_dir = relative_to(&root, section.work_dir.as_deref().unwrap_or(".nnflow"));
+    let cache_dir = match std::env::var_os("NNFLOW_CACHE_DIR") {
+        Some(dir) if !dir.is_empty() => absolute(Path::new(&dir)),
+        _ => section
+            .cache_dir
+            .as_deref()
+            .map_or_else(|| work_dir.join("cache"), |d| relative_to(&root, d)),
+    };
+    let name = section.name.clone().unwrap_or_else(|| {
+        path.file_stem()
+            .map_or("pipeline".into(), |s| s.to_string_lossy().into_owned())
+    });
+    let vars = resolve_vars(document.get("vars"), errors);
+    let state_dir = work_dir.join(&name);
+    let stages = expand_stages(document.get("stages"), &vars, &state_dir, errors);
+    let instances = build_instances(stages, &vars, errors);
+    Pipeline {
+        name,
+        file: path.to_path_buf(),
+        root,
+        work_dir,
+        state_dir,
+        cache_dir,
+        sources,
+        instances,
+    }
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    path.canonicalize()
+        .unwrap_or_else(|_| std::env::current_dir().unwrap_or_default().join(path))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Variables
+
+type Vars = BTreeMap<String, Node>;
+
+/// `[vars]`, with `${other}` references between variables substituted.
+fn resolve_vars(node: Option<&Node>, errors: &mut Vec<Diagnostic>) -> Vars {
+    let Some(node) = node else { return Vars::new() };
+    let Some(table) = node.as_table() else {
+        errors.push(Diagnostic::new(
+            Some(node.location.clone()),
+            "`vars` must be a table",
+        ));
+        return Vars::new();
+    };
+    let mut vars = table.clone();
+    // Each pass substitutes one level; more passes than variables means a cycle.
+    for _ in 0..=table.len() {
+        let snapshot = vars.clone();
+        let scope = Scope {
+            vars: &snapshot,
+            matrix: &BTreeMap::new(),
+            refs: None,
+        };
+        let mut changed = false;
+        for value in vars.values_mut() {
+            let before = format!("{:?}", value.to_toml());
+            let mut local = Vec::new();
+            *value = substitute(value, &scope, &mut local).resolved;
+            changed |= before != format!("{:?}", value.to_toml());
+            if !local.is_empty() {
+                errors.extend(local);
+                return vars;
+            }
+        }
+        if !changed {
+            return vars;
+        }
+    }
+    errors.push(Diagnostic::new(
+        Some(node.location.clone()),
+        "variables refer to each other in a cycle",
+    ));
+    vars
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stages and matrix expansion
+
+/// One instance before its parameters are read.
+struct Expanded<'a> {
+    stage: String,
+    id: String,
+    node: &'a Node,
+    common: StageCommonResolved,
+    kind: &'static Kind,
+    matrix: BTreeMap<String, toml::Value>,
+    out_dir: PathBuf,
+}
+
+struct StageCommonResolved {
+    after: Vec<(String, Location)>,
+    threads: u32,
+    gpus: u32,
+}
+
+fn expand_stages<'a>(
+    stages: Option<&'a Node>,
+    vars: &Vars,
+    state_dir: &Path,
+    errors: &mut Vec<Diagnostic>,
+) -> Vec<Expanded<'a>> {
+    let Some(stages) = stages else { return Vec::new() };
+    let Some(table) = stages.as_table() else {
+        errors.push(Diagnostic::new(
+            Some(stages.location.clone()),
+            "`stages` must be a table of stage tables",
+        ));
+        return Vec::new();
+    };
+    let mut expanded = Vec::new();
+    for (name, node) in table {
+        if !valid_stage_name(name) {
+            let message = format!("stage name `{name}` may only contain letters, digits, `_` and `-`");
+            errors.push(Diagnostic::new(node.key_location.clone(), message));
+            continue;
+        }
+        if node.as_table().is_none() {
+            errors.push(Diagnostic::new(
+                Some(node.location.clone()),
+                format!("stage `{name}` must be a table"),
+            ));
+            continue;
+        }
+        expanded.extend(expand_stage(name, node, vars, state_dir, errors));
+    }
+    expanded
+}
+
+fn valid_stage_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+fn expand_stage<'a>(
+    name: &str,
+    node: &'a Node,
+    vars: &Vars,
+    state_dir: &Path,
+    errors: &mut Vec<Diagnostic>,
+) -> Vec<Expanded<'a>> {
+    let common_node = select_keys(node, |key| COMMON_STAGE_KEYS.contains(&key));
+    let scope = Scope {
+        vars,
+        matrix: &BTreeMap::new(),
+        refs: None,
+    };
+    let common_node = substitute(&common_node, &scope, errors).resolved;
+    let Some(common) = typed::<StageCommon>(&common_node, errors) else {
+        return Vec::new();
+    };
+    let Some(kind) = find_kind(&common.kind) else {
+        let known: Vec<&str> = KINDS.iter().map(|k| k.name).collect();
+        let message = format!(
+            "unknown stage kind `{}` (known kinds: {})",
+            common.kind,
+            known.join(", ")
+        );
+        errors.push(Diagnostic::new(
+            common_node.get("kind").map(|n| n.location.clone()),
+            message,
+        ));
+        return Vec::new();
+    };
+    let after_locations = common_node.get("after").map(|n| match &n.value {
+        NodeValue::Array(items) => items.iter().map(|i| i.location.clone()).collect(),
+        _ => Vec::new(),
+    });
+    let after = common
+        .after
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let location = after_locations
+                .as_ref()
+                .and_then(|l: &Vec<Location>| l.get(i).cloned());
+            (a.clone(), location.unwrap_or_else(|| node.location.clone()))
+        })
+        .collect::<Vec<_>>();
+    matrix_combinations(&common.matrix)
+        .into_iter()
+        .map(|matrix| {
+            let suffix = matrix_suffix(&matrix);
+            let (id, out_dir) = match &suffix {
+                None => (name.to_string(), state_dir.join("out").join(name)),
+                Some(s) => (format!("{name}[{s}]"), state_dir.join("out").join(name).join(s)),
+            };
+            Expanded {
+                stage: name.to_string(),
+                id,
+                node,
+                common: StageCommonResolved {
+                    after: after.clone(),
+                    threads: common.threads,
+                    gpus: common.gpus,
+                },
+                kind,
+                matrix,
+                out_dir,
+            }
+        })
+        .collect()
+}
+
+/// Every combination of matrix values, keys in sorted order; one empty combination without a matrix.
+fn matrix_combinations(matrix: &BTreeMap<String, Vec<MatrixValue>>) -> Vec<BTreeMap<String, toml::Value>> {
+    let mut combinations = vec![BTreeMap::new()];
+    for (key, values) in matrix {
+        combinations = combinations
+            .into_iter()
+            .flat_map(|partial| {
+                values.iter().map(move |value| {
+                    let mut next = partial.clone();
+                    next.insert(key.clone(), matrix_value(value));
+                    next
+                })
+            })
+            .collect();
+    }
+    combinations
+}
+
+fn matrix_value(value: &MatrixValue) -> toml::Value {
+    match value {
+        MatrixValue::Integer(i) => toml::Value::Integer(*i),
+        MatrixValue::String(s) => toml::Value::String(s.clone()),
+        MatrixValue::Boolean(b) => toml::Value::Boolean(*b),
+    }
+}
+
+fn matrix_suffix(matrix: &BTreeMap<String, toml::Value>) -> Option<String> {
+    if matrix.is_empty() {
+        return None;
+    }
+    let parts: Vec<String> = matrix
+        .iter()
+        .map(|(k, v)| format!("{k}={}", plain_text(v)))
+        .collect();
+    Some(parts.join(","))
+}
+
+fn plain_text(value: &toml::Value) -> String {
+    match value {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Instances: references, `after`, typed parameters
+
+fn build_instances(expanded: Vec<Expanded<'_>>, vars: &Vars, errors: &mut Vec<Diagnostic>) -> Vec<Instance> {
+    let mut by_stage: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (index, e) in expanded.iter().enumerate() {
+        by_stage.entry(e.stage.as_str()).or_default().push(index);
+    }
+    let targets = RefTargets {
+        expanded: &expanded,
+        by_stage: &by_stage,
+    };
+    let mut instances = Vec::new();
+    for (index, e) in expanded.iter().enumerate() {
+        let params_node = select_keys(e.node, |key| !COMMON_STAGE_KEYS.contains(&key));
+        let scope = Scope {
+            vars,
+            matrix: &e.matrix,
+            refs: Some((&targets, index)),
+        };
+        let before = errors.len();
+        let substituted = substitute(&params_node, &scope, errors);
+        let mut after = substituted.dependencies.clone();
+        for (target, location) in &e.common.after {
+            after.extend(targets.resolve_after(target, index, location, errors));
+        }
+        if errors.len() > before {
+            continue;
+        }
+        let built = (e.kind.build)(substituted.resolved.to_toml());
+        let implementation = match built {
+            Ok(stage) => stage,
+            Err(problem) => {
+                errors.push(param_diagnostic(&substituted.resolved, &problem, &e.stage));
+                continue;
+            }
+        };
+        let Ok(key_stage) = (e.kind.build)(substituted.key.to_toml()) else {
+            continue;
+        };
+        after.sort_unstable();
+        after.dedup();
+        let key_locations = e
+            .node
+            .as_table()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.location.clone()))
+            .collect();
+        instances.push(Instance {
+            id: e.id.clone(),
+            stage: e.stage.clone(),
+            matrix: e.matrix.clone(),
+            kind: e.kind,
+            implementation,
+            key_params: key_stage.params_json(),
+            after,
+            threads: e.common.threads,
+            gpus: e.common.gpus,
+            out_dir: e.out_dir.clone(),
+            location: e
+                .node
+                .key_location
+                .clone()
+                .unwrap_or_else(|| e.node.location.clone()),
+            key_locations,
+        });
+    }
+    // Dependencies were recorded as indices into `expanded`; map them to indices into `instances`.
+    let position: HashMap<String, usize> = instances
+        .iter()
+        .enumerate()
+        .map(|(i, inst)| (inst.id.clone(), i))
+        .collect();
+    for instance in &mut instances {
+        instance.after = instance
+            .after
+            .iter()
+            .filter_map(|&i| position.get(&expanded[i].id).copied())
+            .collect();
+    }
+    instances
+}
+
+struct RefTargets<'a, 'b> {
+    expanded: &'a [Expanded<'b>],
+    by_stage: &'a HashMap<&'a str, Vec<usize>>,
+}
+
+impl RefTargets<'_, '_> {
+    /// Instances of `stage` whose matrix values agree with `from`'s on every shared key.
+    fn matching(&self, stage: &str, from: usize) -> Option<Vec<usize>> {
+        let candidates = self.by_stage.get(stage)?;
+        let own = &self.expanded[from].matrix;
+        Some(
+            candidates
+                .iter()
+                .copied()
+                .filter(|&c| {
+                    self.expanded[c]
+                        .matrix
+                        .iter()
+                        .all(|(k, v)| own.get(k).is_none_or(|mine| mine == v))
+                })
+                .collect(),
+        )
+    }
+
+    fn unknown_stage(&self, stage: &str) -> String {
+        let mut known: Vec<&str> = self.by_stage.keys().copied().collect();
+        known.sort_unstable();
+        format!("unknown stage `{stage}` (stages: {})", known.join(", "))
+    }
+
+    fn resolve_after(
+        &self,
+        target: &str,
+        from: usize,
+        location: &Location,
+        errors: &mut Vec<Diagnostic>,
+    ) -> Vec<usize> {
+        let (stage, all) = match target.strip_suffix("[*]") {
+            Some(stage) => (stage, true),
+            None => (target, false),
+        };
+        let found = if all {
+            self.by_stage.get(stage).cloned()
+        } else {
+            self.matching(stage, from)
+        };
+        match found {
+            Some(found) if !found.is_empty() => found,
+            Some(_) => {
+                let message = format!("no instance of `{stage}` matches this instance's matrix values");
+                errors.push(Diagnostic::new(Some(location.clone()), message));
+                Vec::new()
+            }
+            None => {
+                errors.push(Diagnostic::new(Some(location.clone()), self.unknown_stage(stage)));
+                Vec::new()
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Substitution
+
+struct Scope<'a, 'b, 'c> {
+    vars: &'a Vars,
+    matrix: &'a BTreeMap<String, toml::Value>,
+    refs: Option<(&'a RefTargets<'b, 'c>, usize)>,
+}
+
+/// A substituted tree in two forms: resolved (what the stage runs with) and key (references to
+/// other stages' outputs kept symbolic), plus the instances referenced.
+struct Substituted {
+    resolved: Node,
+    key: Node,
+    dependencies: Vec<usize>,
+}
+
+fn substitute(node: &Node, scope: &Scope, errors: &mut Vec<Diagnostic>) -> Substituted {
+    let mut dependencies = Vec::new();
+    let (resolved, key) = substitute_node(node, scope, &mut dependencies, errors);
+    Substituted {
+        resolved,
+        key,
+        dependencies,
+    }
+}
+
+fn substitute_node(
+    node: &Node,
+    scope: &Scope,
+    dependencies: &mut Vec<usize>,
+    errors: &mut Vec<Diagnostic>,
+) -> (Node, Node) {
+    let rebuild = |value: NodeValue| Node {
+        value,
+        ..node.clone()
+    };
+    match &node.value {
+        NodeValue::Scalar(toml::Value::String(text)) => {
+            match substitute_string(text, &node.location, scope, dependencies) {
+                Ok((resolved, key)) => (
+                    Node {
+                        key_location: node.key_location.clone(),
+                        ..Node::scalar(resolved, node.location.clone())
+                    },
+                    Node {
+                        key_location: node.key_location.clone(),
+                        ..Node::scalar(key, node.location.clone())
+                    },
+                ),
+                Err(message) => {
+                    errors.push(Diagnostic::new(Some(node.location.clone()), message));
+                    (node.clone(), node.clone())
+                }
+            }
+        }
+        NodeValue::Scalar(_) => (node.clone(), node.clone()),
+        NodeValue::Array(items) => {
+            let (resolved, key) = items
+                .iter()
+                .map(|i| substitute_node(i, scope, dependencies, errors))
+                .unzip();
+            (
+                rebuild(NodeValue::Array(resolved)),
+                rebuild(NodeValue::Array(key)),
+            )
+        }
+        NodeValue::Table(table) => {
+            let mut resolved = BTreeMap::new();
+            let mut key = BTreeMap::new();
+            for (k, v) in table {
+                let (r, kk) = substitute_node(v, scope, dependencies, errors);
+                resolved.insert(k.clone(), r);
+                key.insert(k.clone(), kk);
+            }
+            (
+                rebuild(NodeValue::Table(resolved)),
+                rebuild(NodeValue::Table(key)),
+            )
+        }
+    }
+}
+
+/// Substitutes one string. A string that is exactly one `${name}` takes the value's type (a list
+/// from `[vars]` stays a list); otherwise values are spliced in as text.
+fn substitute_string(
+    text: &str,
+    location: &Location,
+    scope: &Scope,
+    dependencies: &mut Vec<usize>,
+) -> Result<(toml::Value, toml::Value), String> {
+    let pieces = template::parse(text)?;
+    let mut resolved = Vec::new();
+    let mut key = Vec::new();
+    for piece in &pieces {
+        let (r, k) = match piece {
+            Piece::Text(t) => (toml::Value::String(t.clone()), toml::Value::String(t.clone())),
+            Piece::Name(name) => {
+                let value = lookup_name(name, scope)?;
+                (value.clone(), value)
+            }
+            Piece::Outputs { stage, all } => outputs_reference(stage, *all, location, scope, dependencies)?,
+        };
+        resolved.push(r);
+        key.push(k);
+    }
+    if pieces.len() == 1 {
+        return Ok((resolved.remove(0), key.remove(0)));
+    }
+    Ok((
+        toml::Value::String(splice(&resolved)?),
+        toml::Value::String(splice(&key)?),
+    ))
+}
+
+/// Joins substituted values into one string; a list of scalars becomes space-separated words
+/// (handy in commands: `cat ${train[*].outputs}`).
+fn splice(values: &[toml::Value]) -> Result<String, String> {
+    let mut text = String::new();
+    for value in values {
+        match value {
+            toml::Value::Array(items) => {
+                let words: Result<Vec<String>, String> = items
+                    .iter()
+                    .map(|item| splice(std::slice::from_ref(item)))
+                    .collect();
+                text.push_str(&words?.join(" "));
+            }
+            toml::Value::Table(_) => return Err(format!("cannot splice a table ({value}) into a string")),
+            scalar => text.push_str(&plain_text(scalar)),
+        }
+    }
+    Ok(text)
+}
+
+fn lookup_name(name: &str, scope: &Scope) -> Result<toml::Value, String> {
+    if let Some(value) = scope.matrix.get(name) {
+        return Ok(value.clone());
+    }
+    if let Some(node) = scope.vars.get(name) {
+        return Ok(node.to_toml());
+    }
+    let mut known: Vec<&str> = scope
+        .vars
+        .keys()
+        .chain(scope.matrix.keys())
+        .map(String::as_str)
+        .collect();
+    known.sort_unstable();
+    Err(format!(
+        "unknown variable `${{{name}}}` (known: {}; write `$${{` for a literal `${{`)",
+        if known.is_empty() {
+            "none".to_string()
+        } else {
+            known.join(", ")
+        }
+    ))
+}
+
+fn outputs_reference(
+    stage: &str,
+    all: bool,
+    _location: &Location,
+    scope: &Scope,
+    dependencies: &mut Vec<usize>,
+) -> Result<(toml::Value, toml::Value), String> {
+    let Some((targets, from)) = scope.refs else {
+        return Err(format!(
+            "`${{{stage}.outputs}}` cannot be used here (only in stage parameters)"
+        ));
+    };
+    let found = if all {
+        targets.by_stage.get(stage).cloned()
+    } else {
+        targets.matching(stage, from)
+    };
+    let found = found.ok_or_else(|| targets.unknown_stage(stage))?;
+    let folder = |i: usize| toml::Value::String(targets.expanded[i].out_dir.to_string_lossy().into_owned());
+    let symbol = |i: usize| toml::Value::String(format!("${{{}.outputs}}", targets.expanded[i].id));
+    dependencies.extend(&found);
+    if all {
+        let resolved = found.iter().map(|&i| folder(i)).collect();
+        let key = found.iter().map(|&i| symbol(i)).collect();
+        return Ok((toml::Value::Array(resolved), toml::Value::Array(key)));
+    }
+    match found.as_slice() {
+        [one] => Ok((folder(*one), symbol(*one))),
+        [] => Err(format!("no instance of `{stage}` matches this instance's matrix values")),
+        many => Err(format!(
+            "`${{{stage}.outputs}}` matches {} instances; write `${{{stage}[*].outputs}}` for the list of all",
+            many.len()
+        )),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Typed reading with positions
+
+fn select_keys(node: &Node, keep: impl Fn(&str) -> bool) -> Node {
+    let table = node.as_table().map(|t| {
+        t.iter()
+            .filter(|(k, _)| keep(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    });
+    Node {
+        value: NodeValue::Table(table.unwrap_or_default()),
+        ..node.clone()
+    }
+}
+
+/// Deserializes a node into a typed struct, turning a failure into a diagnostic at the offending
+/// key or value.
+fn typed<T: DeserializeOwned>(node: &Node, errors: &mut Vec<Diagnostic>) -> Option<T> {
+    match serde_path_to_error::deserialize::<_, T>(node.to_toml()) {
+        Ok(value) => Some(value),
+        Err(err) => {
+            let problem = ParamError {
+                path: err.path().iter().map(|s| s.to_string()).collect(),
+                message: err.into_inner().message().to_string(),
+            };
+            errors.push(locate(node, &problem, None));
+            None
+        }
+    }
+}
+
+fn param_diagnostic(node: &Node, problem: &ParamError, instance: &str) -> Diagnostic {
+    locate(node, problem, Some(instance))
+}
+
+/// Points a parameter problem at the key (unknown keys) or the value (wrong types) it concerns.
+fn locate(node: &Node, problem: &ParamError, instance: Option<&str>) -> Diagnostic {
+    let path: Vec<String> = problem
+        .path
+        .iter()
+        .filter(|s| s.as_str() != "?" && s.as_str() != ".")
+        .cloned()
+        .collect();
+    let unknown_key = problem
+        .message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split('`').next())
+        .map(str::to_string);
+    let mut location = node.location.clone();
+    if let Some(found) = node.find(&path) {
+        location = found.location.clone();
+        if let Some(key) = &unknown_key {
+            if let Some(child) = found.get(key) {
+                location = child
+                    .key_location
+                    .clone()
+                    .unwrap_or_else(|| child.location.clone());
+            }
+        } else if let Some(key_location) = &found.key_location {
+            if problem.message.starts_with("missing field") {
+                location = key_location.clone();
+            }
+        }
+    }
+    let mut message = problem.message.clone();
+    if !path.is_empty() && unknown_key.is_none() {
+        message = format!("`{}`: {message}", path.join("."));
+    }
+    if let Some(instance) = instance {
+        message = format!("stage `{instance}`: {message}");
+    }
+    Diagnostic::new(Some(location), message)
+}

@@ -1,0 +1,118 @@
+//! `${...}` substitution in string values: variables, matrix values and references to another
+//! stage's outputs folder (`${stage.outputs}`, `${stage[*].outputs}`). `$${` writes a literal `${`,
+//! and a `$` not followed by `{` is left alone, so shell variables like `$HOME` pass through.
+
+#[derive(Debug, PartialEq, Clone)]
+pub enum Piece {
+    Text(String),
+    /// A `[vars]` or matrix name.
+    Name(String),
+    /// The outputs folder of another stage: the matching instance, or every instance (`all`).
+    Outputs {
+        stage: String,
+        all: bool,
+    },
+}
+
+/// Splits a string into literal text and substitutions.
+pub fn parse(text: &str) -> Result<Vec<Piece>, String> {
+    let mut pieces = Vec::new();
+    let mut literal = String::new();
+    let mut rest = text;
+    while let Some(pos) = rest.find('$') {
+        literal.push_str(&rest[..pos]);
+        let after = &rest[pos + 1..];
+        if let Some(escaped) = after.strip_prefix("${") {
+            literal.push_str("${");
+            rest = escaped;
+        } else if let Some(inner) = after.strip_prefix('{') {
+            let end = inner
+                .find('}')
+                .ok_or_else(|| format!("unclosed `${{` in {text:?} (write `$${{` for a literal `${{`)"))?;
+            if !literal.is_empty() {
+                pieces.push(Piece::Text(std::mem::take(&mut literal)));
+            }
+            pieces.push(parse_substitution(inner[..end].trim())?);
+            rest = &inner[end + 1..];
+        } else {
+            literal.push('$');
+            rest = after;
+        }
+    }
+    literal.push_str(rest);
+    if !literal.is_empty() || pieces.is_empty() {
+        pieces.push(Piece::Text(literal));
+    }
+    Ok(pieces)
+}
+
+fn parse_substitution(inner: &str) -> Result<Piece, String> {
+    if let Some(stage) = inner.strip_suffix(".outputs") {
+        let (stage, all) = match stage.strip_suffix("[*]") {
+            Some(stage) => (stage, true),
+            None => (stage, false),
+        };
+        check_name(stage, inner)?;
+        return Ok(Piece::Outputs {
+            stage: stage.to_string(),
+            all,
+        });
+    }
+    check_name(inner, inner)?;
+    Ok(Piece::Name(inner.to_string()))
+}
+
+fn check_name(name: &str, whole: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "`${{{whole}}}` is not a variable, matrix value or `${{stage.outputs}}` reference \
+             (write `$${{` for a literal `${{`, e.g. for shell syntax)"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_names_references_and_text() {
+        assert_eq!(
+            parse("a ${x}/b ${prep.outputs} ${train[*].outputs}").unwrap(),
+            vec![
+                Piece::Text("a ".into()),
+                Piece::Name("x".into()),
+                Piece::Text("/b ".into()),
+                Piece::Outputs {
+                    stage: "prep".into(),
+                    all: false
+                },
+                Piece::Text(" ".into()),
+                Piece::Outputs {
+                    stage: "train".into(),
+                    all: true
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn escapes_and_shell_dollars_stay_literal() {
+        assert_eq!(
+            parse("echo $HOME $${X} $").unwrap(),
+            vec![Piece::Text("echo $HOME ${X} $".into())]
+        );
+    }
+
+    #[test]
+    fn rejects_unclosed_and_bad_names() {
+        assert!(parse("${x").unwrap_err().contains("unclosed"));
+        assert!(parse("${a b}").unwrap_err().contains("not a variable"));
+    }
+}

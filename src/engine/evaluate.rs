@@ -1,0 +1,101 @@
+//! Computing an instance's cache key from its current inputs, and checking whether what its last
+//! record describes is still in place.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::config::{Instance, Pipeline};
+use super::hashing::{Digest, FileHasher};
+use super::key::StageKey;
+use super::record::Record;
+use crate::torch_env::LIBTORCH_VERSION;
+
+/// The key of an instance given the output digests of its upstream instances.
+pub fn stage_key(
+    pipeline: &Pipeline,
+    instance: &Instance,
+    upstream: BTreeMap<String, Digest>,
+    hasher: &FileHasher,
+) -> Result<StageKey, String> {
+    let patterns = instance.implementation.inputs();
+    let paths = expand_patterns(&pipeline.root, &patterns, "input")?;
+    let inputs = hasher
+        .digest_tree(&pipeline.root, &paths)
+        .map_err(|e| e.to_string())?;
+    let env = instance
+        .implementation
+        .env()
+        .into_iter()
+        .map(|name| {
+            let value = std::env::var(&name).ok();
+            (name, value)
+        })
+        .collect();
+    Ok(StageKey {
+        kind: instance.kind.name.to_string(),
+        kind_version: instance.kind.version,
+        nnflow_version: env!("CARGO_PKG_VERSION").to_string(),
+        libtorch_version: instance.kind.uses_torch.then(|| LIBTORCH_VERSION.to_string()),
+        params: instance.key_params.clone(),
+        inputs,
+        upstream,
+        env,
+    })
+}
+
+/// Declared paths or globs (relative to `root`) as existing relative paths. A literal path that
+/// does not exist is an error; a glob may match nothing.
+pub fn expand_patterns(root: &Path, patterns: &[String], what: &str) -> Result<Vec<PathBuf>, String> {
+    let mut paths = Vec::new();
+    for pattern in patterns {
+        if is_glob(pattern) {
+            let full = root.join(pattern);
+            let matches = glob::glob(&full.to_string_lossy())
+                .map_err(|e| format!("bad {what} glob `{pattern}`: {e}"))?;
+            for entry in matches {
+                let path = entry.map_err(|e| format!("cannot read {what} `{pattern}`: {e}"))?;
+                paths.push(path.strip_prefix(root).unwrap_or(&path).to_path_buf());
+            }
+        } else if root.join(pattern).exists() {
+            paths.push(PathBuf::from(pattern));
+        } else {
+            return Err(format!(
+                "{what} `{pattern}` does not exist (in {})",
+                root.display()
+            ));
+        }
+    }
+    paths.sort();
+    paths.dedup();
+    Ok(paths)
+}
+
+pub fn is_glob(pattern: &str) -> bool {
+    pattern.contains(['*', '?', '['])
+}
+
+/// Where a manifest path (`project/<p>` or `out/<p>`) lives for this instance.
+pub fn output_location(pipeline: &Pipeline, instance: &Instance, manifest_path: &str) -> PathBuf {
+    match manifest_path.split_once('/') {
+        Some(("project", rest)) => pipeline.root.join(rest),
+        Some(("out", rest)) => instance.out_dir.join(rest),
+        _ => instance.out_dir.join(manifest_path),
+    }
+}
+
+/// The first recorded output that is missing or changed, if any.
+pub fn damaged_output(
+    pipeline: &Pipeline,
+    instance: &Instance,
+    record: &Record,
+    hasher: &FileHasher,
+) -> Option<String> {
+    record.outputs.iter().find_map(|(path, digest)| {
+        let file = output_location(pipeline, instance, path);
+        match hasher.digest_file(&file) {
+            Ok(current) if current == *digest => None,
+            Ok(_) => Some(format!("output {path} was modified")),
+            Err(_) => Some(format!("output {path} is missing")),
+        }
+    })
+}

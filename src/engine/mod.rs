@@ -1,0 +1,105 @@
+//! The pipeline engine: pipeline format, DAG, cache keys, content-addressed cache and execution.
+//! It knows nothing of images or networks; stages plug in through [`crate::stages::Stage`].
+
+pub mod cache;
+pub mod config;
+pub mod evaluate;
+pub mod executor;
+pub mod gc;
+pub mod graph;
+pub mod hashing;
+pub mod key;
+pub mod record;
+pub mod status;
+pub mod watch;
+
+use std::path::PathBuf;
+
+use cache::Cache;
+use config::{Diagnostics, Pipeline};
+use graph::Dag;
+use hashing::FileHasher;
+use record::Records;
+
+/// A loaded, validated pipeline with its DAG, cache and records: what every command works on.
+pub struct Engine {
+    pub pipeline: Pipeline,
+    pub dag: Dag,
+    pub cache: Cache,
+    pub hasher: FileHasher,
+    pub records: Records,
+}
+
+/// Why an engine could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{0}")]
+    Invalid(Diagnostics),
+    #[error("cannot open cache {path}: {message}")]
+    Cache { path: PathBuf, message: String },
+}
+
+impl Engine {
+    /// Loads and validates a pipeline (all problems reported together) and opens its cache.
+    pub fn open(path: &std::path::Path, sets: &[String]) -> Result<Engine, OpenError> {
+        let pipeline = load_checked(path, sets).map_err(OpenError::Invalid)?;
+        let dag = graph::build(&pipeline).expect("load_checked validated the DAG");
+        let cache = Cache::open(&pipeline.cache_dir).map_err(|e| OpenError::Cache {
+            path: pipeline.cache_dir.clone(),
+            message: e.to_string(),
+        })?;
+        let hasher = FileHasher::open(&pipeline.work_dir.join("state").join("stat-cache"));
+        let records = Records::new(&pipeline.state_dir);
+        Ok(Engine {
+            pipeline,
+            dag,
+            cache,
+            hasher,
+            records,
+        })
+    }
+
+    /// Instance indices named by stage names or instance ids; all instances when `names` is empty.
+    pub fn select(&self, names: &[String]) -> Result<Vec<usize>, String> {
+        if names.is_empty() {
+            return Ok(self.dag.order.clone());
+        }
+        let mut selected = Vec::new();
+        for name in names {
+            let matching: Vec<usize> = self
+                .pipeline
+                .instances
+                .iter()
+                .enumerate()
+                .filter(|(_, inst)| inst.stage == *name || inst.id == *name)
+                .map(|(i, _)| i)
+                .collect();
+            if matching.is_empty() {
+                return Err(format!(
+                    "no stage or stage instance named `{name}` in {}",
+                    self.pipeline.file.display()
+                ));
+            }
+            selected.extend(matching);
+        }
+        Ok(selected)
+    }
+}
+
+/// Loads a pipeline and builds its DAG, reporting configuration and graph problems together.
+pub fn load_checked(path: &std::path::Path, sets: &[String]) -> Result<Pipeline, Diagnostics> {
+    match config::load(path, sets) {
+        Ok(pipeline) => match graph::build(&pipeline) {
+            Ok(_) => Ok(pipeline),
+            Err(errors) => Err(pipeline.diagnostics(errors)),
+        },
+        Err((diagnostics, None)) => Err(diagnostics),
+        Err((diagnostics, Some(pipeline))) => {
+            let mut items = diagnostics.items;
+            if let Err(graph_errors) = graph::build(&pipeline) {
+                items.extend(graph_errors);
+            }
+            Err(pipeline.diagnostics(items))
+        }
+    }
+}

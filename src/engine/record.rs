@@ -1,0 +1,91 @@
+//! What the engine remembers about each stage instance's last successful run (key components and
+//! output digests), one file per instance so concurrent runs never contend; and the readable lock
+//! file assembled from them.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::hashing::Digest;
+use super::key::StageKey;
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Record {
+    pub id: String,
+    pub key: String,
+    pub components: StageKey,
+    /// Output files (`project/<path>` or `out/<path>`) and their digests.
+    pub outputs: BTreeMap<String, Digest>,
+    pub outputs_digest: Digest,
+    pub finished_unix: u64,
+    pub seconds: f64,
+}
+
+pub struct Records {
+    dir: PathBuf,
+}
+
+impl Records {
+    pub fn new(state_dir: &Path) -> Records {
+        Records {
+            dir: state_dir.join("records"),
+        }
+    }
+
+    fn path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{}.json", file_safe(id)))
+    }
+
+    /// The last record of an instance; None when it never ran (or the record is unreadable).
+    pub fn get(&self, id: &str) -> Option<Record> {
+        let text = fs::read(self.path(id)).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    pub fn put(&self, record: &Record) -> std::io::Result<()> {
+        write_atomically(&self.path(&record.id), &serde_json::to_vec_pretty(record)?)
+    }
+}
+
+/// An instance id as a file name (`train[fold=0]` -> `train[fold=0]`, `/` replaced).
+pub fn file_safe(id: &str) -> String {
+    id.replace(['/', '\\'], "_")
+}
+
+/// Writes via a temporary file in the same folder and a rename, so readers never see half a file.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let folder = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(folder)?;
+    let temporary = folder.join(format!(
+        ".{}.tmp-{}-{:?}",
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let mut file = fs::File::create(&temporary)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    fs::rename(&temporary, path)
+}
+
+/// The lock file: every instance's key components and output digests, in pipeline order.
+#[derive(Serialize)]
+pub struct LockFile<'a> {
+    pub pipeline: &'a str,
+    pub nnflow_version: &'a str,
+    pub stages: Vec<&'a Record>,
+}
+
+pub fn write_lock_file(path: &Path, pipeline: &str, records: &[Record]) -> std::io::Result<()> {
+    let lock = LockFile {
+        pipeline,
+        nnflow_version: env!("CARGO_PKG_VERSION"),
+        stages: records.iter().collect(),
+    };
+    let mut text = serde_json::to_vec_pretty(&lock)?;
+    text.push(b'\n');
+    write_atomically(path, &text)
+}

@@ -1,0 +1,122 @@
+//! Whether each stage instance is fresh, stale or new, and why: which parameter changed (old ->
+//! new), which input file changed, which upstream stage re-ran. Reads records and hashes inputs
+//! (cheaply, through the stat cache); runs nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use super::evaluate::{damaged_output, stage_key};
+use super::hashing::Digest;
+use super::Engine;
+
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Fresh,
+    Stale,
+    New,
+}
+
+#[derive(Serialize, Debug)]
+pub struct StageStatus {
+    pub id: String,
+    pub kind: String,
+    pub state: State,
+    pub reasons: Vec<String>,
+    /// Whether the cache holds outputs for the instance's current key (a run would restore them).
+    pub in_cache: bool,
+    /// Seconds the last successful run took.
+    pub seconds: Option<f64>,
+    pub outputs: PathBuf,
+}
+
+pub fn status(engine: &Engine, targets: &[String]) -> Result<Vec<StageStatus>, String> {
+    let selected = engine.dag.with_ancestors(&engine.select(targets)?);
+    let mut known_outputs: HashMap<usize, Digest> = HashMap::new();
+    let mut states: HashMap<usize, State> = HashMap::new();
+    let mut report = Vec::new();
+    for index in selected {
+        let instance = &engine.pipeline.instances[index];
+        let record = engine.records.get(&instance.id);
+        let mut reasons = Vec::new();
+        let mut in_cache = false;
+        let deps = engine.dag.dependencies(index);
+        let pending: Vec<&str> = deps
+            .iter()
+            .filter(|d| states.get(d) != Some(&State::Fresh))
+            .map(|&d| engine.pipeline.instances[d].id.as_str())
+            .collect();
+        let state = if !pending.is_empty() {
+            reasons.extend(
+                pending
+                    .iter()
+                    .map(|id| format!("upstream stage `{id}` will run first")),
+            );
+            if record.is_some() {
+                State::Stale
+            } else {
+                State::New
+            }
+        } else {
+            let upstream: BTreeMap<String, Digest> = deps
+                .iter()
+                .filter_map(|d| Some((engine.pipeline.instances[*d].id.clone(), *known_outputs.get(d)?)))
+                .collect();
+            match stage_key(&engine.pipeline, instance, upstream, &engine.hasher) {
+                Err(error) => {
+                    reasons.push(error);
+                    if record.is_some() {
+                        State::Stale
+                    } else {
+                        State::New
+                    }
+                }
+                Ok(key) => {
+                    let digest = key.digest();
+                    in_cache = engine.cache.contains(&digest);
+                    match &record {
+                        None => {
+                            reasons.push("never run".to_string());
+                            State::New
+                        }
+                        Some(record) if record.key == digest => {
+                            match damaged_output(&engine.pipeline, instance, record, &engine.hasher) {
+                                None => State::Fresh,
+                                Some(damage) => {
+                                    reasons.push(damage);
+                                    State::Stale
+                                }
+                            }
+                        }
+                        Some(record) => {
+                            reasons.extend(key.differences(&record.components));
+                            if reasons.is_empty() {
+                                reasons.push("cache key changed".to_string());
+                            }
+                            State::Stale
+                        }
+                    }
+                }
+            }
+        };
+        if state == State::Fresh {
+            if let Some(record) = &record {
+                known_outputs.insert(index, record.outputs_digest);
+            }
+        }
+        states.insert(index, state);
+        report.push(StageStatus {
+            id: instance.id.clone(),
+            kind: instance.kind.name.to_string(),
+            state,
+            reasons,
+            in_cache,
+            seconds: record.map(|r| r.seconds),
+            outputs: instance.out_dir.clone(),
+        });
+    }
+    let _ = engine.hasher.save();
+    Ok(report)
+}

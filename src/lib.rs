@@ -1,0 +1,12 @@
+//! nnflow: nnU-Net as a declarative pipeline engine with a content-addressed cache.
+//!
+//! - [`engine`]: pipeline format, DAG, cache keys, cache, execution (knows nothing of images).
+//! - [`stages`]: stage kinds plugged into the engine through one trait and a registry.
+//! - [`cli`]: the `nnflow` command line.
+//! - [`torch_env`]: libtorch and CUDA at run time.
+
+pub mod cli;
+pub mod engine;
+pub mod schema;
+pub mod stages;
+pub mod torch_env;

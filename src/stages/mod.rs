@@ -1,0 +1,91 @@
+//! Stage kinds: each is a typed parameter struct plus an implementation of [`Stage`], registered in
+//! [`KINDS`]. The engine knows stages only through this trait and the registry.
+
+pub mod command;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// What the engine hands a running stage.
+pub struct StageContext<'a> {
+    /// The pipeline file's folder: relative paths in parameters resolve here.
+    pub root: &'a Path,
+    /// An empty folder for the stage's outputs; everything written here is cached.
+    pub out_dir: &'a Path,
+    /// Receives the stage's log (a child process's stdout and stderr).
+    pub log_file: &'a Path,
+    pub threads: u32,
+    /// CUDA device indices reserved for this stage.
+    pub gpus: &'a [usize],
+    /// Values of the environment variables the stage declared (they are part of its key).
+    pub env: &'a BTreeMap<String, String>,
+    /// Set when the run is interrupted; a stage should stop soon after.
+    pub cancel: &'a AtomicBool,
+}
+
+pub trait Stage: Send + Sync + std::fmt::Debug {
+    /// Files, folders or globs the stage reads, relative to the pipeline folder; their contents are
+    /// part of the key.
+    fn inputs(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Files, folders or globs the stage writes into the pipeline folder (besides its outputs
+    /// folder); they are cached and restored there.
+    fn project_outputs(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Environment variables the stage reads; their values are part of the key.
+    fn env(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// The parameters as part of the cache key (canonical JSON).
+    fn params_json(&self) -> serde_json::Value;
+    fn run(&self, ctx: &StageContext) -> Result<(), String>;
+}
+
+/// A parameter problem: the path of keys to the offending value, and what is wrong.
+#[derive(Debug)]
+pub struct ParamError {
+    pub path: Vec<String>,
+    pub message: String,
+}
+
+/// A registered stage kind.
+pub struct Kind {
+    pub name: &'static str,
+    /// Bumped whenever the kind's outputs change meaning, so cached results are not reused.
+    pub version: u32,
+    /// Whether the kind runs libtorch code (its key then includes the libtorch version).
+    pub uses_torch: bool,
+    /// JSON schema of the kind's parameters (an object schema).
+    pub schema: fn(&mut schemars::SchemaGenerator) -> schemars::Schema,
+    pub build: fn(toml::Value) -> Result<Box<dyn Stage>, ParamError>,
+}
+
+pub static KINDS: &[Kind] = &[command::KIND];
+
+pub fn find_kind(name: &str) -> Option<&'static Kind> {
+    KINDS.iter().find(|kind| kind.name == name)
+}
+
+/// Reads a kind's parameters, reporting the path of the first offending value.
+pub fn build_typed<P>(params: toml::Value) -> Result<Box<dyn Stage>, ParamError>
+where
+    P: DeserializeOwned + Stage + 'static,
+{
+    serde_path_to_error::deserialize::<_, P>(params)
+        .map(|stage| Box::new(stage) as Box<dyn Stage>)
+        .map_err(|err| ParamError {
+            path: err.path().iter().map(|segment| segment.to_string()).collect(),
+            message: err.into_inner().message().to_string(),
+        })
+}
+
+/// Parameters as canonical JSON (maps sorted by serde_json's default map).
+pub fn to_json(params: &impl Serialize) -> serde_json::Value {
+    serde_json::to_value(params).expect("stage parameters serialize to JSON")
+}
