@@ -161,32 +161,34 @@ pub fn normalize(path: &str) -> String {
     parts.join("/")
 }
 
-/// Whether two declared paths (possibly globs) can name the same file: equal, one a folder
-/// containing the other, or one a glob matching the other.
+/// Whether two declared paths (possibly globs) can name the same file: compared component by
+/// component over their common length, so a folder overlaps everything inside it. A glob component
+/// matches the other side's literal; two globs, or `**`, are taken to overlap.
 pub fn paths_overlap(a: &str, b: &str) -> bool {
-    let inside = |outer: &str, inner: &str| {
-        inner.starts_with(outer) && inner.as_bytes().get(outer.len()) == Some(&b'/')
-    };
-    let glob_matches = |pattern: &str, path: &str| {
-        glob::Pattern::new(pattern).is_ok_and(|p| {
-            let options = glob::MatchOptions {
-                require_literal_separator: true,
-                ..Default::default()
-            };
-            p.matches_with(path, options)
-                || path
-                    .split('/')
-                    .scan(String::new(), |acc, part| {
-                        if !acc.is_empty() {
-                            acc.push('/');
-                        }
-                        acc.push_str(part);
-                        Some(acc.clone())
-                    })
-                    .any(|prefix| p.matches_with(&prefix, options))
-        })
-    };
-    a == b || inside(a, b) || inside(b, a) || glob_matches(a, b) || glob_matches(b, a)
+    let (a, b) = (normalize(a), normalize(b));
+    for (x, y) in a.split('/').zip(b.split('/')) {
+        if x == "**" || y == "**" {
+            return true;
+        }
+        if !components_compatible(x, y) {
+            return false;
+        }
+    }
+    true
+}
+
+fn components_compatible(x: &str, y: &str) -> bool {
+    let matches = |pattern: &str, literal: &str| glob::Pattern::new(pattern).is_ok_and(|p| p.matches(literal));
+    match (is_glob(x), is_glob(y)) {
+        (false, false) => x == y,
+        (true, false) => matches(x, y),
+        (false, true) => matches(y, x),
+        (true, true) => true,
+    }
+}
+
+fn is_glob(component: &str) -> bool {
+    component.contains(['*', '?', '['])
 }
 
 #[cfg(test)]
@@ -201,6 +203,8 @@ mod tests {
         assert!(paths_overlap("data/x", "data/*/y.nii"));
         assert!(!paths_overlap("out/a.txt", "out/b.txt"));
         assert!(!paths_overlap("out2", "out/a.txt"));
+        assert!(!paths_overlap("out/*.csv", "out/a.txt"));
+        assert!(paths_overlap("out/**", "out/x/y/z"));
         assert_eq!(normalize("./out//a/"), "out/a");
     }
 }

@@ -148,7 +148,7 @@ mod tests {
         assert_eq!(sample().digest(), PINNED_SAMPLE_KEY);
     }
 
-    const PINNED_SAMPLE_KEY: &str = "to-be-pinned";
+    const PINNED_SAMPLE_KEY: &str = "ae10e73bf013460c1eaf585d8db725045fecde79b4929a7fb5856930de11716e";
 
     #[test]
     fn differences_name_the_parameter() {

@@ -51,6 +51,7 @@ pub struct StageCommon {
     /// One stage instance per combination of these values, e.g. `{ fold = [0, 1, 2, 3, 4] }`.
     /// Values are usable in parameters as `${fold}`; a string `"${var}"` takes a list from `[vars]`.
     #[serde(default)]
+    #[schemars(schema_with = "matrix_schema")]
     pub matrix: BTreeMap<String, Vec<MatrixValue>>,
     /// CPU threads the stage uses; the scheduler runs stages side by side within the thread budget.
     #[serde(default = "one")]
@@ -62,6 +63,16 @@ pub struct StageCommon {
 
 /// Keys of [`StageCommon`], split from the kind's parameters before each part is read.
 pub const COMMON_STAGE_KEYS: &[&str] = &["kind", "description", "after", "matrix", "threads", "gpus"];
+
+/// Each dimension is a list of values, or a `"${var}"` naming a list in `[vars]` (substituted before
+/// the matrix is read, so the schema accepts that string too).
+fn matrix_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let values = generator.subschema_for::<Vec<MatrixValue>>();
+    schemars::json_schema!({
+        "type": "object",
+        "additionalProperties": { "anyOf": [values, { "type": "string", "pattern": "^\\$\\{[A-Za-z0-9_-]+\\}$" }] }
+    })
+}
 
 fn one() -> u32 {
     1
