@@ -31,7 +31,8 @@ pub fn watch(
         .map_err(|e| format!("cannot watch {}: {e}", root.display()))?;
     let (sender, receiver) = mpsc::channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(event) = event {
+        // Reads (our own hashing of inputs among them) are not changes.
+        if let Some(event) = event.ok().filter(|e| !e.kind.is_access()) {
             let _ = sender.send(event.paths);
         }
     })

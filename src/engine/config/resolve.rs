@@ -1,7 +1,7 @@
 //! From the merged document to stage instances: variables, matrix expansion, references between
 //! stages, and the kind-specific parameters of every instance.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
@@ -109,8 +109,9 @@ fn resolve(path: &Path, document: &Node, sources: Sources, errors: &mut Vec<Diag
     });
     let vars = resolve_vars(document.get("vars"), errors);
     let state_dir = work_dir.join(&name);
-    let stages = expand_stages(document.get("stages"), &vars, &state_dir, errors);
-    let instances = build_instances(stages, &vars, errors);
+    let mut failed = HashSet::new();
+    let stages = expand_stages(document.get("stages"), &vars, &state_dir, &mut failed, errors);
+    let instances = build_instances(stages, &failed, &vars, errors);
     Pipeline {
         name,
         file: path.to_path_buf(),
@@ -198,6 +199,7 @@ fn expand_stages<'a>(
     stages: Option<&'a Node>,
     vars: &Vars,
     state_dir: &Path,
+    failed: &mut HashSet<String>,
     errors: &mut Vec<Diagnostic>,
 ) -> Vec<Expanded<'a>> {
     let Some(stages) = stages else { return Vec::new() };
@@ -210,6 +212,8 @@ fn expand_stages<'a>(
     };
     let mut expanded = Vec::new();
     for (name, node) in table {
+        let before = errors.len();
+        failed.insert(name.clone());
         if !valid_stage_name(name) {
             let message = format!("stage name `{name}` may only contain letters, digits, `_` and `-`");
             errors.push(Diagnostic::new(node.key_location.clone(), message));
@@ -223,6 +227,9 @@ fn expand_stages<'a>(
             continue;
         }
         expanded.extend(expand_stage(name, node, vars, state_dir, errors));
+        if errors.len() == before {
+            failed.remove(name);
+        }
     }
     expanded
 }
@@ -351,7 +358,12 @@ fn plain_text(value: &toml::Value) -> String {
 // ---------------------------------------------------------------------------------------------
 // Instances: references, `after`, typed parameters
 
-fn build_instances(expanded: Vec<Expanded<'_>>, vars: &Vars, errors: &mut Vec<Diagnostic>) -> Vec<Instance> {
+fn build_instances(
+    expanded: Vec<Expanded<'_>>,
+    failed: &HashSet<String>,
+    vars: &Vars,
+    errors: &mut Vec<Diagnostic>,
+) -> Vec<Instance> {
     let mut by_stage: HashMap<&str, Vec<usize>> = HashMap::new();
     for (index, e) in expanded.iter().enumerate() {
         by_stage.entry(e.stage.as_str()).or_default().push(index);
@@ -359,6 +371,7 @@ fn build_instances(expanded: Vec<Expanded<'_>>, vars: &Vars, errors: &mut Vec<Di
     let targets = RefTargets {
         expanded: &expanded,
         by_stage: &by_stage,
+        failed,
     };
     let mut instances = Vec::new();
     for (index, e) in expanded.iter().enumerate() {
@@ -435,6 +448,9 @@ fn build_instances(expanded: Vec<Expanded<'_>>, vars: &Vars, errors: &mut Vec<Di
 struct RefTargets<'a, 'b> {
     expanded: &'a [Expanded<'b>],
     by_stage: &'a HashMap<&'a str, Vec<usize>>,
+    /// Stages whose own declaration was reported as an error: references to them are not reported
+    /// again as unknown stages.
+    failed: &'a HashSet<String>,
 }
 
 impl RefTargets<'_, '_> {
@@ -485,6 +501,7 @@ impl RefTargets<'_, '_> {
                 errors.push(Diagnostic::new(Some(location.clone()), message));
                 Vec::new()
             }
+            None if self.failed.contains(stage) => Vec::new(),
             None => {
                 errors.push(Diagnostic::new(Some(location.clone()), self.unknown_stage(stage)));
                 Vec::new()
@@ -669,6 +686,11 @@ fn outputs_reference(
     } else {
         targets.matching(stage, from)
     };
+    if found.is_none() && targets.failed.contains(stage) {
+        // Already reported where that stage is declared; the pipeline is invalid either way.
+        let empty = if all { toml::Value::Array(Vec::new()) } else { toml::Value::String(String::new()) };
+        return Ok((empty.clone(), empty));
+    }
     let found = found.ok_or_else(|| targets.unknown_stage(stage))?;
     let folder = |i: usize| toml::Value::String(targets.expanded[i].out_dir.to_string_lossy().into_owned());
     let symbol = |i: usize| toml::Value::String(format!("${{{}.outputs}}", targets.expanded[i].id));
@@ -726,7 +748,7 @@ fn param_diagnostic(node: &Node, problem: &ParamError, instance: &str) -> Diagno
 
 /// Points a parameter problem at the key (unknown keys) or the value (wrong types) it concerns.
 fn locate(node: &Node, problem: &ParamError, instance: Option<&str>) -> Diagnostic {
-    let path: Vec<String> = problem
+    let mut path: Vec<String> = problem
         .path
         .iter()
         .filter(|s| s.as_str() != "?" && s.as_str() != ".")
@@ -737,6 +759,11 @@ fn locate(node: &Node, problem: &ParamError, instance: Option<&str>) -> Diagnost
         .strip_prefix("unknown field `")
         .and_then(|rest| rest.split('`').next())
         .map(str::to_string);
+    // serde_path_to_error ends the path of an unknown field with the field itself; the key is
+    // looked up in its parent table below.
+    if unknown_key.is_some() && path.last() == unknown_key.as_ref() {
+        path.pop();
+    }
     let mut location = node.location.clone();
     if let Some(found) = node.find(&path) {
         location = found.location.clone();
