@@ -752,7 +752,8 @@ fn locate(node: &Node, problem: &ParamError, instance: Option<&str>) -> Diagnost
         .path
         .iter()
         .filter(|s| s.as_str() != "?" && s.as_str() != ".")
-        .cloned()
+        // serde_path_to_error writes list indices as `[1]`; `Node::find` takes `1`.
+        .map(|s| s.strip_prefix('[').and_then(|s| s.strip_suffix(']')).unwrap_or(s).to_string())
         .collect();
     let unknown_key = problem
         .message
