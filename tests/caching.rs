@@ -45,7 +45,10 @@ fn first_run_executes_everything_and_second_run_nothing() {
     let first = project.run(&["p.toml"]);
     assert_eq!(first.code, 0, "{}", first.stderr);
     assert_eq!(first.with_outcome("ran"), ALL);
-    assert_eq!(project.read("out/report.txt"), "HELLO\nWORLD\nfold 0 lr 0.01\nHELLO\nWORLD\nfold 1 lr 0.01\n");
+    assert_eq!(
+        project.read("out/report.txt"),
+        "HELLO\nWORLD\nfold 0 lr 0.01\nHELLO\nWORLD\nfold 1 lr 0.01\n"
+    );
     let second = project.run(&["p.toml"]);
     assert_eq!(second.code, 0);
     assert_eq!(second.with_outcome("cached"), ALL);
@@ -62,7 +65,10 @@ fn changed_parameter_reruns_exactly_that_stage_and_descendants_and_status_names_
     assert!(text.contains("fresh  prep"), "{text}");
 
     let rerun = project.run(&["p.toml", "--set", "train.params.lr=0.02"]);
-    assert_eq!(rerun.with_outcome("ran"), ["report", "train[fold=0]", "train[fold=1]"]);
+    assert_eq!(
+        rerun.with_outcome("ran"),
+        ["report", "train[fold=0]", "train[fold=1]"]
+    );
     assert_eq!(rerun.with_outcome("cached"), ["prep"]);
     assert!(project.read("out/report.txt").contains("lr 0.02"));
 }
@@ -73,7 +79,10 @@ fn changed_variable_on_the_command_line_reruns_only_affected_instances() {
     assert_eq!(project.run(&["p.toml"]).code, 0);
     let rerun = project.run(&["p.toml", "--set", "folds=[0, 1, 2]"]);
     assert_eq!(rerun.with_outcome("ran"), ["report", "train[fold=2]"]);
-    assert_eq!(rerun.with_outcome("cached"), ["prep", "train[fold=0]", "train[fold=1]"]);
+    assert_eq!(
+        rerun.with_outcome("cached"),
+        ["prep", "train[fold=0]", "train[fold=1]"]
+    );
 }
 
 #[test]
@@ -82,7 +91,12 @@ fn touching_a_file_reruns_nothing_but_changing_it_reruns_its_consumers() {
     assert_eq!(project.run(&["p.toml"]).code, 0);
     let input = project.path().join("data/b.txt");
     let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
-    std::fs::File::options().write(true).open(&input).unwrap().set_modified(later).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&input)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
     let touched = project.run(&["p.toml"]);
     assert!(touched.with_outcome("ran").is_empty(), "{}", touched.json);
 
@@ -102,7 +116,10 @@ fn unchanged_upstream_output_stops_the_rerun() {
     assert_eq!(project.run(&["p.toml"]).code, 0);
     let rerun = project.run(&["p.toml", "--set", "prep.params.level=4"]);
     assert_eq!(rerun.with_outcome("ran"), ["prep"]);
-    assert_eq!(rerun.with_outcome("cached"), ["report", "train[fold=0]", "train[fold=1]"]);
+    assert_eq!(
+        rerun.with_outcome("cached"),
+        ["report", "train[fold=0]", "train[fold=1]"]
+    );
 }
 
 #[test]
@@ -117,7 +134,12 @@ fn a_copy_of_the_project_with_the_same_cache_is_all_cached() {
     command.env("NNFLOW_CACHE_DIR", &project.cache);
     let output = command.output().unwrap();
     let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    let outcomes: Vec<&str> = json["stages"].as_array().unwrap().iter().map(|s| s["outcome"].as_str().unwrap()).collect();
+    let outcomes: Vec<&str> = json["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["outcome"].as_str().unwrap())
+        .collect();
     assert_eq!(outcomes, ["cached"; 4], "{json}");
     // Restored, not recomputed: the outputs are back in the copy's folder.
     assert_eq!(copy.read("out/report.txt"), project.read("out/report.txt"));
@@ -130,7 +152,10 @@ fn deleted_output_is_restored_from_the_cache() {
     assert_eq!(project.run(&["p.toml"]).code, 0);
     std::fs::remove_file(project.path().join("out/prep.txt")).unwrap();
     let status = stdout(&project.nnflow(&["status", "p.toml"]));
-    assert!(status.contains("output project/out/prep.txt is missing"), "{status}");
+    assert!(
+        status.contains("output project/out/prep.txt is missing"),
+        "{status}"
+    );
     let rerun = project.run(&["p.toml"]);
     assert!(rerun.with_outcome("ran").is_empty(), "{}", rerun.json);
     assert_eq!(project.read("out/prep.txt"), "HELLO\nWORLD\n");
@@ -176,7 +201,13 @@ cmd = "echo fine > $NNFLOW_OUT/x"
     assert_eq!(result.outcome("bad"), "failed");
     assert_eq!(result.outcome("after_bad"), "skipped");
     assert_eq!(result.outcome("independent"), "ran");
-    let error = result.json["stages"].as_array().unwrap().iter().find(|s| s["id"] == "bad").unwrap()["error"].to_string();
+    let error = result.json["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "bad")
+        .unwrap()["error"]
+        .to_string();
     assert!(error.contains("oops"), "the log tail names the failure: {error}");
     // Only the independent stage's entry exists.
     assert_eq!(walk(&project.cache.join("entries")).len(), 1);
@@ -230,17 +261,32 @@ fn running_a_named_stage_runs_its_ancestors_only() {
 #[test]
 fn declared_environment_is_part_of_the_key() {
     let project = Project::new();
-    project.write("p.toml", "[stages.e]\nkind = \"command\"\ncmd = \"echo $GREETING > $NNFLOW_OUT/g\"\nenv = [\"GREETING\"]\n");
+    project.write(
+        "p.toml",
+        "[stages.e]\nkind = \"command\"\ncmd = \"echo $GREETING > $NNFLOW_OUT/g\"\nenv = [\"GREETING\"]\n",
+    );
     let run = |value: &str| {
-        let output = project.command(&["run", "--json", "p.toml"]).env("GREETING", value).output().unwrap();
+        let output = project
+            .command(&["run", "--json", "p.toml"])
+            .env("GREETING", value)
+            .output()
+            .unwrap();
         let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
         json["stages"][0]["outcome"].as_str().unwrap().to_string()
     };
     assert_eq!(run("hello"), "ran");
     assert_eq!(run("hello"), "cached");
     assert_eq!(run("bye"), "ran");
-    let status = project.command(&["status", "p.toml"]).env("GREETING", "again").output().unwrap();
-    assert!(stdout(&status).contains("environment $GREETING changed"), "{}", stdout(&status));
+    let status = project
+        .command(&["status", "p.toml"])
+        .env("GREETING", "again")
+        .output()
+        .unwrap();
+    assert!(
+        stdout(&status).contains("environment $GREETING changed"),
+        "{}",
+        stdout(&status)
+    );
 }
 
 #[test]
@@ -253,7 +299,15 @@ fn gc_removes_unreferenced_entries_and_keeps_current_ones() {
     assert_eq!(gc.status.code(), Some(0));
     let text = stdout(&gc);
     assert!(text.contains("removed 3 cache entries"), "{text}");
-    let freed: u64 = text.split("freed ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    let freed: u64 = text
+        .split("freed ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(freed > 0, "{text}");
     assert_eq!(walk(&project.cache.join("entries")).len(), before - 3);
     std::fs::remove_dir_all(project.path().join(".nnflow")).unwrap();
@@ -273,7 +327,10 @@ fn lock_file_records_key_components_and_output_digests() {
         prep["components"]["inputs"]["data/a.txt"],
         blake3::hash(b"hello\n").to_hex().as_str()
     );
-    assert_eq!(prep["outputs"]["project/out/prep.txt"], blake3::hash(b"HELLO\nWORLD\n").to_hex().as_str());
+    assert_eq!(
+        prep["outputs"]["project/out/prep.txt"],
+        blake3::hash(b"HELLO\nWORLD\n").to_hex().as_str()
+    );
     assert_eq!(lock["stages"].as_array().unwrap().len(), 4);
 }
 
@@ -289,14 +346,20 @@ fn pinned_key_of_a_fixed_stage() {
     );
     assert_eq!(project.run(&["p.toml"]).code, 0);
     let lock: serde_json::Value = serde_json::from_str(&project.read(".nnflow/p/nnflow.lock")).unwrap();
-    assert_eq!(lock["stages"][0]["key"], PINNED_KEY, "{}", lock["stages"][0]["components"]);
+    assert_eq!(
+        lock["stages"][0]["key"], PINNED_KEY,
+        "{}",
+        lock["stages"][0]["components"]
+    );
 }
 
 const PINNED_KEY: &str = "d289f6a35b80dcba325a6179b5f398189a47e2c5fa775f1f60e66db97a72c45e";
 
 fn walk(folder: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();
-    let Ok(entries) = std::fs::read_dir(folder) else { return files };
+    let Ok(entries) = std::fs::read_dir(folder) else {
+        return files;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         if path.is_dir() {

@@ -18,7 +18,12 @@ fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
 }
 
 fn spawn(project: &Project, args: &[&str]) -> Child {
-    project.command(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    project
+        .command(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 fn count_files(folder: &Path) -> usize {
@@ -51,12 +56,17 @@ fn sigkill_mid_stage_then_rerun_runs_only_the_killed_stage_and_descendants() {
     let project = killable_project();
     project.write("hold", "");
     let mut child = spawn(&project, &["run", "p.toml"]);
-    wait_for("the slow stage to start", || project.path().join("started").exists());
+    wait_for("the slow stage to start", || {
+        project.path().join("started").exists()
+    });
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     // Only `a` was committed; nothing of `slow` is in the cache.
     assert_eq!(count_files(&project.cache.join("entries")), 1);
-    assert!(!project.path().join(".nnflow/p/out/slow").exists(), "a partial output folder looks complete");
+    assert!(
+        !project.path().join(".nnflow/p/out/slow").exists(),
+        "a partial output folder looks complete"
+    );
 
     std::fs::remove_file(project.path().join("hold")).unwrap();
     let rerun = project.run(&["p.toml"]);
@@ -72,7 +82,9 @@ fn sigterm_stops_the_running_stage_and_keeps_finished_ones() {
     let project = killable_project();
     project.write("hold", "");
     let child = spawn(&project, &["run", "--json", "p.toml"]);
-    wait_for("the slow stage to start", || project.path().join("started").exists());
+    wait_for("the slow stage to start", || {
+        project.path().join("started").exists()
+    });
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let output = child.wait_with_output().unwrap();
     assert_eq!(output.status.code(), Some(130), "{}", common::stderr(&output));
@@ -173,9 +185,13 @@ outputs = ["out/copy.txt"]
     );
     let mut watcher = spawn(&project, &["watch", "p.toml", "--debounce-ms", "100"]);
     let copy = project.path().join("out/copy.txt");
-    wait_for("the first run", || std::fs::read_to_string(&copy).is_ok_and(|t| t == "one\n"));
+    wait_for("the first run", || {
+        std::fs::read_to_string(&copy).is_ok_and(|t| t == "one\n")
+    });
     project.write("in.txt", "two\n");
-    wait_for("the re-run after the change", || std::fs::read_to_string(&copy).is_ok_and(|t| t == "two\n"));
+    wait_for("the re-run after the change", || {
+        std::fs::read_to_string(&copy).is_ok_and(|t| t == "two\n")
+    });
     // A failing change keeps the watcher alive; the next good change runs again.
     project.write(
         "p.toml",
@@ -189,7 +205,10 @@ outputs = ["out/copy.txt"]
     wait_for("the run after the pipeline changed", || {
         std::fs::read_to_string(&copy).is_ok_and(|t| t == "two\ntwo\n")
     });
-    assert!(watcher.try_wait().unwrap().is_none(), "the watcher is still running");
+    assert!(
+        watcher.try_wait().unwrap().is_none(),
+        "the watcher is still running"
+    );
     watcher.kill().unwrap();
     watcher.wait().unwrap();
 }

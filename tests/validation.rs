@@ -1027,3 +1027,24 @@ fn missing_and_unreadable_pipeline_files_are_errors_not_panics() {
         }
     }
 }
+
+#[test]
+fn variables_resolve_through_each_other_keep_escapes_and_report_cycles() {
+    let project = Project::new();
+    project.write(
+        "p.toml",
+        "[vars]\nroot = \"data\"\nimages = \"${root}/images\"\nliteral = \"$${HOME}\"\n[stages.s]\nkind = \"command\"\ncmd = \"echo '${images} ${literal}' > $NNFLOW_OUT/o\"\n",
+    );
+    let output = project.nnflow(&["run", "p.toml"]);
+    assert_eq!(output.status.code(), Some(0), "{}", common::stderr(&output));
+    assert_eq!(project.read(".nnflow/p/out/s/o"), "data/images ${HOME}\n");
+
+    project.write("p.toml", "[vars]\na = \"${b}\"\nb = \"x${a}\"\n");
+    let output = project.nnflow(&["validate", "p.toml"]);
+    assert_eq!(output.status.code(), Some(2));
+    let text = common::stderr(&output);
+    assert!(
+        text.contains("variables refer to each other in a cycle: a -> b -> a"),
+        "{text}"
+    );
+}

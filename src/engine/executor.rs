@@ -15,6 +15,7 @@ use serde::Serialize;
 use super::cache::{LinkMode, Lookup};
 use super::evaluate::{damaged_output, expand_patterns, is_glob, output_location, stage_key};
 use super::hashing::{digest_of_map, Digest};
+use super::key::StageKey;
 use super::record::{file_safe, write_lock_file, Record};
 use super::Engine;
 use crate::stages::StageContext;
@@ -269,25 +270,12 @@ fn execute(
         {
             Lookup::Hit(manifest) => {
                 restore(engine, index, &manifest)?;
-                let outputs: BTreeMap<String, Digest> = manifest
+                let outputs = manifest
                     .files
                     .iter()
                     .map(|(p, f)| (p.clone(), f.digest))
                     .collect();
-                let outputs_digest = digest_of_map(&outputs);
-                let record = Record {
-                    id: instance.id.clone(),
-                    key: digest,
-                    components: key,
-                    outputs,
-                    outputs_digest,
-                    finished_unix: now_unix(),
-                    seconds: started.elapsed().as_secs_f64(),
-                };
-                engine
-                    .records
-                    .put(&record)
-                    .map_err(|e| format!("cannot write record: {e}"))?;
+                let outputs_digest = remember(engine, index, digest, key, outputs, started)?;
                 return Ok((Outcome::Cached, outputs_digest));
             }
             Lookup::Corrupt { reason } => {
@@ -299,16 +287,28 @@ fn execute(
             Lookup::Miss => {}
         }
     }
-    let outputs = run_instance(engine, index, gpus, cancel)?;
-    let files: BTreeMap<String, (PathBuf, Digest)> = outputs;
+    let files = run_instance(engine, index, gpus, cancel)?;
     engine
         .cache
         .store_sources(&digest, &files)
         .map_err(|e| format!("cannot store outputs in the cache: {e}"))?;
-    let outputs: BTreeMap<String, Digest> = files.into_iter().map(|(p, (_, d))| (p, d)).collect();
+    let outputs = files.into_iter().map(|(p, (_, d))| (p, d)).collect();
+    let outputs_digest = remember(engine, index, digest, key, outputs, started)?;
+    Ok((Outcome::Ran, outputs_digest))
+}
+
+/// Records what the instance's outputs are for this key; returns the digest of those outputs.
+fn remember(
+    engine: &Engine,
+    index: usize,
+    digest: String,
+    key: StageKey,
+    outputs: BTreeMap<String, Digest>,
+    started: Instant,
+) -> Result<Digest, String> {
     let outputs_digest = digest_of_map(&outputs);
     let record = Record {
-        id: instance.id.clone(),
+        id: engine.pipeline.instances[index].id.clone(),
         key: digest,
         components: key,
         outputs,
@@ -320,7 +320,7 @@ fn execute(
         .records
         .put(&record)
         .map_err(|e| format!("cannot write record: {e}"))?;
-    Ok((Outcome::Ran, outputs_digest))
+    Ok(outputs_digest)
 }
 
 /// Runs the stage into a fresh temporary folder, moves it into place, and returns every output

@@ -178,7 +178,8 @@ pub fn paths_overlap(a: &str, b: &str) -> bool {
 }
 
 fn components_compatible(x: &str, y: &str) -> bool {
-    let matches = |pattern: &str, literal: &str| glob::Pattern::new(pattern).is_ok_and(|p| p.matches(literal));
+    let matches =
+        |pattern: &str, literal: &str| glob::Pattern::new(pattern).is_ok_and(|p| p.matches(literal));
     match (is_glob(x), is_glob(y)) {
         (false, false) => x == y,
         (true, false) => matches(x, y),

@@ -35,7 +35,10 @@ impl Project {
     /// `nnflow ARGS` in the project folder with the project's cache.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_nnflow"));
-        command.args(args).current_dir(self.path()).env("NNFLOW_CACHE_DIR", &self.cache);
+        command
+            .args(args)
+            .current_dir(self.path())
+            .env("NNFLOW_CACHE_DIR", &self.cache);
         command
     }
 
@@ -63,7 +66,11 @@ impl RunResult {
         let stdout = String::from_utf8_lossy(&output.stdout);
         let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
         let json = serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null);
-        RunResult { code: output.status.code().unwrap_or(-1), json, stderr }
+        RunResult {
+            code: output.status.code().unwrap_or(-1),
+            json,
+            stderr,
+        }
     }
 
     pub fn outcome(&self, id: &str) -> String {

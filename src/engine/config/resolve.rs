@@ -57,7 +57,7 @@ impl Pipeline {
 }
 
 /// Reads and checks a pipeline file. `sets` are `--set` arguments.
-pub fn load(path: &Path, sets: &[String]) -> Result<Pipeline, (Diagnostics, Option<Pipeline>)> {
+pub fn load(path: &Path, sets: &[String]) -> Result<Pipeline, (Diagnostics, Option<Box<Pipeline>>)> {
     let mut sources = Sources::default();
     let mut errors = Vec::new();
     let Some(mut document) = read_merged(path, &mut sources, &mut errors) else {
@@ -76,7 +76,7 @@ pub fn load(path: &Path, sets: &[String]) -> Result<Pipeline, (Diagnostics, Opti
         Ok(pipeline)
     } else {
         let diagnostics = Diagnostics::new(errors, &pipeline.sources);
-        Err((diagnostics, Some(pipeline)))
+        Err((diagnostics, Some(Box::new(pipeline))))
     }
 }
 
@@ -134,7 +134,8 @@ fn absolute(path: &Path) -> PathBuf {
 
 type Vars = BTreeMap<String, Node>;
 
-/// `[vars]`, with `${other}` references between variables substituted.
+/// `[vars]`, with `${other}` references between variables substituted. Each variable is resolved
+/// once, after the variables it names, so escapes (`$${`) stay literal and cycles are reported.
 fn resolve_vars(node: Option<&Node>, errors: &mut Vec<Diagnostic>) -> Vars {
     let Some(node) = node else { return Vars::new() };
     let Some(table) = node.as_table() else {
@@ -144,35 +145,67 @@ fn resolve_vars(node: Option<&Node>, errors: &mut Vec<Diagnostic>) -> Vars {
         ));
         return Vars::new();
     };
-    let mut vars = table.clone();
-    // Each pass substitutes one level; more passes than variables means a cycle.
-    for _ in 0..=table.len() {
-        let snapshot = vars.clone();
-        let scope = Scope {
-            vars: &snapshot,
-            matrix: &BTreeMap::new(),
-            refs: None,
-        };
-        let mut changed = false;
-        for value in vars.values_mut() {
-            let before = format!("{:?}", value.to_toml());
-            let mut local = Vec::new();
-            *value = substitute(value, &scope, &mut local).resolved;
-            changed |= before != format!("{:?}", value.to_toml());
-            if !local.is_empty() {
-                errors.extend(local);
-                return vars;
-            }
-        }
-        if !changed {
-            return vars;
+    let mut resolved = Vars::new();
+    for name in table.keys() {
+        resolve_var(name, table, &mut resolved, &mut Vec::new(), errors);
+    }
+    resolved
+}
+
+fn resolve_var(
+    name: &str,
+    raw: &BTreeMap<String, Node>,
+    resolved: &mut Vars,
+    in_progress: &mut Vec<String>,
+    errors: &mut Vec<Diagnostic>,
+) {
+    if resolved.contains_key(name) {
+        return;
+    }
+    let node = &raw[name];
+    if in_progress.iter().any(|n| n == name) {
+        let cycle = format!("{} -> {name}", in_progress.join(" -> "));
+        errors.push(Diagnostic::new(
+            Some(node.location.clone()),
+            format!("variables refer to each other in a cycle: {cycle}"),
+        ));
+        resolved.insert(name.to_string(), node.clone());
+        return;
+    }
+    in_progress.push(name.to_string());
+    for dependency in referenced_names(node) {
+        if raw.contains_key(&dependency) {
+            resolve_var(&dependency, raw, resolved, in_progress, errors);
         }
     }
-    errors.push(Diagnostic::new(
-        Some(node.location.clone()),
-        "variables refer to each other in a cycle",
-    ));
-    vars
+    in_progress.pop();
+    if resolved.contains_key(name) {
+        return; // reached through a cycle and reported there
+    }
+    let scope = Scope {
+        vars: resolved,
+        matrix: &BTreeMap::new(),
+        refs: None,
+    };
+    let value = substitute(node, &scope, errors).resolved;
+    resolved.insert(name.to_string(), value);
+}
+
+/// The `${name}` substitutions written anywhere in a value.
+fn referenced_names(node: &Node) -> Vec<String> {
+    match &node.value {
+        NodeValue::Scalar(toml::Value::String(text)) => template::parse(text)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|piece| match piece {
+                Piece::Name(name) => Some(name),
+                _ => None,
+            })
+            .collect(),
+        NodeValue::Scalar(_) => Vec::new(),
+        NodeValue::Array(items) => items.iter().flat_map(referenced_names).collect(),
+        NodeValue::Table(table) => table.values().flat_map(referenced_names).collect(),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -688,7 +721,11 @@ fn outputs_reference(
     };
     if found.is_none() && targets.failed.contains(stage) {
         // Already reported where that stage is declared; the pipeline is invalid either way.
-        let empty = if all { toml::Value::Array(Vec::new()) } else { toml::Value::String(String::new()) };
+        let empty = if all {
+            toml::Value::Array(Vec::new())
+        } else {
+            toml::Value::String(String::new())
+        };
         return Ok((empty.clone(), empty));
     }
     let found = found.ok_or_else(|| targets.unknown_stage(stage))?;
@@ -753,7 +790,12 @@ fn locate(node: &Node, problem: &ParamError, instance: Option<&str>) -> Diagnost
         .iter()
         .filter(|s| s.as_str() != "?" && s.as_str() != ".")
         // serde_path_to_error writes list indices as `[1]`; `Node::find` takes `1`.
-        .map(|s| s.strip_prefix('[').and_then(|s| s.strip_suffix(']')).unwrap_or(s).to_string())
+        .map(|s| {
+            s.strip_prefix('[')
+                .and_then(|s| s.strip_suffix(']'))
+                .unwrap_or(s)
+                .to_string()
+        })
         .collect();
     let unknown_key = problem
         .message
