@@ -6,6 +6,7 @@
 //! - [`torch_env`]: libtorch and CUDA at run time.
 
 pub mod cli;
+pub mod data;
 pub mod engine;
 pub mod schema;
 pub mod stages;
