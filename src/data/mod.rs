@@ -1,3 +1,6 @@
-//! Medical image data: datasets in nnU-Net's raw layout. Knows neither the engine nor tch.
+//! Medical image data: NIfTI files and datasets in nnU-Net's raw layout. Knows neither the engine
+//! nor tch.
 
 pub mod dataset;
+pub mod geometry;
+pub mod nifti;

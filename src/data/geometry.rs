@@ -1,0 +1,240 @@
+//! The geometry part of a NIfTI-1 header and the two views of it that nnU-Net cares about.
+//!
+//! This module owns the [`Header`] fields that must survive a read -> write round trip unchanged
+//! (dim, pixdim, units, qform/sform and their codes) and the math that turns them into
+//! - the RAS+ voxel-to-world affine exactly as nibabel reports it (`img.affine`), and
+//! - SimpleITK's view (spacing / origin / direction in LPS), which is what nnU-Net itself sees.
+//!
+//! Axis conventions: NIfTI stores x fastest, so the header's `dim` / `pixdim` are (x, y, z).
+//! nnU-Net (via SimpleITK -> numpy) works in (z, y, x); the `*_zyx` helpers give that order.
+
+use serde::{Deserialize, Serialize};
+
+/// The geometry-relevant fields of a NIfTI-1 header, stored exactly as in the file (f32 values
+/// are kept as f32 so that a written header is bit-identical to the one that was read).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Header {
+    /// `dim[0]` = number of dimensions, `dim[1..=3]` = (x, y, z) sizes.
+    pub dim: [i16; 8],
+    /// `pixdim[0]` = qfac, `pixdim[1..=3]` = (x, y, z) voxel sizes.
+    pub pixdim: [f32; 8],
+    pub xyzt_units: u8,
+    pub qform_code: i16,
+    pub sform_code: i16,
+    /// Quaternion (b, c, d); `a` is derived.
+    pub quatern: [f32; 3],
+    /// qoffset (x, y, z).
+    pub qoffset: [f32; 3],
+    /// srow_x, srow_y, srow_z.
+    pub srow: [[f32; 4]; 3],
+    /// NIfTI datatype code of the file this header was read from (informational only; `write`
+    /// uses the type of the array it is given).
+    pub datatype: i16,
+}
+
+impl Header {
+    /// Spatial size in NIfTI order (x, y, z); missing dimensions (2D images) are 1.
+    pub fn shape_xyz(&self) -> [usize; 3] {
+        let ndim = self.dim[0].clamp(0, 7) as usize;
+        let size = |axis: usize| {
+            if axis <= ndim {
+                self.dim[axis].max(1) as usize
+            } else {
+                1
+            }
+        };
+        [size(1), size(2), size(3)]
+    }
+
+    /// Spatial size in nnU-Net / SimpleITK-numpy order (z, y, x).
+    pub fn shape_zyx(&self) -> [usize; 3] {
+        let [x, y, z] = self.shape_xyz();
+        [z, y, x]
+    }
+
+    /// Voxel size (x, y, z) from pixdim, as ITK reports it. Non-positive values (e.g. pixdim[3]
+    /// of a 2D image) become 1, as in niftilib, so downstream code never divides by zero.
+    pub fn itk_spacing(&self) -> [f64; 3] {
+        [
+            pixdim_or_one(self.pixdim[1]),
+            pixdim_or_one(self.pixdim[2]),
+            pixdim_or_one(self.pixdim[3]),
+        ]
+    }
+
+    /// Voxel size in (z, y, x) order, matching `Volume::data`'s axes.
+    pub fn spacing_zyx(&self) -> [f64; 3] {
+        let [x, y, z] = self.itk_spacing();
+        [z, y, x]
+    }
+
+    /// The RAS+ affine nibabel reports: sform if sform_code > 0, else qform if qform_code > 0,
+    /// else `diag(pixdim[1], pixdim[2], pixdim[3], 1)` (NIfTI "method 1").
+    ///
+    /// Note: for the last case nibabel itself returns a centred, x-flipped Analyze-style affine;
+    /// we follow the NIfTI standard / niftilib / ITK instead (see the report in the fixtures).
+    pub fn affine(&self) -> [[f64; 4]; 4] {
+        if self.sform_code > 0 {
+            self.sform_affine()
+        } else if self.qform_code > 0 {
+            self.qform_affine()
+        } else {
+            let [dx, dy, dz] = self.itk_spacing();
+            [
+                [dx, 0.0, 0.0, 0.0],
+                [0.0, dy, 0.0, 0.0],
+                [0.0, 0.0, dz, 0.0],
+                [0.0, 0.0, 0.0, 1.0],
+            ]
+        }
+    }
+
+    /// The sform matrix (srow_x/y/z), regardless of sform_code.
+    pub fn sform_affine(&self) -> [[f64; 4]; 4] {
+        let row = |r: [f32; 4]| r.map(f64::from);
+        [
+            row(self.srow[0]),
+            row(self.srow[1]),
+            row(self.srow[2]),
+            [0.0, 0.0, 0.0, 1.0],
+        ]
+    }
+
+    /// The qform matrix, regardless of qform_code: R(quaternion) * diag(dx, dy, qfac * dz).
+    pub fn qform_affine(&self) -> [[f64; 4]; 4] {
+        let rot = quaternion_to_matrix(self.quatern.map(f64::from));
+        // The standard says qfac is -1 or 1; anything else (commonly 0) means 1.
+        let qfac = if self.pixdim[0] < 0.0 { -1.0 } else { 1.0 };
+        let [dx, dy, dz] = self.itk_spacing();
+        let scale = [dx, dy, dz * qfac];
+        let mut out = [[0.0; 4]; 4];
+        for (r, out_row) in out.iter_mut().take(3).enumerate() {
+            for c in 0..3 {
+                out_row[c] = rot[r][c] * scale[c];
+            }
+            out_row[3] = f64::from(self.qoffset[r]);
+        }
+        out[3][3] = 1.0;
+        out
+    }
+
+    /// ITK origin in LPS: the RAS affine's translation with x and y negated.
+    /// Without sform and qform ITK reports origin 0 (checked with SimpleITK 2.5).
+    pub fn itk_origin(&self) -> [f64; 3] {
+        if !self.has_transform() {
+            return [0.0; 3];
+        }
+        let a = self.affine();
+        [-a[0][3], -a[1][3], a[2][3]]
+    }
+
+    /// ITK direction matrix (row-major, LPS): the affine's 3x3 columns normalised to unit length,
+    /// rows 0 and 1 negated (RAS -> LPS).
+    ///
+    /// Without sform and qform ITK reports the identity (no RAS -> LPS flip; checked with
+    /// SimpleITK 2.5), so we do too. Known gap: ITK rejects a sheared sform and falls back to the
+    /// qform, whereas we always derive this from [`Header::affine`].
+    pub fn itk_direction(&self) -> [[f64; 3]; 3] {
+        if !self.has_transform() {
+            return [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
+        }
+        let a = self.affine();
+        let mut dir = [[0.0; 3]; 3];
+        for c in 0..3 {
+            let norm = (0..3).map(|r| a[r][c] * a[r][c]).sum::<f64>().sqrt();
+            for (r, dir_row) in dir.iter_mut().enumerate() {
+                // A degenerate (zero) column cannot be normalised; fall back to the identity axis.
+                let v = if norm > 0.0 {
+                    a[r][c] / norm
+                } else {
+                    f64::from(u8::from(r == c))
+                };
+                dir_row[c] = if r < 2 { -v } else { v };
+            }
+        }
+        dir
+    }
+}
+
+impl Header {
+    fn has_transform(&self) -> bool {
+        self.sform_code > 0 || self.qform_code > 0
+    }
+}
+
+fn pixdim_or_one(v: f32) -> f64 {
+    if v > 0.0 && v.is_finite() {
+        f64::from(v)
+    } else {
+        1.0
+    }
+}
+
+/// Rotation matrix from the NIfTI quaternion (b, c, d), following nibabel (`fillpositive` +
+/// `quat2mat`) so that our affine matches `img.affine` to the last bits.
+fn quaternion_to_matrix([x, y, z]: [f64; 3]) -> [[f64; 3]; 3] {
+    // a^2 may be slightly negative from f32 rounding; nibabel clamps it to 0.
+    let w = (1.0 - (x * x + y * y + z * z)).max(0.0).sqrt();
+    let nq = w * w + x * x + y * y + z * z;
+    if nq < f64::EPSILON {
+        return [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
+    }
+    let s = 2.0 / nq;
+    let (xs, ys, zs) = (x * s, y * s, z * s);
+    let (wx, wy, wz) = (w * xs, w * ys, w * zs);
+    let (xx, xy, xz) = (x * xs, x * ys, x * zs);
+    let (yy, yz, zz) = (y * ys, y * zs, z * zs);
+    [
+        [1.0 - (yy + zz), xy - wz, xz + wy],
+        [xy + wz, 1.0 - (xx + zz), yz - wx],
+        [xz - wy, yz + wx, 1.0 - (xx + yy)],
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> Header {
+        Header {
+            dim: [3, 4, 5, 6, 1, 1, 1, 1],
+            pixdim: [1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 0.0],
+            xyzt_units: 10,
+            qform_code: 1,
+            sform_code: 0,
+            quatern: [0.0, 0.0, 0.0],
+            qoffset: [1.0, 2.0, 3.0],
+            srow: [[9.0; 4]; 3],
+            datatype: 4,
+        }
+    }
+
+    #[test]
+    fn identity_quaternion_gives_diagonal_affine() {
+        let a = header().affine();
+        assert_eq!(a[0], [2.0, 0.0, 0.0, 1.0]);
+        assert_eq!(a[1], [0.0, 3.0, 0.0, 2.0]);
+        assert_eq!(a[2], [0.0, 0.0, 4.0, 3.0]);
+    }
+
+    #[test]
+    fn qfac_minus_one_flips_z_column_and_itk_view_flips_xy_rows() {
+        let mut h = header();
+        h.pixdim[0] = -1.0;
+        assert_eq!(h.affine()[2][2], -4.0);
+        assert_eq!(h.itk_origin(), [-1.0, -2.0, 3.0]);
+        assert_eq!(
+            h.itk_direction(),
+            [[-1.0, 0.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, -1.0]]
+        );
+        assert_eq!(h.spacing_zyx(), [4.0, 3.0, 2.0]);
+        assert_eq!(h.shape_zyx(), [6, 5, 4]);
+    }
+
+    #[test]
+    fn sform_wins_over_qform_when_coded() {
+        let mut h = header();
+        h.sform_code = 2;
+        assert_eq!(h.affine()[0], [9.0; 4]);
+    }
+}

@@ -1,0 +1,611 @@
+//! Reading and writing single-file NIfTI-1 images (`.nii`, `.nii.gz`).
+//!
+//! This module owns the on-disk format: the 348-byte header (either endianness), the 4-byte
+//! extension flag, `vox_offset`, the voxel data types, scl_slope/scl_inter scaling and gzip
+//! (including multi-member gzip, which many tools produce and the `nifti` crate rejects).
+//! Geometry math lives in [`crate::data::geometry`].
+//!
+//! Voxel data is returned as a C-order `Array3` indexed `[z, y, x]`, the axis order nnU-Net gets
+//! from SimpleITK. NIfTI stores x fastest, so the file's data block *is* a C-order `[z, y, x]`
+//! array: no transposition is needed in either direction.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use flate2::read::MultiGzDecoder;
+use flate2::write::GzEncoder;
+use ndarray::Array3;
+
+pub use crate::data::geometry::Header;
+
+const HEADER_SIZE: usize = 348;
+/// Header + the 4-byte extension flag; where we put the data when writing.
+const WRITE_VOX_OFFSET: usize = HEADER_SIZE + 4;
+const NIFTI2_HEADER_SIZE: i32 = 540;
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+/// Errors from reading or writing a NIfTI file. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum NiftiError {
+    #[error("{}: cannot read file: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{}: corrupt or truncated gzip data: {source}", path.display())]
+    Gzip { path: PathBuf, source: io::Error },
+    #[error("{}: not a NIfTI file: only {len} bytes, a NIfTI-1 header needs 348", path.display())]
+    TooShort { path: PathBuf, len: usize },
+    #[error("{}: not a NIfTI-1 file: header size field is {value} (expected 348)", path.display())]
+    BadHeaderSize { path: PathBuf, value: i32 },
+    #[error("{}: NIfTI-2 files are not supported (only NIfTI-1)", path.display())]
+    Nifti2 { path: PathBuf },
+    #[error("{}: not a single-file NIfTI-1 image: magic is {magic:?} (expected \"n+1\")", path.display())]
+    BadMagic { path: PathBuf, magic: String },
+    #[error("{}: unsupported image dimensions: {detail}", path.display())]
+    BadDims { path: PathBuf, detail: String },
+    #[error("{}: unsupported NIfTI datatype {code} ({name}); supported: uint8, int8, uint16, int16, \
+             uint32, int32, float32, float64", path.display())]
+    UnsupportedDatatype {
+        path: PathBuf,
+        code: i16,
+        name: &'static str,
+    },
+    #[error("{}: invalid vox_offset {value} in header", path.display())]
+    BadVoxOffset { path: PathBuf, value: f32 },
+    #[error("{}: truncated: header says {dims} {dtype} ({expected} bytes) but only {available} bytes of data",
+            path.display())]
+    Truncated {
+        path: PathBuf,
+        dims: String,
+        dtype: &'static str,
+        expected: usize,
+        available: usize,
+    },
+    #[error("{}: label map has non-integer value {value} at voxel (z, y, x) = {zyx:?}", path.display())]
+    NotInteger {
+        path: PathBuf,
+        zyx: [usize; 3],
+        value: f64,
+    },
+    #[error("{}: cannot write: data shape (z, y, x) {data:?} does not match the reference header's {header:?}",
+            path.display())]
+    ShapeMismatch {
+        path: PathBuf,
+        data: [usize; 3],
+        header: [usize; 3],
+    },
+    #[error("{}: cannot write file: {source}", path.display())]
+    Write { path: PathBuf, source: io::Error },
+}
+
+/// A 3D image: voxels in `[z, y, x]` order (scaling applied) plus the header geometry.
+#[derive(Debug, Clone)]
+pub struct Volume {
+    pub data: Array3<f32>,
+    pub header: Header,
+}
+
+impl Volume {
+    /// Voxel spacing in (z, y, x) order, matching `data`'s axes (SimpleITK's order reversed,
+    /// as nnU-Net stores it).
+    pub fn spacing_zyx(&self) -> [f64; 3] {
+        self.header.spacing_zyx()
+    }
+}
+
+/// Reads a `.nii` / `.nii.gz` image as f32, applying scl_slope / scl_inter.
+pub fn read(path: impl AsRef<Path>) -> Result<Volume, NiftiError> {
+    let path = path.as_ref();
+    let bytes = read_all(path)?;
+    let parsed = parse_header(path, &bytes)?;
+    let raw = data_block(path, &parsed, &bytes)?;
+    let mut values = Vec::with_capacity(parsed.voxel_count());
+    decode_each(raw, &parsed, |v| values.push(v as f32));
+    let data = to_array(path, &parsed.header, values)?;
+    Ok(Volume {
+        data,
+        header: parsed.header,
+    })
+}
+
+/// Reads a segmentation: like [`read`], but values must be integers that fit in i32 (after
+/// scaling). Decoded straight from the stored type, so large labels do not lose f32 precision.
+pub fn read_integer_labels(path: impl AsRef<Path>) -> Result<(Array3<i32>, Header), NiftiError> {
+    let path = path.as_ref();
+    let bytes = read_all(path)?;
+    let parsed = parse_header(path, &bytes)?;
+    let raw = data_block(path, &parsed, &bytes)?;
+    let mut values = Vec::with_capacity(parsed.voxel_count());
+    let mut first_bad: Option<(usize, f64)> = None;
+    decode_each(raw, &parsed, |v| {
+        let ok = v.fract() == 0.0 && v >= f64::from(i32::MIN) && v <= f64::from(i32::MAX);
+        if !ok && first_bad.is_none() {
+            first_bad = Some((values.len(), v));
+        }
+        values.push(v as i32);
+    });
+    if let Some((index, value)) = first_bad {
+        let [_, ny, nx] = parsed.header.shape_zyx();
+        let zyx = [index / (ny * nx), (index / nx) % ny, index % nx];
+        return Err(NiftiError::NotInteger {
+            path: path.to_path_buf(),
+            zyx,
+            value,
+        });
+    }
+    let data = to_array(path, &parsed.header, values)?;
+    Ok((data, parsed.header))
+}
+
+/// Reads only the header (decompressing just its first bytes): cheap shape / spacing queries.
+pub fn read_header(path: impl AsRef<Path>) -> Result<Header, NiftiError> {
+    let path = path.as_ref();
+    let mut head = Vec::with_capacity(HEADER_SIZE);
+    let (reader, gz) = open(path)?;
+    reader
+        .take(HEADER_SIZE as u64)
+        .read_to_end(&mut head)
+        .map_err(|source| read_error(path, gz, source))?;
+    Ok(parse_header(path, &head)?.header)
+}
+
+/// Element types that [`write`] can store.
+pub trait NiftiElement: Copy {
+    /// NIfTI datatype code.
+    const DATATYPE: i16;
+    fn put_le(self, out: &mut Vec<u8>);
+}
+
+macro_rules! nifti_element {
+    ($t:ty, $code:expr) => {
+        impl NiftiElement for $t {
+            const DATATYPE: i16 = $code;
+            fn put_le(self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
+            }
+        }
+    };
+}
+nifti_element!(u8, 2);
+nifti_element!(i16, 4);
+nifti_element!(i32, 8);
+nifti_element!(f32, 16);
+
+/// Writes `data` (`[z, y, x]`) as NIfTI-1, gzip-compressed if the path ends in `.gz`.
+///
+/// The geometry (dim, pixdim, xyzt_units, qform/sform and codes) is copied bit-for-bit from
+/// `like`, so readers (nibabel, ITK) report exactly the same affine as for the source image;
+/// datatype/bitpix come from `T` and scaling is reset to slope 1, intercept 0. The file is written
+/// under a temporary name and renamed, so a crash never leaves a half-written image behind.
+pub fn write<T: NiftiElement>(
+    path: impl AsRef<Path>,
+    data: &Array3<T>,
+    like: &Header,
+) -> Result<(), NiftiError> {
+    let path = path.as_ref();
+    let shape = [data.shape()[0], data.shape()[1], data.shape()[2]];
+    if shape != like.shape_zyx() {
+        return Err(NiftiError::ShapeMismatch {
+            path: path.into(),
+            data: shape,
+            header: like.shape_zyx(),
+        });
+    }
+    let mut bytes = header_bytes(like, T::DATATYPE, std::mem::size_of::<T>());
+    bytes.reserve(data.len() * std::mem::size_of::<T>());
+    // `iter()` walks in logical C order ([z][y][x], x fastest) whatever the memory layout.
+    data.iter().for_each(|v| v.put_le(&mut bytes));
+    let gz = path.extension().is_some_and(|e| e == "gz");
+    write_atomically(path, &bytes, gz).map_err(|source| NiftiError::Write {
+        path: path.into(),
+        source,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading
+
+/// Everything from the header needed to decode the data block.
+struct Parsed {
+    header: Header,
+    dtype: DataType,
+    little_endian: bool,
+    vox_offset: usize,
+    /// (slope, intercept) when scaling must be applied.
+    scaling: Option<(f64, f64)>,
+}
+
+impl Parsed {
+    fn voxel_count(&self) -> usize {
+        self.header.shape_xyz().iter().product()
+    }
+}
+
+/// Opens the file, transparently decompressing gzip (detected by magic bytes, not by extension,
+/// because mislabelled files are common). Returns the reader and whether it is gzip.
+fn open(path: &Path) -> Result<(Box<dyn Read>, bool), NiftiError> {
+    let file = File::open(path).map_err(|source| NiftiError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let mut buffered = BufReader::new(file);
+    let head = buffered.fill_buf().map_err(|source| NiftiError::Io {
+        path: path.into(),
+        source,
+    })?;
+    if head.starts_with(&GZIP_MAGIC) {
+        // MultiGzDecoder: concatenated gzip members form one stream (valid gzip, rejected by
+        // single-member decoders).
+        Ok((Box::new(MultiGzDecoder::new(buffered)), true))
+    } else {
+        Ok((Box::new(buffered), false))
+    }
+}
+
+fn read_error(path: &Path, gz: bool, source: io::Error) -> NiftiError {
+    let path = path.to_path_buf();
+    if gz {
+        NiftiError::Gzip { path, source }
+    } else {
+        NiftiError::Io { path, source }
+    }
+}
+
+fn read_all(path: &Path) -> Result<Vec<u8>, NiftiError> {
+    let (mut reader, gz) = open(path)?;
+    let mut bytes = Vec::new();
+    reader
+        .read_to_end(&mut bytes)
+        .map_err(|source| read_error(path, gz, source))?;
+    Ok(bytes)
+}
+
+/// Fixed-offset field access in either byte order.
+struct Fields<'a> {
+    bytes: &'a [u8],
+    little_endian: bool,
+}
+
+impl Fields<'_> {
+    fn array<const N: usize>(&self, offset: usize) -> [u8; N] {
+        let mut out = [0; N];
+        out.copy_from_slice(&self.bytes[offset..offset + N]);
+        out
+    }
+    fn i16(&self, offset: usize) -> i16 {
+        let b = self.array(offset);
+        if self.little_endian {
+            i16::from_le_bytes(b)
+        } else {
+            i16::from_be_bytes(b)
+        }
+    }
+    fn f32(&self, offset: usize) -> f32 {
+        let b = self.array(offset);
+        if self.little_endian {
+            f32::from_le_bytes(b)
+        } else {
+            f32::from_be_bytes(b)
+        }
+    }
+    fn f32s<const N: usize>(&self, offset: usize) -> [f32; N] {
+        std::array::from_fn(|i| self.f32(offset + 4 * i))
+    }
+}
+
+fn parse_header(path: &Path, bytes: &[u8]) -> Result<Parsed, NiftiError> {
+    if bytes.len() < HEADER_SIZE {
+        return Err(NiftiError::TooShort {
+            path: path.into(),
+            len: bytes.len(),
+        });
+    }
+    let little_endian = detect_endianness(path, bytes)?;
+    check_magic(path, &bytes[344..348])?;
+    let f = Fields { bytes, little_endian };
+    let header = Header {
+        dim: std::array::from_fn(|i| f.i16(40 + 2 * i)),
+        pixdim: f.f32s(76),
+        xyzt_units: bytes[123],
+        qform_code: f.i16(252),
+        sform_code: f.i16(254),
+        quatern: f.f32s(256),
+        qoffset: f.f32s(268),
+        srow: [f.f32s(280), f.f32s(296), f.f32s(312)],
+        datatype: f.i16(70),
+    };
+    check_dims(path, &header.dim)?;
+    let dtype = DataType::from_code(header.datatype).ok_or_else(|| NiftiError::UnsupportedDatatype {
+        path: path.into(),
+        code: header.datatype,
+        name: datatype_name(header.datatype),
+    })?;
+    let vox_offset = parse_vox_offset(path, f.f32(108))?;
+    let scaling = scaling(f.f32(112), f.f32(116));
+    Ok(Parsed {
+        header,
+        dtype,
+        little_endian,
+        vox_offset,
+        scaling,
+    })
+}
+
+/// sizeof_hdr (348) tells the byte order: it reads as 348 only in the file's own order.
+fn detect_endianness(path: &Path, bytes: &[u8]) -> Result<bool, NiftiError> {
+    let raw = [bytes[0], bytes[1], bytes[2], bytes[3]];
+    let (le, be) = (i32::from_le_bytes(raw), i32::from_be_bytes(raw));
+    match (le, be) {
+        (348, _) => Ok(true),
+        (_, 348) => Ok(false),
+        (NIFTI2_HEADER_SIZE, _) | (_, NIFTI2_HEADER_SIZE) => Err(NiftiError::Nifti2 { path: path.into() }),
+        _ => Err(NiftiError::BadHeaderSize {
+            path: path.into(),
+            value: le,
+        }),
+    }
+}
+
+fn check_magic(path: &Path, magic: &[u8]) -> Result<(), NiftiError> {
+    if magic == b"n+1\0" {
+        return Ok(());
+    }
+    let magic = String::from_utf8_lossy(magic).trim_end_matches('\0').to_string();
+    Err(NiftiError::BadMagic {
+        path: path.into(),
+        magic,
+    })
+}
+
+/// Accepts 2D, 3D, and higher-dimensional images whose extra dimensions are all 1 (e.g. 4D
+/// with a single time point), which are all read as 3D.
+fn check_dims(path: &Path, dim: &[i16; 8]) -> Result<(), NiftiError> {
+    let bad = |detail: String| {
+        Err(NiftiError::BadDims {
+            path: path.into(),
+            detail,
+        })
+    };
+    let ndim = dim[0];
+    if !(1..=7).contains(&ndim) {
+        return bad(format!("dim[0] = {ndim} (must be 1..7)"));
+    }
+    let ndim = ndim as usize;
+    if let Some(axis) = (1..=ndim).find(|&a| dim[a] < 1) {
+        return bad(format!("dim[{axis}] = {} (sizes must be >= 1)", dim[axis]));
+    }
+    if let Some(axis) = (4..=ndim).find(|&a| dim[a] != 1) {
+        return bad(format!(
+            "dim[{axis}] = {}: only 3D images (extra dimensions of size 1) are supported",
+            dim[axis]
+        ));
+    }
+    Ok(())
+}
+
+fn parse_vox_offset(path: &Path, value: f32) -> Result<usize, NiftiError> {
+    // vox_offset is a float in the format; it must be a whole number past the header.
+    if value.is_finite() && value >= HEADER_SIZE as f32 && value.fract() == 0.0 {
+        Ok(value as usize)
+    } else {
+        Err(NiftiError::BadVoxOffset {
+            path: path.into(),
+            value,
+        })
+    }
+}
+
+/// Scaling applies when slope is finite, non-zero and not the identity (1, 0), as in nibabel.
+fn scaling(slope: f32, inter: f32) -> Option<(f64, f64)> {
+    let inter = if inter.is_finite() { f64::from(inter) } else { 0.0 };
+    let slope = f64::from(slope);
+    let identity = slope == 1.0 && inter == 0.0;
+    (slope.is_finite() && slope != 0.0 && !identity).then_some((slope, inter))
+}
+
+/// The voxel bytes, after checking the file really contains all of them.
+fn data_block<'a>(path: &Path, parsed: &Parsed, bytes: &'a [u8]) -> Result<&'a [u8], NiftiError> {
+    let [nx, ny, nz] = parsed.header.shape_xyz();
+    let expected = nx
+        .checked_mul(ny)
+        .and_then(|n| n.checked_mul(nz))
+        .and_then(|n| n.checked_mul(parsed.dtype.size()))
+        .ok_or_else(|| NiftiError::BadDims {
+            path: path.into(),
+            detail: format!("{nx}x{ny}x{nz} voxels overflow the address space"),
+        })?;
+    let available = bytes.len().saturating_sub(parsed.vox_offset);
+    if available < expected {
+        return Err(NiftiError::Truncated {
+            path: path.into(),
+            dims: format!("{nx}x{ny}x{nz}"),
+            dtype: parsed.dtype.name(),
+            expected,
+            available,
+        });
+    }
+    Ok(&bytes[parsed.vox_offset..parsed.vox_offset + expected])
+}
+
+/// Calls `sink` with every voxel value in file order (x fastest), scaled, as f64 (which holds
+/// every supported stored type exactly).
+fn decode_each(raw: &[u8], parsed: &Parsed, sink: impl FnMut(f64)) {
+    match parsed.scaling {
+        Some((slope, inter)) => {
+            let mut sink = sink;
+            decode_raw(raw, parsed.dtype, parsed.little_endian, |v| {
+                sink(v * slope + inter)
+            })
+        }
+        None => decode_raw(raw, parsed.dtype, parsed.little_endian, sink),
+    }
+}
+
+fn decode_raw(raw: &[u8], dtype: DataType, little_endian: bool, mut sink: impl FnMut(f64)) {
+    macro_rules! each {
+        ($t:ty) => {{
+            const N: usize = std::mem::size_of::<$t>();
+            for chunk in raw.chunks_exact(N) {
+                let mut b = [0u8; N];
+                b.copy_from_slice(chunk);
+                let v = if little_endian {
+                    <$t>::from_le_bytes(b)
+                } else {
+                    <$t>::from_be_bytes(b)
+                };
+                sink(v as f64);
+            }
+        }};
+    }
+    match dtype {
+        DataType::U8 => each!(u8),
+        DataType::I8 => each!(i8),
+        DataType::U16 => each!(u16),
+        DataType::I16 => each!(i16),
+        DataType::U32 => each!(u32),
+        DataType::I32 => each!(i32),
+        DataType::F32 => each!(f32),
+        DataType::F64 => each!(f64),
+    }
+}
+
+fn to_array<T>(path: &Path, header: &Header, values: Vec<T>) -> Result<Array3<T>, NiftiError> {
+    let [nz, ny, nx] = header.shape_zyx();
+    Array3::from_shape_vec((nz, ny, nx), values).map_err(|e| NiftiError::BadDims {
+        path: path.into(),
+        detail: e.to_string(),
+    })
+}
+
+/// The stored voxel types we decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DataType {
+    U8,
+    I8,
+    U16,
+    I16,
+    U32,
+    I32,
+    F32,
+    F64,
+}
+
+impl DataType {
+    fn from_code(code: i16) -> Option<Self> {
+        Some(match code {
+            2 => Self::U8,
+            256 => Self::I8,
+            512 => Self::U16,
+            4 => Self::I16,
+            768 => Self::U32,
+            8 => Self::I32,
+            16 => Self::F32,
+            64 => Self::F64,
+            _ => return None,
+        })
+    }
+    fn size(self) -> usize {
+        match self {
+            Self::U8 | Self::I8 => 1,
+            Self::U16 | Self::I16 => 2,
+            Self::U32 | Self::I32 | Self::F32 => 4,
+            Self::F64 => 8,
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Self::U8 => "uint8",
+            Self::I8 => "int8",
+            Self::U16 => "uint16",
+            Self::I16 => "int16",
+            Self::U32 => "uint32",
+            Self::I32 => "int32",
+            Self::F32 => "float32",
+            Self::F64 => "float64",
+        }
+    }
+}
+
+/// Names for every code in the NIfTI-1 standard, so errors about unsupported ones are readable.
+fn datatype_name(code: i16) -> &'static str {
+    if let Some(dt) = DataType::from_code(code) {
+        return dt.name();
+    }
+    match code {
+        0 => "unknown",
+        1 => "binary",
+        32 => "complex64",
+        128 => "rgb24",
+        1024 => "int64",
+        1280 => "uint64",
+        1536 => "float128",
+        1792 => "complex128",
+        2048 => "complex256",
+        2304 => "rgba32",
+        _ => "not a NIfTI datatype",
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writing
+
+/// A little-endian header (+ empty extension flag) copying `like`'s geometry.
+fn header_bytes(like: &Header, datatype: i16, elem_size: usize) -> Vec<u8> {
+    let mut b = vec![0u8; WRITE_VOX_OFFSET];
+    put(&mut b, 0, &(HEADER_SIZE as i32).to_le_bytes());
+    for (i, d) in like.dim.iter().enumerate() {
+        put(&mut b, 40 + 2 * i, &d.to_le_bytes());
+    }
+    put(&mut b, 70, &datatype.to_le_bytes());
+    put(&mut b, 72, &(8 * elem_size as i16).to_le_bytes());
+    put_f32s(&mut b, 76, &like.pixdim);
+    put_f32s(&mut b, 108, &[WRITE_VOX_OFFSET as f32, 1.0, 0.0]); // vox_offset, scl_slope, scl_inter
+    b[123] = like.xyzt_units;
+    put(&mut b, 148, b"nnflow");
+    put(&mut b, 252, &like.qform_code.to_le_bytes());
+    put(&mut b, 254, &like.sform_code.to_le_bytes());
+    put_f32s(&mut b, 256, &like.quatern);
+    put_f32s(&mut b, 268, &like.qoffset);
+    for (r, row) in like.srow.iter().enumerate() {
+        put_f32s(&mut b, 280 + 16 * r, row);
+    }
+    put(&mut b, 344, b"n+1\0");
+    b
+}
+
+fn put(buf: &mut [u8], offset: usize, bytes: &[u8]) {
+    buf[offset..offset + bytes.len()].copy_from_slice(bytes);
+}
+
+fn put_f32s(buf: &mut [u8], offset: usize, values: &[f32]) {
+    for (i, v) in values.iter().enumerate() {
+        put(buf, offset + 4 * i, &v.to_le_bytes());
+    }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8], gz: bool) -> io::Result<()> {
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(format!(".tmp{}", std::process::id()));
+    let tmp = PathBuf::from(tmp_name);
+    let result = write_file(&tmp, bytes, gz).and_then(|()| std::fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp); // best effort: the original error is what matters
+    }
+    result
+}
+
+fn write_file(path: &Path, bytes: &[u8], gz: bool) -> io::Result<()> {
+    let file = BufWriter::new(File::create(path)?);
+    if gz {
+        let mut encoder = GzEncoder::new(file, flate2::Compression::default());
+        encoder.write_all(bytes)?;
+        encoder
+            .finish()?
+            .into_inner()
+            .map_err(|e| e.into_error())?
+            .sync_all()
+    } else {
+        let mut file = file;
+        file.write_all(bytes)?;
+        file.into_inner().map_err(|e| e.into_error())?.sync_all()
+    }
+}
