@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check, run on a machine with a CUDA GPU and PyTorch 2.11 installed, with a release binary
-# built elsewhere: `scripts/gpu-check.sh [path/to/nnflow]`. Prints what nnflow sees and shows GPU
+# built elsewhere: `scripts/gpu-check.sh [path/to/nnflow]` (with nnflow-torch beside it). Prints what nnflow sees and shows GPU
 # stages getting distinct CUDA devices.
 set -euo pipefail
 nnflow=$(realpath "${1:-target/release/nnflow}")
@@ -11,7 +11,7 @@ else
 fi
 echo "== nnflow doctor"
 "$nnflow" doctor
-count=$("$nnflow" doctor --json | python3 -c "import json,sys; print(json.load(sys.stdin)['gpu_count'])")
+count=$("$nnflow" doctor --json | python3 -c "import json,sys; print(json.load(sys.stdin)['torch']['gpu_count'])")
 echo "== GPU stages: one instance per device, each sees its own CUDA_VISIBLE_DEVICES"
 work=$(mktemp -d)
 cat > "$work/p.toml" <<TOML

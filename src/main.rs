@@ -1,7 +1,6 @@
-//! The `nnflow` binary: parse arguments, run, map the result to an exit code.
+//! The `nnflow` binary: parse arguments, run, map the result to an exit code. It does not link
+//! libtorch: torch work happens in the `nnflow-torch` worker.
 
 fn main() {
-    // Before any tch call, so CUDA-enabled libtorch is visible when present.
-    nnflow::torch_env::load_cuda();
     std::process::exit(nnflow::cli::main());
 }

@@ -25,16 +25,17 @@ pub fn dispatch(command: Command) -> i32 {
             if dry_run {
                 return print_status(&pipeline, &stages, json, true);
             }
+            let gpus_given = gpus.is_some();
             let options = RunOptions {
                 targets: stages,
                 force,
                 keep_going,
                 jobs: jobs.unwrap_or_else(cores),
                 threads: cores(),
-                gpus: gpus.unwrap_or_else(|| (0..torch_env::gpu_count()).collect()),
+                gpus: gpus.unwrap_or_default(),
                 quiet: json,
             };
-            run(&pipeline, &options, json)
+            run(&pipeline, options, gpus_given, json)
         }
         Command::Status {
             pipeline,
@@ -82,13 +83,35 @@ fn cancellation() -> Arc<AtomicBool> {
     flag
 }
 
-fn run(args: &PipelineArgs, options: &RunOptions, json: bool) -> i32 {
+fn run(args: &PipelineArgs, mut options: RunOptions, gpus_given: bool, json: bool) -> i32 {
     let engine = match open(args) {
         Ok(engine) => engine,
         Err(code) => return code,
     };
+    if !gpus_given {
+        options.gpus = detect_gpus(&engine);
+    }
     let cancel = cancellation();
-    run_engine(&engine, options, json, &cancel)
+    run_engine(&engine, &options, json, &cancel)
+}
+
+/// GPU indices, asked of the torch worker only when a stage needs GPUs (starting libtorch is slow).
+fn detect_gpus(engine: &Engine) -> Vec<usize> {
+    if engine
+        .pipeline
+        .instances
+        .iter()
+        .all(|instance| instance.gpus == 0)
+    {
+        return Vec::new();
+    }
+    match torch_env::query_worker() {
+        Ok(facts) => (0..facts.gpu_count).collect(),
+        Err(message) => {
+            eprintln!("warning: cannot detect GPUs ({message}); use --gpus");
+            Vec::new()
+        }
+    }
 }
 
 fn run_engine(engine: &Engine, options: &RunOptions, json: bool, cancel: &AtomicBool) -> i32 {
@@ -255,7 +278,6 @@ fn watch_pipeline(args: &PipelineArgs, jobs: Option<usize>, debounce_ms: u64) ->
     let options = RunOptions {
         jobs: jobs.unwrap_or_else(cores),
         threads: cores(),
-        gpus: (0..torch_env::gpu_count()).collect(),
         ..RunOptions::default()
     };
     let result = watch::watch(
@@ -302,32 +324,47 @@ fn collect_garbage(args: &PipelineArgs, keep_last: usize) -> i32 {
 }
 
 fn doctor(json: bool) -> i32 {
-    let facts = torch_env::doctor();
+    let cores = cores();
+    let rayon_threads = rayon::current_num_threads();
+    let torch = torch_env::query_worker();
     if json {
+        let value = serde_json::json!({
+            "nnflow_version": env!("CARGO_PKG_VERSION"),
+            "cpu_cores": cores,
+            "rayon_threads": rayon_threads,
+            "torch": torch.as_ref().ok(),
+            "torch_error": torch.as_ref().err(),
+        });
         println!(
             "{}",
-            serde_json::to_string_pretty(&facts).expect("doctor serializes")
+            serde_json::to_string_pretty(&value).expect("doctor serializes")
         );
-    } else {
-        println!("nnflow            {}", facts.nnflow_version);
-        println!("libtorch          {}", facts.libtorch_version);
-        println!(
-            "libtorch_cuda.so  {}",
-            if facts.libtorch_cuda_loaded {
+        return if torch.is_ok() { EXIT_OK } else { EXIT_FAILED };
+    }
+    println!("nnflow            {}", env!("CARGO_PKG_VERSION"));
+    println!("CPU cores         {cores}");
+    println!("rayon threads     {rayon_threads}");
+    match torch {
+        Ok(facts) => {
+            println!("libtorch          {}", facts.libtorch_version);
+            let cuda_library = if facts.libtorch_cuda_loaded {
                 "loaded"
             } else {
                 "not found (CPU only)"
-            }
-        );
-        println!("CUDA available    {}", facts.cuda_available);
-        println!("cuDNN available   {}", facts.cudnn_available);
-        println!("GPUs              {}", facts.gpu_count);
-        println!("CPU cores         {}", facts.cpu_cores);
-        println!(
-            "torch threads     {} (inter-op {})",
-            facts.torch_threads, facts.torch_interop_threads
-        );
-        println!("rayon threads     {}", facts.rayon_threads);
+            };
+            println!("libtorch_cuda.so  {cuda_library}");
+            println!("CUDA available    {}", facts.cuda_available);
+            println!("cuDNN available   {}", facts.cudnn_available);
+            println!("GPUs              {}", facts.gpu_count);
+            println!(
+                "torch threads     {} (inter-op {})",
+                facts.torch_threads, facts.torch_interop_threads
+            );
+            EXIT_OK
+        }
+        Err(message) => {
+            println!("libtorch          unavailable: {message}");
+            EXIT_FAILED
+        }
     }
-    EXIT_OK
 }

@@ -54,7 +54,7 @@ pub enum Command {
         /// Most stages running at once (default: CPU cores).
         #[arg(short = 'j', long)]
         jobs: Option<usize>,
-        /// CUDA device indices stages may use, e.g. `0,1` (default: all detected).
+        /// CUDA device indices stages may use, e.g. `0,1` (default: all detected; `--gpus=` for none).
         #[arg(long, value_delimiter = ',')]
         gpus: Option<Vec<usize>>,
         /// Print one JSON object (see README) instead of progress.
