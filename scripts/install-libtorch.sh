@@ -20,15 +20,35 @@ if [ ! -f "$stamp" ]; then
     rm -rf "$staging"
     mkdir -p "$staging/lib"
     # Only what a CPU build links against (about 500 MB unpacked); CUDA is dlopen'ed at run time
-    # from a PyTorch installation when one is present.
-    unzip -q "$work"/torch-*.whl 'torch/include/*' 'torch/lib/libtorch_cpu.so' 'torch/lib/libtorch.so' \
-        'torch/lib/libc10.so' 'torch/lib/libgomp*' -d "$work/torch"
-    mv "$work/torch/torch/include" "$staging/include"
-    mv "$work/torch/torch/lib/"* "$staging/lib/"
-    for wheel in "$work"/nvidia_cuda_runtime-*.whl "$work"/nvidia_cuda_cupti-*.whl; do
-        unzip -q "$wheel" 'nvidia/cu13/lib/*' -d "$work/nv"
-    done
-    cp -a "$work"/nv/nvidia/cu13/lib/libcudart.so.13* "$work"/nv/nvidia/cu13/lib/libcupti.so.13* "$staging/lib/"
+    # from a PyTorch installation when one is present. Python's zipfile, so no unzip is needed.
+    python3 - "$work" "$staging" <<'PY'
+import glob, os, shutil, sys, zipfile
+work, staging = sys.argv[1], sys.argv[2]
+def extract(wheel, keep, target):
+    with zipfile.ZipFile(wheel) as archive:
+        for member in archive.namelist():
+            relative = keep(member)
+            if relative and not member.endswith("/"):
+                destination = os.path.join(staging, target, relative)
+                os.makedirs(os.path.dirname(destination), exist_ok=True)
+                with archive.open(member) as source, open(destination, "wb") as out:
+                    shutil.copyfileobj(source, out)
+                os.chmod(destination, 0o755)
+libs = ("libtorch_cpu.so", "libtorch.so", "libc10.so")
+def torch_member(name):
+    if name.startswith("torch/include/"):
+        return os.path.join("..", "include", name[len("torch/include/"):])
+    base = os.path.basename(name)
+    if name.startswith("torch/lib/") and (base in libs or base.startswith("libgomp")):
+        return base
+def cuda_member(name):
+    base = os.path.basename(name)
+    if name.startswith("nvidia/cu13/lib/") and base.startswith(("libcudart.so.13", "libcupti.so.13")):
+        return base
+extract(glob.glob(os.path.join(work, "torch-*.whl"))[0], torch_member, "lib")
+for wheel in glob.glob(os.path.join(work, "nvidia_cuda_*.whl")):
+    extract(wheel, cuda_member, "lib")
+PY
     echo "$version" > "$staging/build-version"
     rm -rf "$dest"
     mv "$staging" "$dest"
