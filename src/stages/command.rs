@@ -107,8 +107,10 @@ fn param_text(value: &serde_json::Value) -> String {
     }
 }
 
-/// Waits for the command; on cancellation terminates its whole process group.
+/// Waits for the command; on cancellation terminates its whole process group. Polls quickly at
+/// first (most commands are short) and backs off to 20 ms.
 fn wait_or_cancel(mut child: Child, ctx: &StageContext) -> Result<(), String> {
+    let mut pause = Duration::from_millis(1);
     loop {
         if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
             return if status.success() {
@@ -126,6 +128,7 @@ fn wait_or_cancel(mut child: Child, ctx: &StageContext) -> Result<(), String> {
             let _ = child.wait();
             return Err("interrupted".to_string());
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
     }
 }
