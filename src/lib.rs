@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod data;
 pub mod engine;
+pub mod preprocess;
 pub mod schema;
 pub mod stages;
 pub mod torch_env;

@@ -1,0 +1,5 @@
+//! nnU-Net's preprocessing as pure functions on arrays: cropping, the dataset fingerprint,
+//! experiment planning, normalization and resampling. Knows neither the engine nor tch; the
+//! stage kinds in `crate::stages` call these.
+
+pub mod fingerprint_format;
