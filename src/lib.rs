@@ -5,6 +5,7 @@
 //! - [`cli`]: the `nnflow` command line.
 //! - [`torch_env`]: libtorch and CUDA at run time.
 
+pub mod atomic_file;
 pub mod cli;
 pub mod data;
 pub mod engine;

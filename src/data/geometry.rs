@@ -157,6 +157,25 @@ impl Header {
 }
 
 impl Header {
+    /// An axis-aligned image (identity direction in RAS) of the given (z, y, x) shape and spacing,
+    /// with both sform and qform set, as a scanner-independent default for generated data.
+    pub fn axis_aligned(shape_zyx: [usize; 3], spacing_zyx: [f64; 3], origin_xyz: [f64; 3]) -> Header {
+        let [z, y, x] = shape_zyx;
+        let [sz, sy, sx] = spacing_zyx.map(|s| s as f32);
+        let [ox, oy, oz] = origin_xyz.map(|o| o as f32);
+        Header {
+            dim: [3, x as i16, y as i16, z as i16, 1, 1, 1, 1],
+            pixdim: [1.0, sx, sy, sz, 0.0, 0.0, 0.0, 0.0],
+            xyzt_units: 2,
+            qform_code: 1,
+            sform_code: 1,
+            quatern: [0.0, 0.0, 0.0],
+            qoffset: [ox, oy, oz],
+            srow: [[sx, 0.0, 0.0, ox], [0.0, sy, 0.0, oy], [0.0, 0.0, sz, oz]],
+            datatype: 16,
+        }
+    }
+
     fn has_transform(&self) -> bool {
         self.sform_code > 0 || self.qform_code > 0
     }

@@ -1,6 +1,10 @@
 //! Medical image data: NIfTI files and datasets in nnU-Net's raw layout. Knows neither the engine
 //! nor tch.
 
+pub mod case_store;
 pub mod dataset;
 pub mod geometry;
+pub mod integrity;
 pub mod nifti;
+pub mod npy;
+pub mod synthetic;

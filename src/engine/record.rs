@@ -4,13 +4,13 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::hashing::Digest;
 use super::key::StageKey;
+pub use crate::atomic_file::write_atomically;
 
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct Record {
@@ -53,22 +53,6 @@ impl Records {
 /// An instance id as a file name (`train[fold=0]` -> `train[fold=0]`, `/` replaced).
 pub fn file_safe(id: &str) -> String {
     id.replace(['/', '\\'], "_")
-}
-
-/// Writes via a temporary file in the same folder and a rename, so readers never see half a file.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let folder = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(folder)?;
-    let temporary = folder.join(format!(
-        ".{}.tmp-{}-{:?}",
-        path.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    let mut file = fs::File::create(&temporary)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    fs::rename(&temporary, path)
 }
 
 /// The lock file: every instance's key components and output digests, in pipeline order.

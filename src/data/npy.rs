@@ -1,0 +1,177 @@
+//! NumPy `.npy` files (format version 1.0, C order, little-endian): the preprocessed data format.
+//! Uncompressed on purpose: training memory-maps a case and reads random patches without
+//! decompressing the whole volume, and numpy (`np.load(..., mmap_mode="r")`) reads the same files.
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use ndarray::{ArrayD, IxDyn};
+
+const MAGIC: &[u8] = b"\x93NUMPY";
+
+/// Element types stored in preprocessed data.
+pub trait NpyElement: Copy + Default {
+    /// NumPy's dtype descriptor, e.g. `<f4`.
+    const DESCR: &'static str;
+    const SIZE: usize;
+    fn write_le(self, out: &mut Vec<u8>);
+    fn read_le(bytes: &[u8]) -> Self;
+}
+
+macro_rules! npy_element {
+    ($t:ty, $descr:expr) => {
+        impl NpyElement for $t {
+            const DESCR: &'static str = $descr;
+            const SIZE: usize = std::mem::size_of::<$t>();
+            fn write_le(self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
+            }
+            fn read_le(bytes: &[u8]) -> Self {
+                <$t>::from_le_bytes(bytes.try_into().expect("slice of the element size"))
+            }
+        }
+    };
+}
+
+npy_element!(f32, "<f4");
+npy_element!(i16, "<i2");
+npy_element!(i8, "|i1");
+npy_element!(i64, "<i8");
+
+#[derive(Debug, thiserror::Error)]
+pub enum NpyError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not a .npy file this reader supports: {reason}")]
+    Format { path: PathBuf, reason: String },
+}
+
+/// Writes an array (any dimension, standard or not: it is written in logical C order).
+pub fn write<T: NpyElement>(path: &Path, array: &ArrayD<T>) -> Result<(), NpyError> {
+    let io = |source| NpyError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let shape: Vec<String> = array.shape().iter().map(|d| d.to_string()).collect();
+    let shape = match shape.len() {
+        1 => format!("({},)", shape[0]),
+        _ => format!("({})", shape.join(", ")),
+    };
+    let mut header = format!(
+        "{{'descr': '{}', 'fortran_order': False, 'shape': {shape}, }}",
+        T::DESCR
+    );
+    // Pad so the data starts on a 64-byte boundary (as numpy does), header ends with a newline.
+    let unpadded = MAGIC.len() + 2 + 2 + header.len() + 1;
+    header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
+    header.push('\n');
+    let mut bytes = Vec::with_capacity(array.len() * T::SIZE);
+    for &value in array.iter() {
+        value.write_le(&mut bytes);
+    }
+    let mut file = BufWriter::new(File::create(path).map_err(io)?);
+    file.write_all(MAGIC).map_err(io)?;
+    file.write_all(&[1, 0]).map_err(io)?;
+    file.write_all(&(header.len() as u16).to_le_bytes()).map_err(io)?;
+    file.write_all(header.as_bytes()).map_err(io)?;
+    file.write_all(&bytes).map_err(io)?;
+    file.flush().map_err(io)
+}
+
+/// Reads a whole array written by [`write`] or numpy (version 1/2 headers, C order, matching dtype).
+pub fn read<T: NpyElement>(path: &Path) -> Result<ArrayD<T>, NpyError> {
+    let io = |source| NpyError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let format = |reason: String| NpyError::Format {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(io)?;
+    let (shape, offset) = parse_header(&bytes, T::DESCR).map_err(format)?;
+    let count: usize = shape.iter().product();
+    let data = &bytes[offset..];
+    if data.len() < count * T::SIZE {
+        return Err(format(format!(
+            "truncated: {} bytes of data for shape {shape:?}",
+            data.len()
+        )));
+    }
+    let values: Vec<T> = data.chunks_exact(T::SIZE).take(count).map(T::read_le).collect();
+    ArrayD::from_shape_vec(IxDyn(&shape), values).map_err(|e| format(e.to_string()))
+}
+
+/// Parses the header: the shape and the offset of the data.
+pub fn parse_header(bytes: &[u8], descr: &str) -> Result<(Vec<usize>, usize), String> {
+    if bytes.len() < 10 || &bytes[..6] != MAGIC {
+        return Err("missing the \\x93NUMPY magic".into());
+    }
+    let (length, start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
+        version => return Err(format!("unsupported version {version}")),
+    };
+    let header = bytes.get(start..start + length).ok_or("truncated header")?;
+    let header = std::str::from_utf8(header).map_err(|_| "header is not text")?;
+    if !header.contains(&format!("'descr': '{descr}'")) {
+        return Err(format!("expected dtype {descr}, header is {}", header.trim()));
+    }
+    if header.contains("'fortran_order': True") {
+        return Err("Fortran order is not supported".into());
+    }
+    let shape_text = header
+        .split("'shape':")
+        .nth(1)
+        .and_then(|rest| rest.split('(').nth(1))
+        .and_then(|rest| rest.split(')').next())
+        .ok_or("no shape in header")?;
+    let shape = shape_text
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<usize>().map_err(|_| format!("bad shape {shape_text}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((shape, start + length))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_numpy_header_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.npy");
+        let array = ArrayD::from_shape_fn(IxDyn(&[2, 3, 4]), |i| (i[0] * 12 + i[1] * 4 + i[2]) as f32 * 0.5);
+        write(&path, &array).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+        assert_eq!((10 + header_len) % 64, 0, "data aligned to 64 bytes");
+        assert!(std::str::from_utf8(&bytes[10..10 + header_len])
+            .unwrap()
+            .starts_with("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3, 4), }"));
+        assert_eq!(read::<f32>(&path).unwrap(), array);
+        let labels = ArrayD::from_shape_fn(IxDyn(&[5]), |i| i[0] as i16 - 1);
+        write(&path, &labels).unwrap();
+        assert_eq!(read::<i16>(&path).unwrap(), labels);
+    }
+
+    #[test]
+    fn wrong_dtype_or_garbage_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.npy");
+        write(&path, &ArrayD::<f32>::zeros(IxDyn(&[3]))).unwrap();
+        let error = read::<i16>(&path).unwrap_err().to_string();
+        assert!(error.contains("b.npy") && error.contains("<i2"), "{error}");
+        std::fs::write(&path, b"garbage").unwrap();
+        assert!(read::<f32>(&path).unwrap_err().to_string().contains("magic"));
+    }
+}
