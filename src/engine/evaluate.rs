@@ -17,11 +17,7 @@ pub fn stage_key(
     upstream: BTreeMap<String, Digest>,
     hasher: &FileHasher,
 ) -> Result<StageKey, String> {
-    let patterns = instance.implementation.inputs();
-    let paths = expand_patterns(&pipeline.root, &patterns, "input")?;
-    let inputs = hasher
-        .digest_tree(&pipeline.root, &paths)
-        .map_err(|e| e.to_string())?;
+    let inputs = digest_inputs(pipeline, instance, hasher)?;
     let env = instance
         .implementation
         .env()
@@ -41,6 +37,38 @@ pub fn stage_key(
         upstream,
         env,
     })
+}
+
+/// Digests of every input file. Inputs named by their own relative path (command stages) are keyed
+/// by that path; a named input (a dataset folder, say) is keyed `name/<path inside it>`.
+fn digest_inputs(
+    pipeline: &Pipeline,
+    instance: &Instance,
+    hasher: &FileHasher,
+) -> Result<BTreeMap<String, Digest>, String> {
+    let mut digests = BTreeMap::new();
+    for input in instance.implementation.inputs() {
+        if input.name == input.path {
+            let paths = expand_patterns(&pipeline.root, std::slice::from_ref(&input.path), "input")?;
+            digests.extend(hasher.digest_tree(&pipeline.root, &paths).map_err(|e| e.to_string())?);
+            continue;
+        }
+        let location = pipeline.root.join(&input.path);
+        if location.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(&location)
+                .map_err(|e| format!("cannot list {}: {e}", location.display()))?
+                .filter_map(|entry| entry.ok().map(|e| PathBuf::from(e.file_name())))
+                .collect();
+            entries.sort();
+            let inside = hasher.digest_tree(&location, &entries).map_err(|e| e.to_string())?;
+            digests.extend(inside.into_iter().map(|(path, digest)| (format!("{}/{path}", input.name), digest)));
+        } else if location.is_file() {
+            digests.insert(input.name.clone(), hasher.digest_file(&location).map_err(|e| e.to_string())?);
+        } else {
+            return Err(format!("input `{}` ({}) does not exist", input.name, location.display()));
+        }
+    }
+    Ok(digests)
 }
 
 /// Declared paths or globs (relative to `root`) as existing relative paths. A literal path that

@@ -77,7 +77,7 @@ pub fn build(pipeline: &Pipeline) -> Result<Dag, Vec<Diagnostic>> {
     check_output_claims(pipeline, &outputs, &mut errors);
     for (consumer, instance) in instances.iter().enumerate() {
         for input in instance.implementation.inputs() {
-            let input = normalize(&input);
+            let input = normalize(&input.path);
             for (producer, produced) in outputs.iter().enumerate() {
                 if producer != consumer && produced.iter().any(|out| paths_overlap(&input, out)) {
                     graph.update_edge(NodeIndex::new(producer), NodeIndex::new(consumer), ());

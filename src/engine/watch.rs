@@ -91,7 +91,7 @@ fn is_relevant(paths: &[PathBuf], engine: Option<&Engine>, root: &Path, pipeline
             i.implementation
                 .inputs()
                 .iter()
-                .any(|p| paths_overlap(p, &relative))
+                .any(|input| paths_overlap(&input.path, &relative))
         });
         is_input && !is_output
     })

@@ -11,7 +11,7 @@ use std::time::Duration;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{build_typed, to_json, Kind, Stage, StageContext};
+use super::{build_typed, to_json, Kind, Stage, StageContext, StageInput};
 
 pub const KIND: Kind = Kind {
     name: "command",
@@ -46,8 +46,8 @@ pub struct CommandStage {
 }
 
 impl Stage for CommandStage {
-    fn inputs(&self) -> Vec<String> {
-        self.inputs.clone()
+    fn inputs(&self) -> Vec<StageInput> {
+        self.inputs.iter().map(|path| StageInput::at(path)).collect()
     }
 
     fn project_outputs(&self) -> Vec<String> {

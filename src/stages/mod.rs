@@ -27,10 +27,26 @@ pub struct StageContext<'a> {
     pub cancel: &'a AtomicBool,
 }
 
+/// A file, folder or glob a stage reads. Its contents are part of the cache key, labelled by
+/// `name` rather than by where it lies, so moving a dataset does not invalidate the cache.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StageInput {
+    /// The label in the key: the path as written for command stages, a parameter name otherwise.
+    pub name: String,
+    /// Relative to the pipeline folder, or absolute.
+    pub path: String,
+}
+
+impl StageInput {
+    /// An input keyed by its own (relative) path, as command stages declare them.
+    pub fn at(path: &str) -> StageInput {
+        StageInput { name: path.to_string(), path: path.to_string() }
+    }
+}
+
 pub trait Stage: Send + Sync + std::fmt::Debug {
-    /// Files, folders or globs the stage reads, relative to the pipeline folder; their contents are
-    /// part of the key.
-    fn inputs(&self) -> Vec<String> {
+    /// What the stage reads.
+    fn inputs(&self) -> Vec<StageInput> {
         Vec::new()
     }
     /// Files, folders or globs the stage writes into the pipeline folder (besides its outputs
