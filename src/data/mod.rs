@@ -4,6 +4,7 @@
 pub mod case_store;
 pub mod dataset;
 pub mod geometry;
+pub mod import;
 pub mod integrity;
 pub mod nifti;
 pub mod npy;

@@ -50,7 +50,11 @@ fn digest_inputs(
     for input in instance.implementation.inputs() {
         if input.name == input.path {
             let paths = expand_patterns(&pipeline.root, std::slice::from_ref(&input.path), "input")?;
-            digests.extend(hasher.digest_tree(&pipeline.root, &paths).map_err(|e| e.to_string())?);
+            digests.extend(
+                hasher
+                    .digest_tree(&pipeline.root, &paths)
+                    .map_err(|e| e.to_string())?,
+            );
             continue;
         }
         let location = pipeline.root.join(&input.path);
@@ -60,12 +64,25 @@ fn digest_inputs(
                 .filter_map(|entry| entry.ok().map(|e| PathBuf::from(e.file_name())))
                 .collect();
             entries.sort();
-            let inside = hasher.digest_tree(&location, &entries).map_err(|e| e.to_string())?;
-            digests.extend(inside.into_iter().map(|(path, digest)| (format!("{}/{path}", input.name), digest)));
+            let inside = hasher
+                .digest_tree(&location, &entries)
+                .map_err(|e| e.to_string())?;
+            digests.extend(
+                inside
+                    .into_iter()
+                    .map(|(path, digest)| (format!("{}/{path}", input.name), digest)),
+            );
         } else if location.is_file() {
-            digests.insert(input.name.clone(), hasher.digest_file(&location).map_err(|e| e.to_string())?);
+            digests.insert(
+                input.name.clone(),
+                hasher.digest_file(&location).map_err(|e| e.to_string())?,
+            );
         } else {
-            return Err(format!("input `{}` ({}) does not exist", input.name, location.display()));
+            return Err(format!(
+                "input `{}` ({}) does not exist",
+                input.name,
+                location.display()
+            ));
         }
     }
     Ok(digests)

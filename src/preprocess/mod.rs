@@ -3,3 +3,5 @@
 //! stage kinds in `crate::stages` call these.
 
 pub mod fingerprint_format;
+pub mod plan;
+pub mod topology;

@@ -40,7 +40,10 @@ pub struct StageInput {
 impl StageInput {
     /// An input keyed by its own (relative) path, as command stages declare them.
     pub fn at(path: &str) -> StageInput {
-        StageInput { name: path.to_string(), path: path.to_string() }
+        StageInput {
+            name: path.to_string(),
+            path: path.to_string(),
+        }
     }
 }
 
