@@ -3,5 +3,7 @@
 //! stage kinds in `crate::stages` call these.
 
 pub mod fingerprint_format;
+pub mod normalize;
 pub mod plan;
+pub mod resample;
 pub mod topology;
