@@ -55,6 +55,32 @@ pub fn dispatch(command: Command) -> i32 {
         } => watch_pipeline(&pipeline, jobs, debounce_ms),
         Command::Gc { pipeline, keep_last } => collect_garbage(&pipeline, keep_last),
         Command::Doctor { json } => doctor(json),
+        Command::Import {
+            images,
+            labels,
+            channels,
+            label_values,
+            config,
+            out,
+        } => super::data_commands::import(images, labels, channels, label_values, config, out),
+        Command::Check { dataset } => super::data_commands::check(&dataset),
+        Command::Synth {
+            dataset,
+            cases,
+            shape,
+            spacing,
+            channels,
+            foreground_labels,
+            seed,
+        } => super::data_commands::synth(
+            &dataset,
+            cases,
+            &shape,
+            &spacing,
+            channels,
+            foreground_labels,
+            seed,
+        ),
     }
 }
 

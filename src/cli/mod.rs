@@ -2,6 +2,7 @@
 //! failed, 2 invalid pipeline or usage, 130 interrupted.
 
 mod commands;
+mod data_commands;
 
 use std::path::PathBuf;
 
@@ -102,6 +103,48 @@ pub enum Command {
         /// Also keep the entries used by the last N runs in this work directory.
         #[arg(long, default_value_t = 0)]
         keep_last: usize,
+    },
+    /// Build an nnU-Net-layout dataset from a folder of images per channel and a folder of
+    /// segmentations with matching file names. Checks it; writes nothing if it is invalid.
+    Import {
+        /// Image folder, one per channel, in channel order (repeatable).
+        #[arg(long = "images", required = true)]
+        images: Vec<PathBuf>,
+        /// Segmentation folder.
+        #[arg(long)]
+        labels: PathBuf,
+        /// Channel name per image folder, e.g. `CT` or `T2` (repeatable; chooses normalization).
+        #[arg(long = "channel", required = true)]
+        channels: Vec<String>,
+        /// Label `name=value` (repeatable); default: background=0 and label_<v> for values found.
+        #[arg(long = "label", value_name = "NAME=VALUE")]
+        label_values: Vec<String>,
+        /// Or a TOML file with `channels = [...]` and `[labels] name = value`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The dataset folder to create (e.g. Dataset501_Lung).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Check a dataset in nnU-Net's layout and list every bad case (exit 2 if any).
+    Check { dataset: PathBuf },
+    /// Write a small synthetic dataset in nnU-Net's layout (demo, tests, benchmarks).
+    Synth {
+        dataset: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        cases: usize,
+        /// Shape z,y,x.
+        #[arg(long, value_delimiter = ',', default_values_t = [24, 32, 32])]
+        shape: Vec<usize>,
+        /// Spacing z,y,x in mm.
+        #[arg(long, value_delimiter = ',', default_values_t = [2.0, 1.0, 1.0])]
+        spacing: Vec<f64>,
+        #[arg(long, default_value_t = 1)]
+        channels: usize,
+        #[arg(long, default_value_t = 2)]
+        foreground_labels: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
     /// Print nnflow and libtorch versions, CUDA availability, GPU and thread counts.
     Doctor {

@@ -1,0 +1,141 @@
+//! Dataset commands: import, check, synth.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::{EXIT_FAILED, EXIT_INVALID, EXIT_OK};
+use crate::data::dataset::Dataset;
+use crate::data::import::{self, ImportError, ImportSpec};
+use crate::data::integrity::check_dataset;
+use crate::data::synthetic::{write_dataset, SyntheticSpec};
+
+/// The optional `--config` file of `nnflow import`.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ImportConfig {
+    #[serde(default)]
+    channels: Vec<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, i64>,
+}
+
+pub fn import(
+    images: Vec<PathBuf>,
+    labels: PathBuf,
+    mut channels: Vec<String>,
+    label_values: Vec<String>,
+    config: Option<PathBuf>,
+    out: PathBuf,
+) -> i32 {
+    let mut label_map = BTreeMap::new();
+    if let Some(path) = config {
+        let parsed = std::fs::read_to_string(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|text| toml::from_str::<ImportConfig>(&text).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(config) => {
+                if channels.is_empty() {
+                    channels = config.channels;
+                }
+                label_map = config.labels;
+            }
+            Err(message) => {
+                eprintln!("error: {}: {message}", path.display());
+                return EXIT_INVALID;
+            }
+        }
+    }
+    for entry in &label_values {
+        match entry
+            .split_once('=')
+            .map(|(name, value)| (name, value.trim().parse::<i64>()))
+        {
+            Some((name, Ok(value))) => {
+                label_map.insert(name.trim().to_string(), value);
+            }
+            _ => {
+                eprintln!("error: --label {entry}: expected NAME=INTEGER");
+                return EXIT_INVALID;
+            }
+        }
+    }
+    let spec = ImportSpec {
+        image_folders: images,
+        label_folder: labels,
+        channel_names: channels,
+        labels: label_map,
+        output: out,
+    };
+    match import::import(&spec) {
+        Ok(dataset) => {
+            println!(
+                "imported {} cases into {}",
+                dataset.cases.len(),
+                dataset.root.display()
+            );
+            EXIT_OK
+        }
+        Err(ImportError::Invalid(report)) => {
+            eprintln!("{}\nnothing was written", report.render());
+            EXIT_INVALID
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            EXIT_INVALID
+        }
+    }
+}
+
+pub fn check(root: &Path) -> i32 {
+    let dataset = match Dataset::open(root) {
+        Ok(dataset) => dataset,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return EXIT_INVALID;
+        }
+    };
+    let report = check_dataset(&dataset);
+    if !report.render().is_empty() {
+        eprintln!("{}", report.render());
+    }
+    if report.is_ok() {
+        println!("{}: {} cases, no problems", root.display(), dataset.cases.len());
+        EXIT_OK
+    } else {
+        EXIT_INVALID
+    }
+}
+
+pub fn synth(
+    root: &Path,
+    cases: usize,
+    shape: &[usize],
+    spacing: &[f64],
+    channels: usize,
+    foreground_labels: usize,
+    seed: u64,
+) -> i32 {
+    let (Ok(shape_zyx), Ok(spacing_zyx)) = (<[usize; 3]>::try_from(shape), <[f64; 3]>::try_from(spacing))
+    else {
+        eprintln!("error: --shape and --spacing take three values, z,y,x");
+        return EXIT_INVALID;
+    };
+    let spec = SyntheticSpec {
+        cases,
+        shape_zyx,
+        spacing_zyx,
+        channels,
+        foreground_labels,
+        seed,
+    };
+    match write_dataset(root, &spec) {
+        Ok(()) => {
+            println!("wrote {cases} synthetic cases to {}", root.display());
+            EXIT_OK
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            EXIT_FAILED
+        }
+    }
+}
