@@ -2,8 +2,11 @@
 //! experiment planning, normalization and resampling. Knows neither the engine nor tch; the
 //! stage kinds in `crate::stages` call these.
 
+pub mod crop;
+pub mod fingerprint;
 pub mod fingerprint_format;
 pub mod normalize;
+pub mod numpy_random;
 pub mod plan;
 pub mod resample;
 pub mod topology;
