@@ -85,6 +85,18 @@ impl RandomState {
         }
     }
 
+    /// `choice(n, count, replace=False)`: numpy's legacy path, the first `count` entries of
+    /// `permutation(n)` (a Fisher-Yates shuffle of `0..n` from the last position down).
+    pub fn choice_without_replacement(&mut self, n: usize, count: usize) -> Vec<usize> {
+        let mut permutation: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            let j = self.below(i as u64 + 1) as usize;
+            permutation.swap(i, j);
+        }
+        permutation.truncate(count);
+        permutation
+    }
+
     /// `choice(n, count, replace=True)`: `count` indices uniform in `0..n`.
     pub fn choice_with_replacement(&mut self, n: usize, count: usize) -> Vec<usize> {
         (0..count).map(|_| self.below(n as u64) as usize).collect()
