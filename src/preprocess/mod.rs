@@ -2,6 +2,7 @@
 //! experiment planning, normalization and resampling. Knows neither the engine nor tch; the
 //! stage kinds in `crate::stages` call these.
 
+pub mod case_steps;
 pub mod class_locations;
 pub mod crop;
 pub mod fingerprint;

@@ -1,0 +1,293 @@
+//! The preprocessing steps applied to one case, in nnU-Net's terms: load (read, transpose, crop to
+//! nonzero), normalize, resample (and sample class locations). Each takes and returns a
+//! [`StoredCase`], so the normalize and resample stages can run in either order; nnU-Net's order is
+//! load -> normalize -> resample.
+
+use ndarray::{Array3, Array4, Axis};
+use serde_json::Value;
+
+use super::class_locations::{self, Target};
+use super::crop::crop_to_nonzero;
+use super::fingerprint_format::IntensityStats;
+use super::normalize::{normalize_in_place, Scheme};
+use super::resample::{compute_new_shape, resample_data_to_shape, resample_seg_to_shape, ResampleOptions};
+use crate::data::case_store::{CaseProperties, StoredCase};
+use crate::data::dataset::{Case, Dataset, LabelValue};
+use crate::data::nifti;
+
+/// One configuration of a plans.json, with `inherits_from` resolved.
+pub struct Configuration {
+    pub name: String,
+    pub json: Value,
+}
+
+/// What the steps need from plans.json.
+pub struct PlanView {
+    pub transpose_forward: [usize; 3],
+    pub intensity_properties: Vec<Option<IntensityStats>>,
+    pub configuration: Configuration,
+}
+
+impl PlanView {
+    pub fn new(plans: &Value, configuration: &str) -> Result<PlanView, String> {
+        let transpose_forward: [usize; 3] = serde_json::from_value(plans["transpose_forward"].clone())
+            .map_err(|e| format!("plans.json: transpose_forward: {e}"))?;
+        let properties = plans["foreground_intensity_properties_per_channel"].as_object();
+        let channel_count = properties.map_or(0, |p| p.len());
+        let intensity_properties = (0..channel_count)
+            .map(|c| {
+                properties
+                    .and_then(|p| p.get(&c.to_string()))
+                    .and_then(|v| serde_json::from_value(v.clone()).ok())
+            })
+            .collect();
+        Ok(PlanView {
+            transpose_forward,
+            intensity_properties,
+            configuration: resolve_configuration(plans, configuration)?,
+        })
+    }
+
+    /// Target spacing for the case's current spacing: 2D configurations keep the slice spacing.
+    pub fn target_spacing(&self, current: [f64; 3]) -> Result<[f64; 3], String> {
+        let spacing: Vec<f64> = serde_json::from_value(self.configuration.json["spacing"].clone())
+            .map_err(|e| format!("configuration {}: spacing: {e}", self.configuration.name))?;
+        match spacing.as_slice() {
+            [z, y, x] => Ok([*z, *y, *x]),
+            [y, x] => Ok([current[0], *y, *x]),
+            other => Err(format!(
+                "configuration {}: spacing {other:?} is neither 2D nor 3D",
+                self.configuration.name
+            )),
+        }
+    }
+
+    fn resample_options(&self, key: &str, default: ResampleOptions) -> ResampleOptions {
+        let kwargs = &self.configuration.json[key];
+        ResampleOptions {
+            order: kwargs["order"].as_u64().map_or(default.order, |o| o as usize),
+            order_z: kwargs["order_z"].as_u64().map_or(default.order_z, |o| o as usize),
+            force_separate_z: kwargs["force_separate_z"].as_bool(),
+            ..default
+        }
+    }
+}
+
+/// A configuration with the keys of the one it `inherits_from` filled in (the cascade's full
+/// resolution stage inherits from 3d_fullres).
+pub fn resolve_configuration(plans: &Value, name: &str) -> Result<Configuration, String> {
+    let configurations = &plans["configurations"];
+    let Some(own) = configurations.get(name).and_then(Value::as_object) else {
+        let known: Vec<&String> = configurations
+            .as_object()
+            .map(|c| c.keys().collect())
+            .unwrap_or_default();
+        return Err(format!(
+            "the plan has no configuration `{name}` (planned: {known:?})"
+        ));
+    };
+    let mut json = match own.get("inherits_from").and_then(Value::as_str) {
+        Some(parent) if parent != name => resolve_configuration(plans, parent)?.json,
+        _ => Value::Object(Default::default()),
+    };
+    for (key, value) in own {
+        json[key] = value.clone();
+    }
+    Ok(Configuration {
+        name: name.to_string(),
+        json,
+    })
+}
+
+/// Reads a raw case (label optional), transposes it as planned and crops it to its nonzero region.
+pub fn load_raw(case: &Case, with_label: bool, transpose: [usize; 3]) -> Result<StoredCase, String> {
+    let mut channels = Vec::new();
+    let mut header = None;
+    let mut spacing = [1.0; 3];
+    for (channel, path) in case.images.iter().enumerate() {
+        let volume = nifti::read(path).map_err(|e| format!("case {}: {e}", case.id))?;
+        if channel == 0 {
+            spacing = volume.spacing_zyx();
+            header = Some(volume.header.clone());
+        } else if volume.data.shape()
+            != channels
+                .first()
+                .map(|c: &Array3<f32>| c.shape())
+                .unwrap_or_default()
+        {
+            return Err(format!(
+                "case {}: channel {channel} differs in shape from channel 0",
+                case.id
+            ));
+        }
+        channels.push(volume.data);
+    }
+    let header = header.ok_or_else(|| format!("case {}: no image channels", case.id))?;
+    let seg = if with_label {
+        let (label, _) =
+            nifti::read_integer_labels(&case.label).map_err(|e| format!("case {}: {e}", case.id))?;
+        if label.shape() != channels[0].shape() {
+            return Err(format!(
+                "case {}: label shape {:?} differs from image shape {:?}",
+                case.id,
+                label.shape(),
+                channels[0].shape()
+            ));
+        }
+        Some(transposed(label, transpose))
+    } else {
+        None
+    };
+    let channels: Vec<Array3<f32>> = channels.into_iter().map(|c| transposed(c, transpose)).collect();
+    let shape_before_cropping = shape3(channels[0].shape());
+    let cropped = crop_to_nonzero(channels, seg);
+    let views: Vec<_> = cropped.channels.iter().map(|c| c.view()).collect();
+    let data = ndarray::stack(Axis(0), &views).map_err(|e| format!("case {}: {e}", case.id))?;
+    let bbox = cropped.bbox;
+    let properties = CaseProperties {
+        spacing: transpose.map(|axis| spacing[axis]),
+        original_spacing: spacing,
+        transpose_forward: transpose,
+        shape_before_cropping,
+        bbox_used_for_cropping: [0, 1, 2].map(|a| [bbox.start[a], bbox.end[a]]),
+        shape_after_cropping_and_before_resampling: bbox.shape(),
+        header,
+        normalized: false,
+        resampled: false,
+        class_locations: None,
+    };
+    let seg = cropped.seg.mapv(|v| v as i16).insert_axis(Axis(0));
+    Ok(StoredCase {
+        data,
+        seg: Some(seg),
+        properties,
+    })
+}
+
+fn transposed<T: Clone>(array: Array3<T>, transpose: [usize; 3]) -> Array3<T> {
+    array.permuted_axes(transpose).as_standard_layout().into_owned()
+}
+
+fn shape3(shape: &[usize]) -> [usize; 3] {
+    [shape[0], shape[1], shape[2]]
+}
+
+/// Normalizes every channel with its planned scheme (masked z-score where planned).
+pub fn normalize(case: &mut StoredCase, plan: &PlanView) -> Result<(), String> {
+    let configuration = &plan.configuration.json;
+    let schemes: Vec<String> = serde_json::from_value(configuration["normalization_schemes"].clone())
+        .map_err(|e| {
+            format!(
+                "configuration {}: normalization_schemes: {e}",
+                plan.configuration.name
+            )
+        })?;
+    let use_mask: Vec<bool> =
+        serde_json::from_value(configuration["use_mask_for_norm"].clone()).unwrap_or_default();
+    if schemes.len() != case.data.shape()[0] {
+        return Err(format!(
+            "the plan names {} channel schemes, the case has {} channels",
+            schemes.len(),
+            case.data.shape()[0]
+        ));
+    }
+    if case.properties.resampled {
+        // nnU-Net normalizes before resampling because a resampled nonzero mask no longer fits the
+        // image; after resampling the mask is still approximately right, and this order is the
+        // user's explicit choice.
+    }
+    let seg = case
+        .seg
+        .as_ref()
+        .map(|s| s.index_axis(Axis(0), 0).mapv(i32::from));
+    for (channel, scheme_name) in schemes.iter().enumerate() {
+        let scheme = Scheme::from_class_name(scheme_name).map_err(|e| e.to_string())?;
+        let stats = plan.intensity_properties.get(channel).and_then(Option::as_ref);
+        let mask = use_mask.get(channel).copied().unwrap_or(false);
+        normalize_in_place(
+            case.data.index_axis_mut(Axis(0), channel),
+            seg.as_ref().map(|s| s.view()),
+            scheme,
+            mask,
+            stats,
+        )
+        .map_err(|e| format!("channel {channel}: {e}"))?;
+    }
+    case.properties.normalized = true;
+    Ok(())
+}
+
+/// Resamples data and segmentation to the configuration's spacing.
+pub fn resample(case: StoredCase, plan: &PlanView) -> Result<StoredCase, String> {
+    let current = case.properties.spacing;
+    let target = plan.target_spacing(current)?;
+    let shape = shape3(&case.data.shape()[1..]);
+    let new_shape = compute_new_shape(shape, current, target);
+    let data_options = plan.resample_options("resampling_fn_data_kwargs", ResampleOptions::data());
+    let seg_options = plan.resample_options("resampling_fn_seg_kwargs", ResampleOptions::seg());
+    let data = resample_data_to_shape(case.data.view(), new_shape, current, target, &data_options)
+        .map_err(|e| e.to_string())?;
+    let seg = match &case.seg {
+        Some(seg) => {
+            let seg: Array4<i32> = seg.mapv(i32::from);
+            let resampled = resample_seg_to_shape(seg.view(), new_shape, current, target, &seg_options)
+                .map_err(|e| e.to_string())?;
+            Some(resampled.mapv(|v| v as i16))
+        }
+        None => None,
+    };
+    let mut properties = case.properties;
+    properties.spacing = target;
+    properties.resampled = true;
+    Ok(StoredCase {
+        data,
+        seg,
+        properties,
+    })
+}
+
+/// The foreground classes (or regions) nnU-Net collects locations for, from dataset.json.
+pub fn location_targets(dataset: &Dataset) -> Vec<Target> {
+    let mut targets: Vec<Target> = if dataset.has_regions() {
+        dataset
+            .labels
+            .iter()
+            .filter_map(|label| match &label.value {
+                LabelValue::Region(values) => {
+                    Some(Target::Region(values.iter().map(|&v| v as i32).collect()))
+                }
+                LabelValue::Single(0) => None,
+                LabelValue::Single(v) => Some(Target::Region(vec![*v as i32])),
+            })
+            .collect()
+    } else {
+        dataset
+            .labels
+            .iter()
+            .filter_map(|label| match label.value {
+                LabelValue::Single(v) if v != 0 => Some(Target::Label(v as i32)),
+                _ => None,
+            })
+            .collect()
+    };
+    if dataset.ignore_label.is_some() {
+        // With an ignore label, nnU-Net also samples uniformly from all annotated voxels.
+        let mut all: Vec<i32> = vec![-1];
+        all.extend(
+            dataset
+                .allowed_label_values()
+                .iter()
+                .filter(|&&v| Some(v) != dataset.ignore_label)
+                .map(|&v| v as i32),
+        );
+        targets.push(Target::Region(all));
+    }
+    targets
+}
+
+/// Samples class locations on the case's final grid (cases with a label only).
+pub fn add_class_locations(case: &mut StoredCase, targets: &[Target]) {
+    if let Some(seg) = &case.seg {
+        case.properties.class_locations = Some(class_locations::sample(seg.view(), targets));
+    }
+}
