@@ -172,7 +172,9 @@ fn shape3(shape: &[usize]) -> [usize; 3] {
     [shape[0], shape[1], shape[2]]
 }
 
-/// Normalizes every channel with its planned scheme (masked z-score where planned).
+/// Normalizes every channel with its planned scheme (masked z-score where planned). nnU-Net
+/// normalizes before resampling, because a resampled nonzero mask no longer fits the image exactly;
+/// resampling first is allowed here as an explicit choice of the pipeline.
 pub fn normalize(case: &mut StoredCase, plan: &PlanView) -> Result<(), String> {
     let configuration = &plan.configuration.json;
     let schemes: Vec<String> = serde_json::from_value(configuration["normalization_schemes"].clone())
@@ -190,11 +192,6 @@ pub fn normalize(case: &mut StoredCase, plan: &PlanView) -> Result<(), String> {
             schemes.len(),
             case.data.shape()[0]
         ));
-    }
-    if case.properties.resampled {
-        // nnU-Net normalizes before resampling because a resampled nonzero mask no longer fits the
-        // image; after resampling the mask is still approximately right, and this order is the
-        // user's explicit choice.
     }
     let seg = case
         .seg
