@@ -122,10 +122,16 @@ pub fn run(engine: &Engine, options: &RunOptions, cancel: &AtomicBool) -> Result
                 continue;
             }
             let instance = &engine.pipeline.instances[index];
+            // `threads = 0` asks for every core the run may use.
+            let threads = if instance.threads == 0 {
+                options.threads.max(1) as u32
+            } else {
+                instance.threads
+            };
             let threads_in_use: u32 = running.values().map(|(t, _)| t).sum();
             let fits = running.is_empty()
                 || (running.len() < options.jobs.max(1)
-                    && threads_in_use + instance.threads <= options.threads.max(1) as u32);
+                    && threads_in_use + threads <= options.threads.max(1) as u32);
             if !fits || free_gpus.len() < instance.gpus as usize {
                 continue;
             }
@@ -139,13 +145,13 @@ pub fn run(engine: &Engine, options: &RunOptions, cancel: &AtomicBool) -> Result
                     ))
                 })
                 .collect();
-            running.insert(index, (instance.threads, gpus.clone()));
+            running.insert(index, (threads, gpus.clone()));
             progress.started(&instance.id);
             let sender = sender.clone();
             let force = forced.contains(&index);
             scope.spawn(move || {
                 let started = Instant::now();
-                let result = execute(engine, index, upstream, force, &gpus, cancel);
+                let result = execute(engine, index, upstream, force, &gpus, threads, cancel);
                 let seconds = started.elapsed().as_secs_f64();
                 let finished = match result {
                     Ok((outcome, digest)) => Finished {
@@ -247,6 +253,7 @@ fn execute(
     upstream: BTreeMap<String, Digest>,
     force: bool,
     gpus: &[usize],
+    threads: u32,
     cancel: &AtomicBool,
 ) -> Result<(Outcome, Digest), String> {
     let pipeline = &engine.pipeline;
@@ -287,7 +294,7 @@ fn execute(
             Lookup::Miss => {}
         }
     }
-    let files = run_instance(engine, index, gpus, cancel)?;
+    let files = run_instance(engine, index, gpus, threads, cancel)?;
     engine
         .cache
         .store_sources(&digest, &files)
@@ -329,6 +336,7 @@ fn run_instance(
     engine: &Engine,
     index: usize,
     gpus: &[usize],
+    threads: u32,
     cancel: &AtomicBool,
 ) -> Result<BTreeMap<String, (PathBuf, Digest)>, String> {
     let pipeline = &engine.pipeline;
@@ -358,7 +366,7 @@ fn run_instance(
         root: &pipeline.root,
         out_dir: &temporary,
         log_file: &log_file,
-        threads: instance.threads,
+        threads,
         gpus,
         env: &env,
         cancel,

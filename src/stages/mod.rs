@@ -2,6 +2,9 @@
 //! [`KINDS`]. The engine knows stages only through this trait and the registry.
 
 pub mod command;
+pub mod fingerprint;
+pub mod plan;
+pub mod preprocessing;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -85,7 +88,13 @@ pub struct Kind {
     pub build: fn(toml::Value) -> Result<Box<dyn Stage>, ParamError>,
 }
 
-pub static KINDS: &[Kind] = &[command::KIND];
+pub static KINDS: &[Kind] = &[
+    command::KIND,
+    fingerprint::KIND,
+    plan::KIND,
+    preprocessing::NORMALIZE,
+    preprocessing::RESAMPLE,
+];
 
 pub fn find_kind(name: &str) -> Option<&'static Kind> {
     KINDS.iter().find(|kind| kind.name == name)
@@ -107,4 +116,24 @@ where
 /// Parameters as canonical JSON (maps sorted by serde_json's default map).
 pub fn to_json(params: &impl Serialize) -> serde_json::Value {
     serde_json::to_value(params).expect("stage parameters serialize to JSON")
+}
+
+/// The parts of a raw dataset its training stages read: dataset.json, imagesTr and labelsTr
+/// (keyed as `dataset/...`, so imagesTs does not invalidate preprocessing).
+pub fn dataset_inputs(dataset: &str) -> Vec<StageInput> {
+    ["dataset.json", "imagesTr", "labelsTr"]
+        .into_iter()
+        .map(|part| StageInput {
+            name: format!("dataset/{part}"),
+            path: format!("{dataset}/{part}"),
+        })
+        .collect()
+}
+
+/// A rayon pool of the stage's thread count, so stages running side by side share the cores.
+pub fn thread_pool(ctx: &StageContext) -> Result<rayon::ThreadPool, String> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(ctx.threads.max(1) as usize)
+        .build()
+        .map_err(|e| format!("cannot start {} threads: {e}", ctx.threads))
 }

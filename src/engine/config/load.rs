@@ -82,7 +82,7 @@ pub fn apply_set(root: &mut Node, arg: &str) -> Result<(), Diagnostic> {
     let (name, text) = arg
         .split_once('=')
         .ok_or_else(|| fail("expected NAME=VALUE or STAGE.PARAM=VALUE".into()))?;
-    let value = Node::scalar(parse_value(text), location.clone());
+    let value = Node::scalar(absolute_if_existing_path(parse_value(text)), location.clone());
     let path: Vec<&str> = name.trim().split('.').collect();
     if path.iter().any(|segment| segment.is_empty()) {
         return Err(fail(format!("`{name}` is not a variable or STAGE.PARAM name")));
@@ -100,6 +100,23 @@ pub fn apply_set(root: &mut Node, arg: &str) -> Result<(), Diagnostic> {
         root.value = NodeValue::Table(Default::default());
     }
     root.set_path(&target, value).map_err(fail)
+}
+
+/// A relative path typed on the command line means a path from the current folder, while paths in a
+/// pipeline file are relative to that file: a `--set` string naming an existing file or folder
+/// from here is made absolute so both readings agree.
+fn absolute_if_existing_path(value: toml::Value) -> toml::Value {
+    match &value {
+        toml::Value::String(text)
+            if !text.is_empty() && Path::new(text).is_relative() && Path::new(text).exists() =>
+        {
+            match std::path::absolute(text) {
+                Ok(path) => toml::Value::String(path.to_string_lossy().into_owned()),
+                Err(_) => value,
+            }
+        }
+        _ => value,
+    }
 }
 
 fn parse_value(text: &str) -> toml::Value {

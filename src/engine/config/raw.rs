@@ -54,6 +54,7 @@ pub struct StageCommon {
     #[schemars(schema_with = "matrix_schema")]
     pub matrix: BTreeMap<String, Vec<MatrixValue>>,
     /// CPU threads the stage uses; the scheduler runs stages side by side within the thread budget.
+    /// 0: every core the run may use.
     #[serde(default = "one")]
     pub threads: u32,
     /// GPUs the stage needs; each running stage gets distinct CUDA device indices.

@@ -1,0 +1,74 @@
+//! The `fingerprint` stage: checks a dataset's integrity and extracts nnU-Net's dataset
+//! fingerprint (`dataset_fingerprint.json`).
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{build_typed, dataset_inputs, thread_pool, Kind, Stage, StageContext, StageInput};
+use crate::data::dataset::Dataset;
+use crate::data::integrity::check_dataset;
+use crate::preprocess::fingerprint::{dataset_fingerprint_with_budget, FOREGROUND_SAMPLES_TOTAL};
+
+pub const KIND: Kind = Kind {
+    name: "fingerprint",
+    version: 1,
+    uses_torch: false,
+    schema: |generator| generator.subschema_for::<FingerprintStage>(),
+    build: build_typed::<FingerprintStage>,
+};
+
+/// Extracts the dataset fingerprint: per case crop to the nonzero region, spacings, shapes after
+/// cropping, relative size after cropping, and foreground intensity statistics per channel.
+#[derive(Deserialize, Serialize, JsonSchema, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct FingerprintStage {
+    /// The dataset folder in nnU-Net's raw layout (relative to the pipeline file, or absolute).
+    /// Its contents, not its location, are part of the cache key.
+    #[serde(skip_serializing)]
+    pub dataset: String,
+    /// Check the dataset first (nnU-Net's integrity list); any problem fails the stage with one
+    /// report naming every bad case.
+    #[serde(default = "yes")]
+    pub check_integrity: bool,
+    /// Foreground intensity samples per channel over the whole dataset (nnU-Net: 10e7).
+    #[serde(default = "default_samples")]
+    pub foreground_samples: usize,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_samples() -> usize {
+    FOREGROUND_SAMPLES_TOTAL
+}
+
+impl Stage for FingerprintStage {
+    fn inputs(&self) -> Vec<StageInput> {
+        dataset_inputs(&self.dataset)
+    }
+
+    fn params_json(&self) -> serde_json::Value {
+        super::to_json(self)
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<(), String> {
+        let dataset = Dataset::open(&ctx.root.join(&self.dataset)).map_err(|e| e.to_string())?;
+        let pool = thread_pool(ctx)?;
+        if self.check_integrity {
+            let report = pool.install(|| check_dataset(&dataset));
+            if !report.is_ok() {
+                return Err(format!(
+                    "dataset {}:\n{}",
+                    dataset.root.display(),
+                    report.render()
+                ));
+            }
+        }
+        let fingerprint =
+            dataset_fingerprint_with_budget(&dataset, ctx.threads as usize, self.foreground_samples)
+                .map_err(|e| e.to_string())?;
+        let text = serde_json::to_vec_pretty(&fingerprint).map_err(|e| e.to_string())?;
+        std::fs::write(ctx.out_dir.join("dataset_fingerprint.json"), text).map_err(|e| e.to_string())
+    }
+}

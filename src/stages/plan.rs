@@ -1,0 +1,139 @@
+//! The `plan` stage: nnU-Net's default experiment planner on a fingerprint, writing plans.json
+//! (with dataset.json and dataset_fingerprint.json beside it, as nnU-Net's preprocessed folder has).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{build_typed, Kind, Stage, StageContext, StageInput};
+use crate::data::dataset::Dataset;
+use crate::preprocess::fingerprint_format::Fingerprint;
+use crate::preprocess::plan::{plan, PlanInputs, PlanSettings};
+
+pub const KIND: Kind = Kind {
+    name: "plan",
+    version: 1,
+    uses_torch: false,
+    schema: |generator| generator.subschema_for::<PlanStage>(),
+    build: build_typed::<PlanStage>,
+};
+
+/// Plans the configurations (2d, 3d_fullres, 3d_lowres, 3d_cascade_fullres) as nnU-Net's default
+/// experiment planner does. Every planned value can be overridden.
+#[derive(Deserialize, Serialize, JsonSchema, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct PlanStage {
+    /// The dataset folder (its dataset.json is read), relative to the pipeline file or absolute.
+    #[serde(skip_serializing)]
+    pub dataset: String,
+    /// The folder holding dataset_fingerprint.json: `${fingerprint.outputs}`.
+    #[serde(skip_serializing)]
+    pub fingerprint: String,
+    /// GPU memory the plan targets, in GB (nnU-Net's default 8).
+    #[serde(default = "eight")]
+    pub gpu_memory_gb: f64,
+    /// Name of the plans (nnU-Net's `-pl`/plans identifier).
+    #[serde(default = "plans_name")]
+    pub plans_name: String,
+    /// Target spacing (z, y, x) to use instead of the planned one.
+    pub overwrite_target_spacing: Option<[f64; 3]>,
+    /// Planned values to replace, per configuration, e.g.
+    /// `overrides = { "3d_fullres" = { batch_size = 4, patch_size = [96, 160, 160] } }`.
+    #[serde(default)]
+    pub overrides: BTreeMap<String, BTreeMap<String, Value>>,
+}
+
+fn eight() -> f64 {
+    8.0
+}
+
+fn plans_name() -> String {
+    "nnUNetPlans".to_string()
+}
+
+impl Stage for PlanStage {
+    fn inputs(&self) -> Vec<StageInput> {
+        vec![
+            StageInput {
+                name: "dataset/dataset.json".into(),
+                path: format!("{}/dataset.json", self.dataset),
+            },
+            StageInput {
+                name: "fingerprint".into(),
+                path: format!("{}/dataset_fingerprint.json", self.fingerprint),
+            },
+        ]
+    }
+
+    fn params_json(&self) -> Value {
+        super::to_json(self)
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<(), String> {
+        let dataset_root = ctx.root.join(&self.dataset);
+        let dataset = Dataset::open(&dataset_root).map_err(|e| e.to_string())?;
+        let dataset_json: Value = read_json(&dataset_root.join("dataset.json"))?;
+        let fingerprint_path = ctx.root.join(&self.fingerprint).join("dataset_fingerprint.json");
+        let fingerprint: Fingerprint = serde_json::from_value(read_json(&fingerprint_path)?)
+            .map_err(|e| format!("{}: {e}", fingerprint_path.display()))?;
+        let dataset_name = dataset_root.canonicalize().unwrap_or(dataset_root.clone());
+        let dataset_name = dataset_name
+            .file_name()
+            .map_or("dataset".into(), |n| n.to_string_lossy().into_owned());
+        let inputs = PlanInputs {
+            fingerprint: &fingerprint,
+            channel_names: &dataset.channels,
+            labels: dataset_json["labels"].clone(),
+            num_training_cases: dataset.num_training,
+            dataset_name: &dataset_name,
+            file_ending: &dataset.file_ending,
+        };
+        let settings = PlanSettings {
+            gpu_memory_target_gb: self.gpu_memory_gb,
+            plans_name: self.plans_name.clone(),
+            overwrite_target_spacing: self.overwrite_target_spacing,
+            ..PlanSettings::default()
+        };
+        let mut plans = plan(&inputs, &settings).map_err(|e| e.to_string())?;
+        apply_overrides(&mut plans, &self.overrides)?;
+        write_json(&ctx.out_dir.join("plans.json"), &plans)?;
+        write_json(&ctx.out_dir.join("dataset.json"), &dataset_json)?;
+        std::fs::copy(&fingerprint_path, ctx.out_dir.join("dataset_fingerprint.json"))
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+fn apply_overrides(
+    plans: &mut Value,
+    overrides: &BTreeMap<String, BTreeMap<String, Value>>,
+) -> Result<(), String> {
+    for (configuration, values) in overrides {
+        let Some(target) = plans["configurations"]
+            .get_mut(configuration)
+            .and_then(Value::as_object_mut)
+        else {
+            return Err(format!(
+                "overrides: the plan has no configuration `{configuration}`"
+            ));
+        };
+        for (key, value) in values {
+            target.insert(key.clone(), value.clone());
+        }
+    }
+    Ok(())
+}
+
+fn read_json(path: &Path) -> Result<Value, String> {
+    let text = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn write_json(path: &Path, value: &Value) -> Result<(), String> {
+    let mut text = serde_json::to_vec_pretty(value).map_err(|e| e.to_string())?;
+    text.push(b'\n');
+    std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}

@@ -1,0 +1,161 @@
+//! The `normalize` and `resample` stages: nnU-Net's preprocessing of every training case for one
+//! configuration, as two cached stages composable in either order. Each reads cases from the raw
+//! dataset (then reading, transposing and cropping them first) or from another of these stages'
+//! outputs, and writes the preprocessed case format (`crate::data::case_store`). Parallel over
+//! cases; one case in memory per worker.
+
+use rayon::prelude::*;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{build_typed, dataset_inputs, thread_pool, Kind, Stage, StageContext, StageInput};
+use crate::data::case_store::{list_cases, read_case, write_case, StoredCase};
+use crate::data::dataset::Dataset;
+use crate::preprocess::case_steps::{self, PlanView};
+
+pub const NORMALIZE: Kind = Kind {
+    name: "normalize",
+    version: 1,
+    uses_torch: false,
+    schema: |generator| generator.subschema_for::<NormalizeStage>(),
+    build: build_typed::<NormalizeStage>,
+};
+
+pub const RESAMPLE: Kind = Kind {
+    name: "resample",
+    version: 1,
+    uses_torch: false,
+    schema: |generator| generator.subschema_for::<ResampleStage>(),
+    build: build_typed::<ResampleStage>,
+};
+
+/// Where the cases come from and which planned configuration to prepare.
+#[derive(Deserialize, Serialize, JsonSchema, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct PreprocessParams {
+    /// The dataset folder in nnU-Net's raw layout (for dataset.json, and the cases when `source` is
+    /// not given). Relative to the pipeline file, or absolute.
+    #[serde(skip_serializing)]
+    pub dataset: String,
+    /// The outputs folder of another normalize or resample stage to continue from, e.g.
+    /// `${normalize.outputs}`. Without it the raw cases are read, transposed and cropped.
+    #[serde(skip_serializing)]
+    pub source: Option<String>,
+    /// The plan stage's outputs folder (holding plans.json): `${plan.outputs}`.
+    #[serde(skip_serializing)]
+    pub plan: String,
+    /// The planned configuration to prepare, e.g. `3d_fullres`.
+    pub configuration: String,
+}
+
+/// Normalizes every case's channels with the planned schemes (CT, z-score with nnU-Net's mask rule,
+/// none, rescale to [0, 1], RGB to [0, 1]).
+#[derive(Deserialize, Serialize, JsonSchema, Debug)]
+#[serde(transparent)]
+pub struct NormalizeStage(pub PreprocessParams);
+
+/// Resamples every case to the configuration's spacing (order-3 images, order-1 one-hot
+/// segmentations, nnU-Net's separate-z rule) and samples class locations for oversampling.
+#[derive(Deserialize, Serialize, JsonSchema, Debug)]
+#[serde(transparent)]
+pub struct ResampleStage(pub PreprocessParams);
+
+impl PreprocessParams {
+    fn inputs(&self) -> Vec<StageInput> {
+        let mut inputs = match &self.source {
+            // The source stage's outputs are keyed through the dependency; only dataset.json matters.
+            Some(_) => vec![StageInput {
+                name: "dataset/dataset.json".into(),
+                path: format!("{}/dataset.json", self.dataset),
+            }],
+            None => dataset_inputs(&self.dataset),
+        };
+        inputs.push(StageInput {
+            name: "plan".into(),
+            path: format!("{}/plans.json", self.plan),
+        });
+        inputs
+    }
+
+    /// Loads each case, applies `step`, writes it to the stage's outputs.
+    fn process(
+        &self,
+        ctx: &StageContext,
+        step: impl Fn(StoredCase, &PlanView, &Dataset) -> Result<StoredCase, String> + Sync,
+    ) -> Result<(), String> {
+        let dataset = Dataset::open(&ctx.root.join(&self.dataset)).map_err(|e| e.to_string())?;
+        let plans_path = ctx.root.join(&self.plan).join("plans.json");
+        let plans: Value = serde_json::from_slice(
+            &std::fs::read(&plans_path).map_err(|e| format!("cannot read {}: {e}", plans_path.display()))?,
+        )
+        .map_err(|e| format!("{}: {e}", plans_path.display()))?;
+        let plan = PlanView::new(&plans, &self.configuration)?;
+        let source = self.source.as_ref().map(|s| ctx.root.join(s));
+        let ids: Vec<String> = match &source {
+            Some(folder) => list_cases(folder),
+            None => dataset.cases.iter().map(|c| c.id.clone()).collect(),
+        };
+        if ids.is_empty() {
+            return Err("no cases to preprocess".into());
+        }
+        let pool = thread_pool(ctx)?;
+        pool.install(|| {
+            ids.par_iter().try_for_each(|id| {
+                if ctx.cancel.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Err("interrupted".to_string());
+                }
+                let case = match &source {
+                    Some(folder) => read_case(folder, id).map_err(|e| e.to_string())?,
+                    None => {
+                        let raw = dataset.cases.iter().find(|c| &c.id == id).expect("listed case");
+                        case_steps::load_raw(raw, true, plan.transpose_forward)?
+                    }
+                };
+                let case = step(case, &plan, &dataset).map_err(|e| format!("case {id}: {e}"))?;
+                write_case(ctx.out_dir, id, &case).map_err(|e| e.to_string())
+            })
+        })
+    }
+}
+
+impl Stage for NormalizeStage {
+    fn inputs(&self) -> Vec<StageInput> {
+        self.0.inputs()
+    }
+
+    fn params_json(&self) -> Value {
+        super::to_json(self)
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<(), String> {
+        self.0.process(ctx, |mut case, plan, _| {
+            if case.properties.normalized {
+                return Err("is already normalized (two normalize stages in a row?)".into());
+            }
+            case_steps::normalize(&mut case, plan)?;
+            Ok(case)
+        })
+    }
+}
+
+impl Stage for ResampleStage {
+    fn inputs(&self) -> Vec<StageInput> {
+        self.0.inputs()
+    }
+
+    fn params_json(&self) -> Value {
+        super::to_json(self)
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<(), String> {
+        self.0.process(ctx, |case, plan, dataset| {
+            if case.properties.resampled {
+                return Err("is already resampled (two resample stages in a row?)".into());
+            }
+            let mut case = case_steps::resample(case, plan)?;
+            case_steps::add_class_locations(&mut case, &case_steps::location_targets(dataset));
+            Ok(case)
+        })
+    }
+}
