@@ -172,6 +172,18 @@ impl Cache {
         key: &str,
         files: &BTreeMap<String, (PathBuf, Digest)>,
     ) -> Result<Manifest, CacheError> {
+        self.store_sources_with(key, files, |_| LinkMode::Copy)
+    }
+
+    /// [`Cache::store_sources`], choosing per file whether the blob may be a hard link to the
+    /// source (`HardlinkOrCopy`: for outputs nobody edits, which saves copying gigabytes of
+    /// preprocessed data; the source then becomes read-only) or must be a copy.
+    pub fn store_sources_with(
+        &self,
+        key: &str,
+        files: &BTreeMap<String, (PathBuf, Digest)>,
+        mode: impl Fn(&str) -> LinkMode + Sync,
+    ) -> Result<Manifest, CacheError> {
         let entry = self.entry_path(key)?;
         // Shared with other stores, exclusive with gc: gc must not delete a
         // blob that this store wrote but has not yet referenced.
@@ -180,7 +192,7 @@ impl Cache {
             .par_iter()
             .map(|(relative, (source, digest))| {
                 checked_relative(relative)?;
-                Ok((relative.clone(), self.store_blob(source, *digest)?))
+                Ok((relative.clone(), self.store_blob(source, *digest, mode(relative))?))
             })
             .collect::<Result<_, CacheError>>()?;
         let manifest = Manifest {
@@ -330,7 +342,7 @@ impl Cache {
     }
 
     /// Copies `source` into the blob store unless that digest is already there.
-    fn store_blob(&self, source: &Path, digest: Digest) -> Result<ManifestFile, CacheError> {
+    fn store_blob(&self, source: &Path, digest: Digest, mode: LinkMode) -> Result<ManifestFile, CacheError> {
         let meta = fs::metadata(source).map_err(io_error(source))?;
         let executable = meta.mode() & 0o111 != 0;
         let blob = self.blob_path(&digest);
@@ -344,6 +356,14 @@ impl Cache {
             });
         }
         let staged = self.tmp_path();
+        // Executables are always copied: a link would share the blob's read-only, non-executable mode.
+        if mode == LinkMode::HardlinkOrCopy && !executable && fs::hard_link(source, &staged).is_ok() {
+            set_mode(&staged, BLOB_MODE)?;
+            let parent = blob.parent().unwrap_or(&self.root);
+            fs::create_dir_all(parent).map_err(io_error(parent))?;
+            rename_or_cleanup(&staged, &blob)?;
+            return Ok(ManifestFile { digest, size: meta.len(), executable });
+        }
         let copied = copy_hashing(source, &staged);
         let (size, actual) = match copied {
             Ok(result) => result,
@@ -703,6 +723,34 @@ mod tests {
         let blob = cache.blob_path(&manifest.files["a.txt"].digest);
         let restored = fs::metadata(dest.path().join("a.txt")).unwrap();
         assert_eq!(restored.ino(), fs::metadata(blob).unwrap().ino());
+    }
+
+    #[test]
+    fn linked_store_adopts_the_source_and_still_hits() {
+        let (_dir, cache) = new_cache();
+        let source_dir = tempfile::tempdir().unwrap();
+        let (linked, copied) = (source_dir.path().join("linked.npy"), source_dir.path().join("copied.txt"));
+        fs::write(&linked, b"preprocessed").unwrap();
+        fs::write(&copied, b"user file").unwrap();
+        let files: BTreeMap<String, (PathBuf, Digest)> = [
+            ("out/linked.npy".to_string(), (linked.clone(), Digest::of_bytes(b"preprocessed"))),
+            ("project/copied.txt".to_string(), (copied.clone(), Digest::of_bytes(b"user file"))),
+        ]
+        .into();
+        let manifest = cache
+            .store_sources_with(&key("l"), &files, |path| {
+                if path.starts_with("out/") {
+                    LinkMode::HardlinkOrCopy
+                } else {
+                    LinkMode::Copy
+                }
+            })
+            .unwrap();
+        let blob = |name: &str| cache.blob_path(&manifest.files[name].digest);
+        assert_eq!(fs::metadata(&linked).unwrap().ino(), fs::metadata(blob("out/linked.npy")).unwrap().ino());
+        assert_ne!(fs::metadata(&copied).unwrap().ino(), fs::metadata(blob("project/copied.txt")).unwrap().ino());
+        let hasher = FileHasher::in_memory();
+        assert!(matches!(cache.lookup(&key("l"), &hasher).unwrap(), Lookup::Hit(_)));
     }
 
     #[test]

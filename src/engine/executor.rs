@@ -297,7 +297,15 @@ fn execute(
     let files = run_instance(engine, index, gpus, threads, cancel)?;
     engine
         .cache
-        .store_sources(&digest, &files)
+        .store_sources_with(&digest, &files, |path| {
+            // The stage's own outputs folder is ours: link it into the cache instead of copying.
+            // Project files may be edited by the user, so they are copied.
+            if path.starts_with("out/") {
+                LinkMode::HardlinkOrCopy
+            } else {
+                LinkMode::Copy
+            }
+        })
         .map_err(|e| format!("cannot store outputs in the cache: {e}"))?;
     let outputs = files.into_iter().map(|(p, (_, d))| (p, d)).collect();
     let outputs_digest = remember(engine, index, digest, key, outputs, started)?;
