@@ -72,15 +72,19 @@ pub fn dispatch(command: Command) -> i32 {
             channels,
             foreground_labels,
             seed,
-        } => super::data_commands::synth(
-            &dataset,
-            cases,
-            &shape,
-            &spacing,
-            channels,
-            foreground_labels,
-            seed,
-        ),
+            spacing_variation,
+        } => {
+            let args = super::data_commands::SynthArgs {
+                cases,
+                shape,
+                spacing,
+                channels,
+                foreground_labels,
+                seed,
+                spacing_variation,
+            };
+            super::data_commands::synth(&dataset, args)
+        }
     }
 }
 

@@ -106,31 +106,41 @@ pub fn check(root: &Path) -> i32 {
     }
 }
 
-pub fn synth(
-    root: &Path,
-    cases: usize,
-    shape: &[usize],
-    spacing: &[f64],
-    channels: usize,
-    foreground_labels: usize,
-    seed: u64,
-) -> i32 {
-    let (Ok(shape_zyx), Ok(spacing_zyx)) = (<[usize; 3]>::try_from(shape), <[f64; 3]>::try_from(spacing))
-    else {
+/// `nnflow synth` arguments.
+pub struct SynthArgs {
+    pub cases: usize,
+    pub shape: Vec<usize>,
+    pub spacing: Vec<f64>,
+    pub channels: usize,
+    pub foreground_labels: usize,
+    pub seed: u64,
+    pub spacing_variation: f64,
+}
+
+pub fn synth(root: &Path, args: SynthArgs) -> i32 {
+    let (Ok(shape_zyx), Ok(spacing_zyx)) = (
+        <[usize; 3]>::try_from(args.shape.as_slice()),
+        <[f64; 3]>::try_from(args.spacing.as_slice()),
+    ) else {
         eprintln!("error: --shape and --spacing take three values, z,y,x");
         return EXIT_INVALID;
     };
+    if !(0.0..1.0).contains(&args.spacing_variation) {
+        eprintln!("error: --spacing-variation must be in [0, 1)");
+        return EXIT_INVALID;
+    }
     let spec = SyntheticSpec {
-        cases,
+        cases: args.cases,
         shape_zyx,
         spacing_zyx,
-        channels,
-        foreground_labels,
-        seed,
+        channels: args.channels,
+        foreground_labels: args.foreground_labels,
+        seed: args.seed,
+        spacing_variation: args.spacing_variation,
     };
     match write_dataset(root, &spec) {
         Ok(()) => {
-            println!("wrote {cases} synthetic cases to {}", root.display());
+            println!("wrote {} synthetic cases to {}", args.cases, root.display());
             EXIT_OK
         }
         Err(error) => {

@@ -145,6 +145,9 @@ pub enum Command {
         foreground_labels: usize,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Vary each case's spacing per axis by up to this fraction (e.g. 0.1).
+        #[arg(long, default_value_t = 0.0)]
+        spacing_variation: f64,
     },
     /// Print nnflow and libtorch versions, CUDA availability, GPU and thread counts.
     Doctor {

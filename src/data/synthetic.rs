@@ -18,6 +18,9 @@ pub struct SyntheticSpec {
     /// Foreground classes (labels 1..=n).
     pub foreground_labels: usize,
     pub seed: u64,
+    /// Each case's spacing is scaled per axis by a random factor in [1 - v, 1 + v], as scanners
+    /// differ (so resampling to the median spacing has work to do).
+    pub spacing_variation: f64,
 }
 
 impl Default for SyntheticSpec {
@@ -29,6 +32,7 @@ impl Default for SyntheticSpec {
             channels: 1,
             foreground_labels: 2,
             seed: 1,
+            spacing_variation: 0.0,
         }
     }
 }
@@ -64,10 +68,19 @@ pub fn write_dataset(root: &Path, spec: &SyntheticSpec) -> Result<(), NiftiError
     std::fs::create_dir_all(root.join("imagesTr")).map_err(io)?;
     std::fs::create_dir_all(root.join("labelsTr")).map_err(io)?;
     let mut random = Random(spec.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
-    let header = Header::axis_aligned(spec.shape_zyx, spec.spacing_zyx, [0.0, 0.0, 0.0]);
     for case in 0..spec.cases {
         let id = format!("case_{case:03}");
-        let label = case_label(spec, &mut random);
+        let spacing = spec
+            .spacing_zyx
+            .map(|s| s * (1.0 + spec.spacing_variation * (2.0 * random.unit() - 1.0)));
+        let header = Header::axis_aligned(spec.shape_zyx, spacing, [0.0, 0.0, 0.0]);
+        let label = case_label(
+            &SyntheticSpec {
+                spacing_zyx: spacing,
+                ..spec.clone()
+            },
+            &mut random,
+        );
         for channel in 0..spec.channels {
             let image = case_image(&label, channel, &mut random);
             nifti::write(

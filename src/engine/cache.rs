@@ -192,7 +192,10 @@ impl Cache {
             .par_iter()
             .map(|(relative, (source, digest))| {
                 checked_relative(relative)?;
-                Ok((relative.clone(), self.store_blob(source, *digest, mode(relative))?))
+                Ok((
+                    relative.clone(),
+                    self.store_blob(source, *digest, mode(relative))?,
+                ))
             })
             .collect::<Result<_, CacheError>>()?;
         let manifest = Manifest {
@@ -362,7 +365,11 @@ impl Cache {
             let parent = blob.parent().unwrap_or(&self.root);
             fs::create_dir_all(parent).map_err(io_error(parent))?;
             rename_or_cleanup(&staged, &blob)?;
-            return Ok(ManifestFile { digest, size: meta.len(), executable });
+            return Ok(ManifestFile {
+                digest,
+                size: meta.len(),
+                executable,
+            });
         }
         let copied = copy_hashing(source, &staged);
         let (size, actual) = match copied {
@@ -729,12 +736,21 @@ mod tests {
     fn linked_store_adopts_the_source_and_still_hits() {
         let (_dir, cache) = new_cache();
         let source_dir = tempfile::tempdir().unwrap();
-        let (linked, copied) = (source_dir.path().join("linked.npy"), source_dir.path().join("copied.txt"));
+        let (linked, copied) = (
+            source_dir.path().join("linked.npy"),
+            source_dir.path().join("copied.txt"),
+        );
         fs::write(&linked, b"preprocessed").unwrap();
         fs::write(&copied, b"user file").unwrap();
         let files: BTreeMap<String, (PathBuf, Digest)> = [
-            ("out/linked.npy".to_string(), (linked.clone(), Digest::of_bytes(b"preprocessed"))),
-            ("project/copied.txt".to_string(), (copied.clone(), Digest::of_bytes(b"user file"))),
+            (
+                "out/linked.npy".to_string(),
+                (linked.clone(), Digest::of_bytes(b"preprocessed")),
+            ),
+            (
+                "project/copied.txt".to_string(),
+                (copied.clone(), Digest::of_bytes(b"user file")),
+            ),
         ]
         .into();
         let manifest = cache
@@ -747,10 +763,19 @@ mod tests {
             })
             .unwrap();
         let blob = |name: &str| cache.blob_path(&manifest.files[name].digest);
-        assert_eq!(fs::metadata(&linked).unwrap().ino(), fs::metadata(blob("out/linked.npy")).unwrap().ino());
-        assert_ne!(fs::metadata(&copied).unwrap().ino(), fs::metadata(blob("project/copied.txt")).unwrap().ino());
+        assert_eq!(
+            fs::metadata(&linked).unwrap().ino(),
+            fs::metadata(blob("out/linked.npy")).unwrap().ino()
+        );
+        assert_ne!(
+            fs::metadata(&copied).unwrap().ino(),
+            fs::metadata(blob("project/copied.txt")).unwrap().ino()
+        );
         let hasher = FileHasher::in_memory();
-        assert!(matches!(cache.lookup(&key("l"), &hasher).unwrap(), Lookup::Hit(_)));
+        assert!(matches!(
+            cache.lookup(&key("l"), &hasher).unwrap(),
+            Lookup::Hit(_)
+        ));
     }
 
     #[test]
