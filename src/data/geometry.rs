@@ -62,9 +62,14 @@ impl Header {
         ]
     }
 
-    /// Voxel size in (z, y, x) order, matching `Volume::data`'s axes.
+    /// Voxel size in (z, y, x) order, matching `Volume::data`'s axes, as nnU-Net sees it: a 2D image
+    /// (`dim[0] == 2`) gets 999 x its largest in-plane spacing along z, as nnU-Net's SimpleITK
+    /// reader assigns, so planning treats it as a stack of unrelated slices.
     pub fn spacing_zyx(&self) -> [f64; 3] {
         let [x, y, z] = self.itk_spacing();
+        if self.dim[0] == 2 {
+            return [999.0 * x.max(y), y, x];
+        }
         [z, y, x]
     }
 
