@@ -19,3 +19,25 @@ fn doctor_reports_libtorch_through_the_worker() {
     );
     assert!(facts["torch"]["torch_threads"].as_i64().unwrap() >= 1);
 }
+
+/// The engine binary must not load libtorch: its static initialisers cost about 0.25 s per start,
+/// which would dominate every no-op run. Torch code belongs to the `nnflow-torch` worker.
+#[test]
+fn the_engine_binary_does_not_link_libtorch() {
+    let output = std::process::Command::new("readelf")
+        .args(["-d", env!("CARGO_BIN_EXE_nnflow")])
+        .output()
+        .expect("readelf (binutils) is installed with the C toolchain");
+    let dynamic = String::from_utf8_lossy(&output.stdout);
+    let needed: Vec<&str> = dynamic.lines().filter(|l| l.contains("(NEEDED)")).collect();
+    assert!(!needed.is_empty(), "readelf listed no NEEDED entries: {dynamic}");
+    assert!(
+        needed.iter().all(|l| !l.contains("torch") && !l.contains("c10")),
+        "nnflow links libtorch: {needed:#?}"
+    );
+    let worker = std::process::Command::new("readelf")
+        .args(["-d", env!("CARGO_BIN_EXE_nnflow-torch")])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&worker.stdout).contains("libtorch_cpu.so"), "the worker does link it");
+}
