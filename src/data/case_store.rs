@@ -75,7 +75,8 @@ pub fn write_case(folder: &Path, id: &str, case: &StoredCase) -> Result<(), Case
     if let Some(seg) = &case.seg {
         write_renamed(&seg_path, |tmp| npy::write(tmp, &seg.clone().into_dyn()))?;
     }
-    let text = serde_json::to_vec_pretty(&case.properties).map_err(|e| properties_error(e.to_string()))?;
+    // Compact: class locations are ten thousand coordinates per class.
+    let text = serde_json::to_vec(&case.properties).map_err(|e| properties_error(e.to_string()))?;
     crate::atomic_file::write_atomically(&properties_path, &text).map_err(|e| properties_error(e.to_string()))
 }
 
@@ -101,6 +102,53 @@ pub fn read_properties(folder: &Path, id: &str) -> Result<CaseProperties, CaseSt
     };
     let text = std::fs::read(&properties_path).map_err(|e| error(e.to_string()))?;
     serde_json::from_slice(&text).map_err(|e| error(e.to_string()))
+}
+
+/// A case's segmentation alone, if it has one.
+pub fn read_seg(folder: &Path, id: &str) -> Result<Option<Array4<i16>>, CaseStoreError> {
+    let (_, seg_path, _) = paths(folder, id);
+    if !seg_path.exists() {
+        return Ok(None);
+    }
+    let seg = npy::read::<i16>(&seg_path)?
+        .into_dimensionality::<Ix4>()
+        .map_err(|e| CaseStoreError::Shape {
+            case: id.to_string(),
+            message: e.to_string(),
+        })?;
+    Ok(Some(seg))
+}
+
+/// Writes a case whose arrays are those of `source` unchanged: the array files are hard-linked
+/// (copied across filesystems) and only the properties are written.
+pub fn write_case_linked(
+    source: &Path,
+    folder: &Path,
+    id: &str,
+    properties: &CaseProperties,
+) -> Result<(), CaseStoreError> {
+    let (from_data, from_seg, _) = paths(source, id);
+    let (to_data, to_seg, properties_path) = paths(folder, id);
+    let io = |path: &Path, source: std::io::Error| {
+        CaseStoreError::Npy(npy::NpyError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    std::fs::create_dir_all(folder).map_err(|e| io(folder, e))?;
+    for (from, to) in [(from_data, to_data), (from_seg, to_seg)] {
+        if from.exists() && std::fs::hard_link(&from, &to).is_err() {
+            std::fs::copy(&from, &to).map_err(|e| io(&to, e))?;
+        }
+    }
+    let text = serde_json::to_vec(properties).map_err(|e| CaseStoreError::Properties {
+        path: properties_path.clone(),
+        message: e.to_string(),
+    })?;
+    crate::atomic_file::write_atomically(&properties_path, &text).map_err(|e| CaseStoreError::Properties {
+        path: properties_path.clone(),
+        message: e.to_string(),
+    })
 }
 
 pub fn read_case(folder: &Path, id: &str) -> Result<StoredCase, CaseStoreError> {

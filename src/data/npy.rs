@@ -11,7 +11,7 @@ use ndarray::{ArrayD, IxDyn};
 const MAGIC: &[u8] = b"\x93NUMPY";
 
 /// Element types stored in preprocessed data.
-pub trait NpyElement: Copy + Default {
+pub trait NpyElement: Copy + Default + bytemuck::Pod {
     /// NumPy's dtype descriptor, e.g. `<f4`.
     const DESCR: &'static str;
     const SIZE: usize;
@@ -66,16 +66,25 @@ pub fn write<T: NpyElement>(path: &Path, array: &ArrayD<T>) -> Result<(), NpyErr
     let unpadded = MAGIC.len() + 2 + 2 + header.len() + 1;
     header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
     header.push('\n');
-    let mut bytes = Vec::with_capacity(array.len() * T::SIZE);
-    for &value in array.iter() {
-        value.write_le(&mut bytes);
-    }
+    // Volumes are hundreds of megabytes: write a standard-layout array's memory as it is (on a
+    // little-endian machine it already is the file's byte order) instead of building a copy.
+    let contiguous = array.as_slice().filter(|_| cfg!(target_endian = "little"));
+    let converted;
+    let bytes: &[u8] = match contiguous {
+        Some(values) => bytemuck::cast_slice(values),
+        None => {
+            let mut buffer = Vec::with_capacity(array.len() * T::SIZE);
+            array.iter().for_each(|&value| value.write_le(&mut buffer));
+            converted = buffer;
+            &converted
+        }
+    };
     let mut file = BufWriter::new(File::create(path).map_err(io)?);
     file.write_all(MAGIC).map_err(io)?;
     file.write_all(&[1, 0]).map_err(io)?;
     file.write_all(&(header.len() as u16).to_le_bytes()).map_err(io)?;
     file.write_all(header.as_bytes()).map_err(io)?;
-    file.write_all(&bytes).map_err(io)?;
+    file.write_all(bytes).map_err(io)?;
     file.flush().map_err(io)
 }
 
@@ -89,21 +98,37 @@ pub fn read<T: NpyElement>(path: &Path) -> Result<ArrayD<T>, NpyError> {
         path: path.to_path_buf(),
         reason,
     };
-    let mut bytes = Vec::new();
-    File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut bytes))
-        .map_err(io)?;
-    let (shape, offset) = parse_header(&bytes, T::DESCR).map_err(format)?;
+    let mut file = File::open(path).map_err(io)?;
+    let mut head = vec![0u8; 4096];
+    let read = read_up_to(&mut file, &mut head).map_err(io)?;
+    head.truncate(read);
+    let (shape, offset) = parse_header(&head, T::DESCR).map_err(format)?;
     let count: usize = shape.iter().product();
-    let data = &bytes[offset..];
-    if data.len() < count * T::SIZE {
-        return Err(format(format!(
-            "truncated: {} bytes of data for shape {shape:?}",
-            data.len()
-        )));
+    // Read the data straight into the typed buffer (no intermediate byte copy).
+    let mut values = vec![T::default(); count];
+    let target: &mut [u8] = bytemuck::cast_slice_mut(&mut values);
+    let already = head.len().saturating_sub(offset).min(target.len());
+    target[..already].copy_from_slice(&head[offset..offset + already]);
+    let got = already + read_up_to(&mut file, &mut target[already..]).map_err(io)?;
+    if got < target.len() {
+        return Err(format(format!("truncated: {got} bytes of data for shape {shape:?}")));
     }
-    let values: Vec<T> = data.chunks_exact(T::SIZE).take(count).map(T::read_le).collect();
+    if cfg!(target_endian = "big") {
+        values.iter_mut().for_each(|v| *v = T::read_le(bytemuck::bytes_of(v)));
+    }
     ArrayD::from_shape_vec(IxDyn(&shape), values).map_err(|e| format(e.to_string()))
+}
+
+/// Reads until `buffer` is full or the file ends; returns how many bytes were read.
+fn read_up_to(file: &mut File, buffer: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match file.read(&mut buffer[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
 }
 
 /// Parses the header: the shape and the offset of the data.

@@ -165,6 +165,9 @@ pub fn load_raw(case: &Case, with_label: bool, transpose: [usize; 3]) -> Result<
 }
 
 fn transposed<T: Clone>(array: Array3<T>, transpose: [usize; 3]) -> Array3<T> {
+    if transpose == [0, 1, 2] {
+        return array; // the common case: no copy
+    }
     array.permuted_axes(transpose).as_standard_layout().into_owned()
 }
 
@@ -214,12 +217,36 @@ pub fn normalize(case: &mut StoredCase, plan: &PlanView) -> Result<(), String> {
     Ok(())
 }
 
+/// The grid shape a case of this spacing and shape gets in this configuration.
+pub fn resampled_shape(
+    properties: &CaseProperties,
+    shape: [usize; 3],
+    plan: &PlanView,
+) -> Result<[usize; 3], String> {
+    Ok(compute_new_shape(
+        shape,
+        properties.spacing,
+        plan.target_spacing(properties.spacing)?,
+    ))
+}
+
 /// Resamples data and segmentation to the configuration's spacing.
 pub fn resample(case: StoredCase, plan: &PlanView) -> Result<StoredCase, String> {
     let current = case.properties.spacing;
     let target = plan.target_spacing(current)?;
     let shape = shape3(&case.data.shape()[1..]);
     let new_shape = compute_new_shape(shape, current, target);
+    if new_shape == shape {
+        // nnU-Net leaves data and segmentation untouched when the grid size does not change.
+        let mut properties = case.properties;
+        properties.spacing = target;
+        properties.resampled = true;
+        return Ok(StoredCase {
+            data: case.data,
+            seg: case.seg,
+            properties,
+        });
+    }
     let data_options = plan.resample_options("resampling_fn_data_kwargs", ResampleOptions::data());
     let seg_options = plan.resample_options("resampling_fn_seg_kwargs", ResampleOptions::seg());
     let data = resample_data_to_shape(case.data.view(), new_shape, current, target, &data_options)

@@ -6,8 +6,6 @@
 //!
 //! Arrays are `[z, y, x]`; bounding boxes are half-open, as nnU-Net's.
 
-use std::collections::VecDeque;
-
 use ndarray::{s, Array3, ArrayView3, Zip};
 
 /// Label written into the segmentation outside the nonzero mask (nnU-Net's `nonzero_label`).
@@ -33,7 +31,8 @@ impl BoundingBox {
         [0, 1, 2].map(|axis| self.end[axis] - self.start[axis])
     }
 
-    fn cut<'a, T>(&self, array: &'a Array3<T>) -> ArrayView3<'a, T> {
+    /// The part of `array` inside the box.
+    pub fn cut<'a, T>(&self, array: &'a Array3<T>) -> ArrayView3<'a, T> {
         let [z0, y0, x0] = self.start;
         let [z1, y1, x1] = self.end;
         array.slice(s![z0..z1, y0..y1, x0..x1])
@@ -58,65 +57,75 @@ pub struct Cropped {
 ///
 /// Panics if `channels` is empty or the channels differ in shape (callers check the files first).
 pub fn nonzero_mask(channels: &[Array3<f32>]) -> Array3<bool> {
+    fill_holes(&any_nonzero(channels))
+}
+
+/// Where any channel is nonzero, holes not filled.
+fn any_nonzero(channels: &[Array3<f32>]) -> Array3<bool> {
     let first = channels.first().expect("nonzero_mask needs at least one channel");
     let mut mask = first.mapv(|v| v != 0.0);
     for channel in &channels[1..] {
         assert_eq!(channel.shape(), first.shape(), "channels must share one shape");
         Zip::from(&mut mask).and(channel).for_each(|m, &v| *m |= v != 0.0);
     }
-    fill_holes(&mask)
+    mask
+}
+
+/// The crop box of [`crop_to_nonzero`] without building the cropped arrays. Filling holes never
+/// moves the bounding box (a hole lies inside it), so the unfilled mask is enough.
+pub fn nonzero_bounding_box(channels: &[Array3<f32>]) -> BoundingBox {
+    let mask = any_nonzero(channels);
+    let shape: [usize; 3] = mask.shape().try_into().expect("3D");
+    bounding_box(&mask).unwrap_or(BoundingBox::full(shape))
 }
 
 /// scipy's `binary_fill_holes` with its default structure (6-connectivity in 3D): background that
 /// cannot be reached from outside the array through face neighbours becomes foreground.
 pub fn fill_holes(mask: &Array3<bool>) -> Array3<bool> {
-    let shape = mask.dim();
-    let (nz, ny, nx) = shape;
-    let flat: Vec<bool> = mask.iter().copied().collect();
-    let index = |z: usize, y: usize, x: usize| (z * ny + y) * nx + x;
-    // `outside[i]`: background voxel reachable from beyond the border. Seeds are the background
-    // voxels on the border, since scipy treats everything beyond the array as background.
-    let mut outside = vec![false; flat.len()];
-    let mut queue = VecDeque::new();
+    let (nz, ny, nx) = mask.dim();
+    let strides = [ny * nx, nx, 1];
+    // 0: background not (yet) known to reach the outside, 1: foreground, 2: outside background.
+    let mut state: Vec<u8> = mask.iter().map(|&m| u8::from(m)).collect();
+    let mut stack: Vec<usize> = Vec::new();
+    let mut seed = |i: usize, state: &mut Vec<u8>| {
+        if state[i] == 0 {
+            state[i] = 2;
+            stack.push(i);
+        }
+    };
+    // Seeds: background on the six faces (scipy treats everything beyond the array as background).
     for z in 0..nz {
         for y in 0..ny {
-            for x in 0..nx {
-                let on_border = z == 0 || y == 0 || x == 0 || z + 1 == nz || y + 1 == ny || x + 1 == nx;
-                let i = index(z, y, x);
-                if on_border && !flat[i] {
-                    outside[i] = true;
-                    queue.push_back((z, y, x));
-                }
+            let row = z * strides[0] + y * strides[1];
+            if z == 0 || z + 1 == nz || y == 0 || y + 1 == ny {
+                (0..nx).for_each(|x| seed(row + x, &mut state));
+            } else {
+                seed(row, &mut state);
+                seed(row + nx - 1, &mut state);
             }
         }
     }
-    while let Some((z, y, x)) = queue.pop_front() {
-        for (dz, dy, dx) in FACE_NEIGHBOURS {
-            let (Some(z), Some(y), Some(x)) = (step(z, dz, nz), step(y, dy, ny), step(x, dx, nx)) else {
-                continue;
-            };
-            let i = index(z, y, x);
-            if !flat[i] && !outside[i] {
-                outside[i] = true;
-                queue.push_back((z, y, x));
+    // Depth-first flood over face neighbours, on flat indices (no per-voxel tuple arithmetic).
+    while let Some(i) = stack.pop() {
+        let (z, rest) = (i / strides[0], i % strides[0]);
+        let (y, x) = (rest / nx, rest % nx);
+        let neighbours = [
+            (z > 0).then(|| i - strides[0]),
+            (z + 1 < nz).then(|| i + strides[0]),
+            (y > 0).then(|| i - strides[1]),
+            (y + 1 < ny).then(|| i + strides[1]),
+            (x > 0).then(|| i - 1),
+            (x + 1 < nx).then(|| i + 1),
+        ];
+        for j in neighbours.into_iter().flatten() {
+            if state[j] == 0 {
+                state[j] = 2;
+                stack.push(j);
             }
         }
     }
-    Array3::from_shape_vec(shape, outside.into_iter().map(|o| !o).collect())
+    Array3::from_shape_vec((nz, ny, nx), state.into_iter().map(|s| s != 2).collect())
         .expect("same number of voxels as the input")
-}
-
-const FACE_NEIGHBOURS: [(isize, isize, isize); 6] = [
-    (-1, 0, 0),
-    (1, 0, 0),
-    (0, -1, 0),
-    (0, 1, 0),
-    (0, 0, -1),
-    (0, 0, 1),
-];
-
-fn step(position: usize, delta: isize, len: usize) -> Option<usize> {
-    position.checked_add_signed(delta).filter(|&p| p < len)
 }
 
 /// The smallest box holding every `true` voxel; `None` if there is none.
@@ -137,7 +146,7 @@ pub fn bounding_box(mask: &Array3<bool>) -> Option<BoundingBox> {
 ///
 /// Panics if `channels` is empty or channels and segmentation differ in shape.
 pub fn crop_to_nonzero(channels: Vec<Array3<f32>>, seg: Option<Array3<i32>>) -> Cropped {
-    let mask = nonzero_mask(&channels);
+    let mask = any_nonzero(&channels);
     let shape_before: [usize; 3] = mask.shape().try_into().expect("3D");
     if let Some(seg) = &seg {
         assert_eq!(
@@ -147,7 +156,9 @@ pub fn crop_to_nonzero(channels: Vec<Array3<f32>>, seg: Option<Array3<i32>>) -> 
         );
     }
     let bbox = bounding_box(&mask).unwrap_or(BoundingBox::full(shape_before));
-    let mask = bbox.cut(&mask);
+    // Filling holes inside the box gives the same mask there as filling the whole array: every
+    // voxel outside the box is background connected to the array's border.
+    let mask = fill_holes(&bbox.cut(&mask).to_owned());
     let channels = channels.iter().map(|c| bbox.cut(c).to_owned()).collect();
     let seg = match seg {
         Some(seg) => {

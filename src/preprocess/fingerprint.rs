@@ -13,12 +13,12 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use ndarray::{Array3, Zip};
+use ndarray::{Array3, ArrayView3, Zip};
 use rayon::prelude::*;
 
 use crate::data::dataset::{Case, Dataset};
 use crate::data::nifti::{self, NiftiError};
-use crate::preprocess::crop::crop_to_nonzero;
+use crate::preprocess::crop::nonzero_bounding_box;
 use crate::preprocess::fingerprint_format::{Fingerprint, IntensityStats};
 use crate::preprocess::numpy_random::RandomState;
 
@@ -91,22 +91,30 @@ pub fn case_fingerprint(
     samples_per_case: usize,
     seed: u64,
 ) -> CaseFingerprint {
-    let cropped = crop_to_nonzero(images, Some(seg));
-    let shape_after_crop = cropped.bbox.shape();
+    // Only the crop box matters here (foreground is `seg > 0`, whatever the filled mask says), so
+    // no cropped copies and no hole filling.
+    assert_eq!(
+        seg.shape(),
+        images[0].shape(),
+        "segmentation must have the image's shape"
+    );
+    let shape_before_crop: [usize; 3] = seg.shape().try_into().expect("3D");
+    let bbox = nonzero_bounding_box(&images);
+    let shape_after_crop = bbox.shape();
+    let seg = bbox.cut(&seg);
     let mut rng = RandomState::new(seed as u32);
-    let foreground_samples = cropped
-        .channels
+    let foreground_samples = images
         .iter()
         .map(|channel| {
-            let foreground = foreground_values(channel, &cropped.seg);
+            let foreground = foreground_values(bbox.cut(channel), seg);
             sample_with_replacement(&foreground, samples_per_case, &mut rng)
         })
         .collect();
     CaseFingerprint {
         spacing,
-        shape_before_crop: cropped.shape_before,
+        shape_before_crop,
         shape_after_crop,
-        relative_size_after_crop: voxels(shape_after_crop) as f64 / voxels(cropped.shape_before) as f64,
+        relative_size_after_crop: voxels(shape_after_crop) as f64 / voxels(shape_before_crop) as f64,
         foreground_samples,
     }
 }
@@ -116,7 +124,7 @@ fn voxels(shape: [usize; 3]) -> usize {
 }
 
 /// Values of `channel` where `seg > 0`, in C order.
-fn foreground_values(channel: &Array3<f32>, seg: &Array3<i32>) -> Vec<f32> {
+fn foreground_values(channel: ArrayView3<f32>, seg: ArrayView3<i32>) -> Vec<f32> {
     let mut values = Vec::new();
     Zip::from(channel).and(seg).for_each(|&v, &label| {
         if label > 0 {
@@ -232,7 +240,7 @@ fn check_shape(
 
 /// Pools the cases (in case order) into the fingerprint. Consumes the samples channel by channel
 /// so that at most one channel's pooled samples exist besides the per-case ones.
-fn aggregate(mut cases: Vec<CaseFingerprint>, channels: usize) -> Result<Fingerprint, FingerprintError> {
+pub fn aggregate(mut cases: Vec<CaseFingerprint>, channels: usize) -> Result<Fingerprint, FingerprintError> {
     let mut stats = BTreeMap::new();
     for channel in 0..channels {
         let mut pooled = Vec::with_capacity(cases.iter().map(|c| c.foreground_samples[channel].len()).sum());

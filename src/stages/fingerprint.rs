@@ -1,13 +1,17 @@
 //! The `fingerprint` stage: checks a dataset's integrity and extracts nnU-Net's dataset
 //! fingerprint (`dataset_fingerprint.json`).
 
+use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{build_typed, dataset_inputs, thread_pool, Kind, Stage, StageContext, StageInput};
 use crate::data::dataset::Dataset;
-use crate::data::integrity::check_dataset;
-use crate::preprocess::fingerprint::{dataset_fingerprint_with_budget, FOREGROUND_SAMPLES_TOTAL};
+use crate::data::integrity::{check_case, load_case, Report};
+use crate::preprocess::fingerprint::{
+    aggregate, case_fingerprint, dataset_fingerprint_with_budget, CaseFingerprint, FOREGROUND_SAMPLES_TOTAL,
+    SAMPLING_SEED,
+};
 
 pub const KIND: Kind = Kind {
     name: "fingerprint",
@@ -54,21 +58,73 @@ impl Stage for FingerprintStage {
 
     fn run(&self, ctx: &StageContext) -> Result<(), String> {
         let dataset = Dataset::open(&ctx.root.join(&self.dataset)).map_err(|e| e.to_string())?;
-        let pool = thread_pool(ctx)?;
-        if self.check_integrity {
-            let report = pool.install(|| check_dataset(&dataset));
-            if !report.is_ok() {
-                return Err(format!(
-                    "dataset {}:\n{}",
-                    dataset.root.display(),
-                    report.render()
-                ));
-            }
-        }
-        let fingerprint =
+        let fingerprint = if self.check_integrity {
+            let pool = thread_pool(ctx)?;
+            pool.install(|| checked_fingerprint(&dataset, self.foreground_samples))?
+        } else {
             dataset_fingerprint_with_budget(&dataset, ctx.threads as usize, self.foreground_samples)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| e.to_string())?
+        };
         let text = serde_json::to_vec_pretty(&fingerprint).map_err(|e| e.to_string())?;
         std::fs::write(ctx.out_dir.join("dataset_fingerprint.json"), text).map_err(|e| e.to_string())
     }
+}
+
+/// Checks and fingerprints every case in one pass (each case is read once), then reports every
+/// problem of every case together, or pools the fingerprints.
+fn checked_fingerprint(
+    dataset: &Dataset,
+    samples_total: usize,
+) -> Result<crate::preprocess::fingerprint_format::Fingerprint, String> {
+    let mut report = Report {
+        problems: dataset.layout_problems(),
+        warnings: Vec::new(),
+    };
+    if !report.is_ok() {
+        return Err(format!(
+            "dataset {}:\n{}",
+            dataset.root.display(),
+            report.render()
+        ));
+    }
+    let allowed = dataset.allowed_label_values();
+    let samples_per_case = samples_total / dataset.cases.len().max(1);
+    let results: Vec<(Report, Option<CaseFingerprint>)> = dataset
+        .cases
+        .par_iter()
+        .map(|case| match load_case(case) {
+            Err(problems) => (
+                Report {
+                    problems,
+                    warnings: Vec::new(),
+                },
+                None,
+            ),
+            Ok(loaded) => {
+                let case_report = check_case(&loaded, &allowed);
+                if !case_report.is_ok() {
+                    return (case_report, None);
+                }
+                let spacing = loaded.images[0].spacing_zyx();
+                let images = loaded.images.into_iter().map(|v| v.data).collect();
+                let fingerprint =
+                    case_fingerprint(images, loaded.label, spacing, samples_per_case, SAMPLING_SEED);
+                (case_report, Some(fingerprint))
+            }
+        })
+        .collect();
+    let mut fingerprints = Vec::new();
+    for (case_report, fingerprint) in results {
+        report.problems.extend(case_report.problems);
+        report.warnings.extend(case_report.warnings);
+        fingerprints.extend(fingerprint);
+    }
+    if !report.is_ok() {
+        return Err(format!(
+            "dataset {}:\n{}",
+            dataset.root.display(),
+            report.render()
+        ));
+    }
+    aggregate(fingerprints, dataset.channels.len()).map_err(|e| e.to_string())
 }

@@ -10,7 +10,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{build_typed, dataset_inputs, thread_pool, Kind, Stage, StageContext, StageInput};
-use crate::data::case_store::{list_cases, read_case, write_case, StoredCase};
+use crate::data::case_store::{
+    list_cases, read_case, read_properties, read_seg, write_case, write_case_linked, CaseProperties,
+    StoredCase,
+};
 use crate::data::dataset::Dataset;
 use crate::preprocess::case_steps::{self, PlanView};
 
@@ -78,10 +81,14 @@ impl PreprocessParams {
         inputs
     }
 
-    /// Loads each case, applies `step`, writes it to the stage's outputs.
+    /// Loads each case, applies `step`, writes it to the stage's outputs. `pass_through` may answer
+    /// a case's new properties when its arrays stay as they are in the source folder; they are then
+    /// linked, not read and written.
     fn process(
         &self,
         ctx: &StageContext,
+        pass_through: impl Fn(&std::path::Path, &str, &PlanView, &Dataset) -> Result<Option<CaseProperties>, String>
+            + Sync,
         step: impl Fn(StoredCase, &PlanView, &Dataset) -> Result<StoredCase, String> + Sync,
     ) -> Result<(), String> {
         let dataset = Dataset::open(&ctx.root.join(&self.dataset)).map_err(|e| e.to_string())?;
@@ -104,6 +111,12 @@ impl PreprocessParams {
             ids.par_iter().try_for_each(|id| {
                 if ctx.cancel.load(std::sync::atomic::Ordering::SeqCst) {
                     return Err("interrupted".to_string());
+                }
+                if let Some(folder) = &source {
+                    if let Some(properties) = pass_through(folder, id, &plan, &dataset)? {
+                        return write_case_linked(folder, ctx.out_dir, id, &properties)
+                            .map_err(|e| e.to_string());
+                    }
                 }
                 let case = match &source {
                     Some(folder) => read_case(folder, id).map_err(|e| e.to_string())?,
@@ -129,13 +142,17 @@ impl Stage for NormalizeStage {
     }
 
     fn run(&self, ctx: &StageContext) -> Result<(), String> {
-        self.0.process(ctx, |mut case, plan, _| {
-            if case.properties.normalized {
-                return Err("is already normalized (two normalize stages in a row?)".into());
-            }
-            case_steps::normalize(&mut case, plan)?;
-            Ok(case)
-        })
+        self.0.process(
+            ctx,
+            |_, _, _, _| Ok(None),
+            |mut case, plan, _| {
+                if case.properties.normalized {
+                    return Err("is already normalized (two normalize stages in a row?)".into());
+                }
+                case_steps::normalize(&mut case, plan)?;
+                Ok(case)
+            },
+        )
     }
 }
 
@@ -149,7 +166,7 @@ impl Stage for ResampleStage {
     }
 
     fn run(&self, ctx: &StageContext) -> Result<(), String> {
-        self.0.process(ctx, |case, plan, dataset| {
+        self.0.process(ctx, unchanged_grid, |case, plan, dataset| {
             if case.properties.resampled {
                 return Err("is already resampled (two resample stages in a row?)".into());
             }
@@ -158,4 +175,33 @@ impl Stage for ResampleStage {
             Ok(case)
         })
     }
+}
+
+/// A case already on the configuration's grid (nnU-Net then leaves its arrays untouched): only its
+/// spacing and class locations change, so the arrays are linked from the source.
+fn unchanged_grid(
+    folder: &std::path::Path,
+    id: &str,
+    plan: &PlanView,
+    dataset: &Dataset,
+) -> Result<Option<CaseProperties>, String> {
+    let mut properties = read_properties(folder, id).map_err(|e| e.to_string())?;
+    if properties.resampled {
+        return Ok(None); // the step reports this
+    }
+    let seg = read_seg(folder, id).map_err(|e| e.to_string())?;
+    let Some(seg) = seg else { return Ok(None) };
+    let shape = [seg.shape()[1], seg.shape()[2], seg.shape()[3]];
+    if case_steps::resampled_shape(&properties, shape, plan)? != shape {
+        return Ok(None);
+    }
+    properties.spacing = plan.target_spacing(properties.spacing)?;
+    properties.resampled = true;
+    let mut case = StoredCase {
+        data: ndarray::Array4::zeros((0, 0, 0, 0)),
+        seg: Some(seg),
+        properties,
+    };
+    case_steps::add_class_locations(&mut case, &case_steps::location_targets(dataset));
+    Ok(Some(case.properties))
 }
