@@ -71,9 +71,15 @@ pub fn write_case(folder: &Path, id: &str, case: &StoredCase) -> Result<(), Case
         message,
     };
     std::fs::create_dir_all(folder).map_err(|e| properties_error(e.to_string()))?;
-    write_renamed(&data_path, |tmp| npy::write(tmp, &case.data.clone().into_dyn()))?;
+    write_renamed(&data_path, |tmp| npy::write(tmp, case.data.view()))?;
     if let Some(seg) = &case.seg {
-        write_renamed(&seg_path, |tmp| npy::write(tmp, &seg.clone().into_dyn()))?;
+        // int8 when the labels fit, as nnU-Net stores them: half the bytes to write and read.
+        if seg.iter().all(|&v| i8::try_from(v).is_ok()) {
+            let narrow = seg.mapv(|v| v as i8);
+            write_renamed(&seg_path, |tmp| npy::write(tmp, narrow.view()))?;
+        } else {
+            write_renamed(&seg_path, |tmp| npy::write(tmp, seg.view()))?;
+        }
     }
     // Compact: class locations are ten thousand coordinates per class.
     let text = serde_json::to_vec(&case.properties).map_err(|e| properties_error(e.to_string()))?;
@@ -110,7 +116,7 @@ pub fn read_seg(folder: &Path, id: &str) -> Result<Option<Array4<i16>>, CaseStor
     if !seg_path.exists() {
         return Ok(None);
     }
-    let seg = npy::read::<i16>(&seg_path)?
+    let seg = npy::read_labels(&seg_path)?
         .into_dimensionality::<Ix4>()
         .map_err(|e| CaseStoreError::Shape {
             case: id.to_string(),
@@ -162,7 +168,7 @@ pub fn read_case(folder: &Path, id: &str) -> Result<StoredCase, CaseStoreError> 
         .into_dimensionality::<Ix4>()
         .map_err(|e| shape(e.to_string()))?;
     let seg = if seg_path.exists() {
-        let seg = npy::read::<i16>(&seg_path)?
+        let seg = npy::read_labels(&seg_path)?
             .into_dimensionality::<Ix4>()
             .map_err(|e| shape(e.to_string()))?;
         if seg.shape()[1..] != data.shape()[1..] {

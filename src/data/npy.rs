@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-use ndarray::{ArrayD, IxDyn};
+use ndarray::{ArrayD, ArrayView, Dimension, IxDyn};
 
 const MAGIC: &[u8] = b"\x93NUMPY";
 
@@ -48,7 +48,7 @@ pub enum NpyError {
 }
 
 /// Writes an array (any dimension, standard or not: it is written in logical C order).
-pub fn write<T: NpyElement>(path: &Path, array: &ArrayD<T>) -> Result<(), NpyError> {
+pub fn write<T: NpyElement, D: Dimension>(path: &Path, array: ArrayView<T, D>) -> Result<(), NpyError> {
     let io = |source| NpyError::Io {
         path: path.to_path_buf(),
         source,
@@ -88,6 +88,24 @@ pub fn write<T: NpyElement>(path: &Path, array: &ArrayD<T>) -> Result<(), NpyErr
     file.flush().map_err(io)
 }
 
+/// Reads an integer label array stored as int8 or int16 (nnU-Net stores int8 when labels fit).
+pub fn read_labels(path: &Path) -> Result<ArrayD<i16>, NpyError> {
+    let mut head = vec![0u8; 256];
+    let mut file = File::open(path).map_err(|source| NpyError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let length = read_up_to(&mut file, &mut head).map_err(|source| NpyError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if String::from_utf8_lossy(&head[..length]).contains("'descr': '|i1'") {
+        Ok(read::<i8>(path)?.mapv(i16::from))
+    } else {
+        read::<i16>(path)
+    }
+}
+
 /// Reads a whole array written by [`write`] or numpy (version 1/2 headers, C order, matching dtype).
 pub fn read<T: NpyElement>(path: &Path) -> Result<ArrayD<T>, NpyError> {
     let io = |source| NpyError::Io {
@@ -111,10 +129,14 @@ pub fn read<T: NpyElement>(path: &Path) -> Result<ArrayD<T>, NpyError> {
     target[..already].copy_from_slice(&head[offset..offset + already]);
     let got = already + read_up_to(&mut file, &mut target[already..]).map_err(io)?;
     if got < target.len() {
-        return Err(format(format!("truncated: {got} bytes of data for shape {shape:?}")));
+        return Err(format(format!(
+            "truncated: {got} bytes of data for shape {shape:?}"
+        )));
     }
     if cfg!(target_endian = "big") {
-        values.iter_mut().for_each(|v| *v = T::read_le(bytemuck::bytes_of(v)));
+        values
+            .iter_mut()
+            .for_each(|v| *v = T::read_le(bytemuck::bytes_of(v)));
     }
     ArrayD::from_shape_vec(IxDyn(&shape), values).map_err(|e| format(e.to_string()))
 }
@@ -176,7 +198,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.npy");
         let array = ArrayD::from_shape_fn(IxDyn(&[2, 3, 4]), |i| (i[0] * 12 + i[1] * 4 + i[2]) as f32 * 0.5);
-        write(&path, &array).unwrap();
+        write(&path, array.view()).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
         assert_eq!((10 + header_len) % 64, 0, "data aligned to 64 bytes");
@@ -185,7 +207,7 @@ mod tests {
             .starts_with("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3, 4), }"));
         assert_eq!(read::<f32>(&path).unwrap(), array);
         let labels = ArrayD::from_shape_fn(IxDyn(&[5]), |i| i[0] as i16 - 1);
-        write(&path, &labels).unwrap();
+        write(&path, labels.view()).unwrap();
         assert_eq!(read::<i16>(&path).unwrap(), labels);
     }
 
@@ -193,7 +215,7 @@ mod tests {
     fn wrong_dtype_or_garbage_is_an_error_naming_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("b.npy");
-        write(&path, &ArrayD::<f32>::zeros(IxDyn(&[3]))).unwrap();
+        write(&path, ArrayD::<f32>::zeros(IxDyn(&[3])).view()).unwrap();
         let error = read::<i16>(&path).unwrap_err().to_string();
         assert!(error.contains("b.npy") && error.contains("<i2"), "{error}");
         std::fs::write(&path, b"garbage").unwrap();

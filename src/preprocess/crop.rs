@@ -83,49 +83,53 @@ pub fn nonzero_bounding_box(channels: &[Array3<f32>]) -> BoundingBox {
 /// cannot be reached from outside the array through face neighbours becomes foreground.
 pub fn fill_holes(mask: &Array3<bool>) -> Array3<bool> {
     let (nz, ny, nx) = mask.dim();
-    let strides = [ny * nx, nx, 1];
-    // 0: background not (yet) known to reach the outside, 1: foreground, 2: outside background.
-    let mut state: Vec<u8> = mask.iter().map(|&m| u8::from(m)).collect();
-    let mut stack: Vec<usize> = Vec::new();
-    let mut seed = |i: usize, state: &mut Vec<u8>| {
-        if state[i] == 0 {
-            state[i] = 2;
-            stack.push(i);
+    // Work on a copy padded with one voxel of background on every side: the padding is one
+    // connected region standing for "beyond the array", so a single seed reaches all outside
+    // background, and neighbours need no bounds checks.
+    let (pz, py, px) = (nz + 2, ny + 2, nx + 2);
+    let (plane, row) = (py * px, px);
+    const BACKGROUND: u8 = 0;
+    const FOREGROUND: u8 = 1;
+    const OUTSIDE: u8 = 2;
+    let mut state = vec![BACKGROUND; pz * plane];
+    for ((z, y, x), &m) in mask.indexed_iter() {
+        if m {
+            state[(z + 1) * plane + (y + 1) * row + x + 1] = FOREGROUND;
         }
+    }
+    let in_padding = |i: usize| {
+        let (z, rest) = (i / plane, i % plane);
+        let (y, x) = (rest / row, rest % row);
+        z == 0 || z == pz - 1 || y == 0 || y == py - 1 || x == 0 || x == px - 1
     };
-    // Seeds: background on the six faces (scipy treats everything beyond the array as background).
-    for z in 0..nz {
-        for y in 0..ny {
-            let row = z * strides[0] + y * strides[1];
-            if z == 0 || z + 1 == nz || y == 0 || y + 1 == ny {
-                (0..nx).for_each(|x| seed(row + x, &mut state));
-            } else {
-                seed(row, &mut state);
-                seed(row + nx - 1, &mut state);
-            }
-        }
-    }
-    // Depth-first flood over face neighbours, on flat indices (no per-voxel tuple arithmetic).
+    state[0] = OUTSIDE;
+    let mut stack = vec![0usize];
     while let Some(i) = stack.pop() {
-        let (z, rest) = (i / strides[0], i % strides[0]);
-        let (y, x) = (rest / nx, rest % nx);
-        let neighbours = [
-            (z > 0).then(|| i - strides[0]),
-            (z + 1 < nz).then(|| i + strides[0]),
-            (y > 0).then(|| i - strides[1]),
-            (y + 1 < ny).then(|| i + strides[1]),
-            (x > 0).then(|| i - 1),
-            (x + 1 < nx).then(|| i + 1),
-        ];
-        for j in neighbours.into_iter().flatten() {
-            if state[j] == 0 {
-                state[j] = 2;
-                stack.push(j);
+        // Padding voxels sit at the edge of the padded array, so only they need bounds checks.
+        let edge = in_padding(i);
+        for offset in [plane, row, 1] {
+            for j in [i.wrapping_sub(offset), i + offset] {
+                if j < state.len() && state[j] == BACKGROUND && (!edge || adjacent(i, j, offset, plane, row))
+                {
+                    state[j] = OUTSIDE;
+                    stack.push(j);
+                }
             }
         }
     }
-    Array3::from_shape_vec((nz, ny, nx), state.into_iter().map(|s| s != 2).collect())
-        .expect("same number of voxels as the input")
+    Array3::from_shape_fn((nz, ny, nx), |(z, y, x)| {
+        state[(z + 1) * plane + (y + 1) * row + x + 1] != OUTSIDE
+    })
+}
+
+/// Whether flat neighbour `j` of `i` (at distance `offset` along one axis) really is adjacent,
+/// not wrapped around to the other side of a row or plane.
+fn adjacent(i: usize, j: usize, offset: usize, plane: usize, row: usize) -> bool {
+    match offset {
+        1 => i / row == j / row,
+        o if o == row => i / plane == j / plane,
+        _ => true,
+    }
 }
 
 /// The smallest box holding every `true` voxel; `None` if there is none.
