@@ -141,8 +141,14 @@ pub fn load_raw(case: &Case, with_label: bool, transpose: [usize; 3]) -> Result<
     let channels: Vec<Array3<f32>> = channels.into_iter().map(|c| transposed(c, transpose)).collect();
     let shape_before_cropping = shape3(channels[0].shape());
     let cropped = crop_to_nonzero(channels, seg);
-    let views: Vec<_> = cropped.channels.iter().map(|c| c.view()).collect();
-    let data = ndarray::stack(Axis(0), &views).map_err(|e| format!("case {}: {e}", case.id))?;
+    let data = match <[Array3<f32>; 1]>::try_from(cropped.channels) {
+        // One channel (the usual case): a view as (1, z, y, x), no copy.
+        Ok([channel]) => channel.insert_axis(Axis(0)),
+        Err(channels) => {
+            let views: Vec<_> = channels.iter().map(|c| c.view()).collect();
+            ndarray::stack(Axis(0), &views).map_err(|e| format!("case {}: {e}", case.id))?
+        }
+    };
     let bbox = cropped.bbox;
     let properties = CaseProperties {
         spacing: transpose.map(|axis| spacing[axis]),

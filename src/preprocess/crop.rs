@@ -74,9 +74,50 @@ fn any_nonzero(channels: &[Array3<f32>]) -> Array3<bool> {
 /// The crop box of [`crop_to_nonzero`] without building the cropped arrays. Filling holes never
 /// moves the bounding box (a hole lies inside it), so the unfilled mask is enough.
 pub fn nonzero_bounding_box(channels: &[Array3<f32>]) -> BoundingBox {
-    let mask = any_nonzero(channels);
-    let shape: [usize; 3] = mask.shape().try_into().expect("3D");
-    bounding_box(&mask).unwrap_or(BoundingBox::full(shape))
+    let first = channels
+        .first()
+        .expect("nonzero_bounding_box needs at least one channel");
+    let shape: [usize; 3] = first.shape().try_into().expect("3D");
+    // The box of "any channel nonzero" is the union of each channel's box; no mask is built.
+    let boxes = channels.iter().filter_map(|channel| {
+        assert_eq!(channel.shape(), first.shape(), "channels must share one shape");
+        nonzero_box_of(channel)
+    });
+    boxes
+        .reduce(|a, b| BoundingBox {
+            start: [0, 1, 2].map(|i| a.start[i].min(b.start[i])),
+            end: [0, 1, 2].map(|i| a.end[i].max(b.end[i])),
+        })
+        .unwrap_or(BoundingBox::full(shape))
+}
+
+/// The box of one channel's nonzero voxels, scanning rows for their first and last nonzero.
+fn nonzero_box_of(channel: &Array3<f32>) -> Option<BoundingBox> {
+    let mut start = [usize::MAX; 3];
+    let mut end = [0; 3];
+    for ((z, y), row) in channel
+        .lanes(ndarray::Axis(2))
+        .into_iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let ny = channel.shape()[1];
+            ((i / ny, i % ny), row)
+        })
+    {
+        let Some(first) = row.iter().position(|&v| v != 0.0) else {
+            continue;
+        };
+        let last = row.len()
+            - 1
+            - row
+                .iter()
+                .rev()
+                .position(|&v| v != 0.0)
+                .expect("a nonzero exists");
+        start = [start[0].min(z), start[1].min(y), start[2].min(first)];
+        end = [end[0].max(z + 1), end[1].max(y + 1), end[2].max(last + 1)];
+    }
+    (start[0] != usize::MAX).then_some(BoundingBox { start, end })
 }
 
 /// scipy's `binary_fill_holes` with its default structure (6-connectivity in 3D): background that
@@ -150,20 +191,19 @@ pub fn bounding_box(mask: &Array3<bool>) -> Option<BoundingBox> {
 ///
 /// Panics if `channels` is empty or channels and segmentation differ in shape.
 pub fn crop_to_nonzero(channels: Vec<Array3<f32>>, seg: Option<Array3<i32>>) -> Cropped {
-    let mask = any_nonzero(&channels);
-    let shape_before: [usize; 3] = mask.shape().try_into().expect("3D");
+    let shape_before: [usize; 3] = channels[0].shape().try_into().expect("3D");
     if let Some(seg) = &seg {
         assert_eq!(
             seg.shape(),
-            mask.shape(),
+            channels[0].shape(),
             "segmentation must have the image's shape"
         );
     }
-    let bbox = bounding_box(&mask).unwrap_or(BoundingBox::full(shape_before));
+    let bbox = nonzero_bounding_box(&channels);
+    let channels: Vec<Array3<f32>> = channels.iter().map(|c| bbox.cut(c).to_owned()).collect();
     // Filling holes inside the box gives the same mask there as filling the whole array: every
     // voxel outside the box is background connected to the array's border.
-    let mask = fill_holes(&bbox.cut(&mask).to_owned());
-    let channels = channels.iter().map(|c| bbox.cut(c).to_owned()).collect();
+    let mask = fill_holes(&any_nonzero(&channels));
     let seg = match seg {
         Some(seg) => {
             let mut seg = bbox.cut(&seg).to_owned();
