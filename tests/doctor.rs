@@ -39,5 +39,8 @@ fn the_engine_binary_does_not_link_libtorch() {
         .args(["-d", env!("CARGO_BIN_EXE_nnflow-torch")])
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&worker.stdout).contains("libtorch_cpu.so"), "the worker does link it");
+    assert!(
+        String::from_utf8_lossy(&worker.stdout).contains("libtorch_cpu.so"),
+        "the worker does link it"
+    );
 }

@@ -1,0 +1,349 @@
+//! The transform registry and the configurable pipeline: which transforms run, in which order, with
+//! which parameters, and how each sample's randomness is derived.
+//!
+//! A pipeline deserializes from a plain list (JSON, or a TOML array of inline tables):
+//! `[{ name = "gaussian_noise", p = 0.1, variance = [0.0, 0.1] }, { name = "mirror" }]`. Every entry
+//! names a registered transform; omitted keys take nnU-Net's defaults; unknown names and unknown keys
+//! are rejected; `enabled = false` switches an entry off without deleting it.
+
+use ndarray::Axis;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::blur::GaussianBlurParams;
+use super::da_config::DaConfig;
+use super::intensity::{
+    BrightnessParams, ContrastParams, GammaInvertedParams, GammaParams, GaussianNoiseParams,
+};
+use super::low_resolution::LowResolutionParams;
+use super::mirror::MirrorParams;
+use super::seg::{MaskImageParams, RemoveLabelParams};
+use super::spatial::SpatialParams;
+use super::{AugmentError, Sample, SampleRng};
+
+/// One registered transform with its parameters; `name` selects the variant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "snake_case")]
+pub enum TransformSpec {
+    Spatial(SpatialParams),
+    GaussianNoise(GaussianNoiseParams),
+    GaussianBlur(GaussianBlurParams),
+    Brightness(BrightnessParams),
+    Contrast(ContrastParams),
+    LowResolution(LowResolutionParams),
+    GammaInverted(GammaInvertedParams),
+    Gamma(GammaParams),
+    Mirror(MirrorParams),
+    MaskImage(MaskImageParams),
+    RemoveLabel(RemoveLabelParams),
+}
+
+impl TransformSpec {
+    /// The registry name (the `name` key in configs).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Spatial(_) => "spatial",
+            Self::GaussianNoise(_) => "gaussian_noise",
+            Self::GaussianBlur(_) => "gaussian_blur",
+            Self::Brightness(_) => "brightness",
+            Self::Contrast(_) => "contrast",
+            Self::LowResolution(_) => "low_resolution",
+            Self::GammaInverted(_) => "gamma_inverted",
+            Self::Gamma(_) => "gamma",
+            Self::Mirror(_) => "mirror",
+            Self::MaskImage(_) => "mask_image",
+            Self::RemoveLabel(_) => "remove_label",
+        }
+    }
+
+    /// `(enabled, p)`: whether the entry is switched on and its per-sample probability.
+    pub fn gate(&self) -> (bool, f64) {
+        match self {
+            Self::Spatial(t) => (t.enabled, t.p),
+            Self::GaussianNoise(t) => (t.enabled, t.p),
+            Self::GaussianBlur(t) => (t.enabled, t.p),
+            Self::Brightness(t) => (t.enabled, t.p),
+            Self::Contrast(t) => (t.enabled, t.p),
+            Self::LowResolution(t) => (t.enabled, t.p),
+            Self::GammaInverted(t) => (t.enabled, t.p),
+            Self::Gamma(t) => (t.enabled, t.p),
+            Self::Mirror(t) => (t.enabled, t.p),
+            Self::MaskImage(t) => (t.enabled, t.p),
+            Self::RemoveLabel(t) => (t.enabled, t.p),
+        }
+    }
+
+    /// Mutable `(enabled, p)`, for switching entries on or off programmatically.
+    pub fn gate_mut(&mut self) -> (&mut bool, &mut f64) {
+        match self {
+            Self::Spatial(t) => (&mut t.enabled, &mut t.p),
+            Self::GaussianNoise(t) => (&mut t.enabled, &mut t.p),
+            Self::GaussianBlur(t) => (&mut t.enabled, &mut t.p),
+            Self::Brightness(t) => (&mut t.enabled, &mut t.p),
+            Self::Contrast(t) => (&mut t.enabled, &mut t.p),
+            Self::LowResolution(t) => (&mut t.enabled, &mut t.p),
+            Self::GammaInverted(t) => (&mut t.enabled, &mut t.p),
+            Self::Gamma(t) => (&mut t.enabled, &mut t.p),
+            Self::Mirror(t) => (&mut t.enabled, &mut t.p),
+            Self::MaskImage(t) => (&mut t.enabled, &mut t.p),
+            Self::RemoveLabel(t) => (&mut t.enabled, &mut t.p),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), AugmentError> {
+        match self {
+            Self::Spatial(t) => t.validate(),
+            Self::GaussianNoise(t) => t.validate(),
+            Self::GaussianBlur(t) => t.validate(),
+            Self::Brightness(t) => t.validate(),
+            Self::Contrast(t) => t.validate(),
+            Self::LowResolution(t) => t.validate(),
+            Self::GammaInverted(t) => t.as_gamma().validate("gamma_inverted"),
+            Self::Gamma(t) => t.validate("gamma"),
+            Self::Mirror(t) => t.validate(),
+            Self::MaskImage(t) => t.validate(),
+            Self::RemoveLabel(t) => t.validate(),
+        }
+    }
+
+    /// Applies the transform unconditionally (the pipeline has already drawn `p`).
+    pub fn apply(&self, sample: &mut Sample, rng: &mut SampleRng) {
+        match self {
+            Self::Spatial(t) => t.apply(sample, rng),
+            Self::GaussianNoise(t) => t.apply(sample, rng),
+            Self::GaussianBlur(t) => t.apply(sample, rng),
+            Self::Brightness(t) => t.apply(sample, rng),
+            Self::Contrast(t) => t.apply(sample, rng),
+            Self::LowResolution(t) => t.apply(sample, rng),
+            Self::GammaInverted(t) => t.as_gamma().apply(sample, rng),
+            Self::Gamma(t) => t.apply(sample, rng),
+            Self::Mirror(t) => t.apply(sample, rng),
+            Self::MaskImage(t) => t.apply(sample, rng),
+            Self::RemoveLabel(t) => t.apply(sample, rng),
+        }
+    }
+}
+
+/// An ordered list of transforms; (de)serializes as the bare list.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Pipeline {
+    pub transforms: Vec<TransformSpec>,
+}
+
+/// FNV-1a, to turn a transform's name into a stable stream id.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+impl Pipeline {
+    /// nnU-Net's `get_training_transforms` for the given geometry, without the cascade / regions /
+    /// deep-supervision steps (see [`super::seg::downsample_seg`] for the latter).
+    pub fn nnunet_default(da: &DaConfig) -> Self {
+        let spatial_patch = if da.dummy_2d {
+            da.patch_size[1..].to_vec()
+        } else {
+            da.patch_size.clone()
+        };
+        let ignore_axes = if da.dummy_2d { vec![0] } else { Vec::new() };
+        Self {
+            transforms: vec![
+                TransformSpec::Spatial(SpatialParams {
+                    patch_size: spatial_patch,
+                    rotation_deg: da.rotation_deg,
+                    ..Default::default()
+                }),
+                TransformSpec::GaussianNoise(Default::default()),
+                TransformSpec::GaussianBlur(Default::default()),
+                TransformSpec::Brightness(Default::default()),
+                TransformSpec::Contrast(Default::default()),
+                TransformSpec::LowResolution(LowResolutionParams {
+                    ignore_axes,
+                    ..Default::default()
+                }),
+                TransformSpec::GammaInverted(Default::default()),
+                TransformSpec::Gamma(Default::default()),
+                TransformSpec::Mirror(MirrorParams {
+                    axes: da.mirror_axes.clone(),
+                    ..Default::default()
+                }),
+                TransformSpec::RemoveLabel(Default::default()),
+            ],
+        }
+    }
+
+    /// Adds nnU-Net's `MaskImageTransform` (before `remove_label`) for channels normalised with the
+    /// nonzero mask (`use_mask_for_norm` from the plans); a no-op when none is.
+    pub fn with_mask_for_norm(mut self, use_mask_for_norm: &[bool]) -> Self {
+        let channels: Vec<usize> = (0..use_mask_for_norm.len())
+            .filter(|&c| use_mask_for_norm[c])
+            .collect();
+        if channels.is_empty() {
+            return self;
+        }
+        let at = self
+            .transforms
+            .iter()
+            .position(|t| t.name() == "remove_label")
+            .unwrap_or(self.transforms.len());
+        self.transforms.insert(
+            at,
+            TransformSpec::MaskImage(MaskImageParams {
+                channels,
+                ..Default::default()
+            }),
+        );
+        self
+    }
+
+    /// Parses a JSON list of transforms and validates it.
+    pub fn from_json(text: &str) -> Result<Self, AugmentError> {
+        let pipeline: Self = serde_json::from_str(text).map_err(|e| AugmentError::Config(e.to_string()))?;
+        pipeline.validate()?;
+        Ok(pipeline)
+    }
+
+    /// Checks every entry and reports all problems at once.
+    pub fn validate(&self) -> Result<(), AugmentError> {
+        let problems: Vec<String> = self
+            .transforms
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.validate().err().map(|e| format!("entry {i}: {e}")))
+            .collect();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(AugmentError::Config(problems.join("; ")))
+        }
+    }
+
+    /// Augments one sample. `rng` is the sample's stream (usually `SampleRng::new(seed, epoch, index)`);
+    /// each entry draws from its own fork keyed by name and occurrence, so switching one entry off or
+    /// moving it does not change what the others draw.
+    pub fn apply(&self, mut sample: Sample, rng: &SampleRng) -> Result<Sample, AugmentError> {
+        check_sample(&sample)?;
+        let mut seen: Vec<&'static str> = Vec::new();
+        for t in &self.transforms {
+            let occurrence = seen.iter().filter(|&&n| n == t.name()).count() as u64;
+            seen.push(t.name());
+            let (enabled, p) = t.gate();
+            if !enabled {
+                continue;
+            }
+            let mut r = rng.fork(fnv1a(t.name().as_bytes()) ^ occurrence);
+            if r.bernoulli(p) {
+                t.apply(&mut sample, &mut r);
+            }
+        }
+        // mirroring only flips strides; hand back contiguous arrays
+        if !sample.data.is_standard_layout() {
+            sample.data = sample.data.as_standard_layout().into_owned();
+        }
+        if !sample.seg.is_standard_layout() {
+            sample.seg = sample.seg.as_standard_layout().into_owned();
+        }
+        Ok(sample)
+    }
+
+    /// Augments a batch in parallel; sample `i` uses `SampleRng::new(seed, epoch, first_index + i)`, so
+    /// the result does not depend on the thread count. Use `first_index = iteration * batch_size`.
+    pub fn apply_batch(
+        &self,
+        samples: Vec<Sample>,
+        seed: u64,
+        epoch: u64,
+        first_index: u64,
+    ) -> Result<Vec<Sample>, AugmentError> {
+        samples
+            .into_par_iter()
+            .enumerate()
+            .map(|(i, s)| self.apply(s, &SampleRng::new(seed, epoch, first_index + i as u64)))
+            .collect()
+    }
+}
+
+fn check_sample(sample: &Sample) -> Result<(), AugmentError> {
+    let (d, s) = (sample.data.shape(), sample.seg.shape());
+    if d[1..] != s[1..] || s[0] == 0 || d[0] == 0 || sample.data.len_of(Axis(1)) == 0 {
+        return Err(AugmentError::Shape {
+            data: d.to_vec(),
+            seg: s.to_vec(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_defaults_and_overrides() {
+        let p = Pipeline::from_json(
+            r#"[{"name": "gaussian_noise", "p": 0.5, "variance": [0.0, 0.2]},
+                {"name": "gamma_inverted"}, {"name": "mirror", "enabled": false, "axes": [1, 2]}]"#,
+        )
+        .unwrap();
+        assert_eq!(p.transforms.len(), 3);
+        let TransformSpec::GaussianNoise(n) = &p.transforms[0] else {
+            panic!("{:?}", p.transforms[0])
+        };
+        assert_eq!((n.p, n.variance, n.p_per_channel), (0.5, [0.0, 0.2], 1.0));
+        let TransformSpec::GammaInverted(g) = &p.transforms[1] else {
+            panic!()
+        };
+        assert_eq!((g.p, g.p_invert_image), (0.1, 1.0));
+        assert_eq!(p.transforms[2].gate(), (false, 1.0));
+    }
+
+    #[test]
+    fn rejects_unknown_names_keys_and_bad_values() {
+        let err = Pipeline::from_json(r#"[{"name": "elastic_magic"}]"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown variant `elastic_magic`"), "{err}");
+        let err = Pipeline::from_json(r#"[{"name": "gamma", "gama": [0.7, 1.5]}]"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `gama`"), "{err}");
+        let err = Pipeline::from_json(r#"[{"p": 0.1}]"#).unwrap_err().to_string();
+        assert!(err.contains("name"), "{err}");
+        let err =
+            Pipeline::from_json(r#"[{"name": "brightness", "p": 1.5}, {"name": "mirror", "axes": [3]}]"#)
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("entry 0") && err.contains("entry 1"), "{err}");
+    }
+
+    #[test]
+    fn default_pipeline_round_trips_through_json() {
+        let da = DaConfig::from_patch_size(&[20, 256, 224]).unwrap();
+        let p = Pipeline::nnunet_default(&da).with_mask_for_norm(&[false, true]);
+        let text = serde_json::to_string(&p).unwrap();
+        assert_eq!(Pipeline::from_json(&text).unwrap(), p);
+        let names: Vec<&str> = p.transforms.iter().map(|t| t.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "spatial",
+                "gaussian_noise",
+                "gaussian_blur",
+                "brightness",
+                "contrast",
+                "low_resolution",
+                "gamma_inverted",
+                "gamma",
+                "mirror",
+                "mask_image",
+                "remove_label"
+            ]
+        );
+        let TransformSpec::Spatial(s) = &p.transforms[0] else {
+            panic!()
+        };
+        assert_eq!(s.patch_size, vec![256, 224], "dummy 2D augments in-plane");
+    }
+}
