@@ -237,3 +237,64 @@ fn import_builds_a_dataset_from_plain_folders() {
     assert!(stderr(&refused).contains("not declared"), "{}", stderr(&refused));
     assert!(!project.path().join("Dataset003_Bad").exists());
 }
+
+#[test]
+fn cases_off_the_target_grid_are_resampled_and_cases_on_it_are_linked() {
+    let project = Project::new();
+    let synth = [
+        "synth",
+        "D",
+        "--cases",
+        "3",
+        "--shape",
+        "10,16,16",
+        "--spacing",
+        "3,1,1",
+        "--spacing-variation",
+        "0.2",
+    ];
+    assert_eq!(project.nnflow(&synth).status.code(), Some(0));
+    let pipeline = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/nnunet.toml");
+    project.write("nnunet.toml", &std::fs::read_to_string(pipeline).unwrap());
+    let result = project.run(&[
+        "nnunet.toml",
+        "--set",
+        "dataset=D",
+        "--set",
+        FEW_SAMPLES,
+        "--set",
+        "configurations=[\"3d_fullres\"]",
+    ]);
+    assert_eq!(result.code, 0, "{}", result.stderr);
+    let normalized = project
+        .path()
+        .join(".nnflow/nnunet/out/normalize/configuration=3d_fullres");
+    let resampled = project
+        .path()
+        .join(".nnflow/nnunet/out/resample/configuration=3d_fullres");
+    let (mut moved, mut linked) = (0, 0);
+    for id in list_cases(&resampled) {
+        let before = read_case(&normalized, &id).unwrap();
+        let after = read_case(&resampled, &id).unwrap();
+        assert!(after.properties.resampled && after.properties.class_locations.is_some());
+        if before.data.shape() == after.data.shape() {
+            use std::os::unix::fs::MetadataExt;
+            let inode = |folder: &Path| {
+                std::fs::metadata(folder.join(format!("{id}_data.npy")))
+                    .unwrap()
+                    .ino()
+            };
+            assert_eq!(
+                inode(&normalized),
+                inode(&resampled),
+                "{id}: unchanged arrays are linked"
+            );
+            linked += 1;
+        } else {
+            moved += 1;
+        }
+    }
+    // With spacings varying by up to 20%, the median grid fits some cases and not others.
+    assert!(moved > 0, "some case was resampled");
+    assert_eq!(moved + linked, 3);
+}

@@ -16,6 +16,7 @@ use crate::data::case_store::{
 };
 use crate::data::dataset::Dataset;
 use crate::preprocess::case_steps::{self, PlanView};
+use crate::preprocess::class_locations;
 
 pub const NORMALIZE: Kind = Kind {
     name: "normalize",
@@ -197,11 +198,7 @@ fn unchanged_grid(
     }
     properties.spacing = plan.target_spacing(properties.spacing)?;
     properties.resampled = true;
-    let mut case = StoredCase {
-        data: ndarray::Array4::zeros((0, 0, 0, 0)),
-        seg: Some(seg),
-        properties,
-    };
-    case_steps::add_class_locations(&mut case, &case_steps::location_targets(dataset));
-    Ok(Some(case.properties))
+    let targets = case_steps::location_targets(dataset);
+    properties.class_locations = Some(class_locations::sample(seg.view(), &targets));
+    Ok(Some(properties))
 }
