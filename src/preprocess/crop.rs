@@ -126,7 +126,7 @@ pub fn fill_holes(mask: &Array3<bool>) -> Array3<bool> {
     let (nz, ny, nx) = mask.dim();
     // Work on a copy padded with one voxel of background on every side: the padding is one
     // connected region standing for "beyond the array", so a single seed reaches all outside
-    // background, and neighbours need no bounds checks.
+    // background.
     let (pz, py, px) = (nz + 2, ny + 2, nx + 2);
     let (plane, row) = (py * px, px);
     const BACKGROUND: u8 = 0;
@@ -138,20 +138,15 @@ pub fn fill_holes(mask: &Array3<bool>) -> Array3<bool> {
             state[(z + 1) * plane + (y + 1) * row + x + 1] = FOREGROUND;
         }
     }
-    let in_padding = |i: usize| {
-        let (z, rest) = (i / plane, i % plane);
-        let (y, x) = (rest / row, rest % row);
-        z == 0 || z == pz - 1 || y == 0 || y == py - 1 || x == 0 || x == px - 1
-    };
     state[0] = OUTSIDE;
     let mut stack = vec![0usize];
     while let Some(i) = stack.pop() {
-        // Padding voxels sit at the edge of the padded array, so only they need bounds checks.
-        let edge = in_padding(i);
+        // A flat step that leaves a row or a plane wraps from padding to padding (both sides of
+        // every wrap are padding, which is outside anyway), and a step off either end of the array
+        // fails the bounds check: no coordinates are needed.
         for offset in [plane, row, 1] {
             for j in [i.wrapping_sub(offset), i + offset] {
-                if j < state.len() && state[j] == BACKGROUND && (!edge || adjacent(i, j, offset, plane, row))
-                {
+                if j < state.len() && state[j] == BACKGROUND {
                     state[j] = OUTSIDE;
                     stack.push(j);
                 }
@@ -161,16 +156,6 @@ pub fn fill_holes(mask: &Array3<bool>) -> Array3<bool> {
     Array3::from_shape_fn((nz, ny, nx), |(z, y, x)| {
         state[(z + 1) * plane + (y + 1) * row + x + 1] != OUTSIDE
     })
-}
-
-/// Whether flat neighbour `j` of `i` (at distance `offset` along one axis) really is adjacent,
-/// not wrapped around to the other side of a row or plane.
-fn adjacent(i: usize, j: usize, offset: usize, plane: usize, row: usize) -> bool {
-    match offset {
-        1 => i / row == j / row,
-        o if o == row => i / plane == j / plane,
-        _ => true,
-    }
 }
 
 /// The smallest box holding every `true` voxel; `None` if there is none.
@@ -227,6 +212,68 @@ pub fn crop_to_nonzero(channels: Vec<Array3<f32>>, seg: Option<Array3<i32>>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reference flood fill on coordinates, to check the flat-index version (and its wrap-around
+    /// reasoning) on random masks.
+    fn fill_holes_reference(mask: &Array3<bool>) -> Array3<bool> {
+        let (nz, ny, nx) = mask.dim();
+        let mut outside = Array3::from_elem((nz, ny, nx), false);
+        let mut stack = Vec::new();
+        for ((z, y, x), &m) in mask.indexed_iter() {
+            let border = z == 0 || y == 0 || x == 0 || z + 1 == nz || y + 1 == ny || x + 1 == nx;
+            if border && !m {
+                outside[(z, y, x)] = true;
+                stack.push([z as isize, y as isize, x as isize]);
+            }
+        }
+        while let Some([z, y, x]) = stack.pop() {
+            for [dz, dy, dx] in [
+                [1, 0, 0],
+                [-1, 0, 0],
+                [0, 1, 0],
+                [0, -1, 0],
+                [0, 0, 1],
+                [0, 0, -1],
+            ] {
+                let (a, b, c) = (z + dz, y + dy, x + dx);
+                if a < 0 || b < 0 || c < 0 || a >= nz as isize || b >= ny as isize || c >= nx as isize {
+                    continue;
+                }
+                let p = (a as usize, b as usize, c as usize);
+                if !mask[p] && !outside[p] {
+                    outside[p] = true;
+                    stack.push([a, b, c]);
+                }
+            }
+        }
+        outside.mapv(|o| !o)
+    }
+
+    #[test]
+    fn fill_holes_matches_a_coordinate_flood_fill_on_random_masks() {
+        let mut state = 0x2545_f491_u64;
+        let mut rounds_with_holes = 0;
+        for round in 0..40 {
+            let shape = (3 + round % 5, 4 + round % 7, 2 + round % 6);
+            let mask = Array3::from_shape_fn(shape, |_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state % 100 < 55
+            });
+            let filled = fill_holes(&mask);
+            assert_eq!(
+                filled,
+                fill_holes_reference(&mask),
+                "round {round}, shape {shape:?}"
+            );
+            rounds_with_holes += usize::from(filled != mask);
+        }
+        assert!(
+            rounds_with_holes >= 10,
+            "the random masks have holes to fill ({rounds_with_holes})"
+        );
+    }
 
     fn hollow_cube(n: usize) -> Array3<bool> {
         Array3::from_shape_fn((n, n, n), |(z, y, x)| {
