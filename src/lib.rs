@@ -12,6 +12,7 @@ pub mod augment;
 pub mod cli;
 pub mod data;
 pub mod engine;
+pub mod evaluate;
 pub mod preprocess;
 pub mod schema;
 pub mod stages;
