@@ -90,6 +90,33 @@ pub struct BrightnessParams {
     pub p_per_channel: f64,
 }
 
+/// The channels a brightness or contrast change touches and each one's factor, drawn in
+/// batchgeneratorsv2's order: the channel choice, one shared factor, then one per channel unless
+/// the channels are synchronized.
+fn channel_factors(
+    rng: &mut SampleRng,
+    channels: usize,
+    p_per_channel: f64,
+    range: [f64; 2],
+    synchronize: bool,
+) -> Vec<(usize, f64)> {
+    let picked = pick_channels(rng, channels, p_per_channel);
+    let shared = sample_bg_contrast(rng, range);
+    picked
+        .into_iter()
+        .map(|c| {
+            (
+                c,
+                if synchronize {
+                    shared
+                } else {
+                    sample_bg_contrast(rng, range)
+                },
+            )
+        })
+        .collect()
+}
+
 impl Default for BrightnessParams {
     fn default() -> Self {
         Self {
@@ -111,14 +138,14 @@ impl BrightnessParams {
     }
 
     pub fn apply(&self, sample: &mut Sample, rng: &mut SampleRng) {
-        let channels = pick_channels(rng, sample.data.len_of(Axis(0)), self.p_per_channel);
-        let shared = sample_bg_contrast(rng, self.multiplier);
-        for c in channels {
-            let m = if self.synchronize_channels {
-                shared
-            } else {
-                sample_bg_contrast(rng, self.multiplier)
-            };
+        let channels = sample.data.len_of(Axis(0));
+        for (c, m) in channel_factors(
+            rng,
+            channels,
+            self.p_per_channel,
+            self.multiplier,
+            self.synchronize_channels,
+        ) {
             multiply_channel(sample.data.index_axis_mut(Axis(0), c), m);
         }
     }
@@ -165,14 +192,14 @@ impl ContrastParams {
     }
 
     pub fn apply(&self, sample: &mut Sample, rng: &mut SampleRng) {
-        let channels = pick_channels(rng, sample.data.len_of(Axis(0)), self.p_per_channel);
-        let shared = sample_bg_contrast(rng, self.contrast);
-        for c in channels {
-            let m = if self.synchronize_channels {
-                shared
-            } else {
-                sample_bg_contrast(rng, self.contrast)
-            };
+        let channels = sample.data.len_of(Axis(0));
+        for (c, m) in channel_factors(
+            rng,
+            channels,
+            self.p_per_channel,
+            self.contrast,
+            self.synchronize_channels,
+        ) {
             contrast_channel(sample.data.index_axis_mut(Axis(0), c), m, self.preserve_range);
         }
     }
