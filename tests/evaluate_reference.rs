@@ -60,9 +60,9 @@ fn metrics_and_summary_equal_nnunets() {
             );
             for target in &targets {
                 compare(
-                    &metrics[&target.key()],
-                    &case["metrics"][target.key()],
-                    &format!("{name} {} {}", case["reference_file"], target.key()),
+                    &metrics[&target.evaluation_key()],
+                    &case["metrics"][target.evaluation_key()],
+                    &format!("{name} {} {}", case["reference_file"], target.evaluation_key()),
                 );
             }
             cases.push(metrics);
@@ -70,9 +70,9 @@ fn metrics_and_summary_equal_nnunets() {
         let ours = summarize(&cases, &targets);
         for target in &targets {
             compare(
-                &ours.mean[&target.key()],
-                &summary["mean"][target.key()],
-                &format!("{name} mean {}", target.key()),
+                &ours.mean[&target.evaluation_key()],
+                &summary["mean"][target.evaluation_key()],
+                &format!("{name} mean {}", target.evaluation_key()),
             );
         }
         compare(

@@ -9,3 +9,4 @@ pub mod integrity;
 pub mod nifti;
 pub mod npy;
 pub mod synthetic;
+pub mod target;

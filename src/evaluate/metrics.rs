@@ -8,37 +8,7 @@ use std::collections::BTreeMap;
 use ndarray::{ArrayView3, Zip};
 use serde::Serialize;
 
-/// A label, or a region (the union of several labels), as evaluated.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Target {
-    Label(i32),
-    Region(Vec<i32>),
-}
-
-impl Target {
-    /// The key nnU-Net's summary uses: `"2"`, or Python's tuple text `"(1, 2)"` / `"(3,)"`.
-    pub fn key(&self) -> String {
-        match self {
-            Target::Label(label) => label.to_string(),
-            Target::Region(labels) if labels.len() == 1 => format!("({},)", labels[0]),
-            Target::Region(labels) => {
-                let parts: Vec<String> = labels.iter().map(i32::to_string).collect();
-                format!("({})", parts.join(", "))
-            }
-        }
-    }
-
-    fn contains(&self, value: i32) -> bool {
-        match self {
-            Target::Label(label) => *label == value,
-            Target::Region(labels) => labels.contains(&value),
-        }
-    }
-
-    fn is_background(&self) -> bool {
-        *self == Target::Label(0)
-    }
-}
+pub use crate::data::target::Target;
 
 /// One label's metrics in one case (nnU-Net's names).
 #[derive(Serialize, Clone, Copy, Debug, PartialEq)]
@@ -130,7 +100,7 @@ pub fn case_metrics(
                 counts[index] += 1;
             });
             (
-                target.key(),
+                target.evaluation_key(),
                 Metrics::from_counts(counts[0], counts[1], counts[2], counts[3]),
             )
         })
@@ -147,7 +117,7 @@ pub struct Summary {
 pub fn summarize(cases: &[BTreeMap<String, Metrics>], targets: &[Target]) -> Summary {
     let mut mean = BTreeMap::new();
     for target in targets {
-        let key = target.key();
+        let key = target.evaluation_key();
         let per_case: Vec<[f64; 8]> = cases
             .iter()
             .filter_map(|c| c.get(&key))
@@ -159,7 +129,7 @@ pub fn summarize(cases: &[BTreeMap<String, Metrics>], targets: &[Target]) -> Sum
     let foreground: Vec<[f64; 8]> = targets
         .iter()
         .filter(|t| !t.is_background())
-        .map(|t| mean[&t.key()].values())
+        .map(|t| mean[&t.evaluation_key()].values())
         .collect();
     let foreground_mean = Metrics::from_values(std::array::from_fn(|m| {
         foreground.iter().map(|v| v[m]).sum::<f64>() / foreground.len() as f64
@@ -185,13 +155,6 @@ fn nan_mean(values: impl Iterator<Item = f64>) -> f64 {
 mod tests {
     use super::*;
     use ndarray::Array3;
-
-    #[test]
-    fn keys_follow_python() {
-        assert_eq!(Target::Label(2).key(), "2");
-        assert_eq!(Target::Region(vec![1, 2]).key(), "(1, 2)");
-        assert_eq!(Target::Region(vec![3]).key(), "(3,)");
-    }
 
     #[test]
     fn absent_label_gives_nan_dice_and_ignore_label_is_left_out() {

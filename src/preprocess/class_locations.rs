@@ -14,32 +14,7 @@ pub const SEED: u32 = 1234;
 const MIN_SAMPLES: usize = 10_000;
 const MIN_COVERAGE: f64 = 0.01;
 
-/// A class (one label) or a region (several labels) to collect locations for.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Target {
-    Label(i32),
-    Region(Vec<i32>),
-}
-
-impl Target {
-    /// The key nnU-Net uses: `"2"` for a label, `"[1, 2]"` for a region.
-    pub fn key(&self) -> String {
-        match self {
-            Target::Label(label) => label.to_string(),
-            Target::Region(labels) => {
-                let parts: Vec<String> = labels.iter().map(|l| l.to_string()).collect();
-                format!("[{}]", parts.join(", "))
-            }
-        }
-    }
-
-    fn labels(&self) -> Vec<i32> {
-        match self {
-            Target::Label(label) => vec![*label],
-            Target::Region(labels) => labels.clone(),
-        }
-    }
-}
+pub use crate::data::target::Target;
 
 /// Sampled `[c, z, y, x]` coordinates per target key. `seg` is (1, z, y, x).
 pub fn sample(seg: ArrayView4<i16>, targets: &[Target]) -> BTreeMap<String, Vec<[usize; 4]>> {
@@ -60,7 +35,7 @@ pub fn sample(seg: ArrayView4<i16>, targets: &[Target]) -> BTreeMap<String, Vec<
         let groups: Vec<&Vec<[usize; 4]>> = target.labels().iter().filter_map(|l| by_label.get(l)).collect();
         let total: usize = groups.iter().map(|g| g.len()).sum();
         if total == 0 {
-            locations.insert(target.key(), Vec::new());
+            locations.insert(target.location_key(), Vec::new());
             continue;
         }
         let count = MIN_SAMPLES
@@ -79,7 +54,7 @@ pub fn sample(seg: ArrayView4<i16>, targets: &[Target]) -> BTreeMap<String, Vec<
                 unreachable!("offset below the total")
             })
             .collect();
-        locations.insert(target.key(), picked);
+        locations.insert(target.location_key(), picked);
     }
     locations
 }
