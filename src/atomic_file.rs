@@ -3,20 +3,26 @@
 
 use std::fs;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Writes via a temporary file in the same folder and a rename, so readers never see half a file.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let folder = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(folder)?;
-    let temporary = folder.join(format!(
-        ".{}.tmp-{}-{:?}",
-        path.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id(),
-        std::thread::current().id()
-    ));
+    fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
+    let temporary = temporary_path(path);
     let mut file = fs::File::create(&temporary)?;
     file.write_all(bytes)?;
     file.sync_all()?;
     fs::rename(&temporary, path)
+}
+
+/// A hidden sibling of `path`, unique to this process and thread, for writers that produce the
+/// file themselves before renaming it into place.
+pub fn temporary_path(path: &Path) -> PathBuf {
+    let folder = path.parent().unwrap_or(Path::new("."));
+    folder.join(format!(
+        ".{}.tmp-{}-{:?}",
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id(),
+        std::thread::current().id()
+    ))
 }

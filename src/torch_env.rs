@@ -20,8 +20,11 @@ pub struct Doctor {
     pub torch_interop_threads: i32,
 }
 
-/// The `nnflow-torch` worker next to the running executable.
+/// The `nnflow-torch` worker: `$NNFLOW_TORCH` when set, else the binary next to the running one.
 pub fn worker_path() -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os("NNFLOW_TORCH") {
+        return path.into();
+    }
     let exe = std::env::current_exe().unwrap_or_default();
     exe.with_file_name("nnflow-torch")
 }

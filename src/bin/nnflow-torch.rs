@@ -3,7 +3,8 @@
 //! runs) and starts this worker where torch is needed. A separate process per torch stage is also
 //! what lets each one see only its own GPUs through CUDA_VISIBLE_DEVICES.
 //!
-//! Usage: `nnflow-torch doctor` prints the libtorch facts as JSON.
+//! Usage: `nnflow-torch doctor` prints the libtorch facts as JSON; `nnflow-torch train JOB.json`
+//! runs a training job written by the `train` stage.
 
 use std::sync::OnceLock;
 
@@ -20,8 +21,14 @@ fn main() {
                 serde_json::to_string_pretty(&doctor()).expect("doctor facts serialize")
             );
         }
+        Some("train") if args.len() == 2 => {
+            if let Err(error) = train(&args[1]) {
+                eprintln!("error: {error}");
+                std::process::exit(1);
+            }
+        }
         _ => {
-            eprintln!("usage: nnflow-torch doctor");
+            eprintln!("usage: nnflow-torch doctor | train JOB.json");
             std::process::exit(2);
         }
     }
@@ -57,4 +64,11 @@ fn doctor() -> Doctor {
         torch_threads: tch::get_num_threads(),
         torch_interop_threads: tch::get_num_interop_threads(),
     }
+}
+
+fn train(job_file: &str) -> Result<(), String> {
+    let text = std::fs::read_to_string(job_file).map_err(|e| format!("{job_file}: {e}"))?;
+    let job: nnflow::train::trainer::TrainJob =
+        serde_json::from_str(&text).map_err(|e| format!("{job_file}: {e}"))?;
+    nnflow::train::trainer::train(&job)
 }

@@ -365,6 +365,7 @@ fn run_instance(
     let logs = pipeline.state_dir.join("logs");
     fs::create_dir_all(&logs).map_err(|e| format!("cannot create {}: {e}", logs.display()))?;
     let log_file = logs.join(format!("{safe_id}.log"));
+    let resume_dir = pipeline.state_dir.join("resume").join(&safe_id);
     let env: BTreeMap<String, String> = stage
         .env()
         .into_iter()
@@ -374,6 +375,7 @@ fn run_instance(
         root: &pipeline.root,
         out_dir: &temporary,
         log_file: &log_file,
+        resume_dir: &resume_dir,
         threads,
         gpus,
         env: &env,

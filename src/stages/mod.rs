@@ -5,6 +5,8 @@ pub mod command;
 pub mod fingerprint;
 pub mod plan;
 pub mod preprocessing;
+pub mod process;
+pub mod train;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -21,6 +23,9 @@ pub struct StageContext<'a> {
     pub out_dir: &'a Path,
     /// Receives the stage's log (a child process's stdout and stderr).
     pub log_file: &'a Path,
+    /// A folder of this stage instance that outlives runs and is not cached: where long stages
+    /// keep what lets a later run continue (training checkpoints). Created by the stage if needed.
+    pub resume_dir: &'a Path,
     pub threads: u32,
     /// CUDA device indices reserved for this stage.
     pub gpus: &'a [usize],
@@ -94,6 +99,7 @@ pub static KINDS: &[Kind] = &[
     plan::KIND,
     preprocessing::NORMALIZE,
     preprocessing::RESAMPLE,
+    train::KIND,
 ];
 
 pub fn find_kind(name: &str) -> Option<&'static Kind> {

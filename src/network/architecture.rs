@@ -1,0 +1,207 @@
+//! The `architecture` block of a plans.json configuration, read into plain numbers.
+//!
+//! nnU-Net stores the network as a class name plus keyword arguments with dotted torch class names
+//! (`torch.nn.modules.conv.Conv3d`, `...InstanceNorm3d`, `torch.nn.LeakyReLU`). nnflow builds exactly
+//! one family, PlainConvUNet with convolution -> instance norm -> leaky ReLU blocks; anything else is
+//! refused with the name that was found rather than silently built differently.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Architecture {
+    /// 2 or 3.
+    pub spatial_dims: usize,
+    pub input_channels: usize,
+    pub num_classes: usize,
+    pub features_per_stage: Vec<usize>,
+    /// Per stage, per spatial axis.
+    pub kernel_sizes: Vec<Vec<usize>>,
+    pub strides: Vec<Vec<usize>>,
+    pub n_conv_per_stage: Vec<usize>,
+    pub n_conv_per_stage_decoder: Vec<usize>,
+    pub conv_bias: bool,
+    pub norm_eps: f64,
+    pub norm_affine: bool,
+    pub leaky_relu_slope: f64,
+    pub deep_supervision: bool,
+}
+
+#[derive(Deserialize)]
+struct ArchKwargs {
+    n_stages: usize,
+    features_per_stage: Vec<usize>,
+    conv_op: String,
+    kernel_sizes: Vec<Vec<usize>>,
+    strides: Vec<Vec<usize>>,
+    n_conv_per_stage: Vec<usize>,
+    n_conv_per_stage_decoder: Vec<usize>,
+    conv_bias: bool,
+    norm_op: Option<String>,
+    norm_op_kwargs: Option<Value>,
+    dropout_op: Option<String>,
+    nonlin: Option<String>,
+    nonlin_kwargs: Option<Value>,
+}
+
+impl Architecture {
+    /// Reads a configuration's `architecture` block (as in plans.json, `inherits_from` resolved).
+    pub fn from_plan(
+        architecture: &Value,
+        input_channels: usize,
+        num_classes: usize,
+        deep_supervision: bool,
+    ) -> Result<Architecture, String> {
+        let class = architecture["network_class_name"].as_str().unwrap_or("<missing>");
+        if !class.ends_with("PlainConvUNet") {
+            return Err(format!(
+                "network class {class} is not supported (only PlainConvUNet)"
+            ));
+        }
+        let kw: ArchKwargs = serde_json::from_value(architecture["arch_kwargs"].clone())
+            .map_err(|e| format!("architecture.arch_kwargs: {e}"))?;
+        let spatial_dims = match kw.conv_op.rsplit('.').next() {
+            Some("Conv2d") => 2,
+            Some("Conv3d") => 3,
+            _ => return Err(format!("conv_op {} is not Conv2d or Conv3d", kw.conv_op)),
+        };
+        if let Some(norm) = &kw.norm_op {
+            if !norm.contains("InstanceNorm") {
+                return Err(format!("norm_op {norm} is not supported (only InstanceNorm)"));
+            }
+        }
+        if let Some(dropout) = &kw.dropout_op {
+            return Err(format!("dropout_op {dropout} is not supported"));
+        }
+        if let Some(nonlin) = &kw.nonlin {
+            if !nonlin.ends_with("LeakyReLU") {
+                return Err(format!("nonlin {nonlin} is not supported (only LeakyReLU)"));
+            }
+        }
+        let n = kw.n_stages;
+        let lengths_ok = kw.features_per_stage.len() == n
+            && kw.kernel_sizes.len() == n
+            && kw.strides.len() == n
+            && kw.n_conv_per_stage.len() == n
+            && kw.n_conv_per_stage_decoder.len() + 1 == n
+            && kw
+                .kernel_sizes
+                .iter()
+                .chain(&kw.strides)
+                .all(|v| v.len() == spatial_dims);
+        if n < 2 || !lengths_ok {
+            return Err(format!(
+                "architecture lists do not match n_stages = {n} and {spatial_dims} spatial axes"
+            ));
+        }
+        let norm_kwargs = kw.norm_op_kwargs.unwrap_or(Value::Null);
+        let nonlin_kwargs = kw.nonlin_kwargs.unwrap_or(Value::Null);
+        Ok(Architecture {
+            spatial_dims,
+            input_channels,
+            num_classes,
+            features_per_stage: kw.features_per_stage,
+            kernel_sizes: kw.kernel_sizes,
+            strides: kw.strides,
+            n_conv_per_stage: kw.n_conv_per_stage,
+            n_conv_per_stage_decoder: kw.n_conv_per_stage_decoder,
+            conv_bias: kw.conv_bias,
+            norm_eps: norm_kwargs["eps"].as_f64().unwrap_or(1e-5),
+            norm_affine: norm_kwargs["affine"].as_bool().unwrap_or(true),
+            // torch.nn.LeakyReLU's default slope; nnU-Net's plans only set `inplace`.
+            leaky_relu_slope: nonlin_kwargs["negative_slope"].as_f64().unwrap_or(0.01),
+            deep_supervision,
+        })
+    }
+
+    pub fn n_stages(&self) -> usize {
+        self.features_per_stage.len()
+    }
+
+    /// Per deep-supervision output (highest resolution first), the scale of its grid relative to
+    /// the input: nnU-Net's `1 / cumprod(strides)` without the bottleneck. Always length 3
+    /// (z, y, x); 2D networks get a leading 1.
+    pub fn deep_supervision_scales(&self) -> Vec<[f64; 3]> {
+        let mut cumulative = vec![1usize; self.spatial_dims];
+        let mut scales = Vec::new();
+        for stride in &self.strides[..self.n_stages() - 1] {
+            for (c, s) in cumulative.iter_mut().zip(stride) {
+                *c *= s;
+            }
+            let mut scale = [1.0; 3];
+            for (a, c) in cumulative.iter().enumerate() {
+                scale[3 - self.spatial_dims + a] = 1.0 / *c as f64;
+            }
+            scales.push(scale);
+        }
+        scales
+    }
+
+    /// nnU-Net's loss weights per deep-supervision output: `1 / 2^i`, the lowest resolution 0,
+    /// normalised to sum 1. Without deep supervision, one output with weight 1.
+    pub fn deep_supervision_weights(&self) -> Vec<f64> {
+        if !self.deep_supervision {
+            return vec![1.0];
+        }
+        let count = self.n_stages() - 1;
+        let mut weights: Vec<f64> = (0..count).map(|i| 1.0 / 2f64.powi(i as i32)).collect();
+        if let Some(last) = weights.last_mut() {
+            *last = 0.0;
+        }
+        let sum: f64 = weights.iter().sum();
+        if sum > 0.0 {
+            weights.iter_mut().for_each(|w| *w /= sum);
+        } else {
+            // Two stages: the only output is the lowest one; keep it rather than train on nothing.
+            weights = vec![1.0];
+        }
+        weights
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan_arch(dims: usize) -> Value {
+        let k = if dims == 3 { vec![3, 3, 3] } else { vec![3, 3] };
+        let s1 = vec![1; dims];
+        let s2 = vec![2; dims];
+        serde_json::json!({
+            "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+            "arch_kwargs": {
+                "n_stages": 3, "features_per_stage": [8, 16, 32],
+                "conv_op": format!("torch.nn.modules.conv.Conv{dims}d"),
+                "kernel_sizes": [k, k, k], "strides": [s1, s2, s2],
+                "n_conv_per_stage": [2, 2, 2], "n_conv_per_stage_decoder": [2, 2], "conv_bias": true,
+                "norm_op": format!("torch.nn.modules.instancenorm.InstanceNorm{dims}d"),
+                "norm_op_kwargs": {"eps": 1e-5, "affine": true}, "dropout_op": null,
+                "dropout_op_kwargs": null, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": true}
+            }
+        })
+    }
+
+    #[test]
+    fn scales_and_weights_follow_nnunet() {
+        let a = Architecture::from_plan(&plan_arch(3), 1, 2, true).unwrap();
+        assert_eq!(a.deep_supervision_scales(), vec![[1.0; 3], [0.5; 3]]);
+        assert_eq!(a.deep_supervision_weights(), vec![1.0]);
+        let a2 = Architecture::from_plan(&plan_arch(2), 1, 2, true).unwrap();
+        assert_eq!(a2.deep_supervision_scales()[1], [1.0, 0.5, 0.5]);
+        let mut five = a.clone();
+        five.features_per_stage = vec![1; 5];
+        five.strides = vec![vec![1, 1, 1]; 5];
+        // 1, 1/2, 1/4, 0 normalised by 1.75
+        let w = five.deep_supervision_weights();
+        assert!((w[0] - 1.0 / 1.75).abs() < 1e-12 && (w[2] - 0.25 / 1.75).abs() < 1e-12 && w[3] == 0.0);
+    }
+
+    #[test]
+    fn refuses_other_networks() {
+        let mut v = plan_arch(3);
+        v["network_class_name"] = "ResidualEncoderUNet".into();
+        assert!(Architecture::from_plan(&v, 1, 2, true)
+            .unwrap_err()
+            .contains("ResidualEncoderUNet"));
+    }
+}

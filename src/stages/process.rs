@@ -1,0 +1,65 @@
+//! Child processes of stages: started in their own process group, killed with nnflow, and
+//! terminated (SIGTERM, then SIGKILL) when the run is interrupted.
+
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::StageContext;
+
+/// Sends the command's output to the stage log, sets the thread and GPU environment, and runs it
+/// to completion (or until the run is cancelled).
+pub fn run_logged(mut command: Command, ctx: &StageContext, what: &str) -> Result<(), String> {
+    let log = File::create(ctx.log_file)
+        .map_err(|e| format!("cannot create log {}: {e}", ctx.log_file.display()))?;
+    let log_err = log.try_clone().map_err(|e| e.to_string())?;
+    command
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .env("NNFLOW_THREADS", ctx.threads.to_string())
+        .env("OMP_NUM_THREADS", ctx.threads.to_string())
+        .process_group(0);
+    if !ctx.gpus.is_empty() {
+        let devices: Vec<String> = ctx.gpus.iter().map(|g| g.to_string()).collect();
+        command.env("CUDA_VISIBLE_DEVICES", devices.join(","));
+    }
+    // SAFETY: prctl is async-signal-safe. It makes the child die with nnflow, so a killed run
+    // leaves nothing writing into outputs behind it.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let child = command.spawn().map_err(|e| format!("cannot start {what}: {e}"))?;
+    wait_or_cancel(child, ctx, what)
+}
+
+/// Waits for the child; on cancellation terminates its whole process group. Polls quickly at
+/// first (most commands are short) and backs off to 20 ms.
+fn wait_or_cancel(mut child: Child, ctx: &StageContext, what: &str) -> Result<(), String> {
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            return if status.success() {
+                Ok(())
+            } else {
+                Err(format!("{what} failed ({status})"))
+            };
+        }
+        if ctx.cancel.load(Ordering::SeqCst) {
+            let group = child.id() as i32;
+            // SAFETY: plain signal delivery to the process group we created.
+            unsafe { libc::kill(-group, libc::SIGTERM) };
+            std::thread::sleep(Duration::from_millis(200));
+            unsafe { libc::kill(-group, libc::SIGKILL) };
+            let _ = child.wait();
+            return Err("interrupted".to_string());
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,131 @@
+//! The `train` stage: one nnU-Net training run (configuration x fold) in the `nnflow-torch` worker.
+//!
+//! The stage is keyed by its parameters, dataset.json, plans.json, the splits file and (through
+//! the reference) the preprocessed cases. Its resume folder keeps the latest checkpoint together
+//! with an identity: the parameters except `epochs` and the final-validation settings, plus a
+//! digest of every input's contents. A rerun with the same identity continues from that
+//! checkpoint: after a kill, or when only `epochs` grew.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::process::run_logged;
+use super::{build_typed, to_json, Kind, Stage, StageContext, StageInput};
+use crate::train::params::TrainParams;
+use crate::train::trainer::TrainJob;
+
+pub const KIND: Kind = Kind {
+    name: "train",
+    version: 1,
+    uses_torch: true,
+    schema: |generator| generator.subschema_for::<TrainStage>(),
+    build: build_typed::<TrainStage>,
+};
+
+/// Trains nnU-Net's PlainConvUNet for one configuration and fold. Every hyperparameter and the
+/// augmentation list are parameters, with nnU-Net v2's defaults.
+#[derive(Deserialize, Serialize, JsonSchema, Debug)]
+#[serde(transparent)]
+pub struct TrainStage(pub TrainParams);
+
+impl Stage for TrainStage {
+    fn inputs(&self) -> Vec<StageInput> {
+        let p = &self.0;
+        let mut inputs = vec![
+            StageInput {
+                name: "dataset/dataset.json".into(),
+                path: format!("{}/dataset.json", p.dataset),
+            },
+            StageInput {
+                name: "plan".into(),
+                path: format!("{}/plans.json", p.plan),
+            },
+        ];
+        if let Some(splits) = &p.splits {
+            inputs.push(StageInput {
+                name: "splits".into(),
+                path: splits.clone(),
+            });
+        }
+        inputs
+    }
+
+    fn params_json(&self) -> serde_json::Value {
+        to_json(&self.0)
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<(), String> {
+        self.0.validate()?;
+        let absolute = |p: &str| -> String { ctx.root.join(p).to_string_lossy().into_owned() };
+        let mut params = self.0.clone();
+        params.dataset = absolute(&params.dataset);
+        params.plan = absolute(&params.plan);
+        params.preprocessed = absolute(&params.preprocessed);
+        params.splits = params.splits.as_deref().map(absolute);
+        let identity = serde_json::json!({
+            "params": params.resume_identity(),
+            "inputs": inputs_digest(&params)?,
+        });
+        std::fs::create_dir_all(ctx.resume_dir).map_err(|e| format!("{}: {e}", ctx.resume_dir.display()))?;
+        let job = TrainJob {
+            params,
+            identity,
+            out_dir: ctx.out_dir.to_path_buf(),
+            resume_dir: ctx.resume_dir.to_path_buf(),
+            threads: ctx.threads.max(1) as usize,
+        };
+        let job_file = ctx.resume_dir.join("job.json");
+        crate::atomic_file::write_atomically(
+            &job_file,
+            &serde_json::to_vec_pretty(&job).expect("job serializes"),
+        )
+        .map_err(|e| format!("{}: {e}", job_file.display()))?;
+        let mut command = Command::new(crate::torch_env::worker_path());
+        command.arg("train").arg(&job_file).current_dir(ctx.root);
+        run_logged(command, ctx, "training")
+    }
+}
+
+/// blake3 over every file the training reads (sorted relative paths and contents), so a
+/// checkpoint is never resumed on changed data.
+fn inputs_digest(params: &TrainParams) -> Result<String, String> {
+    let mut files: Vec<(String, PathBuf)> = vec![
+        (
+            "dataset.json".into(),
+            Path::new(&params.dataset).join("dataset.json"),
+        ),
+        ("plans.json".into(), Path::new(&params.plan).join("plans.json")),
+    ];
+    if let Some(splits) = &params.splits {
+        files.push(("splits".into(), PathBuf::from(splits)));
+    }
+    let folder = Path::new(&params.preprocessed);
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(folder)
+        .map_err(|e| format!("{}: {e}", folder.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    cases.sort();
+    files.extend(cases.into_iter().map(|p| {
+        (
+            format!(
+                "preprocessed/{}",
+                p.file_name().unwrap_or_default().to_string_lossy()
+            ),
+            p,
+        )
+    }));
+    let mut total = blake3::Hasher::new();
+    for (name, path) in files {
+        let mut file_hash = blake3::Hasher::new();
+        file_hash
+            .update_mmap_rayon(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        total.update(name.as_bytes());
+        total.update(file_hash.finalize().as_bytes());
+    }
+    Ok(total.finalize().to_hex().to_string())
+}

@@ -1,0 +1,146 @@
+//! nnU-Net's training loss (`DC_and_CE_loss` with `MemoryEfficientSoftDiceLoss`, wrapped in
+//! `DeepSupervisionWrapper`) and the validation pseudo Dice counts, in libtorch.
+//!
+//! Soft Dice over softmax probabilities without the background channel, smoothed by 1e-5, either per
+//! sample or over the whole batch (`batch_dice` from the plan), plus cross-entropy. With an ignore
+//! label, ignored voxels count as background for Dice and are masked out of it, cross-entropy
+//! ignores them, and a batch with no annotated voxel contributes no cross-entropy.
+
+use tch::{Kind, Reduction, Tensor};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LossConfig {
+    pub batch_dice: bool,
+    pub ignore_label: Option<i64>,
+    pub weight_ce: f64,
+    pub weight_dice: f64,
+    /// Per deep-supervision output, highest resolution first (see
+    /// `Architecture::deep_supervision_weights`).
+    pub deep_supervision_weights: Vec<f64>,
+}
+
+const SMOOTH: f64 = 1e-5;
+
+/// The loss terms of one output.
+pub struct LossTerms {
+    pub total: Tensor,
+    pub dice: Tensor,
+    pub ce: Tensor,
+}
+
+fn spatial_axes(x: &Tensor) -> Vec<i64> {
+    (2..x.dim() as i64).collect()
+}
+
+/// Dice + CE of one output. `logits (b, K, ...)` any float kind (computed in float32);
+/// `target (b, 1, ...)` integer labels.
+pub fn dc_and_ce(logits: &Tensor, target: &Tensor, config: &LossConfig) -> LossTerms {
+    let logits = logits.to_kind(Kind::Float);
+    let target = target.to_kind(Kind::Int64);
+    let (target_dice, mask) = match config.ignore_label {
+        Some(ignore) => {
+            let mask = target.ne(ignore);
+            (target.where_self(&mask, &target.zeros_like()), Some(mask))
+        }
+        None => (target.shallow_clone(), None),
+    };
+    let dice = soft_dice_loss(&logits, &target_dice, mask.as_ref(), config.batch_dice);
+    let ce_target = target.squeeze_dim(1);
+    let annotated = mask.as_ref().map_or(true, |m| m.any().int64_value(&[]) != 0);
+    let ce = if annotated {
+        logits.cross_entropy_loss::<Tensor>(
+            &ce_target,
+            None,
+            Reduction::Mean,
+            config.ignore_label.unwrap_or(-100),
+            0.0,
+        )
+    } else {
+        Tensor::zeros([], (Kind::Float, logits.device()))
+    };
+    let total = &ce * config.weight_ce + &dice * config.weight_dice;
+    LossTerms { total, dice, ce }
+}
+
+/// `MemoryEfficientSoftDiceLoss` with `do_bg = False`: minus the mean Dice over foreground classes
+/// (and samples, unless `batch_dice`).
+fn soft_dice_loss(logits: &Tensor, target: &Tensor, mask: Option<&Tensor>, batch_dice: bool) -> Tensor {
+    let classes = logits.size()[1];
+    let axes = spatial_axes(logits);
+    let probabilities = logits.softmax(1, Kind::Float).narrow(1, 1, classes - 1);
+    let onehot = Tensor::zeros(logits.size(), (Kind::Float, logits.device()))
+        .scatter_value(1, target, 1.0)
+        .narrow(1, 1, classes - 1);
+    let (onehot, probabilities) = match mask {
+        Some(m) => {
+            let m = m.to_kind(Kind::Float);
+            (onehot * &m, probabilities * m)
+        }
+        None => (onehot, probabilities),
+    };
+    let mut intersect = (&probabilities * &onehot).sum_dim_intlist(axes.as_slice(), false, Kind::Float);
+    let mut sum_pred = probabilities.sum_dim_intlist(axes.as_slice(), false, Kind::Float);
+    let mut sum_gt = onehot.sum_dim_intlist(axes.as_slice(), false, Kind::Float);
+    if batch_dice {
+        intersect = intersect.sum_dim_intlist(0, false, Kind::Float);
+        sum_pred = sum_pred.sum_dim_intlist(0, false, Kind::Float);
+        sum_gt = sum_gt.sum_dim_intlist(0, false, Kind::Float);
+    }
+    let dice = (intersect * 2.0 + SMOOTH) / (sum_gt + sum_pred + SMOOTH).clamp_min(1e-8);
+    -dice.mean(Kind::Float)
+}
+
+/// The weighted sum over deep-supervision outputs (zero weights skipped, as nnU-Net does).
+pub fn deep_supervision_loss(outputs: &[Tensor], targets: &[Tensor], config: &LossConfig) -> Tensor {
+    assert_eq!(outputs.len(), targets.len(), "one target per output");
+    let mut total: Option<Tensor> = None;
+    for ((output, target), &w) in outputs.iter().zip(targets).zip(&config.deep_supervision_weights) {
+        if w == 0.0 {
+            continue;
+        }
+        let term = dc_and_ce(output, target, config).total * w;
+        total = Some(match total {
+            Some(t) => t + term,
+            None => term,
+        });
+    }
+    total.expect("at least one deep-supervision weight is nonzero")
+}
+
+/// Hard true positives, false positives and false negatives per foreground class, summed over the
+/// batch, of the argmax prediction (nnU-Net's `validation_step`); ignored voxels do not count.
+pub fn pseudo_dice_counts(logits: &Tensor, target: &Tensor, ignore_label: Option<i64>) -> [Vec<f64>; 3] {
+    let classes = logits.size()[1];
+    let target = target.to_kind(Kind::Int64);
+    let prediction = logits.argmax(1, true);
+    let onehot = |labels: &Tensor| {
+        Tensor::zeros(logits.size(), (Kind::Float, logits.device())).scatter_value(1, labels, 1.0)
+    };
+    let (target, mask) = match ignore_label {
+        Some(ignore) => {
+            let mask = target.ne(ignore);
+            (
+                target.where_self(&mask, &target.zeros_like()),
+                Some(mask.to_kind(Kind::Float)),
+            )
+        }
+        None => (target, None),
+    };
+    let (mut pred, mut gt) = (onehot(&prediction), onehot(&target));
+    if let Some(m) = &mask {
+        pred = pred * m;
+        gt = gt * m;
+    }
+    let mut axes = vec![0i64];
+    axes.extend(spatial_axes(logits));
+    let sum = |t: Tensor| -> Vec<f64> {
+        let v = t
+            .sum_dim_intlist(axes.as_slice(), false, Kind::Double)
+            .to_device(tch::Device::Cpu);
+        (1..classes).map(|c| v.double_value(&[c])).collect()
+    };
+    let tp = sum(&pred * &gt);
+    let fp = sum(&pred * (1.0 - &gt));
+    let fn_ = sum((1.0 - &pred) * &gt);
+    [tp, fp, fn_]
+}

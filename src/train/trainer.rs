@@ -1,0 +1,488 @@
+//! The training run, as nnU-Net's `nnUNetTrainer.run_training`: per epoch, the poly learning rate,
+//! `iterations_per_epoch` SGD steps on augmented patches, `val_iterations` validation patches
+//! (loss and pseudo Dice), logging, checkpoints (latest, best by moving-average pseudo Dice,
+//! final) and `progress.png`; after the last epoch, the full validation of the held-out cases.
+//!
+//! Runs inside the `nnflow-torch` worker. Resumable: the latest checkpoint lives in the stage's
+//! resume folder with the parameters it belongs to; a run with the same parameters (only `epochs`
+//! and validation settings may differ) continues from it, so a killed run loses at most
+//! `checkpoint_every` epochs and raising `epochs` continues training instead of restarting.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tch::{nn::VarStore, Device, Kind, Tensor};
+
+use super::checkpoint::{self, EpochRecord, TrainerState};
+use super::data::{spawn_producer, Batch, BatchMaker};
+use super::loss::{deep_supervision_loss, pseudo_dice_counts, LossConfig};
+use super::optim::{clip_grad_norm, poly_lr, zero_grad, LossScaler, Sgd};
+use super::params::{DeviceChoice, TrainParams};
+use super::progress_plot;
+use super::sampler::{MappedCase, PatchSampler};
+use super::splits::{fold_cases, Fold, Split};
+use crate::augment::pipeline::TransformSpec;
+use crate::augment::{DaConfig, Pipeline};
+use crate::data::case_store::list_cases;
+use crate::data::dataset::{Dataset, LabelValue};
+use crate::network::{Architecture, PlainConvUNet};
+use crate::preprocess::case_steps::resolve_configuration;
+
+/// What the `train` stage hands the worker (paths absolute).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainJob {
+    pub params: TrainParams,
+    /// The parameters and input contents a resumable checkpoint must match (computed by the stage).
+    pub identity: serde_json::Value,
+    pub out_dir: PathBuf,
+    pub resume_dir: PathBuf,
+    pub threads: usize,
+}
+
+/// What training needs from plans.json and dataset.json.
+pub struct Setup {
+    pub architecture: Architecture,
+    pub patch_size: Vec<usize>,
+    pub batch_size: usize,
+    pub batch_dice: bool,
+    pub use_mask_for_norm: Vec<bool>,
+    pub ignore_label: Option<i64>,
+    pub split: Split,
+}
+
+impl Setup {
+    pub fn read(params: &TrainParams) -> Result<Setup, String> {
+        let dataset = Dataset::open(Path::new(&params.dataset)).map_err(|e| e.to_string())?;
+        if dataset.has_regions() {
+            return Err("region-based training (dataset.json regions) is not supported yet".into());
+        }
+        let plans_path = Path::new(&params.plan).join("plans.json");
+        let plans: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&plans_path).map_err(|e| format!("{}: {e}", plans_path.display()))?,
+        )
+        .map_err(|e| format!("{}: {e}", plans_path.display()))?;
+        let configuration = resolve_configuration(&plans, &params.configuration)?;
+        let c = &configuration.json;
+        let num_classes = dataset
+            .labels
+            .iter()
+            .filter(|l| matches!(l.value, LabelValue::Single(v) if Some(v) != dataset.ignore_label))
+            .count();
+        let architecture = Architecture::from_plan(
+            &c["architecture"],
+            dataset.channels.len(),
+            num_classes,
+            params.deep_supervision,
+        )
+        .map_err(|e| format!("plans.json configuration {}: {e}", params.configuration))?;
+        let planned_patch: Vec<usize> = serde_json::from_value(c["patch_size"].clone()).map_err(|e| {
+            format!(
+                "plans.json configuration {}: patch_size: {e}",
+                params.configuration
+            )
+        })?;
+        let patch_size = params.patch_size.clone().unwrap_or(planned_patch);
+        if patch_size.len() != architecture.spatial_dims {
+            return Err(format!(
+                "patch_size {patch_size:?} does not fit the {}D network of configuration {}",
+                architecture.spatial_dims, params.configuration
+            ));
+        }
+        let divisor = cumulative_strides(&architecture);
+        if let Some(axis) = (0..patch_size.len()).find(|&a| patch_size[a] % divisor[a] != 0) {
+            return Err(format!(
+                "patch_size {patch_size:?}: axis {axis} must be a multiple of {} (the network's total stride)",
+                divisor[axis]
+            ));
+        }
+        let batch_size = match params.batch_size {
+            Some(b) => b,
+            None => c["batch_size"].as_u64().ok_or("plans.json: batch_size missing")? as usize,
+        };
+        let preprocessed = Path::new(&params.preprocessed);
+        let ids = list_cases(preprocessed);
+        if ids.is_empty() {
+            return Err(format!("{}: no preprocessed cases", preprocessed.display()));
+        }
+        let fold = Fold::parse(&params.fold.text())?;
+        let split = fold_cases(&ids, &fold, params.splits.as_deref().map(Path::new))?;
+        if split.train.is_empty() || split.val.is_empty() {
+            return Err(format!(
+                "fold {}: no training or no validation cases",
+                params.fold.text()
+            ));
+        }
+        Ok(Setup {
+            architecture,
+            patch_size,
+            batch_size,
+            batch_dice: c["batch_dice"].as_bool().unwrap_or(false),
+            use_mask_for_norm: serde_json::from_value(c["use_mask_for_norm"].clone()).unwrap_or_default(),
+            ignore_label: dataset.ignore_label,
+            split,
+        })
+    }
+}
+
+fn cumulative_strides(arch: &Architecture) -> Vec<usize> {
+    let mut total = vec![1; arch.spatial_dims];
+    for stride in &arch.strides {
+        for (t, s) in total.iter_mut().zip(stride) {
+            *t *= s;
+        }
+    }
+    total
+}
+
+fn as_3d(patch: &[usize]) -> [usize; 3] {
+    match patch {
+        [y, x] => [1, *y, *x],
+        [z, y, x] => [*z, *y, *x],
+        _ => unreachable!("validated patch size"),
+    }
+}
+
+/// Chooses the device; `cuda` without a usable GPU is an error rather than a silent CPU run.
+pub fn select_device(choice: DeviceChoice) -> Result<Device, String> {
+    let cuda = tch::Cuda::is_available();
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Auto => Ok(if cuda { Device::Cuda(0) } else { Device::Cpu }),
+        DeviceChoice::Cuda if cuda => Ok(Device::Cuda(0)),
+        DeviceChoice::Cuda => Err("device = \"cuda\" was requested but no CUDA device is usable \
+             (check `nnflow doctor`: libtorch_cuda must load and a GPU must be visible)"
+            .into()),
+    }
+}
+
+/// Builds the network for a setup on a device, initialised from `seed`.
+pub fn build_network(arch: &Architecture, device: Device, seed: u64) -> (VarStore, PlainConvUNet) {
+    tch::manual_seed(seed as i64);
+    let vs = VarStore::new(device);
+    let net = PlainConvUNet::new(&vs.root(), arch);
+    (vs, net)
+}
+
+fn batch_tensors(batch: &Batch, spatial_dims: usize, device: Device) -> (Tensor, Vec<Tensor>) {
+    let shape = |s: &[usize; 5]| -> Vec<i64> {
+        let mut v: Vec<i64> = s.iter().map(|&d| d as i64).collect();
+        if spatial_dims == 2 {
+            v.remove(2); // the z axis of length 1
+        }
+        v
+    };
+    let data = Tensor::from_slice(&batch.data)
+        .view(shape(&batch.data_shape).as_slice())
+        .to_device(device);
+    let targets = batch
+        .targets
+        .iter()
+        .map(|(labels, s)| {
+            Tensor::from_slice(labels)
+                .view(shape(s).as_slice())
+                .to_device(device)
+                .to_kind(Kind::Int64)
+        })
+        .collect();
+    (data, targets)
+}
+
+struct Logger {
+    file: std::fs::File,
+}
+
+impl Logger {
+    fn line(&mut self, text: &str) {
+        println!("{text}");
+        let _ = writeln!(self.file, "{text}");
+    }
+}
+
+pub fn train(job: &TrainJob) -> Result<(), String> {
+    let params = &job.params;
+    params.validate()?;
+    tch::set_num_threads(job.threads.max(1) as i32);
+    let setup = Setup::read(params)?;
+    let device = select_device(params.device)?;
+    let amp = params.amp && device.is_cuda();
+    if device.is_cuda() {
+        tch::Cuda::cudnn_set_benchmark(true);
+    }
+    std::fs::create_dir_all(&job.out_dir).map_err(|e| format!("{}: {e}", job.out_dir.display()))?;
+    let mut log = Logger {
+        file: std::fs::File::create(job.out_dir.join("training_log.txt")).map_err(|e| e.to_string())?,
+    };
+    let arch = &setup.architecture;
+    log.line(&format!(
+        "configuration {} fold {}: {} training / {} validation cases, patch {:?}, batch {}, device {device:?}{}",
+        params.configuration,
+        params.fold.text(),
+        setup.split.train.len(),
+        setup.split.val.len(),
+        setup.patch_size,
+        setup.batch_size,
+        if amp { " (fp16 autocast)" } else { "" }
+    ));
+
+    let maker = Arc::new(batch_maker(params, &setup)?);
+    let (mut vs, mut net) = build_network(arch, device, params.seed);
+    let variables: Vec<Tensor> = checkpoint::sorted_variables(&vs)
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect();
+    let mut sgd = Sgd::new(variables.len(), params.momentum, params.weight_decay);
+    log.line(&format!(
+        "network: {} parameters",
+        crate::network::unet::parameter_count(&vs)
+    ));
+
+    let identity = job.identity.clone();
+    let mut state = match resume(&job.resume_dir, &identity, &mut vs, &mut sgd)? {
+        Some(state) => {
+            log.line(&format!(
+                "resuming after epoch {} from {}",
+                state.epochs_done,
+                job.resume_dir.display()
+            ));
+            state
+        }
+        None => TrainerState {
+            identity: identity.clone(),
+            epochs_done: 0,
+            logs: Vec::new(),
+            best_ema: None,
+            best_epoch: None,
+            scaler: LossScaler::default(),
+        },
+    };
+    let loss_config = LossConfig {
+        batch_dice: setup.batch_dice,
+        ignore_label: setup.ignore_label,
+        weight_ce: params.loss.ce,
+        weight_dice: params.loss.dice,
+        deep_supervision_weights: arch.deep_supervision_weights(),
+    };
+    let stop_at = params.epochs;
+    let batches = spawn_producer(
+        maker.clone(),
+        state.epochs_done,
+        stop_at,
+        params.iterations_per_epoch,
+        params.val_iterations,
+        job.threads,
+        2,
+    );
+    let next_batch = || -> Result<Batch, String> {
+        batches
+            .recv()
+            .map_err(|_| "the augmentation threads stopped".to_string())?
+    };
+    for epoch in state.epochs_done..stop_at {
+        let started = Instant::now();
+        let lr = poly_lr(params.learning_rate, epoch, params.epochs);
+        net.set_deep_supervision(params.deep_supervision);
+        let mut train_losses = Vec::with_capacity(params.iterations_per_epoch);
+        for _ in 0..params.iterations_per_epoch {
+            let (x, targets) = batch_tensors(&next_batch()?, arch.spatial_dims, device);
+            zero_grad(&variables);
+            let outputs = tch::autocast(amp, || net.forward(&x));
+            let loss = deep_supervision_loss(&outputs, &targets, &loss_config);
+            if amp {
+                (&loss * state.scaler.scale).backward();
+                let finite = state.scaler.unscale(&variables);
+                clip_grad_norm(&variables, params.grad_clip);
+                if finite {
+                    sgd.step(&variables, lr);
+                }
+                state.scaler.update(!finite);
+            } else {
+                loss.backward();
+                clip_grad_norm(&variables, params.grad_clip);
+                sgd.step(&variables, lr);
+            }
+            let value = loss.double_value(&[]);
+            if !value.is_finite() && !amp {
+                return Err(format!(
+                    "epoch {epoch}: the training loss is {value}; training diverged"
+                ));
+            }
+            train_losses.push(value);
+        }
+        let (val_loss, pseudo_dice) = tch::no_grad(|| -> Result<(f64, Vec<f64>), String> {
+            let mut losses = Vec::new();
+            let mut totals: Option<[Vec<f64>; 3]> = None;
+            for _ in 0..params.val_iterations {
+                let (x, targets) = batch_tensors(&next_batch()?, arch.spatial_dims, device);
+                let outputs = tch::autocast(amp, || net.forward(&x));
+                losses.push(deep_supervision_loss(&outputs, &targets, &loss_config).double_value(&[]));
+                let counts = pseudo_dice_counts(&outputs[0], &targets[0], setup.ignore_label);
+                totals = Some(match totals {
+                    None => counts,
+                    Some(t) => [0, 1, 2].map(|k| t[k].iter().zip(&counts[k]).map(|(a, b)| a + b).collect()),
+                });
+            }
+            let dice = match totals {
+                Some([tp, fp, fn_]) => (0..tp.len())
+                    .map(|c| 2.0 * tp[c] / (2.0 * tp[c] + fp[c] + fn_[c]))
+                    .collect(),
+                None => Vec::new(),
+            };
+            Ok((mean(&losses), dice))
+        })?;
+        let mean_dice = nanmean(&pseudo_dice);
+        let ema = match state.logs.last() {
+            Some(previous) if previous.ema_pseudo_dice.is_finite() => {
+                0.9 * previous.ema_pseudo_dice + 0.1 * mean_dice
+            }
+            _ => mean_dice,
+        };
+        let record = EpochRecord {
+            epoch,
+            train_loss: mean(&train_losses),
+            val_loss,
+            pseudo_dice: pseudo_dice.clone(),
+            mean_pseudo_dice: mean_dice,
+            ema_pseudo_dice: ema,
+            learning_rate: lr,
+            epoch_seconds: started.elapsed().as_secs_f64(),
+        };
+        log.line(&format!(
+            "epoch {epoch}: lr {lr:.5} train_loss {:.4} val_loss {:.4} pseudo_dice {:?} ema {:.4} time {:.2} s",
+            record.train_loss,
+            record.val_loss,
+            pseudo_dice.iter().map(|d| (d * 1e4).round() / 1e4).collect::<Vec<_>>(),
+            ema,
+            record.epoch_seconds
+        ));
+        state.logs.push(record);
+        state.epochs_done = epoch + 1;
+        if state.best_ema.is_none_or(|best| ema > best) {
+            state.best_ema = Some(ema);
+            state.best_epoch = Some(epoch);
+            log.line(&format!("new best moving-average pseudo Dice: {ema:.4}"));
+            checkpoint::save(&job.resume_dir, "checkpoint_best", &vs, None, &state)?;
+        }
+        let last = epoch + 1 == stop_at;
+        if (epoch + 1) % params.checkpoint_every == 0 || last {
+            checkpoint::save(&job.resume_dir, "checkpoint_latest", &vs, Some(&sgd), &state)?;
+        }
+        plot(&state, &job.out_dir)?;
+        if let (Some(patience), Some(best_epoch)) = (params.early_stopping, state.best_epoch) {
+            if epoch >= best_epoch + patience && !last {
+                log.line(&format!("early stopping: no improvement for {patience} epochs"));
+                checkpoint::save(&job.resume_dir, "checkpoint_latest", &vs, Some(&sgd), &state)?;
+                break;
+            }
+        }
+    }
+    drop(batches);
+    finish(job, &vs, &state, &mut log)?;
+    let _ = &mut vs;
+    Ok(())
+}
+
+fn batch_maker(params: &TrainParams, setup: &Setup) -> Result<BatchMaker, String> {
+    let da = DaConfig::from_patch_size(&setup.patch_size).map_err(|e| e.to_string())?;
+    let augment = match &params.augment {
+        Some(pipeline) => pipeline.clone(),
+        None => Pipeline::nnunet_default(&da).with_mask_for_norm(&setup.use_mask_for_norm),
+    };
+    let open = |ids: &[String]| -> Result<Vec<MappedCase>, String> {
+        ids.iter()
+            .map(|id| MappedCase::open(Path::new(&params.preprocessed), id))
+            .collect()
+    };
+    let patch = as_3d(&setup.patch_size);
+    let sampler = |cases, crop_size| PatchSampler {
+        cases,
+        crop_size,
+        patch_size: patch,
+        batch_size: setup.batch_size,
+        oversample_foreground: params.oversample_foreground,
+        has_ignore_label: setup.ignore_label.is_some(),
+    };
+    let scales = if params.deep_supervision {
+        setup.architecture.deep_supervision_scales()
+    } else {
+        vec![[1.0; 3]]
+    };
+    Ok(BatchMaker {
+        train: sampler(open(&setup.split.train)?, as_3d(&da.initial_patch_size)),
+        validation: sampler(open(&setup.split.val)?, patch),
+        augment,
+        validation_transforms: Pipeline {
+            transforms: vec![TransformSpec::RemoveLabel(Default::default())],
+        },
+        scales,
+        seed: params.seed,
+    })
+}
+
+/// Loads the stored latest checkpoint when it belongs to these parameters.
+fn resume(
+    dir: &Path,
+    identity: &serde_json::Value,
+    vs: &mut VarStore,
+    sgd: &mut Sgd,
+) -> Result<Option<TrainerState>, String> {
+    let paths = checkpoint::paths(dir, "checkpoint_latest");
+    let Ok(text) = std::fs::read_to_string(&paths.state) else {
+        return Ok(None);
+    };
+    let stored: TrainerState = match serde_json::from_str(&text) {
+        Ok(state) => state,
+        Err(_) => return Ok(None),
+    };
+    if &stored.identity != identity {
+        return Ok(None);
+    }
+    checkpoint::load(dir, "checkpoint_latest", vs, sgd).map(Some)
+}
+
+fn plot(state: &TrainerState, out_dir: &Path) -> Result<(), String> {
+    let logs: Vec<progress_plot::EpochLog> = state
+        .logs
+        .iter()
+        .map(|r| progress_plot::EpochLog {
+            epoch: r.epoch,
+            train_loss: r.train_loss,
+            val_loss: r.val_loss,
+            pseudo_dice: r.pseudo_dice.clone(),
+            ema_pseudo_dice: r.ema_pseudo_dice,
+            learning_rate: r.learning_rate,
+            epoch_seconds: r.epoch_seconds,
+        })
+        .collect();
+    progress_plot::plot_progress(&logs, &out_dir.join("progress.png"))
+}
+
+/// Writes the stage's outputs: final and best weights, the trainer state, and the logs.
+fn finish(job: &TrainJob, vs: &VarStore, state: &TrainerState, log: &mut Logger) -> Result<(), String> {
+    checkpoint::save(&job.out_dir, "checkpoint_final", vs, None, state)?;
+    let best = checkpoint::paths(&job.resume_dir, "checkpoint_best");
+    if best.weights.exists() {
+        std::fs::copy(&best.weights, job.out_dir.join("checkpoint_best.safetensors"))
+            .map_err(|e| format!("{}: {e}", best.weights.display()))?;
+    }
+    let history = serde_json::to_vec_pretty(&state.logs).expect("logs serialize");
+    crate::atomic_file::write_atomically(&job.out_dir.join("training_history.json"), &history)
+        .map_err(|e| e.to_string())?;
+    log.line(&format!("training done after {} epochs", state.epochs_done));
+    Ok(())
+}
+
+fn mean(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        f64::NAN
+    } else {
+        values.iter().sum::<f64>() / values.len() as f64
+    }
+}
+
+fn nanmean(values: &[f64]) -> f64 {
+    let finite: Vec<f64> = values.iter().copied().filter(|v| !v.is_nan()).collect();
+    mean(&finite)
+}
