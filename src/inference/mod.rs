@@ -1,3 +1,4 @@
 //! Inference: turning a trained network's per-patch predictions into whole-image logits.
 
+pub mod predictor;
 pub mod sliding_window;

@@ -27,19 +27,38 @@ use super::splits::{fold_cases, Fold, Split};
 use crate::augment::pipeline::TransformSpec;
 use crate::augment::{DaConfig, Pipeline};
 use crate::data::case_store::list_cases;
+use crate::data::case_store::read_case;
 use crate::data::dataset::{Dataset, LabelValue};
+use crate::evaluate::metrics::{case_metrics, summarize, Target};
+use crate::inference::predictor::Predictor;
+use crate::inference::sliding_window::SlidingWindow;
 use crate::network::{Architecture, PlainConvUNet};
 use crate::preprocess::case_steps::resolve_configuration;
+use ndarray::Axis;
 
-/// What the `train` stage hands the worker (paths absolute).
+/// What the `train` stage hands the worker (paths absolute). The parameters travel with their
+/// paths, which `TrainParams` leaves out of its serialized form (and so out of cache keys).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainJob {
+    #[serde(serialize_with = "with_paths")]
     pub params: TrainParams,
     /// The parameters and input contents a resumable checkpoint must match (computed by the stage).
     pub identity: serde_json::Value,
     pub out_dir: PathBuf,
     pub resume_dir: PathBuf,
     pub threads: usize,
+}
+
+fn with_paths<S: serde::Serializer>(params: &TrainParams, serializer: S) -> Result<S::Ok, S::Error> {
+    let mut value = serde_json::to_value(params).map_err(serde::ser::Error::custom)?;
+    let map = value.as_object_mut().expect("parameters are an object");
+    map.insert("dataset".into(), params.dataset.clone().into());
+    map.insert("plan".into(), params.plan.clone().into());
+    map.insert("preprocessed".into(), params.preprocessed.clone().into());
+    if let Some(splits) = &params.splits {
+        map.insert("splits".into(), splits.clone().into());
+    }
+    value.serialize(serializer)
 }
 
 /// What training needs from plans.json and dataset.json.
@@ -275,13 +294,20 @@ pub fn train(job: &TrainJob) -> Result<(), String> {
         job.threads,
         2,
     );
+    // Time spent waiting for augmented batches: nonzero means the data pipeline, not the
+    // network, limits the speed.
+    let waited = std::cell::Cell::new(0.0f64);
     let next_batch = || -> Result<Batch, String> {
-        batches
+        let started = Instant::now();
+        let batch = batches
             .recv()
-            .map_err(|_| "the augmentation threads stopped".to_string())?
+            .map_err(|_| "the augmentation threads stopped".to_string())?;
+        waited.set(waited.get() + started.elapsed().as_secs_f64());
+        batch
     };
     for epoch in state.epochs_done..stop_at {
         let started = Instant::now();
+        waited.set(0.0);
         let lr = poly_lr(params.learning_rate, epoch, params.epochs);
         net.set_deep_supervision(params.deep_supervision);
         let mut train_losses = Vec::with_capacity(params.iterations_per_epoch);
@@ -350,12 +376,13 @@ pub fn train(job: &TrainJob) -> Result<(), String> {
             epoch_seconds: started.elapsed().as_secs_f64(),
         };
         log.line(&format!(
-            "epoch {epoch}: lr {lr:.5} train_loss {:.4} val_loss {:.4} pseudo_dice {:?} ema {:.4} time {:.2} s",
+            "epoch {epoch}: lr {lr:.5} train_loss {:.4} val_loss {:.4} pseudo_dice {:?} ema {:.4} time {:.2} s (waiting for data {:.2} s)",
             record.train_loss,
             record.val_loss,
             pseudo_dice.iter().map(|d| (d * 1e4).round() / 1e4).collect::<Vec<_>>(),
             ema,
-            record.epoch_seconds
+            record.epoch_seconds,
+            waited.get()
         ));
         state.logs.push(record);
         state.epochs_done = epoch + 1;
@@ -380,8 +407,91 @@ pub fn train(job: &TrainJob) -> Result<(), String> {
     }
     drop(batches);
     finish(job, &vs, &state, &mut log)?;
-    let _ = &mut vs;
-    Ok(())
+    net.set_deep_supervision(false);
+    let predictor = Predictor {
+        net: &net,
+        device,
+        window: SlidingWindow {
+            step_size: params.validation_step_size,
+            ..SlidingWindow::new(as_3d(&setup.patch_size))
+        },
+        mirror_axes: if params.validation_mirroring {
+            (0..arch.spatial_dims).collect()
+        } else {
+            Vec::new()
+        },
+        amp,
+    };
+    validate_held_out(job, &setup, &predictor, &mut log)
+}
+
+/// nnU-Net's final validation, first version: every held-out case predicted whole (sliding
+/// window, mirroring), compared with its preprocessed reference on the preprocessed grid (voxels
+/// outside the nonzero mask count as background). Writes `validation/summary.json` in nnU-Net's
+/// layout (per case, per-label means, foreground mean).
+fn validate_held_out(
+    job: &TrainJob,
+    setup: &Setup,
+    predictor: &Predictor,
+    log: &mut Logger,
+) -> Result<(), String> {
+    let folder = Path::new(&job.params.preprocessed);
+    let targets: Vec<Target> = (1..setup.architecture.num_classes as i32)
+        .map(Target::Label)
+        .collect();
+    let ignore = setup.ignore_label.map(|l| l as i32);
+    let mut per_case = Vec::new();
+    let mut rows = Vec::new();
+    for id in &setup.split.val {
+        let started = Instant::now();
+        let case = read_case(folder, id).map_err(|e| e.to_string())?;
+        let seg = case
+            .seg
+            .ok_or_else(|| format!("validation case {id} has no segmentation"))?;
+        let logits = predictor.predict_logits(case.data.view())?;
+        let prediction = logits.map_axis(Axis(0), |v| argmax(v.iter().copied()) as i32);
+        let reference = seg.index_axis(Axis(0), 0).mapv(|v| i32::from(v.max(0)));
+        let metrics = case_metrics(reference.view(), prediction.view(), &targets, ignore);
+        log.line(&format!(
+            "validation {id}: Dice {} ({:.1} s)",
+            metrics
+                .iter()
+                .map(|(k, m)| format!("{k}={:.4}", m.dice))
+                .collect::<Vec<_>>()
+                .join(" "),
+            started.elapsed().as_secs_f64()
+        ));
+        rows.push(serde_json::json!({ "case": id, "metrics": metrics }));
+        per_case.push(metrics);
+    }
+    let summary = summarize(&per_case, &targets);
+    log.line(&format!(
+        "validation foreground mean Dice: {:.4}",
+        summary.foreground_mean.dice
+    ));
+    let json = serde_json::json!({
+        "foreground_mean": summary.foreground_mean,
+        "mean": summary.mean,
+        "metric_per_case": rows,
+        "grid": "preprocessed",
+    });
+    let path = job.out_dir.join("validation").join("summary.json");
+    crate::atomic_file::write_atomically(
+        &path,
+        &serde_json::to_vec_pretty(&json).expect("summary serializes"),
+    )
+    .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Index of the largest value (the first on ties, as numpy's argmax).
+fn argmax(values: impl Iterator<Item = f32>) -> usize {
+    let mut best = (0, f32::NEG_INFINITY);
+    for (i, v) in values.enumerate() {
+        if v > best.1 {
+            best = (i, v);
+        }
+    }
+    best.0
 }
 
 fn batch_maker(params: &TrainParams, setup: &Setup) -> Result<BatchMaker, String> {
