@@ -5,7 +5,10 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use nnflow::train::loss::{dc_and_ce, deep_supervision_loss, pseudo_dice_counts, LossConfig};
+#[path = "../src/bin/nnflow-torch/loss.rs"]
+mod loss;
+
+use loss::{dc_and_ce, deep_supervision_loss, pseudo_dice_counts, LossConfig};
 use nnflow::train::splits::crossval_splits;
 use serde_json::Value;
 use tch::Tensor;

@@ -5,10 +5,13 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use nnflow::network::unet::{nnunet_aliases, parameter_count};
-use nnflow::network::{Architecture, PlainConvUNet};
+#[path = "../src/bin/nnflow-torch/unet.rs"]
+mod unet;
+
+use nnflow::network::Architecture;
 use serde_json::Value;
 use tch::{nn::VarStore, Device, Kind, Tensor};
+use unet::{nnunet_aliases, parameter_count, PlainConvUNet};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

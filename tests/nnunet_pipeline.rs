@@ -264,6 +264,7 @@ fn cases_off_the_target_grid_are_resampled_and_cases_on_it_are_linked() {
         FEW_SAMPLES,
         "--set",
         "configurations=[\"3d_fullres\"]",
+        "resample",
     ]);
     assert_eq!(result.code, 0, "{}", result.stderr);
     let normalized = project

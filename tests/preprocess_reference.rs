@@ -23,6 +23,7 @@ fn run_pipeline(project: &common::Project) -> Value {
         &format!("dataset={dataset}"),
         "--set",
         "configurations=[\"3d_fullres\", \"2d\"]",
+        "resample",
     ]);
     assert_eq!(result.code, 0, "{}", result.stderr);
     result.json
@@ -160,7 +161,14 @@ fn second_run_is_cached_and_a_different_gpu_target_replans_only_what_depends_on_
     run_pipeline(&project);
     let dataset = format!("dataset={FIXTURES}/fingerprint/Dataset001_Tiny");
     let configurations = "configurations=[\"3d_fullres\", \"2d\"]";
-    let again = project.run(&["nnunet.toml", "--set", &dataset, "--set", configurations]);
+    let again = project.run(&[
+        "nnunet.toml",
+        "--set",
+        &dataset,
+        "--set",
+        configurations,
+        "resample",
+    ]);
     assert!(again.with_outcome("ran").is_empty(), "{}", again.json);
     let replanned = project.run(&[
         "nnunet.toml",
@@ -170,6 +178,7 @@ fn second_run_is_cached_and_a_different_gpu_target_replans_only_what_depends_on_
         configurations,
         "--set",
         "gpu_memory_gb=4",
+        "resample",
     ]);
     assert_eq!(replanned.outcome("fingerprint"), "cached");
     assert_eq!(replanned.outcome("plan"), "ran");

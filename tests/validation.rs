@@ -248,7 +248,7 @@ cmd = "touch ran-a"
         "p.toml",
         2,
         8,
-        "unknown stage kind `comand` (known kinds: command, fingerprint, plan, normalize, resample)",
+        "unknown stage kind `comand` (known kinds: command, fingerprint, plan, normalize, resample, train)",
         "kind = \"comand\"",
     );
     assert_count(&report, 1);

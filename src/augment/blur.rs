@@ -1,7 +1,8 @@
 //! `gaussian_blur`: separable Gaussian smoothing per channel (batchgeneratorsv2 `GaussianBlurTransform`
 //! with `blur_dimension`: kernel truncated at 6 sigma, odd size, reflect padding).
 
-use ndarray::{ArrayViewMut3, Axis};
+use ndarray::{ArrayViewMut3, Axis, Zip};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{check_prob, check_range, sample_range, AugmentError, Sample, SampleRng};
@@ -14,7 +15,7 @@ fn yes() -> bool {
 }
 
 /// `gaussian_blur` parameters (nnU-Net: p 0.2, sigma U(0.5, 1) per axis and channel, channel p 0.5).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct GaussianBlurParams {
     #[serde(default = "yes")]
@@ -124,22 +125,51 @@ fn reflect(i: isize, n: usize) -> usize {
 }
 
 /// Convolves every lane along `axis` with the Gaussian of `sigma`.
+///
+/// Each output is `sum_k w_k * x[reflect(i + k - r)]` accumulated in f64 in tap order, whichever loop
+/// computes it. The reflection is tabulated once per axis (a remainder per tap and voxel used to cost
+/// more than the arithmetic), and axes other than the contiguous one are convolved plane by plane, so
+/// the inner loop runs over contiguous memory instead of gathering strided lanes.
 pub fn blur_axis(mut x: ArrayViewMut3<f32>, axis: usize, sigma: f64) {
     let kernel = gaussian_kernel(sigma);
-    let r = (kernel.len() / 2) as isize;
+    let taps = kernel.len();
+    let r = (taps / 2) as isize;
     let n = x.len_of(Axis(axis));
-    let mut lane_copy = vec![0f32; n];
-    for mut lane in x.lanes_mut(Axis(axis)) {
-        for (dst, src) in lane_copy.iter_mut().zip(lane.iter()) {
-            *dst = *src;
+    // source position of tap k for output i, at src_of[i * taps + k]
+    let src_of: Vec<usize> = (0..n)
+        .flat_map(|i| (0..taps).map(move |k| reflect(i as isize + k as isize - r, n)))
+        .collect();
+    if x.stride_of(Axis(axis)).unsigned_abs() == 1 {
+        let mut lane_copy = vec![0f32; n];
+        for mut lane in x.lanes_mut(Axis(axis)) {
+            for (dst, src) in lane_copy.iter_mut().zip(lane.iter()) {
+                *dst = *src;
+            }
+            for (i, out) in lane.iter_mut().enumerate() {
+                let src = &src_of[i * taps..][..taps];
+                let acc: f64 = kernel
+                    .iter()
+                    .zip(src)
+                    .map(|(w, &j)| w * lane_copy[j] as f64)
+                    .sum();
+                *out = acc as f32;
+            }
         }
-        for (i, out) in lane.iter_mut().enumerate() {
-            let acc: f64 = kernel
-                .iter()
-                .enumerate()
-                .map(|(k, w)| w * lane_copy[reflect(i as isize + k as isize - r, n)] as f64)
-                .sum();
-            *out = acc as f32;
+    } else {
+        let source = x.to_owned();
+        let plane_dim = source.index_axis(Axis(axis), 0).raw_dim();
+        let mut acc = ndarray::Array2::<f64>::zeros(plane_dim);
+        for i in 0..n {
+            // -0.0 is where `Iterator::sum` starts, so this adds exactly what the lane loop adds
+            acc.fill(-0.0);
+            for (w, &j) in kernel.iter().zip(&src_of[i * taps..][..taps]) {
+                Zip::from(&mut acc)
+                    .and(source.index_axis(Axis(axis), j))
+                    .for_each(|a, &v| *a += w * v as f64);
+            }
+            Zip::from(x.index_axis_mut(Axis(axis), i))
+                .and(&acc)
+                .for_each(|out, &a| *out = a as f32);
         }
     }
 }

@@ -3,6 +3,7 @@
 //! `ContrastTransform`, `GammaTransform`). Statistics are computed over the whole channel, as there.
 
 use ndarray::{ArrayViewMut3, Axis};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{check_prob, check_range, sample_bg_contrast, sample_range, AugmentError, Sample, SampleRng};
@@ -19,7 +20,7 @@ fn pick_channels(rng: &mut SampleRng, n: usize, p_per_channel: f64) -> Vec<usize
 }
 
 /// `gaussian_noise`: adds zero-mean Gaussian noise to the image.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct GaussianNoiseParams {
     #[serde(default = "yes")]
@@ -79,7 +80,7 @@ impl GaussianNoiseParams {
 }
 
 /// `brightness`: multiplies each chosen channel by a factor drawn like `BGContrast`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct BrightnessParams {
     #[serde(default = "yes")]
@@ -158,7 +159,7 @@ pub fn multiply_channel(mut x: ArrayViewMut3<f32>, factor: f64) {
 }
 
 /// `contrast`: stretches each chosen channel about its mean, optionally clipped to its old range.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ContrastParams {
     #[serde(default = "yes")]
@@ -222,7 +223,7 @@ pub fn contrast_channel(mut x: ArrayViewMut3<f32>, factor: f64, preserve_range: 
 
 /// `gamma` (and `gamma_inverted` with `p_invert_image = 1`): a power curve on the channel rescaled to
 /// [0, 1], optionally on the negated image and with mean and standard deviation restored afterwards.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct GammaParams {
     #[serde(default = "yes")]
@@ -299,7 +300,7 @@ impl GammaParams {
 }
 
 /// `gamma_inverted`: the same transform with nnU-Net's defaults for the inverted variant.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct GammaInvertedParams {
     #[serde(default = "yes")]

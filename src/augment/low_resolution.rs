@@ -3,7 +3,8 @@
 //! torch `interpolate(mode='nearest-exact')` then `(tri)linear`, `align_corners=False`). Both steps are
 //! separable, so they run one axis at a time.
 
-use ndarray::{Array3, ArrayView3, ArrayViewMut3, Axis};
+use ndarray::{Array3, ArrayView3, ArrayViewMut3, Axis, Zip};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{check_axes, check_prob, check_range, sample_range, AugmentError, Sample, SampleRng};
@@ -14,7 +15,7 @@ fn yes() -> bool {
 
 /// `low_resolution` parameters (nnU-Net: p 0.25, zoom U(0.5, 1) shared by all axes, channel p 0.5;
 /// dummy-2D patches ignore axis 0).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct LowResolutionParams {
     #[serde(default = "yes")]
@@ -144,9 +145,20 @@ fn resize_axis(
         return out;
     }
     let table: Vec<Taps> = (0..n_out).map(|d| taps(d, n_in, n_out)).collect();
-    for (src_lane, mut dst_lane) in x.lanes(Axis(axis)).into_iter().zip(out.lanes_mut(Axis(axis))) {
-        for (d, t) in dst_lane.iter_mut().zip(&table) {
-            *d = src_lane[t[0].0] * t[0].1 + src_lane[t[1].0] * t[1].1;
+    if x.stride_of(Axis(axis)).unsigned_abs() == 1 {
+        for (src_lane, mut dst_lane) in x.lanes(Axis(axis)).into_iter().zip(out.lanes_mut(Axis(axis))) {
+            for (d, t) in dst_lane.iter_mut().zip(&table) {
+                *d = src_lane[t[0].0] * t[0].1 + src_lane[t[1].0] * t[1].1;
+            }
+        }
+    } else {
+        // across planes: the same two products per voxel, over contiguous planes instead of gathering
+        // strided lanes (several times faster on 128^3 patches)
+        for (d, t) in table.iter().enumerate() {
+            Zip::from(out.index_axis_mut(Axis(axis), d))
+                .and(x.index_axis(Axis(axis), t[0].0))
+                .and(x.index_axis(Axis(axis), t[1].0))
+                .for_each(|o, &a, &b| *o = a * t[0].1 + b * t[1].1);
         }
     }
     out

@@ -2,6 +2,7 @@
 //! (batchgeneratorsv2 `MirrorTransform`).
 
 use ndarray::Axis;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{check_axes, check_prob, AugmentError, Sample, SampleRng};
@@ -11,7 +12,7 @@ fn yes() -> bool {
 }
 
 /// `mirror` parameters. Axes count (z, y, x): nnU-Net's 3D (0, 1, 2); its 2D (0, 1) is (1, 2) here.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct MirrorParams {
     #[serde(default = "yes")]

@@ -11,14 +11,17 @@
 //!
 //! Module map: [`rng`] (seeded per-sample randomness), [`pipeline`] (registry, config, ordering, batch),
 //! [`da_config`] (nnU-Net's rotation / dummy-2D / initial patch size decisions), one module per transform
-//! family ([`spatial`], [`intensity`], [`blur`], [`low_resolution`], [`mirror`], [`seg`]).
+//! family ([`spatial`], [`intensity`], [`blur`], [`low_resolution`], [`mirror`], [`seg`]), and the
+//! spatial transform's parts ([`elastic`] displacement fields, [`resample`] grid sampling).
 
 pub mod blur;
 pub mod da_config;
+pub mod elastic;
 pub mod intensity;
 pub mod low_resolution;
 pub mod mirror;
 pub mod pipeline;
+pub mod resample;
 pub mod rng;
 pub mod seg;
 pub mod spatial;

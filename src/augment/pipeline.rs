@@ -8,6 +8,7 @@
 
 use ndarray::Axis;
 use rayon::prelude::*;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::blur::GaussianBlurParams;
@@ -22,7 +23,7 @@ use super::spatial::SpatialParams;
 use super::{AugmentError, Sample, SampleRng};
 
 /// One registered transform with its parameters; `name` selects the variant.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "name", rename_all = "snake_case")]
 pub enum TransformSpec {
     Spatial(SpatialParams),
@@ -125,7 +126,7 @@ impl TransformSpec {
 }
 
 /// An ordered list of transforms; (de)serializes as the bare list.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(transparent)]
 pub struct Pipeline {
     pub transforms: Vec<TransformSpec>,

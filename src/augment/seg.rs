@@ -4,6 +4,7 @@
 //! DownsampleSegForDSTransform, nearest-exact).
 
 use ndarray::{Array4, ArrayView4, Axis, Zip};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{check_prob, AugmentError, Sample, SampleRng};
@@ -14,7 +15,7 @@ fn yes() -> bool {
 
 /// `mask_image` parameters: which image channels to zero where `seg < 0` (nnU-Net: the channels with
 /// `use_mask_for_norm`; none by default, which makes the transform a no-op).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct MaskImageParams {
     #[serde(default = "yes")]
@@ -57,7 +58,7 @@ impl MaskImageParams {
 }
 
 /// `remove_label` parameters (nnU-Net: -1 -> 0 on every seg channel).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct RemoveLabelParams {
     #[serde(default = "yes")]

@@ -1,27 +1,29 @@
-//! `spatial`: rotation and scaling about the patch centre, sampled into the final patch size, or a plain
-//! centre crop when neither is drawn (batchgeneratorsv2 `SpatialTransform` as nnU-Net configures it:
-//! `random_crop=False`, no elastic deformation, bilinear image sampling with zero padding, segmentation
-//! by per-label bilinear scores with padding label -1, argmax, ties to the nearest neighbour).
+//! `spatial`: elastic deformation, rotation and scaling about the patch centre, sampled into the final
+//! patch size, or a plain centre crop when none is drawn (batchgeneratorsv2 `SpatialTransform` with
+//! `random_crop=False`, as nnU-Net configures it: bilinear image sampling with zero padding, segmentation
+//! by per-label bilinear scores with padding label -1, argmax, ties to the nearest neighbour; elastic
+//! deformation is available but off, as in nnU-Net v2).
 //!
 //! Geometry (align_corners=False): output voxel `i` sits at `x = i - (out - 1) / 2` relative to the patch
-//! centre and samples the input at `A x + (in - 1) / 2`, with `A = Rz Ry Rx S` (3D, angles about axes
-//! 0, 1, 2) or `R S` in the (y, x) plane (2D). A scale above 1 samples a larger region, so objects shrink.
+//! centre, is displaced by the elastic offset `o(i)` (see [`super::elastic`]) and samples the input at
+//! `A (x + o) + (in - 1) / 2`, with `A = Rz Ry Rx S` (3D, angles about axes 0, 1, 2) or `R S` in the
+//! (y, x) plane (2D). A scale above 1 samples a larger region, so objects shrink. The sampling itself is
+//! in [`super::resample`].
 
-use ndarray::{s, Array4, ArrayView4, Axis};
+use ndarray::{s, Array4, Axis};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::elastic::Displacement;
+use super::resample::resample;
 use super::{check_prob, check_range, sample_range, AugmentError, Sample, SampleRng};
-
-/// batchgeneratorsv2 scores each label as float16 of `1000 * interpolated indicator`; the coarse float16
-/// grid turns near-ties into exact ties, which the nearest neighbour then settles. We reproduce that.
-const SEG_SCORE_SCALE: f32 = 1000.0;
 
 fn yes() -> bool {
     true
 }
 
 /// `spatial` parameters; nnU-Net's defaults except `patch_size` (from the plans, required).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct SpatialParams {
     #[serde(default = "yes")]
@@ -39,8 +41,18 @@ pub struct SpatialParams {
     pub p_scaling: f64,
     /// Probability that one scale is shared by all axes (nnU-Net: 1).
     pub p_synchronize_scaling_across_axes: f64,
-    /// Elastic deformation is off in nnU-Net v2 and not implemented here; must stay 0.
+    /// Probability of an elastic deformation (nnU-Net v2: 0, off).
     pub p_elastic_deform: f64,
+    /// Smoothing sigma of the displacement noise, as a fraction of the patch edge (batchgeneratorsv2's
+    /// default (0, 0.2)); larger means coarser deformation. Field `d` uses `scale_d * patch_size[d]`
+    /// voxels along every axis.
+    pub elastic_deform_scale: [f64; 2],
+    /// Largest displacement per axis, in voxels (batchgeneratorsv2's default (0, 0.2)).
+    pub elastic_deform_magnitude: [f64; 2],
+    /// Probability that one deformation scale is shared by all axes (batchgeneratorsv2: 0).
+    pub p_synchronize_def_scale_across_axes: f64,
+    /// Re-centre the deformed grid on its mean, so the deformation does not shift the patch (default on).
+    pub center_deformation: bool,
     /// Segmentation label outside the input (nnU-Net: -1, later turned into 0 by `remove_label`).
     pub padding_value_seg: i16,
 }
@@ -58,6 +70,10 @@ impl Default for SpatialParams {
             p_scaling: 0.2,
             p_synchronize_scaling_across_axes: 1.0,
             p_elastic_deform: 0.0,
+            elastic_deform_scale: [0.0, 0.2],
+            elastic_deform_magnitude: [0.0, 0.2],
+            p_synchronize_def_scale_across_axes: 0.0,
+            center_deformation: true,
             padding_value_seg: -1,
         }
     }
@@ -65,6 +81,18 @@ impl Default for SpatialParams {
 
 /// 3x3 matrix acting on (z, y, x) column vectors.
 pub type Affine = [[f64; 3]; 3];
+
+/// No rotation or scaling: the affine of a deformation-only warp.
+pub const IDENTITY: Affine = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
+
+/// One sample's drawn geometry; batchgeneratorsv2 resamples whenever either part is present.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Warp {
+    /// Rotation and scaling, if drawn.
+    pub affine: Option<Affine>,
+    /// Elastic offsets over the output patch, if drawn.
+    pub displacement: Option<Displacement>,
+}
 
 impl SpatialParams {
     pub fn validate(&self) -> Result<(), AugmentError> {
@@ -86,6 +114,14 @@ impl SpatialParams {
         )?;
         check_range(T, "rotation_deg", self.rotation_deg)?;
         check_range(T, "scaling", self.scaling)?;
+        check_prob(T, "p_elastic_deform", self.p_elastic_deform)?;
+        check_prob(
+            T,
+            "p_synchronize_def_scale_across_axes",
+            self.p_synchronize_def_scale_across_axes,
+        )?;
+        check_range(T, "elastic_deform_scale", self.elastic_deform_scale)?;
+        check_range(T, "elastic_deform_magnitude", self.elastic_deform_magnitude)?;
         if !(self.patch_size.len() == 2 || self.patch_size.len() == 3) || self.patch_size.contains(&0) {
             return invalid(format!(
                 "`patch_size` needs 2 or 3 non-zero entries, got {:?}",
@@ -95,18 +131,21 @@ impl SpatialParams {
         if self.scaling[0] <= 0.0 {
             return invalid("`scaling` must be > 0".into());
         }
-        if self.p_elastic_deform != 0.0 {
-            return invalid("elastic deformation is not implemented; `p_elastic_deform` must be 0".into());
+        // batchgeneratorsv2 would square a negative sigma away and clip a negative magnitude to 1e-8;
+        // both are configuration mistakes, not intents
+        if self.elastic_deform_scale[0] < 0.0 || self.elastic_deform_magnitude[0] < 0.0 {
+            return invalid("`elastic_deform_scale` and `elastic_deform_magnitude` must be >= 0".into());
         }
         Ok(())
     }
 
-    /// Draws rotation / scaling in batchgeneratorsv2's order; `None` means "centre crop only".
-    pub fn draw(&self, rng: &mut SampleRng) -> Option<Affine> {
+    /// Draws rotation, scaling and elastic deformation in batchgeneratorsv2's order; `None` means
+    /// "centre crop only".
+    pub fn draw(&self, rng: &mut SampleRng) -> Option<Warp> {
         let dim = self.patch_size.len();
         let do_rotation = rng.bernoulli(self.p_rotation);
         let do_scale = rng.bernoulli(self.p_scaling);
-        let _do_deform = rng.bernoulli(self.p_elastic_deform);
+        let do_deform = rng.bernoulli(self.p_elastic_deform);
         let mut angles = [0.0; 3];
         if do_rotation {
             for a in angles.iter_mut().take(dim) {
@@ -130,15 +169,45 @@ impl SpatialParams {
                 }
             }
         }
-        if !(do_rotation || do_scale) {
+        let affine = (do_rotation || do_scale).then(|| {
+            if dim == 3 {
+                affine_3d(angles, scales)
+            } else {
+                // 2D uses the last drawn angle, as batchgeneratorsv2 does (angles[-1])
+                affine_2d(angles[dim - 1], [scales[0], scales[1]])
+            }
+        });
+        let displacement = do_deform.then(|| self.draw_displacement(rng));
+        if affine.is_none() && displacement.is_none() {
             return None;
         }
-        Some(if dim == 3 {
-            affine_3d(angles, scales)
+        Some(Warp { affine, displacement })
+    }
+
+    /// batchgeneratorsv2's elastic draws: the shared-scale coin, the scales (fractions of the patch
+    /// edge), the magnitudes, then the noise.
+    fn draw_displacement(&self, rng: &mut SampleRng) -> Displacement {
+        let dim = self.patch_size.len();
+        let def_scales: Vec<f64> = if rng.next_f64() <= self.p_synchronize_def_scale_across_axes {
+            vec![sample_range(rng, self.elastic_deform_scale); dim]
         } else {
-            // 2D uses the last drawn angle, as batchgeneratorsv2 does (angles[-1])
-            affine_2d(angles[dim - 1], [scales[0], scales[1]])
-        })
+            (0..dim)
+                .map(|_| sample_range(rng, self.elastic_deform_scale))
+                .collect()
+        };
+        let sigmas: Vec<f64> = (0..dim)
+            .map(|d| def_scales[d] * self.patch_size[d] as f64)
+            .collect();
+        let magnitudes: Vec<f64> = (0..dim)
+            .map(|_| sample_range(rng, self.elastic_deform_magnitude))
+            .collect();
+        Displacement::draw(
+            &self.patch_size,
+            &sigmas,
+            &magnitudes,
+            rng,
+            self.center_deformation,
+        )
     }
 
     /// The output spatial shape for an input of spatial shape `input`.
@@ -151,12 +220,18 @@ impl SpatialParams {
     }
 
     pub fn apply(&self, sample: &mut Sample, rng: &mut SampleRng) {
-        let affine = self.draw(rng);
+        let warp = self.draw(rng);
         let (_, z, y, x) = sample.data.dim();
         let out = self.output_shape([z, y, x]);
-        *sample = match affine {
+        *sample = match warp {
             None => center_crop(sample, out, self.padding_value_seg),
-            Some(a) => resample_affine(sample, &a, out, self.padding_value_seg),
+            Some(w) => resample(
+                sample,
+                &w.affine.unwrap_or(IDENTITY),
+                w.displacement.as_ref(),
+                out,
+                self.padding_value_seg,
+            ),
         };
     }
 }
@@ -218,154 +293,14 @@ pub fn center_crop(sample: &Sample, out: [usize; 3], pad_seg: i16) -> Sample {
     Sample { data, seg }
 }
 
-/// Rounds a non-negative score to float16 precision (round half to even, normal range only: scores
-/// below float16's normal range can never be the maximum).
-fn to_f16_precision(x: f32) -> f32 {
-    let bits = x.to_bits();
-    let lsb = (bits >> 13) & 1;
-    f32::from_bits((bits + 0x0FFF + lsb) & !0x1FFF)
-}
-
-/// Linear taps of one coordinate along one axis: (index, weight), `None` index when outside.
-#[derive(Clone, Copy)]
-struct AxisTaps {
-    idx: [Option<usize>; 2],
-    w: [f32; 2],
-    n: usize,
-    nearest: Option<usize>,
-}
-
-fn axis_taps(p: f64, len: usize) -> AxisTaps {
-    let inside = |i: f64| (i >= 0.0 && i < len as f64).then_some(i as usize);
-    let f = p.floor();
-    let frac = p - f;
-    let nearest = inside(p.round_ties_even());
-    if frac == 0.0 {
-        // exact grid position: the upper tap has weight 0 and, as in torch, contributes nothing
-        AxisTaps {
-            idx: [inside(f), None],
-            w: [1.0, 0.0],
-            n: 1,
-            nearest,
-        }
-    } else {
-        let w1 = frac as f32;
-        AxisTaps {
-            idx: [inside(f), inside(f + 1.0)],
-            w: [1.0 - w1, w1],
-            n: 2,
-            nearest,
-        }
-    }
-}
-
-/// Samples image (bilinear, zeros outside) and segmentation (per-label bilinear score argmax, padding
-/// label outside, ties to the nearest neighbour, lowest label otherwise) on the rotated/scaled grid.
+/// Samples image and segmentation on the rotated / scaled grid (no elastic offsets).
 pub fn resample_affine(sample: &Sample, a: &Affine, out: [usize; 3], pad_seg: i16) -> Sample {
-    let (c, dz, dy, dx) = sample.data.dim();
-    let input = [dz, dy, dx];
-    let n_seg = sample.seg.len_of(Axis(0));
-    let mut data = Array4::<f32>::zeros((c, out[0], out[1], out[2]));
-    let mut seg = Array4::<i16>::zeros((n_seg, out[0], out[1], out[2]));
-    let c_out = out.map(|o| (o as f64 - 1.0) / 2.0);
-    let c_in = input.map(|i| (i as f64 - 1.0) / 2.0);
-    let (src, src_seg) = (sample.data.view(), sample.seg.view());
-    for z in 0..out[0] {
-        for y in 0..out[1] {
-            for x in 0..out[2] {
-                let v = [z as f64 - c_out[0], y as f64 - c_out[1], x as f64 - c_out[2]];
-                let taps = [0, 1, 2].map(|d| {
-                    let p = a[d][0] * v[0] + a[d][1] * v[1] + a[d][2] * v[2] + c_in[d];
-                    axis_taps(p, input[d])
-                });
-                sample_voxel(&src, &src_seg, &taps, pad_seg, [z, y, x], &mut data, &mut seg);
-            }
-        }
-    }
-    Sample { data, seg }
-}
-
-/// One output voxel of every data and seg channel from the product of the three axes' taps.
-fn sample_voxel(
-    src: &ArrayView4<f32>,
-    src_seg: &ArrayView4<i16>,
-    taps: &[AxisTaps; 3],
-    pad_seg: i16,
-    at: [usize; 3],
-    data: &mut Array4<f32>,
-    seg: &mut Array4<i16>,
-) {
-    // corners: (in-bounds index or None, weight)
-    let mut corners: [(Option<[usize; 3]>, f32); 8] = [(None, 0.0); 8];
-    let mut n = 0;
-    for i in 0..taps[0].n {
-        for j in 0..taps[1].n {
-            for k in 0..taps[2].n {
-                let w = taps[0].w[i] * taps[1].w[j] * taps[2].w[k];
-                let idx = match (taps[0].idx[i], taps[1].idx[j], taps[2].idx[k]) {
-                    (Some(a), Some(b), Some(c)) => Some([a, b, c]),
-                    _ => None,
-                };
-                corners[n] = (idx, w);
-                n += 1;
-            }
-        }
-    }
-    let corners = &corners[..n];
-    for ch in 0..src.len_of(Axis(0)) {
-        let acc: f32 = corners
-            .iter()
-            .filter_map(|(i, w)| i.map(|[a, b, c]| src[[ch, a, b, c]] * w))
-            .sum();
-        data[[ch, at[0], at[1], at[2]]] = acc;
-    }
-    let nearest = match (taps[0].nearest, taps[1].nearest, taps[2].nearest) {
-        (Some(a), Some(b), Some(c)) => Some([a, b, c]),
-        _ => None,
-    };
-    for ch in 0..src_seg.len_of(Axis(0)) {
-        let label_of = |i: Option<[usize; 3]>| i.map_or(pad_seg, |[a, b, c]| src_seg[[ch, a, b, c]]);
-        let mut scores: [(i16, f32); 8] = [(0, 0.0); 8];
-        let mut m = 0;
-        for &(i, w) in corners.iter().filter(|(_, w)| *w > 0.0) {
-            let l = label_of(i);
-            match scores[..m].iter_mut().find(|(sl, _)| *sl == l) {
-                Some(entry) => entry.1 += w,
-                None => {
-                    scores[m] = (l, w);
-                    m += 1;
-                }
-            }
-        }
-        let scores = &mut scores[..m];
-        for entry in scores.iter_mut() {
-            entry.1 = to_f16_precision(entry.1 * SEG_SCORE_SCALE);
-        }
-        let best = scores.iter().map(|s| s.1).fold(f32::NEG_INFINITY, f32::max);
-        let lowest_best = scores
-            .iter()
-            .filter(|s| s.1 == best)
-            .map(|s| s.0)
-            .min()
-            .unwrap_or(pad_seg);
-        let nn = label_of(nearest);
-        let nn_is_best = scores.iter().any(|&(l, s)| l == nn && s == best);
-        seg[[ch, at[0], at[1], at[2]]] = if nn_is_best { nn } else { lowest_best };
-    }
+    resample(sample, a, None, out, pad_seg)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn f16_rounding() {
-        assert_eq!(to_f16_precision(500.0), 500.0);
-        assert_eq!(to_f16_precision(500.1), 500.0);
-        assert_eq!(to_f16_precision(499.9), 500.0);
-        assert_eq!(to_f16_precision(500.2), 500.25);
-        assert_eq!(to_f16_precision(1000.0), 1000.0);
-    }
 
     #[test]
     fn pure_rotations_are_orthonormal() {
@@ -379,18 +314,44 @@ mod tests {
     }
 
     #[test]
-    fn validation_rejects_elastic_and_bad_patch() {
+    fn validation_accepts_elastic_probabilities_and_rejects_bad_values() {
         let p = SpatialParams {
             patch_size: vec![8, 8, 8],
             ..Default::default()
         };
         assert!(p.validate().is_ok());
-        assert!(SpatialParams {
-            p_elastic_deform: 0.1,
-            ..p.clone()
+        for ok in [0.0, 0.1, 1.0] {
+            let q = SpatialParams {
+                p_elastic_deform: ok,
+                ..p.clone()
+            };
+            assert!(q.validate().is_ok(), "{ok}");
         }
-        .validate()
-        .is_err());
+        let bad = [
+            SpatialParams {
+                p_elastic_deform: 1.5,
+                ..p.clone()
+            },
+            SpatialParams {
+                p_elastic_deform: -0.1,
+                ..p.clone()
+            },
+            SpatialParams {
+                elastic_deform_scale: [0.2, 0.1],
+                ..p.clone()
+            },
+            SpatialParams {
+                elastic_deform_magnitude: [-1.0, 0.1],
+                ..p.clone()
+            },
+            SpatialParams {
+                p_synchronize_def_scale_across_axes: 2.0,
+                ..p.clone()
+            },
+        ];
+        for q in bad {
+            assert!(q.validate().is_err(), "{q:?}");
+        }
         assert!(SpatialParams {
             patch_size: vec![8],
             ..p

@@ -1,4 +1,3 @@
 //! Inference: turning a trained network's per-patch predictions into whole-image logits.
 
-pub mod predictor;
 pub mod sliding_window;

@@ -185,7 +185,7 @@ mod tests {
     fn scales_and_weights_follow_nnunet() {
         let a = Architecture::from_plan(&plan_arch(3), 1, 2, true).unwrap();
         assert_eq!(a.deep_supervision_scales(), vec![[1.0; 3], [0.5; 3]]);
-        assert_eq!(a.deep_supervision_weights(), vec![1.0]);
+        assert_eq!(a.deep_supervision_weights(), vec![1.0, 0.0]);
         let a2 = Architecture::from_plan(&plan_arch(2), 1, 2, true).unwrap();
         assert_eq!(a2.deep_supervision_scales()[1], [1.0, 0.5, 0.5]);
         let mut five = a.clone();

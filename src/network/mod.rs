@@ -1,9 +1,7 @@
-//! nnU-Net's network: the architecture a plan describes ([`architecture`], plain data) and the
-//! PlainConvUNet built from it with libtorch ([`unet`]; reachable only from the `nnflow-torch`
-//! worker, so the engine binary never links libtorch).
+//! nnU-Net's network as a plan describes it ([`architecture`], plain data). The libtorch
+//! PlainConvUNet built from it lives in the `nnflow-torch` worker (`src/bin/nnflow-torch/unet.rs`),
+//! so the engine binary never links libtorch.
 
 pub mod architecture;
-pub mod unet;
 
 pub use architecture::Architecture;
-pub use unet::PlainConvUNet;

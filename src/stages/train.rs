@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use super::process::run_logged;
 use super::{build_typed, to_json, Kind, Stage, StageContext, StageInput};
+use crate::train::job::TrainJob;
 use crate::train::params::TrainParams;
-use crate::train::trainer::TrainJob;
 
 pub const KIND: Kind = Kind {
     name: "train",

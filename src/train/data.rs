@@ -9,6 +9,7 @@ use rayon::prelude::*;
 
 use super::sampler::PatchSampler;
 use crate::augment::seg::downsample_seg;
+use crate::augment::spatial::center_crop;
 use crate::augment::{Pipeline, Sample, SampleRng};
 
 /// A batch as plain arrays (tensors are made on the model's thread).
@@ -58,12 +59,27 @@ impl BatchMaker {
             .into_par_iter()
             .enumerate()
             .map(|(j, (_, sample))| {
-                pipeline.apply(sample, &SampleRng::new(seed, epoch as u64, first + j as u64))
+                let rng = SampleRng::new(seed, epoch as u64, first + j as u64);
+                pipeline
+                    .apply(sample, &rng)
+                    .map(|s| to_network_patch(s, sampler.patch_size))
             })
             .collect::<Result<_, _>>()
             .map_err(|e| e.to_string())?;
         Ok(assemble(&samples, &self.scales))
     }
+}
+
+/// What every training patch needs whatever the augmentation list: the network's patch size (a list
+/// without the spatial transform leaves the enlarged crop, cut centrally here) and no -1 outside
+/// the nonzero mask (background for the loss, as nnU-Net's `RemoveLabelTransform`).
+fn to_network_patch(mut sample: Sample, patch: [usize; 3]) -> Sample {
+    let shape = sample.data.shape();
+    if shape[1..] != patch {
+        sample = center_crop(&sample, patch, -1);
+    }
+    sample.seg.mapv_inplace(|v| v.max(0));
+    sample
 }
 
 fn assemble(samples: &[Sample], scales: &[[f64; 3]]) -> Batch {

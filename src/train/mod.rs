@@ -1,13 +1,10 @@
-//! nnU-Net's trainer. Plain-data parts ([`params`], [`splits`], [`sampler`], [`data`],
-//! [`progress_plot`]) are usable anywhere; the libtorch parts ([`loss`], [`optim`], [`checkpoint`],
-//! [`trainer`]) run only inside the `nnflow-torch` worker.
+//! nnU-Net's trainer, the parts without libtorch: parameters, splits, patch sampling, batches,
+//! the job format and the progress plot. The libtorch parts (network, loss, optimizer,
+//! checkpoints, the training loop) are modules of the `nnflow-torch` worker binary.
 
-pub mod checkpoint;
 pub mod data;
-pub mod loss;
-pub mod optim;
+pub mod job;
 pub mod params;
 pub mod progress_plot;
 pub mod sampler;
 pub mod splits;
-pub mod trainer;

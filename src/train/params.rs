@@ -145,7 +145,6 @@ pub struct TrainParams {
     /// The augmentation list (see the transforms' parameters); default: nnU-Net v2's list for
     /// the patch size, in nnU-Net's order.
     #[serde(default)]
-    #[schemars(with = "Option<Vec<serde_json::Map<String, serde_json::Value>>>")]
     pub augment: Option<Pipeline>,
     #[serde(default)]
     pub device: DeviceChoice,

@@ -13,9 +13,9 @@
 //! maps them so checkpoints can be exchanged both ways.
 
 use tch::nn::{self, Init};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
-use super::Architecture;
+use nnflow::network::Architecture;
 
 #[derive(Debug)]
 struct Conv {
@@ -286,6 +286,7 @@ impl PlainConvUNet {
 /// The extra names PyTorch's state dict gives the same tensors: each block's `all_modules.0`
 /// (conv) / `all_modules.1` (norm) and the decoder's reference to the encoder. Returns
 /// `(alias, canonical)` pairs for the canonical names given.
+#[allow(dead_code)] // used by the reference tests; weight exchange with nnU-Net comes next
 pub fn nnunet_aliases(names: &[String]) -> Vec<(String, String)> {
     let mut aliases = Vec::new();
     for name in names {
@@ -311,6 +312,3 @@ pub fn nnunet_aliases(names: &[String]) -> Vec<(String, String)> {
 pub fn parameter_count(vs: &nn::VarStore) -> i64 {
     vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()
 }
-
-/// The dtype networks train in; kept here so inference and training agree.
-pub const PARAM_KIND: Kind = Kind::Float;

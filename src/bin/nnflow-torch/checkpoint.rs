@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tch::{nn::VarStore, Device, Tensor};
 
-use super::optim::{LossScaler, Sgd};
-use crate::atomic_file;
+use nnflow::atomic_file;
+
+use crate::optim::{LossScaler, Sgd};
 
 /// Everything besides tensors that a resumed run needs to continue exactly.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -36,7 +36,7 @@ impl Sgd {
                     continue;
                 }
                 let g = if self.weight_decay != 0.0 {
-                    &grad + &*p * self.weight_decay
+                    &grad + p * self.weight_decay
                 } else {
                     grad.shallow_clone()
                 };

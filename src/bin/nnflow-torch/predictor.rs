@@ -6,8 +6,9 @@
 use ndarray::{Array4, ArrayView4};
 use tch::{Device, Kind, Tensor};
 
-use super::sliding_window::SlidingWindow;
-use crate::network::PlainConvUNet;
+use nnflow::inference::sliding_window::SlidingWindow;
+
+use crate::unet::PlainConvUNet;
 
 pub struct Predictor<'a> {
     /// With deep supervision switched off (one output).

@@ -24,7 +24,9 @@ const SMOOTH: f64 = 1e-5;
 /// The loss terms of one output.
 pub struct LossTerms {
     pub total: Tensor,
+    #[allow(dead_code)] // the parts are checked against nnU-Net's by the reference tests
     pub dice: Tensor,
+    #[allow(dead_code)]
     pub ce: Tensor,
 }
 
@@ -46,7 +48,7 @@ pub fn dc_and_ce(logits: &Tensor, target: &Tensor, config: &LossConfig) -> LossT
     };
     let dice = soft_dice_loss(&logits, &target_dice, mask.as_ref(), config.batch_dice);
     let ce_target = target.squeeze_dim(1);
-    let annotated = mask.as_ref().map_or(true, |m| m.any().int64_value(&[]) != 0);
+    let annotated = mask.as_ref().is_none_or(|m| m.any().int64_value(&[]) != 0);
     let ce = if annotated {
         logits.cross_entropy_loss::<Tensor>(
             &ce_target,
@@ -128,8 +130,8 @@ pub fn pseudo_dice_counts(logits: &Tensor, target: &Tensor, ignore_label: Option
     };
     let (mut pred, mut gt) = (onehot(&prediction), onehot(&target));
     if let Some(m) = &mask {
-        pred = pred * m;
-        gt = gt * m;
+        pred *= m;
+        gt *= m;
     }
     let mut axes = vec![0i64];
     axes.extend(spatial_axes(logits));

@@ -9,57 +9,33 @@
 //! `checkpoint_every` epochs and raising `epochs` continues training instead of restarting.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
-use super::checkpoint::{self, EpochRecord, TrainerState};
-use super::data::{spawn_producer, Batch, BatchMaker};
-use super::loss::{deep_supervision_loss, pseudo_dice_counts, LossConfig};
-use super::optim::{clip_grad_norm, poly_lr, zero_grad, LossScaler, Sgd};
-use super::params::{DeviceChoice, TrainParams};
-use super::progress_plot;
-use super::sampler::{MappedCase, PatchSampler};
-use super::splits::{fold_cases, Fold, Split};
-use crate::augment::pipeline::TransformSpec;
-use crate::augment::{DaConfig, Pipeline};
-use crate::data::case_store::list_cases;
-use crate::data::case_store::read_case;
-use crate::data::dataset::{Dataset, LabelValue};
-use crate::evaluate::metrics::{case_metrics, summarize, Target};
-use crate::inference::predictor::Predictor;
-use crate::inference::sliding_window::SlidingWindow;
-use crate::network::{Architecture, PlainConvUNet};
-use crate::preprocess::case_steps::resolve_configuration;
 use ndarray::Axis;
+use nnflow::augment::pipeline::TransformSpec;
+use nnflow::augment::{DaConfig, Pipeline};
+use nnflow::data::case_store::{list_cases, read_case};
+use nnflow::data::dataset::{Dataset, LabelValue};
+use nnflow::evaluate::metrics::{case_metrics, summarize, Target};
+use nnflow::inference::sliding_window::SlidingWindow;
+use nnflow::network::Architecture;
+use nnflow::preprocess::case_steps::resolve_configuration;
+use nnflow::train::data::{spawn_producer, Batch, BatchMaker};
+use nnflow::train::job::TrainJob;
+use nnflow::train::params::{DeviceChoice, TrainParams};
+use nnflow::train::progress_plot;
+use nnflow::train::sampler::{MappedCase, PatchSampler};
+use nnflow::train::splits::{fold_cases, Fold, Split};
 
-/// What the `train` stage hands the worker (paths absolute). The parameters travel with their
-/// paths, which `TrainParams` leaves out of its serialized form (and so out of cache keys).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TrainJob {
-    #[serde(serialize_with = "with_paths")]
-    pub params: TrainParams,
-    /// The parameters and input contents a resumable checkpoint must match (computed by the stage).
-    pub identity: serde_json::Value,
-    pub out_dir: PathBuf,
-    pub resume_dir: PathBuf,
-    pub threads: usize,
-}
-
-fn with_paths<S: serde::Serializer>(params: &TrainParams, serializer: S) -> Result<S::Ok, S::Error> {
-    let mut value = serde_json::to_value(params).map_err(serde::ser::Error::custom)?;
-    let map = value.as_object_mut().expect("parameters are an object");
-    map.insert("dataset".into(), params.dataset.clone().into());
-    map.insert("plan".into(), params.plan.clone().into());
-    map.insert("preprocessed".into(), params.preprocessed.clone().into());
-    if let Some(splits) = &params.splits {
-        map.insert("splits".into(), splits.clone().into());
-    }
-    value.serialize(serializer)
-}
+use crate::checkpoint::{self, EpochRecord, TrainerState};
+use crate::loss::{deep_supervision_loss, pseudo_dice_counts, LossConfig};
+use crate::optim::{clip_grad_norm, poly_lr, zero_grad, LossScaler, Sgd};
+use crate::predictor::Predictor;
+use crate::unet::PlainConvUNet;
 
 /// What training needs from plans.json and dataset.json.
 pub struct Setup {
@@ -111,7 +87,7 @@ impl Setup {
             ));
         }
         let divisor = cumulative_strides(&architecture);
-        if let Some(axis) = (0..patch_size.len()).find(|&a| patch_size[a] % divisor[a] != 0) {
+        if let Some(axis) = (0..patch_size.len()).find(|&a| !patch_size[a].is_multiple_of(divisor[a])) {
             return Err(format!(
                 "patch_size {patch_size:?}: axis {axis} must be a multiple of {} (the network's total stride)",
                 divisor[axis]
@@ -255,7 +231,7 @@ pub fn train(job: &TrainJob) -> Result<(), String> {
     let mut sgd = Sgd::new(variables.len(), params.momentum, params.weight_decay);
     log.line(&format!(
         "network: {} parameters",
-        crate::network::unet::parameter_count(&vs)
+        crate::unet::parameter_count(&vs)
     ));
 
     let identity = job.identity.clone();
@@ -476,7 +452,7 @@ fn validate_held_out(
         "grid": "preprocessed",
     });
     let path = job.out_dir.join("validation").join("summary.json");
-    crate::atomic_file::write_atomically(
+    nnflow::atomic_file::write_atomically(
         &path,
         &serde_json::to_vec_pretty(&json).expect("summary serializes"),
     )
@@ -519,8 +495,18 @@ fn batch_maker(params: &TrainParams, setup: &Setup) -> Result<BatchMaker, String
     } else {
         vec![[1.0; 3]]
     };
+    // The enlarged crop only feeds a spatial transform; without one, crop the patch itself.
+    let spatial = augment
+        .transforms
+        .iter()
+        .any(|t| t.name() == "spatial" && t.gate().0);
+    let crop = if spatial {
+        as_3d(&da.initial_patch_size)
+    } else {
+        patch
+    };
     Ok(BatchMaker {
-        train: sampler(open(&setup.split.train)?, as_3d(&da.initial_patch_size)),
+        train: sampler(open(&setup.split.train)?, crop),
         validation: sampler(open(&setup.split.val)?, patch),
         augment,
         validation_transforms: Pipeline {
@@ -578,7 +564,7 @@ fn finish(job: &TrainJob, vs: &VarStore, state: &TrainerState, log: &mut Logger)
             .map_err(|e| format!("{}: {e}", best.weights.display()))?;
     }
     let history = serde_json::to_vec_pretty(&state.logs).expect("logs serialize");
-    crate::atomic_file::write_atomically(&job.out_dir.join("training_history.json"), &history)
+    nnflow::atomic_file::write_atomically(&job.out_dir.join("training_history.json"), &history)
         .map_err(|e| e.to_string())?;
     log.line(&format!("training done after {} epochs", state.epochs_done));
     Ok(())

@@ -10,6 +10,15 @@ use std::sync::OnceLock;
 
 use nnflow::torch_env::{Doctor, LIBTORCH_VERSION};
 
+// The libtorch code lives in this binary, not in the library, so the engine binary never links
+// libtorch (the linker keeps libtorch's static initialisers once any of its objects is pulled in).
+mod checkpoint;
+mod loss;
+mod optim;
+mod predictor;
+mod trainer;
+mod unet;
+
 fn main() {
     // Before any tch call, so CUDA-enabled libtorch is visible when present.
     load_cuda();
@@ -68,7 +77,7 @@ fn doctor() -> Doctor {
 
 fn train(job_file: &str) -> Result<(), String> {
     let text = std::fs::read_to_string(job_file).map_err(|e| format!("{job_file}: {e}"))?;
-    let job: nnflow::train::trainer::TrainJob =
+    let job: nnflow::train::job::TrainJob =
         serde_json::from_str(&text).map_err(|e| format!("{job_file}: {e}"))?;
-    nnflow::train::trainer::train(&job)
+    trainer::train(&job)
 }

@@ -1,0 +1,33 @@
+//! The job the `train` stage hands the `nnflow-torch` worker. Kept apart from the trainer so the
+//! engine binary, which writes jobs, links no libtorch code.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::params::TrainParams;
+
+/// What the `train` stage hands the worker (paths absolute). The parameters travel with their
+/// paths, which `TrainParams` leaves out of its serialized form (and so out of cache keys).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainJob {
+    #[serde(serialize_with = "with_paths")]
+    pub params: TrainParams,
+    /// The parameters and input contents a resumable checkpoint must match (computed by the stage).
+    pub identity: serde_json::Value,
+    pub out_dir: PathBuf,
+    pub resume_dir: PathBuf,
+    pub threads: usize,
+}
+
+fn with_paths<S: serde::Serializer>(params: &TrainParams, serializer: S) -> Result<S::Ok, S::Error> {
+    let mut value = serde_json::to_value(params).map_err(serde::ser::Error::custom)?;
+    let map = value.as_object_mut().expect("parameters are an object");
+    map.insert("dataset".into(), params.dataset.clone().into());
+    map.insert("plan".into(), params.plan.clone().into());
+    map.insert("preprocessed".into(), params.preprocessed.clone().into());
+    if let Some(splits) = &params.splits {
+        map.insert("splits".into(), splits.clone().into());
+    }
+    value.serialize(serializer)
+}
