@@ -28,3 +28,6 @@ cat "$work"/.nnflow/p/out/probe/*/seen
 echo "== second run: nothing runs"
 "$nnflow" run "$work/p.toml"
 rm -rf "$work"
+echo "== training step, nnU-Net 3d_fullres topology at 128^3, batch 2 (nnU-Net on an H100: 69 ms eager, 45 ms compiled)"
+"$(dirname "$nnflow")/nnflow-torch" bench-step --fullres128 --device cuda --amp --steps 20
+"$(dirname "$nnflow")/nnflow-torch" bench-step --fullres128 --device cuda --steps 10

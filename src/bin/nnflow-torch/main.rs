@@ -12,6 +12,7 @@ use nnflow::torch_env::{Doctor, LIBTORCH_VERSION};
 
 // The libtorch code lives in this binary, not in the library, so the engine binary never links
 // libtorch (the linker keeps libtorch's static initialisers once any of its objects is pulled in).
+mod bench;
 mod checkpoint;
 mod loss;
 mod optim;
@@ -30,6 +31,12 @@ fn main() {
                 serde_json::to_string_pretty(&doctor()).expect("doctor facts serialize")
             );
         }
+        Some("bench-step") => {
+            if let Err(error) = bench::bench_step(&args[1..]) {
+                eprintln!("error: {error}");
+                std::process::exit(1);
+            }
+        }
         Some("train") if args.len() == 2 => {
             if let Err(error) = train(&args[1]) {
                 eprintln!("error: {error}");
@@ -37,7 +44,7 @@ fn main() {
             }
         }
         _ => {
-            eprintln!("usage: nnflow-torch doctor | train JOB.json");
+            eprintln!("usage: nnflow-torch doctor | train JOB.json | bench-step [options]");
             std::process::exit(2);
         }
     }

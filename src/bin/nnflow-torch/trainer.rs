@@ -289,22 +289,14 @@ pub fn train(job: &TrainJob) -> Result<(), String> {
         let mut train_losses = Vec::with_capacity(params.iterations_per_epoch);
         for _ in 0..params.iterations_per_epoch {
             let (x, targets) = batch_tensors(&next_batch()?, arch.spatial_dims, device);
-            zero_grad(&variables);
-            let outputs = tch::autocast(amp, || net.forward(&x));
-            let loss = deep_supervision_loss(&outputs, &targets, &loss_config);
-            if amp {
-                (&loss * state.scaler.scale).backward();
-                let finite = state.scaler.unscale(&variables);
-                clip_grad_norm(&variables, params.grad_clip);
-                if finite {
-                    sgd.step(&variables, lr);
-                }
-                state.scaler.update(!finite);
-            } else {
-                loss.backward();
-                clip_grad_norm(&variables, params.grad_clip);
-                sgd.step(&variables, lr);
-            }
+            let step = Step {
+                net: &net,
+                variables: &variables,
+                loss: &loss_config,
+                grad_clip: params.grad_clip,
+                amp,
+            };
+            let loss = step.run(&x, &targets, &mut sgd, &mut state.scaler, lr);
             let value = loss.double_value(&[]);
             if !value.is_finite() && !amp {
                 return Err(format!(
@@ -515,6 +507,46 @@ fn batch_maker(params: &TrainParams, setup: &Setup) -> Result<BatchMaker, String
         scales,
         seed: params.seed,
     })
+}
+
+/// One SGD step: forward (fp16 autocast on CUDA when `amp`), deep-supervision loss, backward
+/// (scaled when `amp`), gradient clipping, the update (skipped on overflow), as nnU-Net's
+/// `train_step`. Returns the loss.
+pub struct Step<'a> {
+    pub net: &'a PlainConvUNet,
+    pub variables: &'a [Tensor],
+    pub loss: &'a LossConfig,
+    pub grad_clip: f64,
+    pub amp: bool,
+}
+
+impl Step<'_> {
+    pub fn run(
+        &self,
+        x: &Tensor,
+        targets: &[Tensor],
+        sgd: &mut Sgd,
+        scaler: &mut LossScaler,
+        lr: f64,
+    ) -> Tensor {
+        zero_grad(self.variables);
+        let outputs = tch::autocast(self.amp, || self.net.forward(x));
+        let loss = deep_supervision_loss(&outputs, targets, self.loss);
+        if self.amp {
+            (&loss * scaler.scale).backward();
+            let finite = scaler.unscale(self.variables);
+            clip_grad_norm(self.variables, self.grad_clip);
+            if finite {
+                sgd.step(self.variables, lr);
+            }
+            scaler.update(!finite);
+        } else {
+            loss.backward();
+            clip_grad_norm(self.variables, self.grad_clip);
+            sgd.step(self.variables, lr);
+        }
+        loss
+    }
 }
 
 /// Loads the stored latest checkpoint when it belongs to these parameters.
