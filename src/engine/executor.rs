@@ -149,9 +149,10 @@ pub fn run(engine: &Engine, options: &RunOptions, cancel: &AtomicBool) -> Result
             progress.started(&instance.id);
             let sender = sender.clone();
             let force = forced.contains(&index);
+            let status = progress.status_line();
             scope.spawn(move || {
                 let started = Instant::now();
-                let result = execute(engine, index, upstream, force, &gpus, threads, cancel);
+                let result = execute(engine, index, upstream, force, &gpus, threads, cancel, &status);
                 let seconds = started.elapsed().as_secs_f64();
                 let finished = match result {
                     Ok((outcome, digest)) => Finished {
@@ -255,6 +256,7 @@ fn execute(
     gpus: &[usize],
     threads: u32,
     cancel: &AtomicBool,
+    status: &StatusLine,
 ) -> Result<(Outcome, Digest), String> {
     let pipeline = &engine.pipeline;
     let instance = &pipeline.instances[index];
@@ -294,7 +296,7 @@ fn execute(
             Lookup::Miss => {}
         }
     }
-    let files = run_instance(engine, index, gpus, threads, cancel)?;
+    let files = run_instance(engine, index, gpus, threads, cancel, status)?;
     engine
         .cache
         .store_sources_with(&digest, &files, |path| {
@@ -346,6 +348,7 @@ fn run_instance(
     gpus: &[usize],
     threads: u32,
     cancel: &AtomicBool,
+    status: &StatusLine,
 ) -> Result<BTreeMap<String, (PathBuf, Digest)>, String> {
     let pipeline = &engine.pipeline;
     let instance = &pipeline.instances[index];
@@ -376,6 +379,7 @@ fn run_instance(
         out_dir: &temporary,
         log_file: &log_file,
         resume_dir: &resume_dir,
+        status: &|text: &str| status.set(&instance.id, text),
         threads,
         gpus,
         env: &env,
@@ -528,6 +532,18 @@ fn now_nanos() -> u128 {
         .map_or(0, |d| d.as_nanos())
 }
 
+/// The progress bar's message, for a running stage to say how far it is (a no-op without a bar).
+#[derive(Clone, Default)]
+struct StatusLine(Option<indicatif::ProgressBar>);
+
+impl StatusLine {
+    fn set(&self, id: &str, text: &str) {
+        if let Some(bar) = &self.0 {
+            bar.set_message(format!("{id}: {text}"));
+        }
+    }
+}
+
 /// Progress on a terminal (a bar), plain lines otherwise, nothing with `--json`.
 struct Progress {
     bar: Option<indicatif::ProgressBar>,
@@ -544,6 +560,10 @@ impl Progress {
             bar
         });
         Progress { bar, quiet }
+    }
+
+    fn status_line(&self) -> StatusLine {
+        StatusLine(self.bar.clone())
     }
 
     fn started(&self, id: &str) {

@@ -26,6 +26,8 @@ pub struct StageContext<'a> {
     /// A folder of this stage instance that outlives runs and is not cached: where long stages
     /// keep what lets a later run continue (training checkpoints). Created by the stage if needed.
     pub resume_dir: &'a Path,
+    /// Shows a short progress text next to the stage on the terminal (e.g. `epoch 3/20`).
+    pub status: &'a dyn Fn(&str),
     pub threads: u32,
     /// CUDA device indices reserved for this stage.
     pub gpus: &'a [usize],

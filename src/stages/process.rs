@@ -11,7 +11,18 @@ use super::StageContext;
 
 /// Sends the command's output to the stage log, sets the thread and GPU environment, and runs it
 /// to completion (or until the run is cancelled).
-pub fn run_logged(mut command: Command, ctx: &StageContext, what: &str) -> Result<(), String> {
+pub fn run_logged(command: Command, ctx: &StageContext, what: &str) -> Result<(), String> {
+    run_logged_polling(command, ctx, what, || {})
+}
+
+/// As [`run_logged`], calling `poll` about twice a second while the child runs (to report its
+/// progress).
+pub fn run_logged_polling(
+    mut command: Command,
+    ctx: &StageContext,
+    what: &str,
+    poll: impl FnMut(),
+) -> Result<(), String> {
     let log = File::create(ctx.log_file)
         .map_err(|e| format!("cannot create log {}: {e}", ctx.log_file.display()))?;
     let log_err = log.try_clone().map_err(|e| e.to_string())?;
@@ -35,14 +46,24 @@ pub fn run_logged(mut command: Command, ctx: &StageContext, what: &str) -> Resul
         });
     }
     let child = command.spawn().map_err(|e| format!("cannot start {what}: {e}"))?;
-    wait_or_cancel(child, ctx, what)
+    wait_or_cancel(child, ctx, what, poll)
 }
 
 /// Waits for the child; on cancellation terminates its whole process group. Polls quickly at
 /// first (most commands are short) and backs off to 20 ms.
-fn wait_or_cancel(mut child: Child, ctx: &StageContext, what: &str) -> Result<(), String> {
+fn wait_or_cancel(
+    mut child: Child,
+    ctx: &StageContext,
+    what: &str,
+    mut poll: impl FnMut(),
+) -> Result<(), String> {
     let mut pause = Duration::from_millis(1);
+    let mut last_poll = std::time::Instant::now();
     loop {
+        if last_poll.elapsed() >= Duration::from_millis(500) {
+            poll();
+            last_poll = std::time::Instant::now();
+        }
         if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
             return if status.success() {
                 Ok(())

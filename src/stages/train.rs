@@ -12,7 +12,7 @@ use std::process::Command;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::process::run_logged;
+use super::process::run_logged_polling;
 use super::{build_typed, to_json, Kind, Stage, StageContext, StageInput};
 use crate::train::job::TrainJob;
 use crate::train::params::TrainParams;
@@ -85,7 +85,43 @@ impl Stage for TrainStage {
         .map_err(|e| format!("{}: {e}", job_file.display()))?;
         let mut command = Command::new(crate::torch_env::worker_path());
         command.arg("train").arg(&job_file).current_dir(ctx.root);
-        run_logged(command, ctx, "training")
+        let progress_file = ctx.resume_dir.join("progress.json");
+        let mut shown = None;
+        run_logged_polling(command, ctx, "training", || {
+            let Ok(text) = std::fs::read_to_string(&progress_file) else {
+                return;
+            };
+            if shown.as_ref() != Some(&text) {
+                if let Ok(p) = serde_json::from_str::<Progress>(&text) {
+                    (ctx.status)(&p.describe());
+                }
+                shown = Some(text);
+            }
+        })
+    }
+}
+
+/// What the worker reports after each epoch (`progress.json` in the resume folder).
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Progress {
+    pub epoch: usize,
+    pub epochs: usize,
+    pub train_loss: f64,
+    pub ema_pseudo_dice: f64,
+    pub epoch_seconds: f64,
+}
+
+impl Progress {
+    fn describe(&self) -> String {
+        let left = self.epochs.saturating_sub(self.epoch) as f64 * self.epoch_seconds;
+        format!(
+            "epoch {}/{}, loss {:.4}, pseudo Dice (avg) {:.4}, ~{:.0} min left",
+            self.epoch,
+            self.epochs,
+            self.train_loss,
+            self.ema_pseudo_dice,
+            left / 60.0
+        )
     }
 }
 

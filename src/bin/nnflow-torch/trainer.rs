@@ -365,6 +365,7 @@ pub fn train(job: &TrainJob) -> Result<(), String> {
             checkpoint::save(&job.resume_dir, "checkpoint_latest", &vs, Some(&sgd), &state)?;
         }
         plot(&state, &job.out_dir)?;
+        report_progress(job, &state, stop_at);
         if let (Some(patience), Some(best_epoch)) = (params.early_stopping, state.best_epoch) {
             if epoch >= best_epoch + patience && !last {
                 log.line(&format!("early stopping: no improvement for {patience} epochs"));
@@ -568,6 +569,20 @@ fn resume(
         return Ok(None);
     }
     checkpoint::load(dir, "checkpoint_latest", vs, sgd).map(Some)
+}
+
+/// Tells the `train` stage how far training is (shown next to the stage on the terminal).
+fn report_progress(job: &TrainJob, state: &TrainerState, epochs: usize) {
+    let Some(last) = state.logs.last() else { return };
+    let progress = nnflow::stages::train::Progress {
+        epoch: state.epochs_done,
+        epochs,
+        train_loss: last.train_loss,
+        ema_pseudo_dice: last.ema_pseudo_dice,
+        epoch_seconds: last.epoch_seconds,
+    };
+    let json = serde_json::to_vec(&progress).expect("progress serializes");
+    let _ = nnflow::atomic_file::write_atomically(&job.resume_dir.join("progress.json"), &json);
 }
 
 fn plot(state: &TrainerState, out_dir: &Path) -> Result<(), String> {
