@@ -8,7 +8,7 @@ use std::path::PathBuf;
 #[path = "../src/bin/nnflow-torch/loss.rs"]
 mod loss;
 
-use loss::{dc_and_ce, deep_supervision_loss, pseudo_dice_counts, LossConfig};
+use loss::{deep_supervision_loss, loss_terms, pseudo_dice_counts, LossConfig};
 use nnflow::train::splits::crossval_splits;
 use serde_json::Value;
 use tch::Tensor;
@@ -56,6 +56,7 @@ fn config(case: &Value) -> LossConfig {
         ignore_label: s["ignore_label"].as_i64(),
         weight_ce: s["weight_ce"].as_f64().unwrap(),
         weight_dice: s["weight_dice"].as_f64().unwrap(),
+        regions: s["has_regions"].as_bool().unwrap(),
         deep_supervision_weights: s["ds_weights"]
             .as_array()
             .map(|w| w.iter().map(|v| v.as_f64().unwrap()).collect())
@@ -88,7 +89,7 @@ fn single_output_loss_equals_nnunet() {
         .into_iter()
         .filter(|(n, c)| c.get("dice").is_some() && !n.starts_with("ds"))
     {
-        let terms = dc_and_ce(
+        let terms = loss_terms(
             &f.tensor(&case["logits"]),
             &f.tensor(&case["target"]),
             &config(&case),
@@ -121,7 +122,7 @@ fn deep_supervision_loss_equals_nnunet() {
         let (logits, targets) = (f.tensors(&case["logits"]), f.tensors(&case["target"]));
         let cfg = config(case);
         for (i, expected) in case["per_scale"].as_array().unwrap().iter().enumerate() {
-            let terms = dc_and_ce(&logits[i], &targets[i], &cfg);
+            let terms = loss_terms(&logits[i], &targets[i], &cfg);
             close(
                 terms.total.double_value(&[]),
                 expected["loss"].as_f64().unwrap(),
@@ -140,11 +141,12 @@ fn pseudo_dice_counts_equal_nnunet() {
         "pseudo_dice_softmax",
         "pseudo_dice_softmax_ignore",
         "pseudo_dice_ds",
+        "pseudo_dice_regions_ignore",
     ] {
         let case = &f.cases[name];
         let logits = f.tensors(&case["logits"]);
         let targets = f.tensors(&case["target"]);
-        let counts = pseudo_dice_counts(&logits[0], &targets[0], case["settings"]["ignore_label"].as_i64());
+        let counts = pseudo_dice_counts(&logits[0], &targets[0], &config(case));
         for (k, key) in ["tp_hard", "fp_hard", "fn_hard"].iter().enumerate() {
             let expected: Vec<f64> = case[key]
                 .as_array()
@@ -156,6 +158,34 @@ fn pseudo_dice_counts_equal_nnunet() {
         }
         let loss = deep_supervision_loss(&logits, &targets, &config(case)).double_value(&[]);
         close(loss, case["loss"].as_f64().unwrap(), &format!("{name} loss"));
+    }
+}
+
+#[test]
+fn region_loss_equals_nnunet() {
+    let f = load();
+    for name in ["regions_bce", "regions_bce_ignore"] {
+        let case = &f.cases[name];
+        let terms = loss_terms(
+            &f.tensor(&case["logits"]),
+            &f.tensor(&case["target"]),
+            &config(case),
+        );
+        close(
+            terms.dice.double_value(&[]),
+            case["dice"].as_f64().unwrap(),
+            &format!("{name} dice"),
+        );
+        close(
+            terms.ce.double_value(&[]),
+            case["bce"].as_f64().unwrap(),
+            &format!("{name} bce"),
+        );
+        close(
+            terms.total.double_value(&[]),
+            case["loss"].as_f64().unwrap(),
+            &format!("{name} loss"),
+        );
     }
 }
 

@@ -204,3 +204,27 @@ fn cuda_without_a_gpu_is_a_clear_error() {
         .to_string();
     assert!(error.contains("no CUDA device is usable"), "{error}");
 }
+
+#[test]
+fn region_datasets_train_with_sigmoid_outputs() {
+    let project = project_with_dataset();
+    let path = project.path().join("D/dataset.json");
+    let mut dataset: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    dataset["labels"] = serde_json::json!({"background": 0, "whole": [1, 2], "core": 2});
+    dataset["regions_class_order"] = serde_json::json!([1, 2]);
+    std::fs::write(&path, dataset.to_string()).unwrap();
+    let mut tiny: Vec<&str> = TINY.to_vec();
+    tiny[0] = "train.epochs=2";
+    let result = project.run(&args(&tiny));
+    assert_eq!(result.code, 0, "{}", result.stderr);
+    let summary = summary(&project);
+    let keys: Vec<&String> = summary["mean"].as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["(1, 2)", "(2,)"]);
+    let history: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(train_out(&project).join("training_history.json")).unwrap(),
+    )
+    .unwrap();
+    // one pseudo Dice per region (no background channel with sigmoid outputs)
+    assert_eq!(history[0]["pseudo_dice"].as_array().unwrap().len(), 2);
+}

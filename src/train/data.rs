@@ -17,7 +17,8 @@ pub struct Batch {
     /// (batch, channels, z, y, x) flattened.
     pub data: Vec<f32>,
     pub data_shape: [usize; 5],
-    /// Per deep-supervision scale: labels (batch, 1, z, y, x) flattened, and the shape.
+    /// Per deep-supervision scale, flattened with its shape: labels (batch, 1, z, y, x), or for
+    /// region training one 0/1 channel per region (plus the ignore label's last).
     pub targets: Vec<(Vec<i16>, [usize; 5])>,
 }
 
@@ -40,6 +41,9 @@ pub struct BatchMaker {
     pub validation_transforms: Pipeline,
     pub scales: Vec<[f64; 3]>,
     pub seed: u64,
+    /// Region training: the label values of each region, the ignore label's own region last
+    /// (nnU-Net's `ConvertSegmentationToRegionsTransform`); `None` trains on labels.
+    pub regions: Option<Vec<Vec<i16>>>,
 }
 
 impl BatchMaker {
@@ -66,7 +70,7 @@ impl BatchMaker {
             })
             .collect::<Result<_, _>>()
             .map_err(|e| e.to_string())?;
-        Ok(assemble(&samples, &self.scales))
+        Ok(assemble(&samples, &self.scales, self.regions.as_deref()))
     }
 }
 
@@ -82,7 +86,7 @@ fn to_network_patch(mut sample: Sample, patch: [usize; 3]) -> Sample {
     sample
 }
 
-fn assemble(samples: &[Sample], scales: &[[f64; 3]]) -> Batch {
+fn assemble(samples: &[Sample], scales: &[[f64; 3]], regions: Option<&[Vec<i16>]>) -> Batch {
     let b = samples.len();
     let s0 = samples[0].data.shape();
     let data_shape = [b, s0[0], s0[1], s0[2], s0[3]];
@@ -97,10 +101,19 @@ fn assemble(samples: &[Sample], scales: &[[f64; 3]]) -> Batch {
     let targets = (0..scales.len())
         .map(|k| {
             let shape = per_sample[0][k].shape();
-            let target_shape = [b, 1, shape[1], shape[2], shape[3]];
+            let channels = regions.map_or(1, |r| r.len());
+            let target_shape = [b, channels, shape[1], shape[2], shape[3]];
             let mut labels = Vec::with_capacity(target_shape.iter().product());
             for sample in &per_sample {
-                labels.extend(sample[k].index_axis(ndarray::Axis(0), 0).iter());
+                let seg = sample[k].index_axis(ndarray::Axis(0), 0);
+                match regions {
+                    None => labels.extend(seg.iter()),
+                    Some(regions) => {
+                        for region in regions {
+                            labels.extend(seg.iter().map(|v| i16::from(region.contains(v))));
+                        }
+                    }
+                }
             }
             (labels, target_shape)
         })

@@ -111,6 +111,7 @@ pub fn bench_step(args: &[String]) -> Result<(), String> {
         ignore_label: None,
         weight_ce: 1.0,
         weight_dice: 1.0,
+        regions: false,
         deep_supervision_weights: arch.deep_supervision_weights(),
     };
     let mut shape = vec![batch as i64, 1];

@@ -5,6 +5,9 @@
 //! sample or over the whole batch (`batch_dice` from the plan), plus cross-entropy. With an ignore
 //! label, ignored voxels count as background for Dice and are masked out of it, cross-entropy
 //! ignores them, and a batch with no annotated voxel contributes no cross-entropy.
+//!
+//! Region datasets use `DC_and_BCE_loss` instead: sigmoid Dice over every region (background
+//! included) plus binary cross-entropy, with the ignore label's channel (last) as the mask.
 
 use tch::{Kind, Reduction, Tensor};
 
@@ -14,6 +17,8 @@ pub struct LossConfig {
     pub ignore_label: Option<i64>,
     pub weight_ce: f64,
     pub weight_dice: f64,
+    /// Targets are region channels (sigmoid outputs) rather than labels.
+    pub regions: bool,
     /// Per deep-supervision output, highest resolution first (see
     /// `Architecture::deep_supervision_weights`).
     pub deep_supervision_weights: Vec<f64>,
@@ -32,6 +37,41 @@ pub struct LossTerms {
 
 fn spatial_axes(x: &Tensor) -> Vec<i64> {
     (2..x.dim() as i64).collect()
+}
+
+/// The loss of one output: Dice + CE for labels, Dice + BCE for regions.
+pub fn loss_terms(logits: &Tensor, target: &Tensor, config: &LossConfig) -> LossTerms {
+    if config.regions {
+        dc_and_bce(logits, target, config)
+    } else {
+        dc_and_ce(logits, target, config)
+    }
+}
+
+/// Dice + BCE of one output. `target (b, R[+1], ...)` holds 0/1 per region, with the ignore
+/// label's channel last when the dataset has one.
+pub fn dc_and_bce(logits: &Tensor, target: &Tensor, config: &LossConfig) -> LossTerms {
+    let logits = logits.to_kind(Kind::Float);
+    let target = target.to_kind(Kind::Float);
+    let channels = target.size()[1];
+    let (regions, mask) = match config.ignore_label {
+        Some(_) => (
+            target.narrow(1, 0, channels - 1),
+            Some(1.0 - target.narrow(1, channels - 1, 1)),
+        ),
+        None => (target, None),
+    };
+    let dice = dice_from_probabilities(&logits.sigmoid(), &regions, mask.as_ref(), config.batch_dice);
+    let ce = match &mask {
+        Some(m) => {
+            let bce =
+                logits.binary_cross_entropy_with_logits::<Tensor>(&regions, None, None, Reduction::None);
+            (bce * m).sum(Kind::Float) / m.sum(Kind::Float).clamp_min(1e-8)
+        }
+        None => logits.binary_cross_entropy_with_logits::<Tensor>(&regions, None, None, Reduction::Mean),
+    };
+    let total = &ce * config.weight_ce + &dice * config.weight_dice;
+    LossTerms { total, dice, ce }
 }
 
 /// Dice + CE of one output. `logits (b, K, ...)` any float kind (computed in float32);
@@ -68,17 +108,27 @@ pub fn dc_and_ce(logits: &Tensor, target: &Tensor, config: &LossConfig) -> LossT
 /// (and samples, unless `batch_dice`).
 fn soft_dice_loss(logits: &Tensor, target: &Tensor, mask: Option<&Tensor>, batch_dice: bool) -> Tensor {
     let classes = logits.size()[1];
-    let axes = spatial_axes(logits);
     let probabilities = logits.softmax(1, Kind::Float).narrow(1, 1, classes - 1);
     let onehot = Tensor::zeros(logits.size(), (Kind::Float, logits.device()))
         .scatter_value(1, target, 1.0)
         .narrow(1, 1, classes - 1);
+    dice_from_probabilities(&probabilities, &onehot, mask, batch_dice)
+}
+
+/// Minus the mean smoothed Dice of `probabilities` against the 0/1 `onehot`, both masked.
+fn dice_from_probabilities(
+    probabilities: &Tensor,
+    onehot: &Tensor,
+    mask: Option<&Tensor>,
+    batch_dice: bool,
+) -> Tensor {
+    let axes = spatial_axes(probabilities);
     let (onehot, probabilities) = match mask {
         Some(m) => {
             let m = m.to_kind(Kind::Float);
             (onehot * &m, probabilities * m)
         }
-        None => (onehot, probabilities),
+        None => (onehot.shallow_clone(), probabilities.shallow_clone()),
     };
     let mut intersect = (&probabilities * &onehot).sum_dim_intlist(axes.as_slice(), false, Kind::Float);
     let mut sum_pred = probabilities.sum_dim_intlist(axes.as_slice(), false, Kind::Float);
@@ -100,7 +150,7 @@ pub fn deep_supervision_loss(outputs: &[Tensor], targets: &[Tensor], config: &Lo
         if w == 0.0 {
             continue;
         }
-        let term = dc_and_ce(output, target, config).total * w;
+        let term = loss_terms(output, target, config).total * w;
         total = Some(match total {
             Some(t) => t + term,
             None => term,
@@ -109,9 +159,14 @@ pub fn deep_supervision_loss(outputs: &[Tensor], targets: &[Tensor], config: &Lo
     total.expect("at least one deep-supervision weight is nonzero")
 }
 
-/// Hard true positives, false positives and false negatives per foreground class, summed over the
-/// batch, of the argmax prediction (nnU-Net's `validation_step`); ignored voxels do not count.
-pub fn pseudo_dice_counts(logits: &Tensor, target: &Tensor, ignore_label: Option<i64>) -> [Vec<f64>; 3] {
+/// Hard true positives, false positives and false negatives per foreground class (or region),
+/// summed over the batch, of the argmax (or sigmoid > 0.5) prediction, as nnU-Net's
+/// `validation_step`; ignored voxels do not count.
+pub fn pseudo_dice_counts(logits: &Tensor, target: &Tensor, config: &LossConfig) -> [Vec<f64>; 3] {
+    if config.regions {
+        return region_counts(logits, target, config.ignore_label.is_some());
+    }
+    let ignore_label = config.ignore_label;
     let classes = logits.size()[1];
     let target = target.to_kind(Kind::Int64);
     let prediction = logits.argmax(1, true);
@@ -145,4 +200,36 @@ pub fn pseudo_dice_counts(logits: &Tensor, target: &Tensor, ignore_label: Option
     let fp = sum(&pred * (1.0 - &gt));
     let fn_ = sum((1.0 - &pred) * &gt);
     [tp, fp, fn_]
+}
+
+fn region_counts(logits: &Tensor, target: &Tensor, has_ignore: bool) -> [Vec<f64>; 3] {
+    let target = target.to_kind(Kind::Float);
+    let channels = target.size()[1];
+    let (gt, mask) = if has_ignore {
+        (
+            target.narrow(1, 0, channels - 1),
+            Some(1.0 - target.narrow(1, channels - 1, 1)),
+        )
+    } else {
+        (target, None)
+    };
+    let mut pred = logits.to_kind(Kind::Float).sigmoid().gt(0.5).to_kind(Kind::Float);
+    let mut gt = gt;
+    if let Some(m) = &mask {
+        pred *= m;
+        gt *= m;
+    }
+    let mut axes = vec![0i64];
+    axes.extend(spatial_axes(logits));
+    let sum = |t: Tensor| -> Vec<f64> {
+        let v = t
+            .sum_dim_intlist(axes.as_slice(), false, Kind::Double)
+            .to_device(tch::Device::Cpu);
+        (0..v.size()[0]).map(|c| v.double_value(&[c])).collect()
+    };
+    [
+        sum(&pred * &gt),
+        sum(&pred * (1.0 - &gt)),
+        sum((1.0 - &pred) * &gt),
+    ]
 }

@@ -45,15 +45,16 @@ pub struct Setup {
     pub batch_dice: bool,
     pub use_mask_for_norm: Vec<bool>,
     pub ignore_label: Option<i64>,
+    /// Region datasets: each region's label values (nnU-Net's `foreground_regions`), and the
+    /// order in which regions paint the label map of a prediction (`regions_class_order`).
+    pub regions: Option<Vec<Vec<i16>>>,
+    pub regions_class_order: Vec<i64>,
     pub split: Split,
 }
 
 impl Setup {
     pub fn read(params: &TrainParams) -> Result<Setup, String> {
         let dataset = Dataset::open(Path::new(&params.dataset)).map_err(|e| e.to_string())?;
-        if dataset.has_regions() {
-            return Err("region-based training (dataset.json regions) is not supported yet".into());
-        }
         let plans_path = Path::new(&params.plan).join("plans.json");
         let plans: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(&plans_path).map_err(|e| format!("{}: {e}", plans_path.display()))?,
@@ -61,11 +62,31 @@ impl Setup {
         .map_err(|e| format!("{}: {e}", plans_path.display()))?;
         let configuration = resolve_configuration(&plans, &params.configuration)?;
         let c = &configuration.json;
-        let num_classes = dataset
-            .labels
-            .iter()
-            .filter(|l| matches!(l.value, LabelValue::Single(v) if Some(v) != dataset.ignore_label))
-            .count();
+        let regions = dataset.has_regions().then(|| {
+            dataset
+                .labels
+                .iter()
+                .filter(|l| l.name != "ignore")
+                .map(|l| match &l.value {
+                    LabelValue::Single(v) => vec![*v as i16],
+                    LabelValue::Region(values) => values.iter().map(|&v| v as i16).collect(),
+                })
+                .filter(|values: &Vec<i16>| !values.iter().all(|&v| v == 0))
+                .collect::<Vec<_>>()
+        });
+        let num_classes = match &regions {
+            Some(regions) => regions.len(),
+            None => dataset
+                .labels
+                .iter()
+                .filter(|l| matches!(l.value, LabelValue::Single(v) if Some(v) != dataset.ignore_label))
+                .count(),
+        };
+        if regions.is_some() && dataset.regions_class_order.as_ref().map(Vec::len) != Some(num_classes) {
+            return Err(format!(
+                "dataset.json: region training needs `regions_class_order` with one entry per region ({num_classes})"
+            ));
+        }
         let architecture = Architecture::from_plan(
             &c["architecture"],
             dataset.channels.len(),
@@ -117,6 +138,8 @@ impl Setup {
             batch_dice: c["batch_dice"].as_bool().unwrap_or(false),
             use_mask_for_norm: serde_json::from_value(c["use_mask_for_norm"].clone()).unwrap_or_default(),
             ignore_label: dataset.ignore_label,
+            regions,
+            regions_class_order: dataset.regions_class_order.clone().unwrap_or_default(),
             split,
         })
     }
@@ -258,6 +281,7 @@ pub fn train(job: &TrainJob) -> Result<(), String> {
         ignore_label: setup.ignore_label,
         weight_ce: params.loss.ce,
         weight_dice: params.loss.dice,
+        regions: setup.regions.is_some(),
         deep_supervision_weights: arch.deep_supervision_weights(),
     };
     let stop_at = params.epochs;
@@ -312,7 +336,7 @@ pub fn train(job: &TrainJob) -> Result<(), String> {
                 let (x, targets) = batch_tensors(&next_batch()?, arch.spatial_dims, device);
                 let outputs = tch::autocast(amp, || net.forward(&x));
                 losses.push(deep_supervision_loss(&outputs, &targets, &loss_config).double_value(&[]));
-                let counts = pseudo_dice_counts(&outputs[0], &targets[0], setup.ignore_label);
+                let counts = pseudo_dice_counts(&outputs[0], &targets[0], &loss_config);
                 totals = Some(match totals {
                     None => counts,
                     Some(t) => [0, 1, 2].map(|k| t[k].iter().zip(&counts[k]).map(|(a, b)| a + b).collect()),
@@ -405,9 +429,15 @@ fn validate_held_out(
     log: &mut Logger,
 ) -> Result<(), String> {
     let folder = Path::new(&job.params.preprocessed);
-    let targets: Vec<Target> = (1..setup.architecture.num_classes as i32)
-        .map(Target::Label)
-        .collect();
+    let targets: Vec<Target> = match &setup.regions {
+        Some(regions) => regions
+            .iter()
+            .map(|r| Target::Region(r.iter().map(|&v| i32::from(v)).collect()))
+            .collect(),
+        None => (1..setup.architecture.num_classes as i32)
+            .map(Target::Label)
+            .collect(),
+    };
     let ignore = setup.ignore_label.map(|l| l as i32);
     let mut per_case = Vec::new();
     let mut rows = Vec::new();
@@ -418,7 +448,10 @@ fn validate_held_out(
             .seg
             .ok_or_else(|| format!("validation case {id} has no segmentation"))?;
         let logits = predictor.predict_logits(case.data.view())?;
-        let prediction = logits.map_axis(Axis(0), |v| argmax(v.iter().copied()) as i32);
+        let prediction = match &setup.regions {
+            Some(_) => regions_to_labels(&logits, &setup.regions_class_order),
+            None => logits.map_axis(Axis(0), |v| argmax(v.iter().copied()) as i32),
+        };
         let reference = seg.index_axis(Axis(0), 0).mapv(|v| i32::from(v.max(0)));
         let metrics = case_metrics(reference.view(), prediction.view(), &targets, ignore);
         log.line(&format!(
@@ -450,6 +483,23 @@ fn validate_held_out(
         &serde_json::to_vec_pretty(&json).expect("summary serializes"),
     )
     .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// nnU-Net's region prediction to a label map: each region where its sigmoid exceeds 0.5 (logit
+/// above 0) paints its `regions_class_order` label, later regions over earlier ones.
+fn regions_to_labels(logits: &ndarray::Array4<f32>, class_order: &[i64]) -> ndarray::Array3<i32> {
+    let (_, z, y, x) = logits.dim();
+    let mut labels = ndarray::Array3::<i32>::zeros((z, y, x));
+    for (region, &label) in class_order.iter().enumerate() {
+        ndarray::Zip::from(&mut labels)
+            .and(logits.index_axis(Axis(0), region))
+            .for_each(|l, &v| {
+                if v > 0.0 {
+                    *l = label as i32;
+                }
+            });
+    }
+    labels
 }
 
 /// Index of the largest value (the first on ties, as numpy's argmax).
@@ -507,6 +557,12 @@ fn batch_maker(params: &TrainParams, setup: &Setup) -> Result<BatchMaker, String
         },
         scales,
         seed: params.seed,
+        // the ignore label travels as its own last channel, the loss's mask
+        regions: setup.regions.as_ref().map(|regions| {
+            let mut channels = regions.clone();
+            channels.extend(setup.ignore_label.map(|l| vec![l as i16]));
+            channels
+        }),
     })
 }
 
