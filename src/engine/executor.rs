@@ -152,7 +152,13 @@ pub fn run(engine: &Engine, options: &RunOptions, cancel: &AtomicBool) -> Result
             let status = progress.status_line();
             scope.spawn(move || {
                 let started = Instant::now();
-                let result = execute(engine, index, upstream, force, &gpus, threads, cancel, &status);
+                let slot = Slot {
+                    gpus: &gpus,
+                    threads,
+                    cancel,
+                    status: &status,
+                };
+                let result = execute(engine, index, upstream, force, &slot);
                 let seconds = started.elapsed().as_secs_f64();
                 let finished = match result {
                     Ok((outcome, digest)) => Finished {
@@ -248,15 +254,20 @@ fn check_gpu_requests(engine: &Engine, selected: &[usize], options: &RunOptions)
 }
 
 /// Brings one instance up to date. Returns its outcome and the digest of its outputs.
+/// What a running instance was given: its GPUs and threads, the run's cancel flag, the status line.
+struct Slot<'a> {
+    gpus: &'a [usize],
+    threads: u32,
+    cancel: &'a AtomicBool,
+    status: &'a StatusLine,
+}
+
 fn execute(
     engine: &Engine,
     index: usize,
     upstream: BTreeMap<String, Digest>,
     force: bool,
-    gpus: &[usize],
-    threads: u32,
-    cancel: &AtomicBool,
-    status: &StatusLine,
+    slot: &Slot,
 ) -> Result<(Outcome, Digest), String> {
     let pipeline = &engine.pipeline;
     let instance = &pipeline.instances[index];
@@ -296,7 +307,7 @@ fn execute(
             Lookup::Miss => {}
         }
     }
-    let files = run_instance(engine, index, gpus, threads, cancel, status)?;
+    let files = run_instance(engine, index, slot)?;
     engine
         .cache
         .store_sources_with(&digest, &files, |path| {
@@ -345,11 +356,14 @@ fn remember(
 fn run_instance(
     engine: &Engine,
     index: usize,
-    gpus: &[usize],
-    threads: u32,
-    cancel: &AtomicBool,
-    status: &StatusLine,
+    slot: &Slot,
 ) -> Result<BTreeMap<String, (PathBuf, Digest)>, String> {
+    let Slot {
+        gpus,
+        threads,
+        cancel,
+        status,
+    } = *slot;
     let pipeline = &engine.pipeline;
     let instance = &pipeline.instances[index];
     let stage = &instance.implementation;
