@@ -2,6 +2,7 @@
 //! [`KINDS`]. The engine knows stages only through this trait and the registry.
 
 pub mod command;
+pub mod evaluate;
 pub mod fingerprint;
 pub mod plan;
 pub mod preprocessing;
@@ -102,6 +103,7 @@ pub static KINDS: &[Kind] = &[
     preprocessing::NORMALIZE,
     preprocessing::RESAMPLE,
     train::KIND,
+    evaluate::KIND,
 ];
 
 pub fn find_kind(name: &str) -> Option<&'static Kind> {
