@@ -23,7 +23,9 @@ pub fn evaluation_targets(dataset: &Dataset) -> Vec<Target> {
             .filter_map(|l| match &l.value {
                 LabelValue::Single(0) => None,
                 LabelValue::Single(v) => Some(Target::Region(vec![*v as i32])),
-                LabelValue::Region(values) => Some(Target::Region(values.iter().map(|&v| v as i32).collect())),
+                LabelValue::Region(values) => {
+                    Some(Target::Region(values.iter().map(|&v| v as i32).collect()))
+                }
             })
             .collect()
     } else {
@@ -31,7 +33,9 @@ pub fn evaluation_targets(dataset: &Dataset) -> Vec<Target> {
             .labels
             .iter()
             .filter_map(|l| match l.value {
-                LabelValue::Single(v) if v != 0 && Some(v) != dataset.ignore_label => Some(Target::Label(v as i32)),
+                LabelValue::Single(v) if v != 0 && Some(v) != dataset.ignore_label => {
+                    Some(Target::Label(v as i32))
+                }
                 _ => None,
             })
             .collect()
@@ -81,7 +85,10 @@ pub fn evaluate_folder(
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(format!("{}: no predictions (*{file_ending})", predictions.display()));
+        return Err(format!(
+            "{}: no predictions (*{file_ending})",
+            predictions.display()
+        ));
     }
     let missing: Vec<&String> = files.iter().filter(|f| !references.join(f).is_file()).collect();
     if !missing.is_empty() {
@@ -96,9 +103,17 @@ pub fn evaluate_folder(
         .par_iter()
         .map(|file| {
             let read = |folder: &Path| {
-                nifti::read_integer_labels(folder.join(file)).map(|(a, _)| a).map_err(|e| e.to_string())
+                nifti::read_integer_labels(folder.join(file))
+                    .map(|(a, _)| a)
+                    .map_err(|e| e.to_string())
             };
-            evaluate_pair(file, &read(references)?, &read(predictions)?, targets, ignore_label)
+            evaluate_pair(
+                file,
+                &read(references)?,
+                &read(predictions)?,
+                targets,
+                ignore_label,
+            )
         })
         .collect()
 }

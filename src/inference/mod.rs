@@ -1,3 +1,5 @@
 //! Inference: turning a trained network's per-patch predictions into whole-image logits.
 
+pub mod cases;
+pub mod export;
 pub mod sliding_window;

@@ -35,9 +35,18 @@ pub struct EvaluateStage {
 impl Stage for EvaluateStage {
     fn inputs(&self) -> Vec<StageInput> {
         vec![
-            StageInput { name: "predictions".into(), path: self.predictions.clone() },
-            StageInput { name: "reference".into(), path: self.reference.clone() },
-            StageInput { name: "dataset/dataset.json".into(), path: format!("{}/dataset.json", self.dataset) },
+            StageInput {
+                name: "predictions".into(),
+                path: self.predictions.clone(),
+            },
+            StageInput {
+                name: "reference".into(),
+                path: self.reference.clone(),
+            },
+            StageInput {
+                name: "dataset/dataset.json".into(),
+                path: format!("{}/dataset.json", self.dataset),
+            },
         ]
     }
 
@@ -55,10 +64,16 @@ impl Stage for EvaluateStage {
             .install(|| evaluate_folder(&predictions, &reference, &dataset.file_ending, &targets, ignore))?;
         let summary = summary_json(&cases, &targets);
         let path = ctx.out_dir.join("summary.json");
-        crate::atomic_file::write_atomically(&path, &serde_json::to_vec_pretty(&summary).expect("serializes"))
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        println!("{} cases, foreground mean Dice {:.4}", cases.len(), foreground_dice(&summary));
+        crate::atomic_file::write_atomically(
+            &path,
+            &serde_json::to_vec_pretty(&summary).expect("serializes"),
+        )
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+        println!(
+            "{} cases, foreground mean Dice {:.4}",
+            cases.len(),
+            foreground_dice(&summary)
+        );
         Ok(())
     }
 }
-
