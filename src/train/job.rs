@@ -31,3 +31,15 @@ fn with_paths<S: serde::Serializer>(params: &TrainParams, serializer: S) -> Resu
     }
     value.serialize(serializer)
 }
+
+/// What a training's outputs hold (`fold.json`): which configuration and fold, and the held-out
+/// cases whose predictions are in `validation/`. Read by ensemble selection and prediction.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FoldInfo {
+    pub configuration: String,
+    pub fold: String,
+    pub validation_cases: Vec<String>,
+    pub file_ending: String,
+    /// Whether `validation/<case>.npy` probabilities were written.
+    pub probabilities: bool,
+}

@@ -167,6 +167,10 @@ pub struct TrainParams {
     /// Mirroring test-time augmentation in the final validation (nnU-Net: on).
     #[serde(default = "default_true")]
     pub validation_mirroring: bool,
+    /// Keep the held-out cases' probabilities (`validation/<case>.npy`), which ensembling needs
+    /// (nnU-Net's `--npz`).
+    #[serde(default = "default_true")]
+    pub save_probabilities: bool,
 }
 
 impl TrainParams {

@@ -15,12 +15,14 @@ use std::time::Instant;
 
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
-use ndarray::Axis;
 use nnflow::augment::pipeline::TransformSpec;
 use nnflow::augment::{DaConfig, Pipeline};
 use nnflow::data::case_store::{list_cases, read_case};
 use nnflow::data::dataset::{Dataset, LabelValue};
-use nnflow::evaluate::metrics::{case_metrics, summarize, Target};
+use nnflow::data::{nifti, npy};
+use nnflow::evaluate::folder::{evaluate_pair, evaluation_targets, foreground_dice, summary_json};
+use nnflow::inference::export::{export_case, write_segmentation, RegionInfo};
+use nnflow::train::job::FoldInfo;
 use nnflow::inference::sliding_window::SlidingWindow;
 use nnflow::network::Architecture;
 use nnflow::preprocess::case_steps::resolve_configuration;
@@ -45,10 +47,10 @@ pub struct Setup {
     pub batch_dice: bool,
     pub use_mask_for_norm: Vec<bool>,
     pub ignore_label: Option<i64>,
-    /// Region datasets: each region's label values (nnU-Net's `foreground_regions`), and the
-    /// order in which regions paint the label map of a prediction (`regions_class_order`).
+    /// Region datasets: each region's label values (nnU-Net's `foreground_regions`).
     pub regions: Option<Vec<Vec<i16>>>,
-    pub regions_class_order: Vec<i64>,
+    /// The configuration's plans.json entry (`inherits_from` resolved), for export.
+    pub configuration: serde_json::Value,
     pub split: Split,
 }
 
@@ -139,7 +141,7 @@ impl Setup {
             use_mask_for_norm: serde_json::from_value(c["use_mask_for_norm"].clone()).unwrap_or_default(),
             ignore_label: dataset.ignore_label,
             regions,
-            regions_class_order: dataset.regions_class_order.clone().unwrap_or_default(),
+            configuration: c.clone(),
             split,
         })
     }
@@ -418,99 +420,64 @@ pub fn train(job: &TrainJob) -> Result<(), String> {
     validate_held_out(job, &setup, &predictor, &mut log)
 }
 
-/// nnU-Net's final validation, first version: every held-out case predicted whole (sliding
-/// window, mirroring), compared with its preprocessed reference on the preprocessed grid (voxels
-/// outside the nonzero mask count as background). Writes `validation/summary.json` in nnU-Net's
-/// layout (per case, per-label means, foreground mean).
-fn validate_held_out(
-    job: &TrainJob,
-    setup: &Setup,
-    predictor: &Predictor,
-    log: &mut Logger,
-) -> Result<(), String> {
-    let folder = Path::new(&job.params.preprocessed);
-    let targets: Vec<Target> = match &setup.regions {
-        Some(regions) => regions
-            .iter()
-            .map(|r| Target::Region(r.iter().map(|&v| i32::from(v)).collect()))
-            .collect(),
-        None => (1..setup.architecture.num_classes as i32)
-            .map(Target::Label)
-            .collect(),
-    };
-    let ignore = setup.ignore_label.map(|l| l as i32);
-    let mut per_case = Vec::new();
-    let mut rows = Vec::new();
+/// nnU-Net's final validation: every held-out case predicted whole (sliding window, mirroring),
+/// exported to its original image (resampled back, un-cropped, un-transposed) as
+/// `validation/<case><ending>` with its probabilities (`<case>.npy`, classes x z x y x, for
+/// ensembling) and compared with the raw reference label: `validation/summary.json` in nnU-Net's
+/// layout, and `fold.json` naming the configuration, fold and validation cases.
+fn validate_held_out(job: &TrainJob, setup: &Setup, predictor: &Predictor, log: &mut Logger) -> Result<(), String> {
+    let params = &job.params;
+    let dataset = Dataset::open(Path::new(&params.dataset)).map_err(|e| e.to_string())?;
+    let regions = RegionInfo::from_dataset(&dataset)?;
+    let targets = evaluation_targets(&dataset);
+    let ignore = dataset.ignore_label.map(|l| l as i32);
+    let out = job.out_dir.join("validation");
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let mut results = Vec::new();
     for id in &setup.split.val {
         let started = Instant::now();
-        let case = read_case(folder, id).map_err(|e| e.to_string())?;
-        let seg = case
-            .seg
-            .ok_or_else(|| format!("validation case {id} has no segmentation"))?;
+        let case = read_case(Path::new(&params.preprocessed), id).map_err(|e| e.to_string())?;
         let logits = predictor.predict_logits(case.data.view())?;
-        let prediction = match &setup.regions {
-            Some(_) => regions_to_labels(&logits, &setup.regions_class_order),
-            None => logits.map_axis(Axis(0), |v| argmax(v.iter().copied()) as i32),
-        };
-        let reference = seg.index_axis(Axis(0), 0).mapv(|v| i32::from(v.max(0)));
-        let metrics = case_metrics(reference.view(), prediction.view(), &targets, ignore);
+        let exported = export_case(logits.view(), &case.properties, &setup.configuration, regions.as_ref(), params.save_probabilities)
+            .map_err(|e| format!("case {id}: {e}"))?;
+        let file = format!("{id}{}", dataset.file_ending);
+        write_segmentation(&out.join(&file), &exported.segmentation, &case.properties)?;
+        if let Some(probabilities) = &exported.probabilities {
+            npy::write(&out.join(format!("{id}.npy")), probabilities.view()).map_err(|e| format!("case {id}: {e}"))?;
+        }
+        let reference_path = dataset
+            .cases
+            .iter()
+            .find(|c| &c.id == id)
+            .map(|c| c.label.clone())
+            .ok_or_else(|| format!("case {id} is not in the dataset's training cases"))?;
+        let (reference, _) = nifti::read_integer_labels(&reference_path).map_err(|e| e.to_string())?;
+        let result = evaluate_pair(&file, &reference, &exported.segmentation.mapv(i32::from), &targets, ignore)?;
         log.line(&format!(
             "validation {id}: Dice {} ({:.1} s)",
-            metrics
-                .iter()
-                .map(|(k, m)| format!("{k}={:.4}", m.dice))
-                .collect::<Vec<_>>()
-                .join(" "),
+            result.metrics.iter().map(|(k, m)| format!("{k}={:.4}", m.dice)).collect::<Vec<_>>().join(" "),
             started.elapsed().as_secs_f64()
         ));
-        rows.push(serde_json::json!({ "case": id, "metrics": metrics }));
-        per_case.push(metrics);
+        results.push(result);
     }
-    let summary = summarize(&per_case, &targets);
-    log.line(&format!(
-        "validation foreground mean Dice: {:.4}",
-        summary.foreground_mean.dice
-    ));
-    let json = serde_json::json!({
-        "foreground_mean": summary.foreground_mean,
-        "mean": summary.mean,
-        "metric_per_case": rows,
-        "grid": "preprocessed",
-    });
-    let path = job.out_dir.join("validation").join("summary.json");
-    nnflow::atomic_file::write_atomically(
-        &path,
-        &serde_json::to_vec_pretty(&json).expect("summary serializes"),
-    )
-    .map_err(|e| format!("{}: {e}", path.display()))
-}
-
-/// nnU-Net's region prediction to a label map: each region where its sigmoid exceeds 0.5 (logit
-/// above 0) paints its `regions_class_order` label, later regions over earlier ones.
-fn regions_to_labels(logits: &ndarray::Array4<f32>, class_order: &[i64]) -> ndarray::Array3<i32> {
-    let (_, z, y, x) = logits.dim();
-    let mut labels = ndarray::Array3::<i32>::zeros((z, y, x));
-    for (region, &label) in class_order.iter().enumerate() {
-        ndarray::Zip::from(&mut labels)
-            .and(logits.index_axis(Axis(0), region))
-            .for_each(|l, &v| {
-                if v > 0.0 {
-                    *l = label as i32;
-                }
-            });
-    }
-    labels
-}
-
-/// Index of the largest value (the first on ties, as numpy's argmax).
-fn argmax(values: impl Iterator<Item = f32>) -> usize {
-    let mut best = (0, f32::NEG_INFINITY);
-    for (i, v) in values.enumerate() {
-        if v > best.1 {
-            best = (i, v);
-        }
-    }
-    best.0
+    let summary = summary_json(&results, &targets);
+    log.line(&format!("validation foreground mean Dice: {:.4}", foreground_dice(&summary)));
+    let write = |name: &str, value: &serde_json::Value| {
+        let path = out.join(name);
+        nnflow::atomic_file::write_atomically(&path, &serde_json::to_vec_pretty(value).expect("serializes"))
+            .map_err(|e| format!("{}: {e}", path.display()))
+    };
+    write("summary.json", &summary)?;
+    let fold = FoldInfo {
+        configuration: params.configuration.clone(),
+        fold: params.fold.text(),
+        validation_cases: setup.split.val.clone(),
+        file_ending: dataset.file_ending.clone(),
+        probabilities: params.save_probabilities,
+    };
+    let path = job.out_dir.join("fold.json");
+    nnflow::atomic_file::write_atomically(&path, &serde_json::to_vec_pretty(&fold).expect("serializes"))
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn batch_maker(params: &TrainParams, setup: &Setup) -> Result<BatchMaker, String> {
