@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use crate::data::case_store::CaseProperties;
 use crate::data::dataset::Dataset;
+use crate::data::geometry::Header;
 use crate::data::nifti;
 use crate::preprocess::resample::{resample_data_to_shape, ResampleOptions};
 
@@ -106,17 +107,22 @@ pub fn write_segmentation(
     segmentation: &Array3<i16>,
     properties: &CaseProperties,
 ) -> Result<(), String> {
+    write_label_map(path, segmentation, &properties.header)
+}
+
+/// Writes a label map with the geometry of `header` (uint8 when every label is below 255, as
+/// nnU-Net writes it, int16 otherwise), creating the folder, atomically.
+pub fn write_label_map(path: &Path, segmentation: &Array3<i16>, header: &Header) -> Result<(), String> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
     }
-    let header = &properties.header;
     let fits_u8 = segmentation.iter().all(|&v| (0..255).contains(&v));
     let written = if fits_u8 {
         nifti::write(path, &segmentation.mapv(|v| v as u8), header)
     } else {
         nifti::write(path, segmentation, header)
     };
-    written.map_err(|e| e.to_string())
+    written.map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn check_inputs(

@@ -2,6 +2,7 @@
 //! [`KINDS`]. The engine knows stages only through this trait and the registry.
 
 pub mod command;
+pub mod ensemble_select;
 pub mod evaluate;
 pub mod fingerprint;
 pub mod plan;
@@ -104,6 +105,7 @@ pub static KINDS: &[Kind] = &[
     preprocessing::RESAMPLE,
     train::KIND,
     evaluate::KIND,
+    ensemble_select::KIND,
 ];
 
 pub fn find_kind(name: &str) -> Option<&'static Kind> {

@@ -22,11 +22,11 @@ use nnflow::data::dataset::{Dataset, LabelValue};
 use nnflow::data::{nifti, npy};
 use nnflow::evaluate::folder::{evaluate_pair, evaluation_targets, foreground_dice, summary_json};
 use nnflow::inference::export::{export_case, write_segmentation, RegionInfo};
-use nnflow::train::job::FoldInfo;
 use nnflow::inference::sliding_window::SlidingWindow;
 use nnflow::network::Architecture;
 use nnflow::preprocess::case_steps::resolve_configuration;
 use nnflow::train::data::{spawn_producer, Batch, BatchMaker};
+use nnflow::train::job::FoldInfo;
 use nnflow::train::job::TrainJob;
 use nnflow::train::params::{DeviceChoice, TrainParams};
 use nnflow::train::progress_plot;
@@ -425,7 +425,12 @@ pub fn train(job: &TrainJob) -> Result<(), String> {
 /// `validation/<case><ending>` with its probabilities (`<case>.npy`, classes x z x y x, for
 /// ensembling) and compared with the raw reference label: `validation/summary.json` in nnU-Net's
 /// layout, and `fold.json` naming the configuration, fold and validation cases.
-fn validate_held_out(job: &TrainJob, setup: &Setup, predictor: &Predictor, log: &mut Logger) -> Result<(), String> {
+fn validate_held_out(
+    job: &TrainJob,
+    setup: &Setup,
+    predictor: &Predictor,
+    log: &mut Logger,
+) -> Result<(), String> {
     let params = &job.params;
     let dataset = Dataset::open(Path::new(&params.dataset)).map_err(|e| e.to_string())?;
     let regions = RegionInfo::from_dataset(&dataset)?;
@@ -438,12 +443,19 @@ fn validate_held_out(job: &TrainJob, setup: &Setup, predictor: &Predictor, log: 
         let started = Instant::now();
         let case = read_case(Path::new(&params.preprocessed), id).map_err(|e| e.to_string())?;
         let logits = predictor.predict_logits(case.data.view())?;
-        let exported = export_case(logits.view(), &case.properties, &setup.configuration, regions.as_ref(), params.save_probabilities)
-            .map_err(|e| format!("case {id}: {e}"))?;
+        let exported = export_case(
+            logits.view(),
+            &case.properties,
+            &setup.configuration,
+            regions.as_ref(),
+            params.save_probabilities,
+        )
+        .map_err(|e| format!("case {id}: {e}"))?;
         let file = format!("{id}{}", dataset.file_ending);
         write_segmentation(&out.join(&file), &exported.segmentation, &case.properties)?;
         if let Some(probabilities) = &exported.probabilities {
-            npy::write(&out.join(format!("{id}.npy")), probabilities.view()).map_err(|e| format!("case {id}: {e}"))?;
+            npy::write(&out.join(format!("{id}.npy")), probabilities.view())
+                .map_err(|e| format!("case {id}: {e}"))?;
         }
         let reference_path = dataset
             .cases
@@ -452,16 +464,30 @@ fn validate_held_out(job: &TrainJob, setup: &Setup, predictor: &Predictor, log: 
             .map(|c| c.label.clone())
             .ok_or_else(|| format!("case {id} is not in the dataset's training cases"))?;
         let (reference, _) = nifti::read_integer_labels(&reference_path).map_err(|e| e.to_string())?;
-        let result = evaluate_pair(&file, &reference, &exported.segmentation.mapv(i32::from), &targets, ignore)?;
+        let result = evaluate_pair(
+            &file,
+            &reference,
+            &exported.segmentation.mapv(i32::from),
+            &targets,
+            ignore,
+        )?;
         log.line(&format!(
             "validation {id}: Dice {} ({:.1} s)",
-            result.metrics.iter().map(|(k, m)| format!("{k}={:.4}", m.dice)).collect::<Vec<_>>().join(" "),
+            result
+                .metrics
+                .iter()
+                .map(|(k, m)| format!("{k}={:.4}", m.dice))
+                .collect::<Vec<_>>()
+                .join(" "),
             started.elapsed().as_secs_f64()
         ));
         results.push(result);
     }
     let summary = summary_json(&results, &targets);
-    log.line(&format!("validation foreground mean Dice: {:.4}", foreground_dice(&summary)));
+    log.line(&format!(
+        "validation foreground mean Dice: {:.4}",
+        foreground_dice(&summary)
+    ));
     let write = |name: &str, value: &serde_json::Value| {
         let path = out.join(name);
         nnflow::atomic_file::write_atomically(&path, &serde_json::to_vec_pretty(value).expect("serializes"))
