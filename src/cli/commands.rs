@@ -73,6 +73,7 @@ pub fn dispatch(command: Command) -> i32 {
             foreground_labels,
             seed,
             spacing_variation,
+            test_cases,
         } => {
             let args = super::data_commands::SynthArgs {
                 cases,
@@ -82,6 +83,7 @@ pub fn dispatch(command: Command) -> i32 {
                 foreground_labels,
                 seed,
                 spacing_variation,
+                test_cases,
             };
             super::data_commands::synth(&dataset, args)
         }

@@ -115,6 +115,7 @@ pub struct SynthArgs {
     pub foreground_labels: usize,
     pub seed: u64,
     pub spacing_variation: f64,
+    pub test_cases: usize,
 }
 
 pub fn synth(root: &Path, args: SynthArgs) -> i32 {
@@ -137,6 +138,7 @@ pub fn synth(root: &Path, args: SynthArgs) -> i32 {
         foreground_labels: args.foreground_labels,
         seed: args.seed,
         spacing_variation: args.spacing_variation,
+        test_cases: args.test_cases,
     };
     match write_dataset(root, &spec) {
         Ok(()) => {

@@ -148,6 +148,9 @@ pub enum Command {
         /// Vary each case's spacing per axis by up to this fraction (e.g. 0.1).
         #[arg(long, default_value_t = 0.0)]
         spacing_variation: f64,
+        /// Also write this many test cases to imagesTs / labelsTs.
+        #[arg(long, default_value_t = 0)]
+        test_cases: usize,
     },
     /// Print nnflow and libtorch versions, CUDA availability, GPU and thread counts.
     Doctor {

@@ -110,6 +110,27 @@ impl Dataset {
         })
     }
 
+    /// The network's output channels, as nnU-Net's `num_segmentation_heads`: one per region
+    /// (background and the ignore label excluded) for region datasets, else one per label
+    /// (background included, the ignore label excluded).
+    pub fn num_segmentation_heads(&self) -> usize {
+        if self.has_regions() {
+            self.labels
+                .iter()
+                .filter(|l| l.name != "ignore")
+                .filter(|l| match &l.value {
+                    LabelValue::Single(v) => *v != 0,
+                    LabelValue::Region(values) => !values.iter().all(|&v| v == 0),
+                })
+                .count()
+        } else {
+            self.labels
+                .iter()
+                .filter(|l| matches!(l.value, LabelValue::Single(v) if Some(v) != self.ignore_label))
+                .count()
+        }
+    }
+
     /// Whether labels are regions (lists of label values), trained with sigmoids.
     pub fn has_regions(&self) -> bool {
         self.labels

@@ -21,6 +21,8 @@ pub struct SyntheticSpec {
     /// Each case's spacing is scaled per axis by a random factor in [1 - v, 1 + v], as scanners
     /// differ (so resampling to the median spacing has work to do).
     pub spacing_variation: f64,
+    /// Extra cases written to imagesTs / labelsTs (for prediction and its evaluation).
+    pub test_cases: usize,
 }
 
 impl Default for SyntheticSpec {
@@ -33,6 +35,7 @@ impl Default for SyntheticSpec {
             foreground_labels: 2,
             seed: 1,
             spacing_variation: 0.0,
+            test_cases: 0,
         }
     }
 }
@@ -59,17 +62,18 @@ impl Random {
     }
 }
 
-/// Writes `root/{dataset.json, imagesTr, labelsTr}`.
+/// Writes `root/{dataset.json, imagesTr, labelsTr}` (and `imagesTs`, `labelsTs` with test cases).
 pub fn write_dataset(root: &Path, spec: &SyntheticSpec) -> Result<(), NiftiError> {
     let io = |source: std::io::Error| NiftiError::Write {
         path: root.to_path_buf(),
         source,
     };
-    std::fs::create_dir_all(root.join("imagesTr")).map_err(io)?;
-    std::fs::create_dir_all(root.join("labelsTr")).map_err(io)?;
     let mut random = Random(spec.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
-    for case in 0..spec.cases {
-        let id = format!("case_{case:03}");
+    let training = (0..spec.cases).map(|c| (format!("case_{c:03}"), "Tr"));
+    let test = (0..spec.test_cases).map(|c| (format!("test_{c:03}"), "Ts"));
+    for (id, part) in training.chain(test) {
+        std::fs::create_dir_all(root.join(format!("images{part}"))).map_err(io)?;
+        std::fs::create_dir_all(root.join(format!("labels{part}"))).map_err(io)?;
         let spacing = spec
             .spacing_zyx
             .map(|s| s * (1.0 + spec.spacing_variation * (2.0 * random.unit() - 1.0)));
@@ -84,13 +88,13 @@ pub fn write_dataset(root: &Path, spec: &SyntheticSpec) -> Result<(), NiftiError
         for channel in 0..spec.channels {
             let image = case_image(&label, channel, &mut random);
             nifti::write(
-                root.join(format!("imagesTr/{id}_{channel:04}.nii.gz")),
+                root.join(format!("images{part}/{id}_{channel:04}.nii.gz")),
                 &image,
                 &header,
             )?;
         }
         nifti::write(
-            root.join(format!("labelsTr/{id}.nii.gz")),
+            root.join(format!("labels{part}/{id}.nii.gz")),
             &label.mapv(|v| v.max(0) as u8),
             &header,
         )?;

@@ -2,4 +2,5 @@
 
 pub mod cases;
 pub mod export;
+pub mod job;
 pub mod sliding_window;

@@ -161,10 +161,10 @@ impl Stage for EnsembleSelectStage {
             })?;
             let summary = summary_json(&results, &targets);
             let dice = foreground_dice(&summary);
-            println!(
+            ctx.log(&format!(
                 "{name}: foreground mean Dice {dice:.4} over {} cases",
                 results.len()
-            );
+            ));
             write_json(
                 &ctx.out_dir.join("summaries").join(format!("{name}.json")),
                 &summary,
@@ -187,7 +187,7 @@ impl Stage for EnsembleSelectStage {
             hard_voting: self.hard_voting,
             cases: case_ids.len(),
         };
-        println!("selected: {}", decision.best.name);
+        ctx.log(&format!("selected: {}", decision.best.name));
         write_json(&ctx.out_dir.join("decision.json"), &decision)?;
 
         // the chosen model's cross-validation predictions, for the postprocessing decision

@@ -69,11 +69,11 @@ impl Stage for EvaluateStage {
             &serde_json::to_vec_pretty(&summary).expect("serializes"),
         )
         .map_err(|e| format!("{}: {e}", path.display()))?;
-        println!(
+        ctx.log(&format!(
             "{} cases, foreground mean Dice {:.4}",
             cases.len(),
             foreground_dice(&summary)
-        );
+        ));
         Ok(())
     }
 }

@@ -6,6 +6,8 @@ pub mod ensemble_select;
 pub mod evaluate;
 pub mod fingerprint;
 pub mod plan;
+pub mod postprocess;
+pub mod predict;
 pub mod preprocessing;
 pub mod process;
 pub mod train;
@@ -106,6 +108,8 @@ pub static KINDS: &[Kind] = &[
     train::KIND,
     evaluate::KIND,
     ensemble_select::KIND,
+    postprocess::KIND,
+    predict::KIND,
 ];
 
 pub fn find_kind(name: &str) -> Option<&'static Kind> {
@@ -140,6 +144,21 @@ pub fn dataset_inputs(dataset: &str) -> Vec<StageInput> {
             path: format!("{dataset}/{part}"),
         })
         .collect()
+}
+
+impl StageContext<'_> {
+    /// Appends a line to the stage's log (stages running inside nnflow must not print: stdout
+    /// carries `--json` reports).
+    pub fn log(&self, line: &str) {
+        use std::io::Write;
+        if let Ok(mut file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_file)
+        {
+            let _ = writeln!(file, "{line}");
+        }
+    }
 }
 
 /// A rayon pool of the stage's thread count, so stages running side by side share the cores.

@@ -16,6 +16,7 @@ mod bench;
 mod checkpoint;
 mod loss;
 mod optim;
+mod predict;
 mod predictor;
 mod trainer;
 mod unet;
@@ -37,6 +38,12 @@ fn main() {
                 std::process::exit(1);
             }
         }
+        Some("predict") if args.len() == 2 => {
+            if let Err(error) = run_predict(&args[1]) {
+                eprintln!("error: {error}");
+                std::process::exit(1);
+            }
+        }
         Some("train") if args.len() == 2 => {
             if let Err(error) = train(&args[1]) {
                 eprintln!("error: {error}");
@@ -44,7 +51,9 @@ fn main() {
             }
         }
         _ => {
-            eprintln!("usage: nnflow-torch doctor | train JOB.json | bench-step [options]");
+            eprintln!(
+                "usage: nnflow-torch doctor | train JOB.json | predict JOB.json | bench-step [options]"
+            );
             std::process::exit(2);
         }
     }
@@ -87,4 +96,11 @@ fn train(job_file: &str) -> Result<(), String> {
     let job: nnflow::train::job::TrainJob =
         serde_json::from_str(&text).map_err(|e| format!("{job_file}: {e}"))?;
     trainer::train(&job)
+}
+
+fn run_predict(job_file: &str) -> Result<(), String> {
+    let text = std::fs::read_to_string(job_file).map_err(|e| format!("{job_file}: {e}"))?;
+    let job: nnflow::inference::job::PredictJob =
+        serde_json::from_str(&text).map_err(|e| format!("{job_file}: {e}"))?;
+    predict::predict(&job)
 }

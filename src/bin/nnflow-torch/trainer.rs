@@ -76,14 +76,7 @@ impl Setup {
                 .filter(|values: &Vec<i16>| !values.iter().all(|&v| v == 0))
                 .collect::<Vec<_>>()
         });
-        let num_classes = match &regions {
-            Some(regions) => regions.len(),
-            None => dataset
-                .labels
-                .iter()
-                .filter(|l| matches!(l.value, LabelValue::Single(v) if Some(v) != dataset.ignore_label))
-                .count(),
-        };
+        let num_classes = dataset.num_segmentation_heads();
         if regions.is_some() && dataset.regions_class_order.as_ref().map(Vec::len) != Some(num_classes) {
             return Err(format!(
                 "dataset.json: region training needs `regions_class_order` with one entry per region ({num_classes})"
@@ -157,7 +150,7 @@ fn cumulative_strides(arch: &Architecture) -> Vec<usize> {
     total
 }
 
-fn as_3d(patch: &[usize]) -> [usize; 3] {
+pub fn as_3d(patch: &[usize]) -> [usize; 3] {
     match patch {
         [y, x] => [1, *y, *x],
         [z, y, x] => [*z, *y, *x],

@@ -1,0 +1,38 @@
+//! The job the `predict` stage hands the `nnflow-torch` worker (paths absolute). Kept apart from
+//! the worker's code so the engine binary links no libtorch.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::train::params::DeviceChoice;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PredictJob {
+    /// Cases to predict: id and one image per channel.
+    pub cases: Vec<(String, Vec<PathBuf>)>,
+    /// The dataset folder (dataset.json: channels, labels or regions, file ending).
+    pub dataset: PathBuf,
+    /// plans.json.
+    pub plans: PathBuf,
+    /// One model per configuration of the ensemble (one for a single configuration).
+    pub models: Vec<ModelJob>,
+    /// postprocessing.json from the `postprocess` stage, if any.
+    pub postprocessing: Option<PathBuf>,
+    /// Where the NIfTI predictions go.
+    pub output: PathBuf,
+    pub step_size: f64,
+    pub mirroring: bool,
+    pub device: DeviceChoice,
+    pub amp: bool,
+    pub threads: usize,
+    /// Also write each case's probabilities (`<case>.npy`, classes x z x y x, original grid).
+    pub save_probabilities: bool,
+}
+
+/// A configuration and the weights of its folds (averaged, as nnU-Net does).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelJob {
+    pub configuration: String,
+    pub checkpoints: Vec<PathBuf>,
+}

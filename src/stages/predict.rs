@@ -1,0 +1,180 @@
+//! The `predict` stage: new images through the selected model or ensemble (all folds of each
+//! configuration averaged), exported to each input's geometry, postprocessed, written as NIfTI to
+//! the folder the pipeline names. Runs in the `nnflow-torch` worker.
+
+use std::path::Path;
+use std::process::Command;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::ensemble_select::Decision;
+use super::process::run_logged;
+use super::{build_typed, to_json, Kind, Stage, StageContext, StageInput};
+use crate::data::dataset::Dataset;
+use crate::inference::cases::image_cases;
+use crate::inference::job::{ModelJob, PredictJob};
+use crate::train::job::FoldInfo;
+use crate::train::params::DeviceChoice;
+
+pub const KIND: Kind = Kind {
+    name: "predict",
+    version: 1,
+    uses_torch: true,
+    schema: |generator| generator.subschema_for::<PredictStage>(),
+    build: build_typed::<PredictStage>,
+};
+
+fn half() -> f64 {
+    0.5
+}
+fn yes() -> bool {
+    true
+}
+
+/// Predicts a folder of images with trained models.
+#[derive(Deserialize, Serialize, JsonSchema, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct PredictStage {
+    /// Images to predict: nnU-Net naming (`<case>_0000.nii.gz`) or, single channel, plain files.
+    #[serde(skip_serializing)]
+    pub images: String,
+    /// Where the predictions go (`<case><file ending>`), relative to the pipeline file.
+    #[serde(skip_serializing)]
+    pub output: String,
+    /// The dataset folder (dataset.json).
+    #[serde(skip_serializing)]
+    pub dataset: String,
+    /// The plan stage's outputs: `${plan.outputs}`.
+    #[serde(skip_serializing)]
+    pub plan: String,
+    /// Every training's outputs: `${train[*].outputs}`.
+    #[serde(skip_serializing)]
+    pub trainings: Vec<String>,
+    /// The `ensemble-select` stage's outputs (`${select.outputs}`); without it, `configuration`.
+    #[serde(default, skip_serializing)]
+    pub selection: Option<String>,
+    /// Predict with this configuration instead of the selection.
+    #[serde(default)]
+    pub configuration: Option<String>,
+    /// The `postprocess` stage's outputs (`${postprocess.outputs}`); without it, none.
+    #[serde(default, skip_serializing)]
+    pub postprocessing: Option<String>,
+    /// Sliding-window step as a fraction of the patch.
+    #[serde(default = "half")]
+    pub step_size: f64,
+    /// Mirroring test-time augmentation.
+    #[serde(default = "yes")]
+    pub mirroring: bool,
+    #[serde(default)]
+    pub device: DeviceChoice,
+    /// fp16 autocast on CUDA.
+    #[serde(default = "yes")]
+    pub amp: bool,
+    /// Also write probabilities (`<case>.npy`).
+    #[serde(default)]
+    pub save_probabilities: bool,
+}
+
+impl Stage for PredictStage {
+    fn inputs(&self) -> Vec<StageInput> {
+        vec![
+            StageInput {
+                name: "images".into(),
+                path: self.images.clone(),
+            },
+            StageInput {
+                name: "dataset/dataset.json".into(),
+                path: format!("{}/dataset.json", self.dataset),
+            },
+            StageInput {
+                name: "plan".into(),
+                path: format!("{}/plans.json", self.plan),
+            },
+        ]
+    }
+
+    fn project_outputs(&self) -> Vec<String> {
+        vec![self.output.clone()]
+    }
+
+    fn params_json(&self) -> serde_json::Value {
+        to_json(self)
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<(), String> {
+        if !(self.step_size > 0.0 && self.step_size <= 1.0) {
+            return Err(format!("step_size must lie in (0, 1], got {}", self.step_size));
+        }
+        let root = ctx.root;
+        let dataset = Dataset::open(&root.join(&self.dataset)).map_err(|e| e.to_string())?;
+        let configurations = match (&self.configuration, &self.selection) {
+            (Some(configuration), _) => vec![configuration.clone()],
+            (None, Some(selection)) => {
+                let path = root.join(selection).join("decision.json");
+                let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let decision: Decision =
+                    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+                decision.best.configurations
+            }
+            (None, None) => return Err("give `selection` (${select.outputs}) or `configuration`".into()),
+        };
+        let mut models = Vec::new();
+        for configuration in configurations {
+            let mut checkpoints = Vec::new();
+            for training in &self.trainings {
+                let folder = root.join(training);
+                let fold: FoldInfo = read_json(&folder.join("fold.json"))?;
+                if fold.configuration == configuration {
+                    checkpoints.push(folder.join("checkpoint_final.safetensors"));
+                }
+            }
+            if checkpoints.is_empty() {
+                return Err(format!(
+                    "no training of configuration {configuration} among `trainings`"
+                ));
+            }
+            models.push(ModelJob {
+                configuration,
+                checkpoints,
+            });
+        }
+        let cases = image_cases(
+            &root.join(&self.images),
+            dataset.channels.len(),
+            &dataset.file_ending,
+        )?;
+        let job = PredictJob {
+            cases: cases.into_iter().map(|c| (c.id, c.images)).collect(),
+            dataset: root.join(&self.dataset),
+            plans: root.join(&self.plan).join("plans.json"),
+            models,
+            postprocessing: self
+                .postprocessing
+                .as_ref()
+                .map(|p| root.join(p).join("postprocessing.json")),
+            output: root.join(&self.output),
+            step_size: self.step_size,
+            mirroring: self.mirroring,
+            device: self.device,
+            amp: self.amp,
+            threads: ctx.threads.max(1) as usize,
+            save_probabilities: self.save_probabilities,
+        };
+        // the job goes with the outputs: it records what was predicted with what
+        let job_file = ctx.out_dir.join("predict_job.json");
+        crate::atomic_file::write_atomically(
+            &job_file,
+            &serde_json::to_vec_pretty(&job).expect("serializes"),
+        )
+        .map_err(|e| format!("{}: {e}", job_file.display()))?;
+        let mut command = Command::new(crate::torch_env::worker_path());
+        command.arg("predict").arg(&job_file).current_dir(root);
+        run_logged(command, ctx, "prediction")
+    }
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
