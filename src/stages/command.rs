@@ -23,7 +23,7 @@ pub const KIND: Kind = Kind {
 #[serde(deny_unknown_fields)]
 pub struct CommandStage {
     /// The shell command, run by `sh -c` in the pipeline file's folder. The stage's outputs folder
-    /// is `$NNFLOW_OUT`; parameters are `$NNFLOW_PARAM_<NAME>`.
+    /// is `$NNFLOW_OUT`; parameters are `$NNFLOW_PARAM_<NAME>`; `$NNFLOW_EXE` is nnflow itself.
     pub cmd: String,
     /// Files, folders or globs the command reads, relative to the pipeline file. An input that
     /// another stage declares as an output makes that stage a dependency.
@@ -66,6 +66,10 @@ impl Stage for CommandStage {
             .arg(&self.cmd)
             .current_dir(ctx.root)
             .env("NNFLOW_OUT", ctx.out_dir);
+        // lets commands call nnflow itself (e.g. `$NNFLOW_EXE synth`) without it being on PATH
+        if let Ok(exe) = std::env::current_exe() {
+            command.env("NNFLOW_EXE", exe);
+        }
         for (name, value) in &self.params {
             command.env(format!("NNFLOW_PARAM_{}", name.to_uppercase()), param_text(value));
         }
