@@ -11,7 +11,9 @@ use common::Project;
 use nnflow::data::nifti;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/predict").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/predict")
+        .join(name)
 }
 
 const CASES: [&str; 2] = ["TinyTest_000", "TinyTest_001"];
@@ -29,7 +31,10 @@ fn project() -> Project {
     copy("plans.json", "plan/plans.json");
     copy("weights.safetensors", "training/checkpoint_final.safetensors");
     for case in CASES {
-        copy(&format!("{case}_0000.nii.gz"), &format!("D/imagesTs/{case}_0000.nii.gz"));
+        copy(
+            &format!("{case}_0000.nii.gz"),
+            &format!("D/imagesTs/{case}_0000.nii.gz"),
+        );
     }
     project.write(
         "training/fold.json",
@@ -55,9 +60,17 @@ fn agreement(ours: &Path, theirs: &Path) -> f64 {
     let (a, header_a) = nifti::read_integer_labels(ours).unwrap();
     let (b, _) = nifti::read_integer_labels(theirs).unwrap();
     assert_eq!(a.shape(), b.shape(), "{}", ours.display());
-    let input = theirs.to_string_lossy().replace("_pred_mirror", "_0000").replace("_pred_nomirror", "_0000");
+    let input = theirs
+        .to_string_lossy()
+        .replace("_pred_mirror", "_0000")
+        .replace("_pred_nomirror", "_0000");
     let source = nifti::read_header(&input).unwrap();
-    assert_eq!(header_a.affine(), source.affine(), "{}: geometry differs from the input's", ours.display());
+    assert_eq!(
+        header_a.affine(),
+        source.affine(),
+        "{}: geometry differs from the input's",
+        ours.display()
+    );
     let same = a.iter().zip(b.iter()).filter(|(x, y)| x == y).count();
     same as f64 / a.len() as f64
 }
@@ -72,8 +85,15 @@ fn nnunet_weights_predict_like_nnunet() {
         for case in CASES {
             let ours = project.path().join(format!("predictions/{case}.nii.gz"));
             let share = agreement(&ours, &fixture(&format!("{case}_pred_{suffix}.nii.gz")));
-            eprintln!("{case} ({suffix}): {:.4}% of voxels agree with nnU-Net", share * 100.0);
-            assert!(share >= 0.999, "{case} ({suffix}): {:.4}% of voxels agree", share * 100.0);
+            eprintln!(
+                "{case} ({suffix}): {:.4}% of voxels agree with nnU-Net",
+                share * 100.0
+            );
+            assert!(
+                share >= 0.999,
+                "{case} ({suffix}): {:.4}% of voxels agree",
+                share * 100.0
+            );
         }
     }
 }
