@@ -45,6 +45,7 @@ fn args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     for setting in extra {
         args.extend(["--set", setting]);
     }
+    args.push("train"); // the target: training and what it needs, not selection and prediction
     args
 }
 

@@ -248,7 +248,7 @@ cmd = "touch ran-a"
         "p.toml",
         2,
         8,
-        "unknown stage kind `comand` (known kinds: command, fingerprint, plan, normalize, resample, train)",
+        "unknown stage kind `comand` (known kinds: command, fingerprint, plan, normalize, resample, train, evaluate, ensemble-select, postprocess, predict)",
         "kind = \"comand\"",
     );
     assert_count(&report, 1);
