@@ -167,7 +167,7 @@ fn run_engine(engine: &Engine, options: &RunOptions, json: bool, cancel: &Atomic
             count(Outcome::Ran),
             count(Outcome::Cached),
             count(Outcome::Failed),
-            count(Outcome::Skipped)
+            count(Outcome::Skipped) + count(Outcome::NotApplicable)
         );
     }
     if report.interrupted {
@@ -203,6 +203,7 @@ fn print_status(args: &PipelineArgs, stages: &[String], json: bool, dry_run: boo
     for stage in &report {
         let label = match (stage.state, dry_run) {
             (State::Fresh, _) => "fresh",
+            (State::Skipped, _) => "skip",
             (_, true) if stage.in_cache => "restore",
             (_, true) => "run",
             (State::Stale, false) => "stale",

@@ -44,6 +44,9 @@ pub enum Outcome {
     Cached,
     Failed,
     Skipped,
+    /// Skipped because the stage does not apply (its reason in `error`); dependents still run.
+    #[serde(rename = "skipped")]
+    NotApplicable,
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -122,6 +125,23 @@ pub fn run(engine: &Engine, options: &RunOptions, cancel: &AtomicBool) -> Result
                 continue;
             }
             let instance = &engine.pipeline.instances[index];
+            if let Some(reason) = instance.implementation.not_applicable(&engine.pipeline.root) {
+                // outputs of an earlier run, when it did apply, must not pass for this run's
+                let reason = match remove_path(&instance.out_dir) {
+                    Ok(()) => reason,
+                    Err(e) => format!("{reason}; {e}"),
+                };
+                let skipped = Finished {
+                    index,
+                    outcome: Outcome::NotApplicable,
+                    outputs_digest: None,
+                    seconds: 0.0,
+                    error: Some(reason),
+                };
+                progress.report(engine, &skipped);
+                finished.insert(index, skipped);
+                continue;
+            }
             // `threads = 0` asks for every core the run may use.
             let threads = if instance.threads == 0 {
                 options.threads.max(1) as u32
@@ -229,7 +249,7 @@ pub fn run(engine: &Engine, options: &RunOptions, cancel: &AtomicBool) -> Result
     append_run_history(engine, &selected);
     let ok = stages
         .iter()
-        .all(|s| matches!(s.outcome, Outcome::Ran | Outcome::Cached));
+        .all(|s| matches!(s.outcome, Outcome::Ran | Outcome::Cached | Outcome::NotApplicable));
     Ok(RunReport {
         pipeline: engine.pipeline.name.clone(),
         ok,
@@ -592,7 +612,7 @@ impl Progress {
             Outcome::Ran => "ran",
             Outcome::Cached => "cached",
             Outcome::Failed => "FAILED",
-            Outcome::Skipped => "skipped",
+            Outcome::Skipped | Outcome::NotApplicable => "skipped",
         };
         let mut line = format!("{outcome:>8}  {} ({:.2}s)", instance.id, finished.seconds);
         if let Some(error) = &finished.error {

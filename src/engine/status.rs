@@ -17,6 +17,8 @@ pub enum State {
     Fresh,
     Stale,
     New,
+    /// Does not apply (a configuration the plan did not produce); the reason says why.
+    Skipped,
 }
 
 #[derive(Serialize, Debug)]
@@ -45,10 +47,18 @@ pub fn status(engine: &Engine, targets: &[String]) -> Result<Vec<StageStatus>, S
         let deps = engine.dag.dependencies(index);
         let pending: Vec<&str> = deps
             .iter()
-            .filter(|d| states.get(d) != Some(&State::Fresh))
+            .filter(|d| !matches!(states.get(d), Some(State::Fresh | State::Skipped)))
             .map(|&d| engine.pipeline.instances[d].id.as_str())
             .collect();
-        let state = if !pending.is_empty() {
+        let not_applicable = if pending.is_empty() {
+            instance.implementation.not_applicable(&engine.pipeline.root)
+        } else {
+            None
+        };
+        let state = if let Some(reason) = not_applicable {
+            reasons.push(reason);
+            State::Skipped
+        } else if !pending.is_empty() {
             reasons.extend(
                 pending
                     .iter()

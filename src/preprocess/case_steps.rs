@@ -73,6 +73,21 @@ impl PlanView {
     }
 }
 
+/// Why a configuration does not apply: plans.json (already written) lacks it. `None` when it is
+/// planned, or when plans.json cannot be read (the stage then reports that itself).
+pub fn unplanned_configuration(plans_json: &std::path::Path, name: &str) -> Option<String> {
+    let plans: Value = serde_json::from_str(&std::fs::read_to_string(plans_json).ok()?).ok()?;
+    resolve_configuration(&plans, name).err().map(|reason| {
+        let hint = if name == "3d_lowres" || name == "3d_cascade_fullres" {
+            " (nnU-Net plans the low-resolution cascade only when the full-resolution patch covers less \
+             than a quarter of the median image)"
+        } else {
+            ""
+        };
+        format!("{reason}{hint}")
+    })
+}
+
 /// A configuration with the keys of the one it `inherits_from` filled in (the cascade's full
 /// resolution stage inherits from 3d_fullres).
 pub fn resolve_configuration(plans: &Value, name: &str) -> Result<Configuration, String> {

@@ -215,6 +215,9 @@ impl Stage for EnsembleSelectStage {
 fn cross_validations(trainings: &[PathBuf]) -> Result<Vec<CrossValidation>, String> {
     let mut by_configuration: BTreeMap<String, CrossValidation> = BTreeMap::new();
     for training in trainings {
+        if !training.exists() {
+            continue; // a training that did not apply (its configuration is not planned)
+        }
         let path = training.join("fold.json");
         let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         let fold: FoldInfo = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;

@@ -77,6 +77,12 @@ pub trait Stage: Send + Sync + std::fmt::Debug {
     }
     /// The parameters as part of the cache key (canonical JSON).
     fn params_json(&self) -> serde_json::Value;
+    /// Asked once the stage's upstream stages have finished: a reason when this instance does not
+    /// apply (e.g. a configuration the plan did not produce). It is then reported as skipped with
+    /// that reason and does not hold back its dependents, which see no outputs from it.
+    fn not_applicable(&self, _root: &Path) -> Option<String> {
+        None
+    }
     fn run(&self, ctx: &StageContext) -> Result<(), String>;
 }
 

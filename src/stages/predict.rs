@@ -124,6 +124,9 @@ impl Stage for PredictStage {
             let mut checkpoints = Vec::new();
             for training in &self.trainings {
                 let folder = root.join(training);
+                if !folder.exists() {
+                    continue; // a training that did not apply (its configuration is not planned)
+                }
                 let fold: FoldInfo = read_json(&folder.join("fold.json"))?;
                 if fold.configuration == configuration {
                     checkpoints.push(folder.join("checkpoint_final.safetensors"));

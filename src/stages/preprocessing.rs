@@ -66,6 +66,10 @@ pub struct NormalizeStage(pub PreprocessParams);
 pub struct ResampleStage(pub PreprocessParams);
 
 impl PreprocessParams {
+    fn not_applicable(&self, root: &std::path::Path) -> Option<String> {
+        case_steps::unplanned_configuration(&root.join(&self.plan).join("plans.json"), &self.configuration)
+    }
+
     fn inputs(&self) -> Vec<StageInput> {
         let mut inputs = match &self.source {
             // The source stage's outputs are keyed through the dependency; only dataset.json matters.
@@ -134,6 +138,10 @@ impl PreprocessParams {
 }
 
 impl Stage for NormalizeStage {
+    fn not_applicable(&self, root: &std::path::Path) -> Option<String> {
+        self.0.not_applicable(root)
+    }
+
     fn inputs(&self) -> Vec<StageInput> {
         self.0.inputs()
     }
@@ -158,6 +166,10 @@ impl Stage for NormalizeStage {
 }
 
 impl Stage for ResampleStage {
+    fn not_applicable(&self, root: &std::path::Path) -> Option<String> {
+        self.0.not_applicable(root)
+    }
+
     fn inputs(&self) -> Vec<StageInput> {
         self.0.inputs()
     }

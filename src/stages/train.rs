@@ -57,6 +57,13 @@ impl Stage for TrainStage {
         to_json(&self.0)
     }
 
+    fn not_applicable(&self, root: &Path) -> Option<String> {
+        crate::preprocess::case_steps::unplanned_configuration(
+            &root.join(&self.0.plan).join("plans.json"),
+            &self.0.configuration,
+        )
+    }
+
     fn run(&self, ctx: &StageContext) -> Result<(), String> {
         self.0.validate()?;
         let absolute = |p: &str| -> String { ctx.root.join(p).to_string_lossy().into_owned() };
