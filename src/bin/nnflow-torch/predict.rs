@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::mpsc::sync_channel;
 
 use ndarray::Array4;
-use nnflow::data::case_store::StoredCase;
+use nnflow::data::case_store::{CaseProperties, StoredCase};
 use nnflow::data::dataset::{Case, Dataset};
 use nnflow::data::npy;
 use nnflow::evaluate::ensemble::{average_probabilities, probabilities_to_segmentation};
@@ -93,36 +93,106 @@ pub fn predict(job: &PredictJob) -> Result<(), String> {
             }
         }
     });
+    // export, postprocessing and writing run on their own thread, behind the network
+    let (to_writer, writer_queue) = sync_channel::<Predicted>(1);
+    let writer = {
+        let settings = Writer {
+            regions,
+            rules,
+            output: job.output.clone(),
+            file_ending: dataset.file_ending.clone(),
+            save_probabilities: job.save_probabilities,
+        };
+        std::thread::spawn(move || -> Result<(), String> {
+            for predicted in writer_queue {
+                settings.write(predicted)?;
+            }
+            Ok(())
+        })
+    };
+    let mut network_result = Ok(());
     for _ in 0..job.cases.len() {
-        let (id, prepared) = receiver
+        let next = receiver
             .recv()
-            .map_err(|_| "the reading thread stopped".to_string())??;
+            .map_err(|_| "the reading thread stopped".to_string())
+            .and_then(|r| r);
+        let (id, prepared) = match next {
+            Ok(case) => case,
+            Err(e) => {
+                network_result = Err(e);
+                break;
+            }
+        };
         let started = std::time::Instant::now();
-        let ensemble = models.len() > 1;
+        let mut outputs = Vec::new();
+        for (model, case) in models.iter().zip(prepared) {
+            match fold_average(model, &case, job, device, amp) {
+                Ok(logits) => outputs.push((logits, case.properties, model.plan.configuration.json.clone())),
+                Err(e) => {
+                    network_result = Err(format!("case {id}: {e}"));
+                    break;
+                }
+            }
+        }
+        if network_result.is_err() {
+            break;
+        }
+        println!("{id}: predicted in {:.1} s", started.elapsed().as_secs_f64());
+        if to_writer.send(Predicted { id, outputs }).is_err() {
+            break; // the writer failed; its error is reported below
+        }
+    }
+    drop(to_writer);
+    let written = writer
+        .join()
+        .map_err(|_| "the writing thread panicked".to_string())?;
+    network_result.and(written)
+}
+
+/// A case's logits per configuration of the model, with what export needs.
+struct Predicted {
+    id: String,
+    outputs: Vec<(Array4<f32>, CaseProperties, serde_json::Value)>,
+}
+
+struct Writer {
+    regions: Option<RegionInfo>,
+    rules: Vec<nnflow::evaluate::postprocess::Rule>,
+    output: std::path::PathBuf,
+    file_ending: String,
+    save_probabilities: bool,
+}
+
+impl Writer {
+    /// Exports every configuration's logits to the input's grid, averages the probabilities of an
+    /// ensemble, postprocesses, and writes the NIfTI (and the probabilities on request).
+    fn write(&self, predicted: Predicted) -> Result<(), String> {
+        let Predicted { id, outputs } = predicted;
+        let ensemble = outputs.len() > 1;
+        let want_probabilities = ensemble || self.save_probabilities;
         let mut segmentation = None;
         let mut probabilities: Vec<Array4<f32>> = Vec::new();
         let mut properties = None;
-        for (model, case) in models.iter().zip(&prepared) {
-            let logits = fold_average(model, case, job, device, amp)?;
-            let want_probabilities = ensemble || job.save_probabilities;
+        for (logits, case_properties, configuration) in outputs {
             let exported = export_case(
                 logits.view(),
-                &case.properties,
-                &model.plan.configuration.json,
-                regions.as_ref(),
+                &case_properties,
+                &configuration,
+                self.regions.as_ref(),
                 want_probabilities,
             )
             .map_err(|e| format!("case {id}: {e}"))?;
             segmentation = Some(exported.segmentation);
             probabilities.extend(exported.probabilities);
-            properties = Some(case.properties.clone());
+            properties = Some(case_properties);
         }
         let properties = properties.ok_or("no model")?;
         let mut labels = match (ensemble, segmentation) {
             (false, Some(seg)) => seg.mapv(i32::from),
             _ => {
                 let views: Vec<_> = probabilities.iter().map(|p| p.view()).collect();
-                let order: Option<Vec<i32>> = regions
+                let order: Option<Vec<i32>> = self
+                    .regions
                     .as_ref()
                     .map(|r| r.regions_class_order.iter().map(|&v| v as i32).collect());
                 let averaged = average_probabilities(&views).map_err(|e| format!("case {id}: {e}"))?;
@@ -132,23 +202,19 @@ pub fn predict(job: &PredictJob) -> Result<(), String> {
                 seg
             }
         };
-        if !rules.is_empty() {
-            labels = apply_postprocessing(labels.view(), &rules);
+        if !self.rules.is_empty() {
+            labels = apply_postprocessing(labels.view(), &self.rules);
         }
-        let file = job.output.join(format!("{id}{}", dataset.file_ending));
+        let file = self.output.join(format!("{id}{}", self.file_ending));
         write_segmentation(&file, &labels.mapv(|v| v as i16), &properties)?;
-        if job.save_probabilities {
+        if self.save_probabilities {
             if let Some(p) = probabilities.first() {
-                npy::write(&job.output.join(format!("{id}.npy")), p.view()).map_err(|e| e.to_string())?;
+                npy::write(&self.output.join(format!("{id}.npy")), p.view()).map_err(|e| e.to_string())?;
             }
         }
-        println!(
-            "{id}: {} ({:.1} s)",
-            file.display(),
-            started.elapsed().as_secs_f64()
-        );
+        println!("{id}: written to {}", file.display());
+        Ok(())
     }
-    Ok(())
 }
 
 /// Logits of one preprocessed case, averaged over the configuration's folds.

@@ -1,12 +1,17 @@
 //! A trained network applied to a whole preprocessed image: sliding windows, each window predicted
 //! with mirroring test-time augmentation as nnU-Net's `_internal_maybe_mirror_and_predict` does it
 //! (the prediction averaged with the un-flipped predictions of every non-empty combination of the
-//! allowed mirror axes). libtorch code: runs in the `nnflow-torch` worker only.
+//! allowed mirror axes). On CUDA the image is uploaded once and the weighted sums accumulate on the
+//! device in fp16, as nnU-Net's `perform_everything_on_device`; if that fails (out of memory) the
+//! sums accumulate on the host instead (float32, the CPU path). libtorch code: worker only.
 
 use ndarray::{Array4, ArrayView4};
 use tch::{Device, Kind, Tensor};
 
-use nnflow::inference::sliding_window::SlidingWindow;
+use nnflow::inference::sliding_window::{
+    gaussian_importance_map, is_2d_patch, pad_to_patch, sliding_window_slicers, SlidingWindow, SIGMA_SCALE,
+    VALUE_SCALING_FACTOR,
+};
 
 use crate::unet::PlainConvUNet;
 
@@ -24,6 +29,94 @@ pub struct Predictor<'a> {
 impl Predictor<'_> {
     /// Averaged logits `(classes, z, y, x)` for a `(channels, z, y, x)` image.
     pub fn predict_logits(&self, image: ArrayView4<f32>) -> Result<Array4<f32>, String> {
+        if self.device.is_cuda() {
+            match self.predict_on_device(image) {
+                Ok(logits) => return Ok(logits),
+                Err(error) => eprintln!("accumulating on the GPU failed ({error}); accumulating on the CPU"),
+            }
+        }
+        self.predict_on_host(image)
+    }
+
+    /// The sliding window with the sums kept on `self.device` (fp16 on CUDA, float32 elsewhere).
+    pub fn predict_on_device(&self, image: ArrayView4<f32>) -> Result<Array4<f32>, String> {
+        let torch = |e: tch::TchError| e.to_string();
+        let patch = self.window.patch;
+        let classes = self.net.architecture.num_classes as i64;
+        let two_d = self.net.architecture.spatial_dims == 2;
+        let kind = if self.device.is_cuda() {
+            Kind::Half
+        } else {
+            Kind::Float
+        };
+        let (padded, padding) = pad_to_patch(image, patch);
+        let padded = padded.as_standard_layout();
+        let shape: Vec<i64> = padded.shape().iter().map(|&d| d as i64).collect();
+        let [c, sz, sy, sx] = [shape[0], shape[1], shape[2], shape[3]];
+        let weights_2d = if is_2d_patch(patch) {
+            &patch[1..]
+        } else {
+            &patch[..]
+        };
+        let gaussian: Vec<f32> = if self.window.use_gaussian {
+            gaussian_importance_map(weights_2d, SIGMA_SCALE, VALUE_SCALING_FACTOR)
+                .iter()
+                .copied()
+                .collect()
+        } else {
+            vec![1.0; patch.iter().product()]
+        };
+        let p = patch.map(|d| d as i64);
+        tch::no_grad(|| -> Result<Array4<f32>, String> {
+            let g = Tensor::from_slice(&gaussian)
+                .view([1, p[0], p[1], p[2]])
+                .to_device(self.device)
+                .to_kind(kind);
+            let image = Tensor::from_slice(padded.as_slice().expect("standard layout"))
+                .view([c, sz, sy, sx])
+                .f_to_device(self.device)
+                .map_err(torch)?;
+            let mut sums = Tensor::f_zeros([classes, sz, sy, sx], (kind, self.device)).map_err(torch)?;
+            let counts = Tensor::f_zeros([1, sz, sy, sx], (kind, self.device)).map_err(torch)?;
+            let spatial = [sz as usize, sy as usize, sx as usize];
+            for s in sliding_window_slicers(spatial, patch, self.window.step_size) {
+                let window = |t: &Tensor| {
+                    t.narrow(1, s.start[0] as i64, p[0])
+                        .narrow(2, s.start[1] as i64, p[1])
+                        .narrow(3, s.start[2] as i64, p[2])
+                };
+                let mut x = window(&image).unsqueeze(0);
+                if two_d {
+                    x = x.squeeze_dim(2);
+                }
+                let mut prediction = self.mirrored(&x.contiguous());
+                if two_d {
+                    prediction = prediction.unsqueeze(2);
+                }
+                let weighted = (prediction.squeeze_dim(0) * &g).to_kind(kind);
+                let _ = window(&sums).f_add_(&weighted).map_err(torch)?;
+                let _ = window(&counts).f_add_(&g).map_err(torch)?;
+            }
+            sums /= &counts;
+            let logits = sums.to_kind(Kind::Float).to_device(Device::Cpu).contiguous();
+            let mut out = vec![0f32; logits.numel()];
+            logits.copy_data(&mut out, logits.numel());
+            let full = Array4::from_shape_vec((classes as usize, spatial[0], spatial[1], spatial[2]), out)
+                .map_err(|e| e.to_string())?;
+            if full.iter().any(|v| v.is_infinite()) {
+                return Err("infinite logits".into());
+            }
+            Ok(if padding.is_none() {
+                full
+            } else {
+                padding.unpad(full.view()).to_owned()
+            })
+        })
+    }
+
+    /// The sliding window with the sums kept on the host in float32 (nnflow's checked reference
+    /// implementation of nnU-Net's accumulation).
+    pub fn predict_on_host(&self, image: ArrayView4<f32>) -> Result<Array4<f32>, String> {
         let classes = self.net.architecture.num_classes;
         let two_d = self.net.architecture.spatial_dims == 2;
         tch::no_grad(|| {
@@ -98,6 +191,41 @@ fn non_empty_subsets(axes: &[i64]) -> Vec<Vec<i64>> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use nnflow::network::Architecture;
+
+    #[test]
+    fn device_and_host_accumulation_agree() {
+        let json = serde_json::json!({
+            "network_class_name": "PlainConvUNet",
+            "arch_kwargs": {
+                "n_stages": 3, "features_per_stage": [4, 8, 16], "conv_op": "torch.nn.modules.conv.Conv3d",
+                "kernel_sizes": [[3, 3, 3], [3, 3, 3], [3, 3, 3]], "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+                "n_conv_per_stage": [1, 1, 1], "n_conv_per_stage_decoder": [1, 1], "conv_bias": true,
+                "norm_op": "InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-5, "affine": true},
+                "dropout_op": null, "nonlin": "LeakyReLU", "nonlin_kwargs": {"inplace": true}
+            }
+        });
+        let arch = Architecture::from_plan(&json, 1, 3, false).unwrap();
+        let (_vs, net) = crate::trainer::build_network(&arch, Device::Cpu, 7);
+        let image = Array4::from_shape_fn((1, 10, 13, 19), |(_, z, y, x)| {
+            ((z * 7 + y * 3 + x) % 11) as f32 / 5.0
+        });
+        for mirror_axes in [vec![], vec![0, 1, 2]] {
+            let predictor = Predictor {
+                net: &net,
+                device: Device::Cpu,
+                window: SlidingWindow::new([8, 8, 8]),
+                mirror_axes,
+                amp: false,
+            };
+            let host = predictor.predict_on_host(image.view()).unwrap();
+            let device = predictor.predict_on_device(image.view()).unwrap();
+            let diff = (&host - &device).mapv(f32::abs).fold(0f32, |a, &b| a.max(b));
+            assert!(diff < 1e-5, "max difference {diff}");
+        }
+    }
+
     #[test]
     fn subsets_in_itertools_order() {
         assert_eq!(
