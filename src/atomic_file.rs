@@ -26,3 +26,15 @@ pub fn temporary_path(path: &Path) -> PathBuf {
         std::thread::current().id()
     ))
 }
+
+/// Writes `value` as pretty JSON, atomically; errors name the file.
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), String> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| format!("{}: {e}", path.display()))?;
+    write_atomically(path, &bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Reads a JSON file; errors name the file.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
+    let text = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}

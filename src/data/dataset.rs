@@ -131,6 +131,11 @@ impl Dataset {
         }
     }
 
+    /// The training case with this id.
+    pub fn case(&self, id: &str) -> Option<&Case> {
+        self.cases.iter().find(|c| c.id == id)
+    }
+
     /// Whether labels are regions (lists of label values), trained with sigmoids.
     pub fn has_regions(&self) -> bool {
         self.labels

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{build_typed, thread_pool, to_json, Kind, Stage, StageContext, StageInput};
+use super::{build_typed, reference_inputs, thread_pool, to_json, Kind, Stage, StageContext, StageInput};
 use crate::data::dataset::Dataset;
 use crate::data::{nifti, npy};
 use crate::evaluate::ensemble::{candidates, hard_vote, select_best, soft_vote, Candidate};
@@ -80,13 +80,7 @@ struct CrossValidation {
 
 impl Stage for EnsembleSelectStage {
     fn inputs(&self) -> Vec<StageInput> {
-        ["dataset.json", "labelsTr"]
-            .into_iter()
-            .map(|part| StageInput {
-                name: format!("dataset/{part}"),
-                path: format!("{}/{part}", self.dataset),
-            })
-            .collect()
+        reference_inputs(&self.dataset)
     }
 
     fn params_json(&self) -> serde_json::Value {
@@ -165,7 +159,7 @@ impl Stage for EnsembleSelectStage {
                 "{name}: foreground mean Dice {dice:.4} over {} cases",
                 results.len()
             ));
-            write_json(
+            crate::atomic_file::write_json(
                 &ctx.out_dir.join("summaries").join(format!("{name}.json")),
                 &summary,
             )?;
@@ -188,7 +182,7 @@ impl Stage for EnsembleSelectStage {
             cases: case_ids.len(),
         };
         ctx.log(&format!("selected: {}", decision.best.name));
-        write_json(&ctx.out_dir.join("decision.json"), &decision)?;
+        crate::atomic_file::write_json(&ctx.out_dir.join("decision.json"), &decision)?;
 
         // the chosen model's cross-validation predictions, for the postprocessing decision
         let members: Vec<&CrossValidation> = decision
@@ -218,9 +212,7 @@ fn cross_validations(trainings: &[PathBuf]) -> Result<Vec<CrossValidation>, Stri
         if !training.exists() {
             continue; // a training that did not apply (its configuration is not planned)
         }
-        let path = training.join("fold.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let fold: FoldInfo = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let fold: FoldInfo = crate::atomic_file::read_json(&training.join("fold.json"))?;
         let entry = by_configuration
             .entry(fold.configuration.clone())
             .or_insert_with(|| CrossValidation {
@@ -279,10 +271,5 @@ fn read_probabilities(path: &Path) -> Result<Array4<f32>, String> {
     npy::read::<f32>(path)
         .map_err(|e| format!("{}: {e}", path.display()))?
         .into_dimensionality::<Ix4>()
-        .map_err(|e| format!("{}: {e}", path.display()))
-}
-
-fn write_json(path: &Path, value: &impl Serialize) -> Result<(), String> {
-    crate::atomic_file::write_atomically(path, &serde_json::to_vec_pretty(value).expect("serializes"))
         .map_err(|e| format!("{}: {e}", path.display()))
 }

@@ -64,11 +64,7 @@ impl Stage for EvaluateStage {
             .install(|| evaluate_folder(&predictions, &reference, &dataset.file_ending, &targets, ignore))?;
         let summary = summary_json(&cases, &targets);
         let path = ctx.out_dir.join("summary.json");
-        crate::atomic_file::write_atomically(
-            &path,
-            &serde_json::to_vec_pretty(&summary).expect("serializes"),
-        )
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        crate::atomic_file::write_json(&path, &summary)?;
         ctx.log(&format!(
             "{} cases, foreground mean Dice {:.4}",
             cases.len(),

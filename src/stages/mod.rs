@@ -167,6 +167,17 @@ impl StageContext<'_> {
     }
 }
 
+/// What stages scoring against the training labels read: dataset.json and labelsTr.
+pub fn reference_inputs(dataset: &str) -> Vec<StageInput> {
+    ["dataset.json", "labelsTr"]
+        .into_iter()
+        .map(|part| StageInput {
+            name: format!("dataset/{part}"),
+            path: format!("{dataset}/{part}"),
+        })
+        .collect()
+}
+
 /// A rayon pool of the stage's thread count, so stages running side by side share the cores.
 pub fn thread_pool(ctx: &StageContext) -> Result<rayon::ThreadPool, String> {
     rayon::ThreadPoolBuilder::new()

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{build_typed, thread_pool, to_json, Kind, Stage, StageContext, StageInput};
+use super::{build_typed, reference_inputs, thread_pool, to_json, Kind, Stage, StageContext, StageInput};
 use crate::data::dataset::{Dataset, LabelValue};
 use crate::data::nifti;
 use crate::evaluate::folder::evaluation_targets;
@@ -36,13 +36,7 @@ pub struct PostprocessStage {
 
 impl Stage for PostprocessStage {
     fn inputs(&self) -> Vec<StageInput> {
-        ["dataset.json", "labelsTr"]
-            .into_iter()
-            .map(|part| StageInput {
-                name: format!("dataset/{part}"),
-                path: format!("{}/{part}", self.dataset),
-            })
-            .collect()
+        reference_inputs(&self.dataset)
     }
 
     fn params_json(&self) -> serde_json::Value {
@@ -63,9 +57,7 @@ impl Stage for PostprocessStage {
             .map(|file| {
                 let id = file.strip_suffix(&dataset.file_ending).unwrap_or(file);
                 dataset
-                    .cases
-                    .iter()
-                    .find(|c| c.id == id)
+                    .case(id)
                     .map(|c| c.label.clone())
                     .ok_or_else(|| format!("case {id} is not in the dataset"))
             })
@@ -97,10 +89,6 @@ impl Stage for PostprocessStage {
             decision.postprocessed.foreground_mean_dice
         ));
         let path = ctx.out_dir.join("postprocessing.json");
-        crate::atomic_file::write_atomically(
-            &path,
-            &serde_json::to_vec_pretty(&decision).expect("serializes"),
-        )
-        .map_err(|e| format!("{}: {e}", path.display()))
+        crate::atomic_file::write_json(&path, &decision)
     }
 }

@@ -2,7 +2,6 @@
 //! configuration averaged), exported to each input's geometry, postprocessed, written as NIfTI to
 //! the folder the pipeline names. Runs in the `nnflow-torch` worker.
 
-use std::path::Path;
 use std::process::Command;
 
 use schemars::JsonSchema;
@@ -111,10 +110,8 @@ impl Stage for PredictStage {
         let configurations = match (&self.configuration, &self.selection) {
             (Some(configuration), _) => vec![configuration.clone()],
             (None, Some(selection)) => {
-                let path = root.join(selection).join("decision.json");
-                let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
                 let decision: Decision =
-                    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+                    crate::atomic_file::read_json(&root.join(selection).join("decision.json"))?;
                 decision.best.configurations
             }
             (None, None) => return Err("give `selection` (${select.outputs}) or `configuration`".into()),
@@ -127,7 +124,7 @@ impl Stage for PredictStage {
                 if !folder.exists() {
                     continue; // a training that did not apply (its configuration is not planned)
                 }
-                let fold: FoldInfo = read_json(&folder.join("fold.json"))?;
+                let fold: FoldInfo = crate::atomic_file::read_json(&folder.join("fold.json"))?;
                 if fold.configuration == configuration {
                     checkpoints.push(folder.join("checkpoint_final.safetensors"));
                 }
@@ -166,18 +163,9 @@ impl Stage for PredictStage {
         };
         // the job goes with the outputs: it records what was predicted with what
         let job_file = ctx.out_dir.join("predict_job.json");
-        crate::atomic_file::write_atomically(
-            &job_file,
-            &serde_json::to_vec_pretty(&job).expect("serializes"),
-        )
-        .map_err(|e| format!("{}: {e}", job_file.display()))?;
+        crate::atomic_file::write_json(&job_file, &job)?;
         let mut command = Command::new(crate::torch_env::worker_path());
         command.arg("predict").arg(&job_file).current_dir(root);
         run_logged(command, ctx, "prediction")
     }
-}
-
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }

@@ -126,7 +126,7 @@ impl PreprocessParams {
                 let case = match &source {
                     Some(folder) => read_case(folder, id).map_err(|e| e.to_string())?,
                     None => {
-                        let raw = dataset.cases.iter().find(|c| &c.id == id).expect("listed case");
+                        let raw = dataset.case(id).expect("listed case");
                         case_steps::load_raw(raw, true, plan.transpose_forward)?
                     }
                 };

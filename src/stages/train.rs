@@ -85,11 +85,7 @@ impl Stage for TrainStage {
             threads: ctx.threads.max(1) as usize,
         };
         let job_file = ctx.resume_dir.join("job.json");
-        crate::atomic_file::write_atomically(
-            &job_file,
-            &serde_json::to_vec_pretty(&job).expect("job serializes"),
-        )
-        .map_err(|e| format!("{}: {e}", job_file.display()))?;
+        crate::atomic_file::write_json(&job_file, &job)?;
         let mut command = Command::new(crate::torch_env::worker_path());
         command.arg("train").arg(&job_file).current_dir(ctx.root);
         let progress_file = ctx.resume_dir.join("progress.json");

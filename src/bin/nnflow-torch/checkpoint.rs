@@ -89,8 +89,7 @@ pub fn save(
             .collect();
         write_tensors(&p.optimizer, &buffers)?;
     }
-    let json = serde_json::to_vec_pretty(state).expect("state serializes");
-    atomic_file::write_atomically(&p.state, &json).map_err(|e| format!("{}: {e}", p.state.display()))
+    atomic_file::write_json(&p.state, state)
 }
 
 /// Loads the weights of a checkpoint into `vs` (names must match exactly).
@@ -101,9 +100,7 @@ pub fn load_weights(vs: &mut VarStore, path: &Path) -> Result<(), String> {
 /// Loads a complete checkpoint: weights into `vs`, momentum into `sgd`, and the state.
 pub fn load(dir: &Path, name: &str, vs: &mut VarStore, sgd: &mut Sgd) -> Result<TrainerState, String> {
     let p = paths(dir, name);
-    let text = std::fs::read_to_string(&p.state).map_err(|e| format!("{}: {e}", p.state.display()))?;
-    let state: TrainerState =
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.state.display()))?;
+    let state: TrainerState = atomic_file::read_json(&p.state)?;
     load_weights(vs, &p.weights)?;
     let buffers: BTreeMap<String, Tensor> = Tensor::read_safetensors(&p.optimizer)
         .map_err(|e| format!("{}: {e}", p.optimizer.display()))?

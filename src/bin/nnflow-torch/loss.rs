@@ -39,6 +39,33 @@ fn spatial_axes(x: &Tensor) -> Vec<i64> {
     (2..x.dim() as i64).collect()
 }
 
+/// Label targets with the ignore label: the labels with ignored voxels as background, and the mask
+/// of annotated voxels (bool).
+fn split_labels(target: &Tensor, ignore_label: Option<i64>) -> (Tensor, Option<Tensor>) {
+    match ignore_label {
+        Some(ignore) => {
+            let mask = target.ne(ignore);
+            (target.where_self(&mask, &target.zeros_like()), Some(mask))
+        }
+        None => (target.shallow_clone(), None),
+    }
+}
+
+/// Region targets `(b, R[+1], ...)`: the region channels, and the annotated mask (1 minus the
+/// ignore label's last channel) when the dataset has an ignore label.
+fn split_regions(target: &Tensor, has_ignore: bool) -> (Tensor, Option<Tensor>) {
+    let target = target.to_kind(Kind::Float);
+    let channels = target.size()[1];
+    if has_ignore {
+        (
+            target.narrow(1, 0, channels - 1),
+            Some(1.0 - target.narrow(1, channels - 1, 1)),
+        )
+    } else {
+        (target, None)
+    }
+}
+
 /// The loss of one output: Dice + CE for labels, Dice + BCE for regions.
 pub fn loss_terms(logits: &Tensor, target: &Tensor, config: &LossConfig) -> LossTerms {
     if config.regions {
@@ -52,15 +79,7 @@ pub fn loss_terms(logits: &Tensor, target: &Tensor, config: &LossConfig) -> Loss
 /// label's channel last when the dataset has one.
 pub fn dc_and_bce(logits: &Tensor, target: &Tensor, config: &LossConfig) -> LossTerms {
     let logits = logits.to_kind(Kind::Float);
-    let target = target.to_kind(Kind::Float);
-    let channels = target.size()[1];
-    let (regions, mask) = match config.ignore_label {
-        Some(_) => (
-            target.narrow(1, 0, channels - 1),
-            Some(1.0 - target.narrow(1, channels - 1, 1)),
-        ),
-        None => (target, None),
-    };
+    let (regions, mask) = split_regions(target, config.ignore_label.is_some());
     let dice = dice_from_probabilities(&logits.sigmoid(), &regions, mask.as_ref(), config.batch_dice);
     let ce = match &mask {
         Some(m) => {
@@ -79,13 +98,7 @@ pub fn dc_and_bce(logits: &Tensor, target: &Tensor, config: &LossConfig) -> Loss
 pub fn dc_and_ce(logits: &Tensor, target: &Tensor, config: &LossConfig) -> LossTerms {
     let logits = logits.to_kind(Kind::Float);
     let target = target.to_kind(Kind::Int64);
-    let (target_dice, mask) = match config.ignore_label {
-        Some(ignore) => {
-            let mask = target.ne(ignore);
-            (target.where_self(&mask, &target.zeros_like()), Some(mask))
-        }
-        None => (target.shallow_clone(), None),
-    };
+    let (target_dice, mask) = split_labels(&target, config.ignore_label);
     let dice = soft_dice_loss(&logits, &target_dice, mask.as_ref(), config.batch_dice);
     let ce_target = target.squeeze_dim(1);
     let annotated = mask.as_ref().is_none_or(|m| m.any().int64_value(&[]) != 0);
@@ -163,69 +176,34 @@ pub fn deep_supervision_loss(outputs: &[Tensor], targets: &[Tensor], config: &Lo
 /// summed over the batch, of the argmax (or sigmoid > 0.5) prediction, as nnU-Net's
 /// `validation_step`; ignored voxels do not count.
 pub fn pseudo_dice_counts(logits: &Tensor, target: &Tensor, config: &LossConfig) -> [Vec<f64>; 3] {
-    if config.regions {
-        return region_counts(logits, target, config.ignore_label.is_some());
-    }
-    let ignore_label = config.ignore_label;
-    let classes = logits.size()[1];
-    let target = target.to_kind(Kind::Int64);
-    let prediction = logits.argmax(1, true);
-    let onehot = |labels: &Tensor| {
-        Tensor::zeros(logits.size(), (Kind::Float, logits.device())).scatter_value(1, labels, 1.0)
-    };
-    let (target, mask) = match ignore_label {
-        Some(ignore) => {
-            let mask = target.ne(ignore);
-            (
-                target.where_self(&mask, &target.zeros_like()),
-                Some(mask.to_kind(Kind::Float)),
-            )
-        }
-        None => (target, None),
-    };
-    let (mut pred, mut gt) = (onehot(&prediction), onehot(&target));
-    if let Some(m) = &mask {
-        pred *= m;
-        gt *= m;
-    }
-    let mut axes = vec![0i64];
-    axes.extend(spatial_axes(logits));
-    let sum = |t: Tensor| -> Vec<f64> {
-        let v = t
-            .sum_dim_intlist(axes.as_slice(), false, Kind::Double)
-            .to_device(tch::Device::Cpu);
-        (1..classes).map(|c| v.double_value(&[c])).collect()
-    };
-    let tp = sum(&pred * &gt);
-    let fp = sum(&pred * (1.0 - &gt));
-    let fn_ = sum((1.0 - &pred) * &gt);
-    [tp, fp, fn_]
-}
-
-fn region_counts(logits: &Tensor, target: &Tensor, has_ignore: bool) -> [Vec<f64>; 3] {
-    let target = target.to_kind(Kind::Float);
-    let channels = target.size()[1];
-    let (gt, mask) = if has_ignore {
-        (
-            target.narrow(1, 0, channels - 1),
-            Some(1.0 - target.narrow(1, channels - 1, 1)),
-        )
+    let (pred, gt, mask, first) = if config.regions {
+        let (gt, mask) = split_regions(target, config.ignore_label.is_some());
+        let pred = logits.to_kind(Kind::Float).sigmoid().gt(0.5).to_kind(Kind::Float);
+        (pred, gt, mask, 0)
     } else {
-        (target, None)
+        let onehot = |labels: &Tensor| {
+            Tensor::zeros(logits.size(), (Kind::Float, logits.device())).scatter_value(1, labels, 1.0)
+        };
+        let (labels, mask) = split_labels(&target.to_kind(Kind::Int64), config.ignore_label);
+        // background is not scored
+        (
+            onehot(&logits.argmax(1, true)),
+            onehot(&labels),
+            mask.map(|m| m.to_kind(Kind::Float)),
+            1,
+        )
     };
-    let mut pred = logits.to_kind(Kind::Float).sigmoid().gt(0.5).to_kind(Kind::Float);
-    let mut gt = gt;
-    if let Some(m) = &mask {
-        pred *= m;
-        gt *= m;
-    }
+    let (pred, gt) = match &mask {
+        Some(m) => (pred * m, gt * m),
+        None => (pred, gt),
+    };
     let mut axes = vec![0i64];
     axes.extend(spatial_axes(logits));
     let sum = |t: Tensor| -> Vec<f64> {
         let v = t
             .sum_dim_intlist(axes.as_slice(), false, Kind::Double)
             .to_device(tch::Device::Cpu);
-        (0..v.size()[0]).map(|c| v.double_value(&[c])).collect()
+        (first..v.size()[0]).map(|c| v.double_value(&[c])).collect()
     };
     [
         sum(&pred * &gt),

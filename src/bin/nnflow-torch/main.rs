@@ -6,6 +6,7 @@
 //! Usage: `nnflow-torch doctor` prints the libtorch facts as JSON; `nnflow-torch train JOB.json`
 //! runs a training job written by the `train` stage.
 
+use std::path::Path;
 use std::sync::OnceLock;
 
 use nnflow::torch_env::{Doctor, LIBTORCH_VERSION};
@@ -92,15 +93,11 @@ fn doctor() -> Doctor {
 }
 
 fn train(job_file: &str) -> Result<(), String> {
-    let text = std::fs::read_to_string(job_file).map_err(|e| format!("{job_file}: {e}"))?;
-    let job: nnflow::train::job::TrainJob =
-        serde_json::from_str(&text).map_err(|e| format!("{job_file}: {e}"))?;
+    let job: nnflow::train::job::TrainJob = nnflow::atomic_file::read_json(Path::new(job_file))?;
     trainer::train(&job)
 }
 
 fn run_predict(job_file: &str) -> Result<(), String> {
-    let text = std::fs::read_to_string(job_file).map_err(|e| format!("{job_file}: {e}"))?;
-    let job: nnflow::inference::job::PredictJob =
-        serde_json::from_str(&text).map_err(|e| format!("{job_file}: {e}"))?;
+    let job: nnflow::inference::job::PredictJob = nnflow::atomic_file::read_json(Path::new(job_file))?;
     predict::predict(&job)
 }

@@ -5,7 +5,6 @@
 //! NIfTI with exactly the input's geometry. Reading and preprocessing the next case runs on its own
 //! thread while the network works on the current one.
 
-use std::path::Path;
 use std::sync::mpsc::sync_channel;
 
 use ndarray::Array4;
@@ -37,9 +36,9 @@ pub fn predict(job: &PredictJob) -> Result<(), String> {
     let amp = job.amp && device.is_cuda();
     let dataset = Dataset::open(&job.dataset).map_err(|e| e.to_string())?;
     let regions = RegionInfo::from_dataset(&dataset)?;
-    let plans: serde_json::Value = read_json(&job.plans)?;
+    let plans: serde_json::Value = nnflow::atomic_file::read_json(&job.plans)?;
     let rules = match &job.postprocessing {
-        Some(path) => read_json::<Postprocessing>(path)?.rules,
+        Some(path) => nnflow::atomic_file::read_json::<Postprocessing>(path)?.rules,
         None => Vec::new(),
     };
     let num_classes = dataset.num_segmentation_heads();
@@ -251,9 +250,4 @@ fn fold_average(
     }
     let total = sum.ok_or("a configuration without folds")?;
     Ok(total / model.nets.len() as f32)
-}
-
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }

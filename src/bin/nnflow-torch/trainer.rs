@@ -18,7 +18,7 @@ use tch::{nn::VarStore, Device, Kind, Tensor};
 use nnflow::augment::pipeline::TransformSpec;
 use nnflow::augment::{DaConfig, Pipeline};
 use nnflow::data::case_store::{list_cases, read_case};
-use nnflow::data::dataset::{Dataset, LabelValue};
+use nnflow::data::dataset::Dataset;
 use nnflow::data::{nifti, npy};
 use nnflow::evaluate::folder::{evaluate_pair, evaluation_targets, foreground_dice, summary_json};
 use nnflow::inference::export::{export_case, write_segmentation, RegionInfo};
@@ -64,16 +64,12 @@ impl Setup {
         .map_err(|e| format!("{}: {e}", plans_path.display()))?;
         let configuration = resolve_configuration(&plans, &params.configuration)?;
         let c = &configuration.json;
+        // the regions nnU-Net trains and evaluates, as label lists
         let regions = dataset.has_regions().then(|| {
-            dataset
-                .labels
+            let targets = evaluation_targets(&dataset);
+            targets
                 .iter()
-                .filter(|l| l.name != "ignore")
-                .map(|l| match &l.value {
-                    LabelValue::Single(v) => vec![*v as i16],
-                    LabelValue::Region(values) => values.iter().map(|&v| v as i16).collect(),
-                })
-                .filter(|values: &Vec<i16>| !values.iter().all(|&v| v == 0))
+                .map(|t| t.labels().iter().map(|&v| v as i16).collect())
                 .collect::<Vec<_>>()
         });
         let num_classes = dataset.num_segmentation_heads();
@@ -451,9 +447,7 @@ fn validate_held_out(
                 .map_err(|e| format!("case {id}: {e}"))?;
         }
         let reference_path = dataset
-            .cases
-            .iter()
-            .find(|c| &c.id == id)
+            .case(id)
             .map(|c| c.label.clone())
             .ok_or_else(|| format!("case {id} is not in the dataset's training cases"))?;
         let (reference, _) = nifti::read_integer_labels(&reference_path).map_err(|e| e.to_string())?;
@@ -481,12 +475,7 @@ fn validate_held_out(
         "validation foreground mean Dice: {:.4}",
         foreground_dice(&summary)
     ));
-    let write = |name: &str, value: &serde_json::Value| {
-        let path = out.join(name);
-        nnflow::atomic_file::write_atomically(&path, &serde_json::to_vec_pretty(value).expect("serializes"))
-            .map_err(|e| format!("{}: {e}", path.display()))
-    };
-    write("summary.json", &summary)?;
+    nnflow::atomic_file::write_json(&out.join("summary.json"), &summary)?;
     let fold = FoldInfo {
         configuration: params.configuration.clone(),
         fold: params.fold.text(),
@@ -494,9 +483,7 @@ fn validate_held_out(
         file_ending: dataset.file_ending.clone(),
         probabilities: params.save_probabilities,
     };
-    let path = job.out_dir.join("fold.json");
-    nnflow::atomic_file::write_atomically(&path, &serde_json::to_vec_pretty(&fold).expect("serializes"))
-        .map_err(|e| format!("{}: {e}", path.display()))
+    nnflow::atomic_file::write_json(&job.out_dir.join("fold.json"), &fold)
 }
 
 fn batch_maker(params: &TrainParams, setup: &Setup) -> Result<BatchMaker, String> {
@@ -652,9 +639,7 @@ fn finish(job: &TrainJob, vs: &VarStore, state: &TrainerState, log: &mut Logger)
         std::fs::copy(&best.weights, job.out_dir.join("checkpoint_best.safetensors"))
             .map_err(|e| format!("{}: {e}", best.weights.display()))?;
     }
-    let history = serde_json::to_vec_pretty(&state.logs).expect("logs serialize");
-    nnflow::atomic_file::write_atomically(&job.out_dir.join("training_history.json"), &history)
-        .map_err(|e| e.to_string())?;
+    nnflow::atomic_file::write_json(&job.out_dir.join("training_history.json"), &state.logs)?;
     log.line(&format!("training done after {} epochs", state.epochs_done));
     Ok(())
 }
