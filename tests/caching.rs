@@ -370,3 +370,56 @@ fn walk(folder: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     files
 }
+
+/// A matrix stage whose instances take different parameters and inputs: an override for one
+/// configuration, and a stage reading only the instances of one configuration
+/// (`${train[config=low].outputs}`), as nnU-Net's cascade reads its low-resolution trainings.
+fn override_pipeline(low_lr: &str) -> String {
+    format!(
+        r#"
+[pipeline]
+name = "t"
+[stages.train]
+kind = "command"
+matrix = {{ config = ["full", "low"], fold = [0, 1] }}
+cmd = "echo ${{config}} ${{fold}} lr $NNFLOW_PARAM_LR > $NNFLOW_OUT/model.txt"
+params = {{ lr = 0.01 }}
+[[stages.train.overrides]]
+where = {{ config = "low" }}
+params = {{ lr = {low_lr} }}
+[stages.next]
+kind = "command"
+cmd = "for m in ${{train[config=low].outputs}}; do cat $m/model.txt; done > $NNFLOW_OUT/all.txt && cat ${{train[config=full,fold=1].outputs}}/model.txt >> $NNFLOW_OUT/all.txt"
+"#
+    )
+}
+
+#[test]
+fn overrides_apply_to_their_instances_and_filtered_references_depend_on_those_only() {
+    let project = Project::new();
+    project.write("p.toml", &override_pipeline("0.5"));
+    let first = project.run(&["p.toml"]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    let out = project.path().join(".nnflow/t/out");
+    let read = |file: &str| std::fs::read_to_string(out.join(file)).unwrap();
+    assert_eq!(read("train/config=low,fold=0/model.txt"), "low 0 lr 0.5\n");
+    assert_eq!(read("train/config=full,fold=0/model.txt"), "full 0 lr 0.01\n");
+    assert_eq!(
+        read("next/all.txt"),
+        "low 0 lr 0.5\nlow 1 lr 0.5\nfull 1 lr 0.01\n"
+    );
+
+    // Changing the override reruns the low instances and their consumer only.
+    project.write("p.toml", &override_pipeline("0.7"));
+    let rerun = project.run(&["p.toml"]);
+    assert_eq!(rerun.code, 0, "{}", rerun.stderr);
+    assert_eq!(
+        rerun.with_outcome("ran"),
+        ["next", "train[config=low,fold=0]", "train[config=low,fold=1]"]
+    );
+    assert_eq!(
+        rerun.with_outcome("cached"),
+        ["train[config=full,fold=0]", "train[config=full,fold=1]"]
+    );
+    assert!(read("next/all.txt").contains("low 1 lr 0.7"));
+}

@@ -1048,3 +1048,46 @@ fn variables_resolve_through_each_other_keep_escapes_and_report_cycles() {
         "{text}"
     );
 }
+
+#[test]
+fn overrides_and_filtered_references_are_checked() {
+    let p = project(
+        r#"[stages.a]
+kind = "command"
+cmd = "touch ran-a"
+matrix = { fold = [0, 1] }
+[[stages.a.overrides]]
+where = { fodl = 0 }
+cmd = "touch ran-b"
+[[stages.a.overrides]]
+where = { fold = 1 }
+threads = 2
+[[stages.a.overrides]]
+cmd = "touch ran-c"
+[stages.b]
+kind = "command"
+cmd = "cat ${a[fodl=0].outputs}"
+[stages.c]
+kind = "command"
+cmd = "cat ${a[fold=7].outputs}"
+"#,
+    );
+    let report = invalid(&p, &[]);
+    assert!(
+        report.contains("`fodl` is not a matrix key of this stage (its keys: fold)"),
+        "{report}"
+    );
+    assert!(
+        report.contains("`threads` cannot be overridden per instance"),
+        "{report}"
+    );
+    assert!(report.contains("an override needs `where"), "{report}");
+    assert!(
+        report.contains("`fodl` is not a matrix key of stage `a` (its keys: fold)"),
+        "{report}"
+    );
+    assert!(
+        report.contains("no instance of `a` has fold=7 (instances: a[fold=0], a[fold=1])"),
+        "{report}"
+    );
+}

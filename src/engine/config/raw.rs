@@ -60,10 +60,26 @@ pub struct StageCommon {
     /// GPUs the stage needs; each running stage gets distinct CUDA device indices.
     #[serde(default)]
     pub gpus: u32,
+    /// Parameters for some instances of a matrix stage only (read on their own, see [`Override`]).
+    #[serde(default, skip_deserializing)]
+    pub overrides: Vec<Override>,
+}
+
+/// `[[stages.NAME.overrides]]`: the instances whose matrix values equal `where` take these
+/// parameters instead of the stage's own (a key given here replaces the whole value), e.g. more
+/// epochs for one configuration, or other inputs for the cascade. Later overrides win.
+#[derive(Deserialize, Serialize, JsonSchema, Debug)]
+pub struct Override {
+    /// Matrix values an instance must have, e.g. `{ configuration = "3d_lowres" }`.
+    #[serde(rename = "where")]
+    pub matches: BTreeMap<String, MatrixValue>,
+    /// Any of the stage kind's parameters.
+    #[serde(flatten)]
+    pub params: BTreeMap<String, serde_json::Value>,
 }
 
 /// Keys of [`StageCommon`], split from the kind's parameters before each part is read.
-pub const COMMON_STAGE_KEYS: &[&str] = &["kind", "description", "after", "matrix", "threads", "gpus"];
+pub const COMMON_STAGE_KEYS: &[&str] = &["kind", "description", "after", "matrix", "threads", "gpus", "overrides"];
 
 /// Each dimension is a list of values, or a `"${var}"` naming a list in `[vars]` (substituted before
 /// the matrix is read, so the schema accepts that string too).

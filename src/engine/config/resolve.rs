@@ -10,7 +10,7 @@ use super::diagnostics::{Diagnostic, Diagnostics, Location, Sources};
 use super::load::{apply_set, read_merged, relative_to};
 use super::node::{Node, NodeValue};
 use super::raw::{MatrixValue, PipelineSection, StageCommon, COMMON_STAGE_KEYS, TOP_LEVEL_KEYS};
-use super::template::{self, Piece};
+use super::template::{self, Piece, Select};
 use crate::stages::{find_kind, Kind, ParamError, Stage, KINDS};
 
 /// A checked pipeline, ready to be turned into a DAG.
@@ -220,6 +220,8 @@ struct Expanded<'a> {
     kind: &'static Kind,
     matrix: BTreeMap<String, toml::Value>,
     out_dir: PathBuf,
+    /// The stage's `overrides` entries whose `where` this instance matches, in order.
+    overrides: Vec<&'a Node>,
 }
 
 struct StageCommonResolved {
@@ -281,7 +283,8 @@ fn expand_stage<'a>(
     state_dir: &Path,
     errors: &mut Vec<Diagnostic>,
 ) -> Vec<Expanded<'a>> {
-    let common_node = select_keys(node, |key| COMMON_STAGE_KEYS.contains(&key));
+    // Overrides may refer to other stages' outputs, so they are read per instance later.
+    let common_node = select_keys(node, |key| COMMON_STAGE_KEYS.contains(&key) && key != "overrides");
     let scope = Scope {
         vars,
         matrix: &BTreeMap::new(),
@@ -319,6 +322,7 @@ fn expand_stage<'a>(
             (a.clone(), location.unwrap_or_else(|| node.location.clone()))
         })
         .collect::<Vec<_>>();
+    let overrides = read_overrides(node, &common.matrix, vars, errors);
     matrix_combinations(&common.matrix)
         .into_iter()
         .map(|matrix| {
@@ -337,11 +341,89 @@ fn expand_stage<'a>(
                     gpus: common.gpus,
                 },
                 kind,
+                overrides: overrides
+                    .iter()
+                    .filter(|(matches, _)| {
+                        matches
+                            .iter()
+                            .all(|(k, v)| matrix.get(k).is_some_and(|m| plain_text(m) == *v))
+                    })
+                    .map(|&(_, node)| node)
+                    .collect(),
                 matrix,
                 out_dir,
             }
         })
         .collect()
+}
+
+/// The stage's `overrides` entries: each one's `where` (matrix key -> value as text) and table.
+fn read_overrides<'a>(
+    node: &'a Node,
+    matrix: &BTreeMap<String, Vec<MatrixValue>>,
+    vars: &Vars,
+    errors: &mut Vec<Diagnostic>,
+) -> Vec<(BTreeMap<String, String>, &'a Node)> {
+    let Some(list) = node.get("overrides") else {
+        return Vec::new();
+    };
+    let NodeValue::Array(entries) = &list.value else {
+        let message = "`overrides` must be a list of tables (`[[stages.NAME.overrides]]`)";
+        errors.push(Diagnostic::new(Some(list.location.clone()), message));
+        return Vec::new();
+    };
+    let scope = Scope {
+        vars,
+        matrix: &BTreeMap::new(),
+        refs: None,
+    };
+    let mut read = Vec::new();
+    for entry in entries {
+        let Some(table) = entry.as_table() else {
+            errors.push(Diagnostic::new(Some(entry.location.clone()), "an override must be a table"));
+            continue;
+        };
+        if let Some((key, value)) = table.iter().find(|(k, _)| COMMON_STAGE_KEYS.contains(&k.as_str())) {
+            let message = format!("`{key}` cannot be overridden per instance (only the kind's parameters)");
+            errors.push(Diagnostic::new(value.key_location.clone(), message));
+            continue;
+        }
+        let Some(condition) = entry.get("where") else {
+            let message = "an override needs `where = { key = value }` naming the instances it applies to";
+            errors.push(Diagnostic::new(Some(entry.location.clone()), message));
+            continue;
+        };
+        let condition = substitute(condition, &scope, errors).resolved;
+        let Some(pairs) = typed::<BTreeMap<String, MatrixValue>>(&condition, errors) else {
+            continue;
+        };
+        if let Some(key) = pairs.keys().find(|k| !matrix.contains_key(*k)) {
+            let keys: Vec<&str> = matrix.keys().map(String::as_str).collect();
+            let message = format!(
+                "override `where`: `{key}` is not a matrix key of this stage (its keys: {})",
+                if keys.is_empty() { "none".into() } else { keys.join(", ") }
+            );
+            errors.push(Diagnostic::new(condition.location.clone().into(), message));
+            continue;
+        }
+        let pairs = pairs.iter().map(|(k, v)| (k.clone(), plain_text(&matrix_value(v)))).collect();
+        read.push((pairs, entry));
+    }
+    read
+}
+
+/// The kind's parameters of an instance: the stage's own, then each matching override on top.
+fn instance_params(e: &Expanded) -> Node {
+    let mut params = select_keys(e.node, |key| !COMMON_STAGE_KEYS.contains(&key));
+    for entry in &e.overrides {
+        let (NodeValue::Table(table), Some(overrides)) = (&mut params.value, entry.as_table()) else {
+            continue;
+        };
+        for (key, value) in overrides.iter().filter(|(k, _)| k.as_str() != "where") {
+            table.insert(key.clone(), value.clone());
+        }
+    }
+    params
 }
 
 /// Every combination of matrix values, keys in sorted order; one empty combination without a matrix.
@@ -408,7 +490,7 @@ fn build_instances(
     };
     let mut instances = Vec::new();
     for (index, e) in expanded.iter().enumerate() {
-        let params_node = select_keys(e.node, |key| !COMMON_STAGE_KEYS.contains(&key));
+        let params_node = instance_params(e);
         let scope = Scope {
             vars,
             matrix: &e.matrix,
@@ -505,6 +587,55 @@ impl RefTargets<'_, '_> {
         )
     }
 
+    /// Instances of `stage` whose matrix values equal `filter`'s (compared as text, so `fold=0`
+    /// matches the integer 0). Every filter key must be one of the stage's matrix keys.
+    fn filtered(&self, stage: &str, filter: &[(String, String)]) -> Result<Option<Vec<usize>>, String> {
+        let Some(candidates) = self.by_stage.get(stage) else {
+            return Ok(None);
+        };
+        let keys: Vec<&String> = candidates
+            .first()
+            .map(|&c| self.expanded[c].matrix.keys().collect())
+            .unwrap_or_default();
+        if let Some((key, _)) = filter.iter().find(|(k, _)| !keys.contains(&k)) {
+            let keys: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
+            return Err(format!(
+                "`{key}` is not a matrix key of stage `{stage}` (its keys: {})",
+                if keys.is_empty() { "none".into() } else { keys.join(", ") }
+            ));
+        }
+        Ok(Some(
+            candidates
+                .iter()
+                .copied()
+                .filter(|&c| {
+                    let matrix = &self.expanded[c].matrix;
+                    filter.iter().all(|(k, v)| matrix.get(k).is_some_and(|m| &plain_text(m) == v))
+                })
+                .collect(),
+        ))
+    }
+
+    fn names_every_key(&self, stage: &str, filter: &[(String, String)]) -> bool {
+        self.by_stage.get(stage).and_then(|c| c.first()).is_some_and(|&c| {
+            self.expanded[c]
+                .matrix
+                .keys()
+                .all(|key| filter.iter().any(|(k, _)| k == key))
+        })
+    }
+
+    fn instance_names(&self, stage: &str) -> String {
+        let ids: Vec<&str> = self
+            .by_stage
+            .get(stage)
+            .into_iter()
+            .flatten()
+            .map(|&i| self.expanded[i].id.as_str())
+            .collect();
+        ids.join(", ")
+    }
+
     fn unknown_stage(&self, stage: &str) -> String {
         let mut known: Vec<&str> = self.by_stage.keys().copied().collect();
         known.sort_unstable();
@@ -582,7 +713,7 @@ fn substitute_node(
     };
     match &node.value {
         NodeValue::Scalar(toml::Value::String(text)) => {
-            match substitute_string(text, &node.location, scope, dependencies) {
+            match substitute_string(text, scope, dependencies) {
                 Ok((resolved, key)) => (
                     Node {
                         key_location: node.key_location.clone(),
@@ -630,7 +761,6 @@ fn substitute_node(
 /// from `[vars]` stays a list); otherwise values are spliced in as text.
 fn substitute_string(
     text: &str,
-    location: &Location,
     scope: &Scope,
     dependencies: &mut Vec<usize>,
 ) -> Result<(toml::Value, toml::Value), String> {
@@ -644,7 +774,7 @@ fn substitute_string(
                 let value = lookup_name(name, scope)?;
                 (value.clone(), value)
             }
-            Piece::Outputs { stage, all } => outputs_reference(stage, *all, location, scope, dependencies)?,
+            Piece::Outputs { stage, select } => outputs_reference(stage, select, scope, dependencies)?,
         };
         resolved.push(r);
         key.push(k);
@@ -704,8 +834,7 @@ fn lookup_name(name: &str, scope: &Scope) -> Result<toml::Value, String> {
 
 fn outputs_reference(
     stage: &str,
-    all: bool,
-    _location: &Location,
+    select: &Select,
     scope: &Scope,
     dependencies: &mut Vec<usize>,
 ) -> Result<(toml::Value, toml::Value), String> {
@@ -714,14 +843,20 @@ fn outputs_reference(
             "`${{{stage}.outputs}}` cannot be used here (only in stage parameters)"
         ));
     };
-    let found = if all {
-        targets.by_stage.get(stage).cloned()
-    } else {
-        targets.matching(stage, from)
+    let found = match select {
+        Select::Matching => targets.matching(stage, from),
+        Select::All => targets.by_stage.get(stage).cloned(),
+        Select::Filter(filter) => targets.filtered(stage, filter)?,
+    };
+    // A filter naming every matrix key picks one instance; any other filter gives a list.
+    let as_list = match select {
+        Select::Matching => false,
+        Select::All => true,
+        Select::Filter(filter) => !targets.names_every_key(stage, filter),
     };
     if found.is_none() && targets.failed.contains(stage) {
         // Already reported where that stage is declared; the pipeline is invalid either way.
-        let empty = if all {
+        let empty = if as_list {
             toml::Value::Array(Vec::new())
         } else {
             toml::Value::String(String::new())
@@ -732,19 +867,31 @@ fn outputs_reference(
     let folder = |i: usize| toml::Value::String(targets.expanded[i].out_dir.to_string_lossy().into_owned());
     let symbol = |i: usize| toml::Value::String(format!("${{{}.outputs}}", targets.expanded[i].id));
     dependencies.extend(&found);
-    if all {
+    if as_list {
         let resolved = found.iter().map(|&i| folder(i)).collect();
         let key = found.iter().map(|&i| symbol(i)).collect();
         return Ok((toml::Value::Array(resolved), toml::Value::Array(key)));
     }
     match found.as_slice() {
         [one] => Ok((folder(*one), symbol(*one))),
-        [] => Err(format!("no instance of `{stage}` matches this instance's matrix values")),
+        [] => Err(match select {
+            Select::Filter(filter) => format!(
+                "no instance of `{stage}` has {} (instances: {})",
+                filter_text(filter),
+                targets.instance_names(stage)
+            ),
+            _ => format!("no instance of `{stage}` matches this instance's matrix values"),
+        }),
         many => Err(format!(
             "`${{{stage}.outputs}}` matches {} instances; write `${{{stage}[*].outputs}}` for the list of all",
             many.len()
         )),
     }
+}
+
+fn filter_text(filter: &[(String, String)]) -> String {
+    let pairs: Vec<String> = filter.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    pairs.join(",")
 }
 
 // ---------------------------------------------------------------------------------------------

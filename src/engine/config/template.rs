@@ -1,5 +1,6 @@
 //! `${...}` substitution in string values: variables, matrix values and references to another
-//! stage's outputs folder (`${stage.outputs}`, `${stage[*].outputs}`). `$${` writes a literal `${`,
+//! stage's outputs folder (`${stage.outputs}`, `${stage[*].outputs}`, `${stage[key=value].outputs}`).
+//! `$${` writes a literal `${`,
 //! and a `$` not followed by `{` is left alone, so shell variables like `$HOME` pass through.
 
 #[derive(Debug, PartialEq, Clone)]
@@ -7,11 +8,19 @@ pub enum Piece {
     Text(String),
     /// A `[vars]` or matrix name.
     Name(String),
-    /// The outputs folder of another stage: the matching instance, or every instance (`all`).
-    Outputs {
-        stage: String,
-        all: bool,
-    },
+    /// The outputs folder of another stage's instances, chosen by `select`.
+    Outputs { stage: String, select: Select },
+}
+
+/// Which instances of a stage an outputs reference means.
+#[derive(Debug, PartialEq, Clone)]
+pub enum Select {
+    /// `${stage.outputs}`: the instance whose matrix values agree with the referring instance's.
+    Matching,
+    /// `${stage[*].outputs}`: every instance, as a list.
+    All,
+    /// `${stage[key=value,...].outputs}`: the instances with these matrix values.
+    Filter(Vec<(String, String)>),
 }
 
 /// Splits a string into literal text and substitutions.
@@ -48,18 +57,37 @@ pub fn parse(text: &str) -> Result<Vec<Piece>, String> {
 
 fn parse_substitution(inner: &str) -> Result<Piece, String> {
     if let Some(stage) = inner.strip_suffix(".outputs") {
-        let (stage, all) = match stage.strip_suffix("[*]") {
-            Some(stage) => (stage, true),
-            None => (stage, false),
+        let (stage, select) = match stage.strip_suffix(']').and_then(|s| s.split_once('[')) {
+            Some((stage, "*")) => (stage, Select::All),
+            Some((stage, filter)) => (stage, Select::Filter(parse_filter(filter, inner)?)),
+            None => (stage, Select::Matching),
         };
         check_name(stage, inner)?;
         return Ok(Piece::Outputs {
             stage: stage.to_string(),
-            all,
+            select,
         });
     }
     check_name(inner, inner)?;
     Ok(Piece::Name(inner.to_string()))
+}
+
+/// `key=value,key=value` inside a reference's brackets.
+fn parse_filter(filter: &str, whole: &str) -> Result<Vec<(String, String)>, String> {
+    filter
+        .split(',')
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').ok_or_else(|| {
+                format!("`${{{whole}}}`: write `[*]` or `[key=value,...]` after the stage name")
+            })?;
+            let (key, value) = (key.trim(), value.trim());
+            check_name(key, whole)?;
+            if value.is_empty() {
+                return Err(format!("`${{{whole}}}`: `{key}=` needs a value"));
+            }
+            Ok((key.to_string(), value.to_string()))
+        })
+        .collect()
 }
 
 fn check_name(name: &str, whole: &str) -> Result<(), String> {
@@ -84,19 +112,23 @@ mod tests {
     #[test]
     fn splits_names_references_and_text() {
         assert_eq!(
-            parse("a ${x}/b ${prep.outputs} ${train[*].outputs}").unwrap(),
+            parse("a ${x}/b ${prep.outputs} ${train[*].outputs}${train[fold=0, c=2d].outputs}").unwrap(),
             vec![
                 Piece::Text("a ".into()),
                 Piece::Name("x".into()),
                 Piece::Text("/b ".into()),
                 Piece::Outputs {
                     stage: "prep".into(),
-                    all: false
+                    select: Select::Matching
                 },
                 Piece::Text(" ".into()),
                 Piece::Outputs {
                     stage: "train".into(),
-                    all: true
+                    select: Select::All
+                },
+                Piece::Outputs {
+                    stage: "train".into(),
+                    select: Select::Filter(vec![("fold".into(), "0".into()), ("c".into(), "2d".into())])
                 },
             ]
         );
@@ -114,5 +146,7 @@ mod tests {
     fn rejects_unclosed_and_bad_names() {
         assert!(parse("${x").unwrap_err().contains("unclosed"));
         assert!(parse("${a b}").unwrap_err().contains("not a variable"));
+        assert!(parse("${t[fold].outputs}").unwrap_err().contains("key=value"));
+        assert!(parse("${t[fold=].outputs}").unwrap_err().contains("needs a value"));
     }
 }
