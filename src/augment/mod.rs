@@ -2,7 +2,7 @@
 //! `nnUNetTrainer.get_training_transforms`, written as pure functions on arrays.
 //!
 //! A [`Sample`] holds `data: (C, z, y, x)` f32 and `seg: (1, z, y, x)` i16 (`-1` = outside the nonzero
-//! mask). Two-dimensional configurations store their slices with `z = 1`: the spatial transform then
+//! mask; a second seg channel in cascaded configurations, see below). Two-dimensional configurations store their slices with `z = 1`: the spatial transform then
 //! works in the (y, x) plane (its `patch_size` has two entries), and blur / low-resolution treat an axis of
 //! length 1 as absent, exactly as if the array had no z axis. Axis indices in every parameter struct count
 //! the spatial axes of the 4D array (0 = z, 1 = y, 2 = x), so nnU-Net's 2D mirror axes (0, 1) are (1, 2)
@@ -11,10 +11,16 @@
 //!
 //! Module map: [`rng`] (seeded per-sample randomness), [`pipeline`] (registry, config, ordering, batch),
 //! [`da_config`] (nnU-Net's rotation / dummy-2D / initial patch size decisions), one module per transform
-//! family ([`spatial`], [`intensity`], [`blur`], [`low_resolution`], [`mirror`], [`seg`]), and the
+//! family ([`spatial`], [`intensity`], [`blur`], [`low_resolution`], [`mirror`], [`seg`], and
+//! [`cascade`] for the previous stage's segmentation with its [`cascade::morphology`]), and the
 //! spatial transform's parts ([`elastic`] displacement fields, [`resample`] grid sampling).
+//!
+//! Cascaded configurations carry the previous stage's segmentation as a label map in seg channel 1
+//! (`seg: (2, z, y, x)`); every transform moves it with the target, [`cascade`]'s transforms perturb
+//! it, and [`cascade::move_previous_stage_to_data`] turns it into one-hot image channels afterwards.
 
 pub mod blur;
+pub mod cascade;
 pub mod da_config;
 pub mod elastic;
 pub mod intensity;
@@ -32,7 +38,8 @@ pub use da_config::DaConfig;
 pub use pipeline::{Pipeline, TransformSpec};
 pub use rng::SampleRng;
 
-/// One training sample: image `(C, z, y, x)` and segmentation `(1, z, y, x)`.
+/// One training sample: image `(C, z, y, x)` and segmentation `(1, z, y, x)` (`(2, z, y, x)` with the
+/// previous stage's segmentation in a cascade).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
     pub data: Array4<f32>,

@@ -12,6 +12,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::blur::GaussianBlurParams;
+use super::cascade::{RandomBinaryOperatorParams, RemoveRandomComponentParams};
 use super::da_config::DaConfig;
 use super::intensity::{
     BrightnessParams, ContrastParams, GammaInvertedParams, GammaParams, GaussianNoiseParams,
@@ -37,6 +38,8 @@ pub enum TransformSpec {
     Mirror(MirrorParams),
     MaskImage(MaskImageParams),
     RemoveLabel(RemoveLabelParams),
+    RandomBinaryOperator(RandomBinaryOperatorParams),
+    RemoveRandomComponent(RemoveRandomComponentParams),
 }
 
 impl TransformSpec {
@@ -54,6 +57,8 @@ impl TransformSpec {
             Self::Mirror(_) => "mirror",
             Self::MaskImage(_) => "mask_image",
             Self::RemoveLabel(_) => "remove_label",
+            Self::RandomBinaryOperator(_) => "random_binary_operator",
+            Self::RemoveRandomComponent(_) => "remove_random_component",
         }
     }
 
@@ -71,6 +76,8 @@ impl TransformSpec {
             Self::Mirror(t) => (t.enabled, t.p),
             Self::MaskImage(t) => (t.enabled, t.p),
             Self::RemoveLabel(t) => (t.enabled, t.p),
+            Self::RandomBinaryOperator(t) => (t.enabled, t.p),
+            Self::RemoveRandomComponent(t) => (t.enabled, t.p),
         }
     }
 
@@ -88,6 +95,8 @@ impl TransformSpec {
             Self::Mirror(t) => (&mut t.enabled, &mut t.p),
             Self::MaskImage(t) => (&mut t.enabled, &mut t.p),
             Self::RemoveLabel(t) => (&mut t.enabled, &mut t.p),
+            Self::RandomBinaryOperator(t) => (&mut t.enabled, &mut t.p),
+            Self::RemoveRandomComponent(t) => (&mut t.enabled, &mut t.p),
         }
     }
 
@@ -104,6 +113,8 @@ impl TransformSpec {
             Self::Mirror(t) => t.validate(),
             Self::MaskImage(t) => t.validate(),
             Self::RemoveLabel(t) => t.validate(),
+            Self::RandomBinaryOperator(t) => t.validate(),
+            Self::RemoveRandomComponent(t) => t.validate(),
         }
     }
 
@@ -121,6 +132,8 @@ impl TransformSpec {
             Self::Mirror(t) => t.apply(sample, rng),
             Self::MaskImage(t) => t.apply(sample, rng),
             Self::RemoveLabel(t) => t.apply(sample, rng),
+            Self::RandomBinaryOperator(t) => t.apply(sample, rng),
+            Self::RemoveRandomComponent(t) => t.apply(sample, rng),
         }
     }
 }
@@ -196,6 +209,47 @@ impl Pipeline {
                 ..Default::default()
             }),
         );
+        self
+    }
+
+    /// nnU-Net's cascade steps for a configuration fed by a previous stage (its segmentation in seg
+    /// channel 1): `random_binary_operator` and `remove_random_component` with nnU-Net's defaults,
+    /// appended at the end (after `remove_label`, as in nnU-Net) unless the list already has them; entries
+    /// already present with empty `labels` get the dataset's foreground `labels`.
+    pub fn with_previous_stage(mut self, labels: &[i16]) -> Self {
+        let (mut has_operator, mut has_removal) = (false, false);
+        for t in &mut self.transforms {
+            match t {
+                TransformSpec::RandomBinaryOperator(p) => {
+                    has_operator = true;
+                    if p.labels.is_empty() {
+                        p.labels = labels.to_vec();
+                    }
+                }
+                TransformSpec::RemoveRandomComponent(p) => {
+                    has_removal = true;
+                    if p.labels.is_empty() {
+                        p.labels = labels.to_vec();
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !has_operator {
+            self.transforms
+                .push(TransformSpec::RandomBinaryOperator(RandomBinaryOperatorParams {
+                    labels: labels.to_vec(),
+                    ..Default::default()
+                }));
+        }
+        if !has_removal {
+            self.transforms.push(TransformSpec::RemoveRandomComponent(
+                RemoveRandomComponentParams {
+                    labels: labels.to_vec(),
+                    ..Default::default()
+                },
+            ));
+        }
         self
     }
 
@@ -346,5 +400,47 @@ mod tests {
             panic!()
         };
         assert_eq!(s.patch_size, vec![256, 224], "dummy 2D augments in-plane");
+    }
+
+    #[test]
+    fn previous_stage_steps_are_appended_once_and_get_the_labels() {
+        let da = DaConfig::from_patch_size(&[64, 64, 64]).unwrap();
+        let p = Pipeline::nnunet_default(&da).with_previous_stage(&[1, 2]);
+        let names: Vec<&str> = p.transforms.iter().map(|t| t.name()).collect();
+        assert_eq!(
+            names[names.len() - 3..],
+            [
+                "remove_label",
+                "random_binary_operator",
+                "remove_random_component"
+            ]
+        );
+        let TransformSpec::RandomBinaryOperator(op) = &p.transforms[names.len() - 2] else {
+            panic!()
+        };
+        assert_eq!((op.p, op.p_per_label, op.strel_size), (0.4, 0.5, [1.0, 8.0]));
+        assert_eq!(op.labels, [1, 2]);
+        let text = serde_json::to_string(&p).unwrap();
+        assert_eq!(Pipeline::from_json(&text).unwrap(), p);
+
+        // configured entries keep their place and settings; only empty labels are filled
+        let configured = Pipeline::from_json(
+            r#"[{"name": "remove_random_component", "p": 1.0}, {"name": "mirror"},
+                {"name": "random_binary_operator", "labels": [3]}]"#,
+        )
+        .unwrap()
+        .with_previous_stage(&[1, 2]);
+        assert_eq!(configured.transforms.len(), 3);
+        let TransformSpec::RemoveRandomComponent(rm) = &configured.transforms[0] else {
+            panic!()
+        };
+        assert_eq!(
+            (rm.p, rm.max_fraction, rm.labels.clone()),
+            (1.0, 0.15, vec![1, 2])
+        );
+        let TransformSpec::RandomBinaryOperator(op) = &configured.transforms[2] else {
+            panic!()
+        };
+        assert_eq!(op.labels, [3]);
     }
 }

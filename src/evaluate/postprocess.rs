@@ -5,7 +5,8 @@
 //! Connected components are those of acvl_utils' `remove_all_but_largest_component` as nnU-Net calls
 //! it: `skimage.measure.label` with its default, *full* connectivity (26 neighbours in 3D, 8 within a
 //! 2D slice), not scipy's faces-only default. Every component of the largest size is kept (a tie keeps
-//! all of them), as acvl_utils' filter does.
+//! all of them), as acvl_utils' filter does. [`label_components`] exposes the same labelling
+//! (acvl_utils' `label_with_component_sizes`) to the cascade's augmentation.
 //!
 //! The decision ([`determine_postprocessing`]) follows nnU-Net's order and comparisons:
 //! 1. all foreground labels as one region: accepted when the foreground mean Dice rises strictly and
@@ -45,17 +46,45 @@ pub fn largest_component_mask(mask: ArrayView3<bool>, connectivity: Connectivity
     let mut components = Vec::new(); // (seed, size)
     for seed in 0..domain.len() {
         if domain[seed] && !visited[seed] {
-            components.push((seed, grid.flood(seed, domain, &mut visited, &mut stack)));
+            components.push((seed, grid.flood(seed, domain, &mut visited, &mut stack, |_| {})));
         }
     }
     let largest = components.iter().map(|&(_, size)| size).max().unwrap_or(0);
     let mut keep = vec![false; domain.len()];
     for &(seed, size) in &components {
         if size == largest {
-            grid.flood(seed, domain, &mut keep, &mut stack);
+            grid.flood(seed, domain, &mut keep, &mut stack, |_| {});
         }
     }
     Array3::from_shape_vec(dim, keep).expect("shape of the mask")
+}
+
+/// skimage.measure.label with `return_num` plus acvl_utils' component sizes: each component of `mask`
+/// gets a label 1, 2, ... in the raster order of its first voxel (0 = outside the mask), and
+/// `sizes[l - 1]` is the voxel count of label `l`. Full connectivity in a volume with one z plane is
+/// 8-connectivity in that plane, as skimage gives for a 2D image.
+pub fn label_components(mask: ArrayView3<bool>, connectivity: Connectivity) -> (Array3<u32>, Vec<usize>) {
+    let dim = mask.dim();
+    let mask = mask.as_standard_layout();
+    let domain = mask.as_slice().expect("standard layout");
+    let grid = Grid::new(dim, connectivity);
+    let mut visited = vec![false; domain.len()];
+    let mut labels = vec![0u32; domain.len()];
+    let mut stack = Vec::new();
+    let mut sizes = Vec::new();
+    for seed in 0..domain.len() {
+        if domain[seed] && !visited[seed] {
+            let label = sizes.len() as u32 + 1;
+            let size = grid.flood(seed, domain, &mut visited, &mut stack, |voxel| {
+                labels[voxel] = label
+            });
+            sizes.push(size);
+        }
+    }
+    (
+        Array3::from_shape_vec(dim, labels).expect("shape of the mask"),
+        sizes,
+    )
 }
 
 /// nnU-Net's `remove_all_but_largest_component_from_segmentation`: the voxels whose label is in
@@ -254,8 +283,16 @@ impl Grid {
         Grid { dim, offsets, flat }
     }
 
-    /// Marks in `visited` the component of `domain` holding `seed` (not yet visited); returns its size.
-    fn flood(&self, seed: usize, domain: &[bool], visited: &mut [bool], stack: &mut Vec<usize>) -> usize {
+    /// Marks in `visited` the component of `domain` holding `seed` (not yet visited), calling `reached`
+    /// once per voxel of it; returns its size.
+    fn flood(
+        &self,
+        seed: usize,
+        domain: &[bool],
+        visited: &mut [bool],
+        stack: &mut Vec<usize>,
+        mut reached: impl FnMut(usize),
+    ) -> usize {
         let (nz, ny, nx) = self.dim;
         let plane = ny * nx;
         visited[seed] = true;
@@ -263,6 +300,7 @@ impl Grid {
         let mut size = 0;
         while let Some(index) = stack.pop() {
             size += 1;
+            reached(index);
             let (z, y, x) = (index / plane, index % plane / nx, index % nx);
             let interior = z > 0 && z + 1 < nz && y > 0 && y + 1 < ny && x > 0 && x + 1 < nx;
             for (n, &(dz, dy, dx)) in self.offsets.iter().enumerate() {
