@@ -143,6 +143,25 @@ impl Dataset {
             .any(|l| matches!(l.value, LabelValue::Region(_)))
     }
 
+    /// nnU-Net's `foreground_labels`: every label value named in dataset.json (regions flattened)
+    /// except background and the ignore label, sorted. The cascade gives each one an input channel.
+    pub fn foreground_labels(&self) -> Vec<i16> {
+        let mut values: Vec<i16> = self
+            .labels
+            .iter()
+            .filter(|l| l.name != "ignore")
+            .flat_map(|l| match &l.value {
+                LabelValue::Single(v) => vec![*v],
+                LabelValue::Region(vs) => vs.clone(),
+            })
+            .filter(|&v| v != 0 && Some(v) != self.ignore_label)
+            .map(|v| v as i16)
+            .collect();
+        values.sort_unstable();
+        values.dedup();
+        values
+    }
+
     /// The label values a segmentation may contain (ignore label included).
     pub fn allowed_label_values(&self) -> Vec<i64> {
         let mut values: Vec<i64> = self

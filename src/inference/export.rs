@@ -99,6 +99,34 @@ pub fn export_case(
     })
 }
 
+/// nnU-Net's `resample_and_save` for the cascade: logits on this configuration's preprocessed grid,
+/// resampled to `target_shape` (the same case on the next stage's grid) with
+/// `resampling_fn_probabilities`, then turned into labels (argmax, or regions painted in order).
+/// nnU-Net passes the configuration's own spacing as both current and target spacing, so the
+/// spacing only decides whether z is resampled separately.
+pub fn segmentation_on_grid(
+    logits: ArrayView4<f32>,
+    target_shape: [usize; 3],
+    configuration: &Value,
+    regions: Option<&RegionInfo>,
+) -> Result<Array3<i16>, String> {
+    let spacing = current_spacing(configuration, [1.0; 3])?;
+    let resampled = if logits.shape()[1..] == target_shape {
+        None
+    } else {
+        let options = probabilities_options(configuration);
+        Some(
+            resample_data_to_shape(logits, target_shape, spacing, spacing, &options)
+                .map_err(|e| format!("resampling the logits: {e}"))?,
+        )
+    };
+    let logits = resampled.as_ref().map_or(logits, |r| r.view());
+    match regions {
+        Some(regions) => paint_regions(logits.mapv(sigmoid).view(), regions),
+        None => Ok(argmax(logits)),
+    }
+}
+
 /// Writes a segmentation from [`export_case`] as NIfTI with exactly the raw image's geometry
 /// (dim, pixdim, units, qform and sform copied from its header), gzip-compressed for `.nii.gz`,
 /// atomically. uint8 when every label is below 255, as nnU-Net writes it, int16 otherwise.

@@ -15,7 +15,8 @@ pub struct PredictJob {
     pub dataset: PathBuf,
     /// plans.json.
     pub plans: PathBuf,
-    /// One model per configuration of the ensemble (one for a single configuration).
+    /// One model per configuration of the ensemble (one for a single configuration), preceded by
+    /// the previous stage of any cascade among them.
     pub models: Vec<ModelJob>,
     /// postprocessing.json from the `postprocess` stage, if any.
     pub postprocessing: Option<PathBuf>,
@@ -35,4 +36,6 @@ pub struct PredictJob {
 pub struct ModelJob {
     pub configuration: String,
     pub checkpoints: Vec<PathBuf>,
+    /// Part of the prediction (a member of the ensemble), or only the previous stage of a cascade.
+    pub member: bool,
 }

@@ -3,7 +3,7 @@
 //! [`StoredCase`], so the normalize and resample stages can run in either order; nnU-Net's order is
 //! load -> normalize -> resample.
 
-use ndarray::{Array3, Array4, Axis};
+use ndarray::{Array3, Array4, ArrayView3, Axis};
 use serde_json::Value;
 
 use super::class_locations::{self, Target};
@@ -86,6 +86,18 @@ pub fn unplanned_configuration(plans_json: &std::path::Path, name: &str) -> Opti
         };
         format!("{reason}{hint}")
     })
+}
+
+/// Why a configuration needs no preprocessing of its own: it inherits the `data_identifier` of the
+/// configuration it `inherits_from` (the cascade's 3d_cascade_fullres trains on 3d_fullres's data).
+pub fn shared_preprocessing(plans_json: &std::path::Path, name: &str) -> Option<String> {
+    let plans: Value = serde_json::from_str(&std::fs::read_to_string(plans_json).ok()?).ok()?;
+    let own = plans["configurations"].get(name)?;
+    let parent = own["inherits_from"].as_str()?;
+    let shared = resolve_configuration(&plans, name).ok()?.json["data_identifier"].clone();
+    let parents = resolve_configuration(&plans, parent).ok()?.json["data_identifier"].clone();
+    (shared.is_string() && shared == parents)
+        .then(|| format!("{name} trains on the preprocessed data of {parent} (same data_identifier)"))
 }
 
 /// A configuration with the keys of the one it `inherits_from` filled in (the cascade's full
@@ -289,6 +301,53 @@ pub fn resample(case: StoredCase, plan: &PlanView) -> Result<StoredCase, String>
         seg,
         properties,
     })
+}
+
+/// A segmentation of the raw image (NIfTI axis order) brought onto a preprocessed case's grid the
+/// way preprocessing treats labels: transposed, cropped to the case's nonzero box, resampled with
+/// the plan's segmentation resampling. The cascade feeds the previous stage's prediction of a new
+/// image to the second stage this way, as nnU-Net's predictor preprocesses `seg_from_prev_stage`.
+/// (nnU-Net also marks background outside the nonzero mask -1; no foreground label depends on it.)
+pub fn segmentation_to_grid(
+    seg: ArrayView3<i16>,
+    properties: &CaseProperties,
+    plan: &PlanView,
+) -> Result<Array3<i16>, String> {
+    let expected = properties.header.shape_zyx();
+    if seg.shape() != expected {
+        return Err(format!(
+            "segmentation of shape {:?} does not fit the image (z, y, x) {expected:?}",
+            seg.shape()
+        ));
+    }
+    let transposed = seg.permuted_axes(properties.transpose_forward);
+    let bbox = properties.bbox_used_for_cropping;
+    let cropped = transposed
+        .slice(ndarray::s![
+            bbox[0][0]..bbox[0][1],
+            bbox[1][0]..bbox[1][1],
+            bbox[2][0]..bbox[2][1]
+        ])
+        .mapv(i32::from);
+    let current = properties
+        .transpose_forward
+        .map(|a| properties.original_spacing[a]);
+    let target = plan.target_spacing(current)?;
+    let shape = properties.shape_after_cropping_and_before_resampling;
+    let new_shape = compute_new_shape(shape, current, target);
+    if new_shape == shape {
+        return Ok(cropped.mapv(|v| v as i16));
+    }
+    let options = plan.resample_options("resampling_fn_seg_kwargs", ResampleOptions::seg());
+    let resampled = resample_seg_to_shape(
+        cropped.insert_axis(Axis(0)).view(),
+        new_shape,
+        current,
+        target,
+        &options,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(resampled.index_axis(Axis(0), 0).mapv(|v| v as i16))
 }
 
 /// The foreground classes (or regions) nnU-Net collects locations for, from dataset.json.

@@ -232,7 +232,20 @@ fn cross_validations(trainings: &[PathBuf]) -> Result<Vec<CrossValidation>, Stri
     if by_configuration.is_empty() {
         return Err("no trainings to choose from".into());
     }
-    Ok(by_configuration.into_values().collect())
+    let mut models: Vec<CrossValidation> = by_configuration.into_values().collect();
+    models.sort_by_key(|m| candidate_rank(&m.configuration));
+    Ok(models)
+}
+
+/// nnU-Net's order of candidates (`default_trained_models`), which breaks ties between equal
+/// scores; other configurations follow by name.
+fn candidate_rank(configuration: &str) -> (usize, String) {
+    const NNUNET_ORDER: [&str; 4] = ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"];
+    let rank = NNUNET_ORDER
+        .iter()
+        .position(|&c| c == configuration)
+        .unwrap_or(NNUNET_ORDER.len());
+    (rank, configuration.to_string())
 }
 
 /// A case's segmentation by one model (its exported file) or a pair (voting).
@@ -272,4 +285,33 @@ fn read_probabilities(path: &Path) -> Result<Array4<f32>, String> {
         .map_err(|e| format!("{}: {e}", path.display()))?
         .into_dimensionality::<Ix4>()
         .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidates_follow_nnunets_order_then_names() {
+        let mut names = vec![
+            "3d_cascade_fullres",
+            "custom",
+            "3d_lowres",
+            "2d",
+            "3d_fullres",
+            "a",
+        ];
+        names.sort_by_key(|c| candidate_rank(c));
+        assert_eq!(
+            names,
+            [
+                "2d",
+                "3d_fullres",
+                "3d_lowres",
+                "3d_cascade_fullres",
+                "a",
+                "custom"
+            ]
+        );
+    }
 }

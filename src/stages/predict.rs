@@ -13,8 +13,10 @@ use super::{build_typed, to_json, Kind, Stage, StageContext, StageInput};
 use crate::data::dataset::Dataset;
 use crate::inference::cases::image_cases;
 use crate::inference::job::{ModelJob, PredictJob};
+use crate::preprocess::case_steps::resolve_configuration;
 use crate::train::job::FoldInfo;
 use crate::train::params::DeviceChoice;
+use crate::train::previous_stage::previous_stage;
 
 pub const KIND: Kind = Kind {
     name: "predict",
@@ -75,6 +77,38 @@ pub struct PredictStage {
     pub save_probabilities: bool,
 }
 
+impl PredictStage {
+    /// The trained folds of a configuration among `trainings`.
+    fn model(&self, root: &std::path::Path, configuration: &str, member: bool) -> Result<ModelJob, String> {
+        let mut checkpoints = Vec::new();
+        for training in &self.trainings {
+            let folder = root.join(training);
+            if !folder.exists() {
+                continue; // a training that did not apply (its configuration is not planned)
+            }
+            let fold: FoldInfo = crate::atomic_file::read_json(&folder.join("fold.json"))?;
+            if fold.configuration == configuration {
+                checkpoints.push(folder.join("checkpoint_final.safetensors"));
+            }
+        }
+        if checkpoints.is_empty() {
+            return Err(format!(
+                "no training of configuration {configuration} among `trainings`{}",
+                if member {
+                    ""
+                } else {
+                    " (the previous stage of a cascade to predict with)"
+                }
+            ));
+        }
+        Ok(ModelJob {
+            configuration: configuration.to_string(),
+            checkpoints,
+            member,
+        })
+    }
+}
+
 impl Stage for PredictStage {
     fn inputs(&self) -> Vec<StageInput> {
         vec![
@@ -116,28 +150,21 @@ impl Stage for PredictStage {
             }
             (None, None) => return Err("give `selection` (${select.outputs}) or `configuration`".into()),
         };
-        let mut models = Vec::new();
+        let plans: serde_json::Value =
+            crate::atomic_file::read_json(&root.join(&self.plan).join("plans.json"))?;
+        let mut models: Vec<ModelJob> = Vec::new();
         for configuration in configurations {
-            let mut checkpoints = Vec::new();
-            for training in &self.trainings {
-                let folder = root.join(training);
-                if !folder.exists() {
-                    continue; // a training that did not apply (its configuration is not planned)
-                }
-                let fold: FoldInfo = crate::atomic_file::read_json(&folder.join("fold.json"))?;
-                if fold.configuration == configuration {
-                    checkpoints.push(folder.join("checkpoint_final.safetensors"));
+            // a cascade needs its previous stage's prediction first
+            let resolved = resolve_configuration(&plans, &configuration)?;
+            if let Some(previous) = previous_stage(&resolved.json) {
+                if !models.iter().any(|m| m.configuration == previous) {
+                    models.push(self.model(root, &previous, false)?);
                 }
             }
-            if checkpoints.is_empty() {
-                return Err(format!(
-                    "no training of configuration {configuration} among `trainings`"
-                ));
+            match models.iter_mut().find(|m| m.configuration == configuration) {
+                Some(model) => model.member = true,
+                None => models.push(self.model(root, &configuration, true)?),
             }
-            models.push(ModelJob {
-                configuration,
-                checkpoints,
-            });
         }
         let cases = image_cases(
             &root.join(&self.images),

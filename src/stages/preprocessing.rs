@@ -67,7 +67,9 @@ pub struct ResampleStage(pub PreprocessParams);
 
 impl PreprocessParams {
     fn not_applicable(&self, root: &std::path::Path) -> Option<String> {
-        case_steps::unplanned_configuration(&root.join(&self.plan).join("plans.json"), &self.configuration)
+        let plans = root.join(&self.plan).join("plans.json");
+        case_steps::unplanned_configuration(&plans, &self.configuration)
+            .or_else(|| case_steps::shared_preprocessing(&plans, &self.configuration))
     }
 
     fn inputs(&self) -> Vec<StageInput> {

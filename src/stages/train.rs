@@ -72,6 +72,7 @@ impl Stage for TrainStage {
         params.plan = absolute(&params.plan);
         params.preprocessed = absolute(&params.preprocessed);
         params.splits = params.splits.as_deref().map(absolute);
+        params.previous_stage = params.previous_stage.iter().map(|p| absolute(p)).collect();
         let identity = serde_json::json!({
             "params": params.resume_identity(),
             "inputs": inputs_digest(&params)?,
@@ -148,6 +149,22 @@ fn inputs_digest(params: &TrainParams) -> Result<String, String> {
         .filter(|p| p.is_file())
         .collect();
     cases.sort();
+    // the cascade's previous-stage predictions made for this configuration
+    for training in &params.previous_stage {
+        let folder = Path::new(training)
+            .join(crate::train::previous_stage::FOLDER)
+            .join(&params.configuration);
+        let mut predictions: Vec<PathBuf> = std::fs::read_dir(&folder)
+            .into_iter()
+            .flatten()
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .collect();
+        predictions.sort();
+        files.extend(predictions.into_iter().map(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            (format!("previous_stage/{name}"), p)
+        }));
+    }
     files.extend(cases.into_iter().map(|p| {
         (
             format!(

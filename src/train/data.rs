@@ -8,6 +8,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use super::sampler::PatchSampler;
+use crate::augment::cascade::move_previous_stage_to_data;
 use crate::augment::seg::downsample_seg;
 use crate::augment::spatial::center_crop;
 use crate::augment::{Pipeline, Sample, SampleRng};
@@ -44,6 +45,9 @@ pub struct BatchMaker {
     /// Region training: the label values of each region, the ignore label's own region last
     /// (nnU-Net's `ConvertSegmentationToRegionsTransform`); `None` trains on labels.
     pub regions: Option<Vec<Vec<i16>>>,
+    /// The cascade: the foreground labels whose one-hot channels of the previous stage's
+    /// segmentation (seg channel 1 of the samples) are appended to the image after augmentation.
+    pub previous_stage_labels: Option<Vec<i16>>,
 }
 
 impl BatchMaker {
@@ -64,9 +68,11 @@ impl BatchMaker {
             .enumerate()
             .map(|(j, (_, sample))| {
                 let rng = SampleRng::new(seed, epoch as u64, first + j as u64);
-                pipeline
-                    .apply(sample, &rng)
-                    .map(|s| to_network_patch(s, sampler.patch_size))
+                let patch = to_network_patch(pipeline.apply(sample, &rng)?, sampler.patch_size);
+                match &self.previous_stage_labels {
+                    Some(labels) => move_previous_stage_to_data(patch, labels),
+                    None => Ok(patch),
+                }
             })
             .collect::<Result<_, _>>()
             .map_err(|e| e.to_string())?;

@@ -5,6 +5,7 @@
 pub mod data;
 pub mod job;
 pub mod params;
+pub mod previous_stage;
 pub mod progress_plot;
 pub mod sampler;
 pub mod splits;

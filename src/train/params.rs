@@ -106,6 +106,11 @@ pub struct TrainParams {
     pub preprocessed: String,
     /// The planned configuration to train, e.g. `3d_fullres`.
     pub configuration: String,
+    /// The cascade's second stage only (`3d_cascade_fullres`): the outputs of the previous stage's
+    /// trainings, `${train[configuration=3d_lowres].outputs}`. Their predictions of the held-out
+    /// cases, on this configuration's grid, become extra input channels.
+    #[serde(default, skip_serializing)]
+    pub previous_stage: Vec<String>,
     /// Cross-validation fold (0-based) or `"all"` (train on every case).
     #[serde(default = "default_fold")]
     pub fold: FoldParam,

@@ -25,9 +25,9 @@ pub struct MappedCase {
     pub id: String,
     data: Mmap,
     data_offset: usize,
-    seg: Mmap,
-    seg_offset: usize,
-    seg_is_i8: bool,
+    seg: MappedLabels,
+    /// The cascade's previous-stage segmentation, cropped along as a second seg channel.
+    previous_stage: Option<MappedLabels>,
     /// (channels, z, y, x)
     pub shape: [usize; 4],
     /// Foreground classes with at least one location, and the ignore-label "annotated" key if any.
@@ -41,6 +41,47 @@ fn map(path: &Path) -> Result<Mmap, String> {
     unsafe { Mmap::map(&file) }.map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// A `(1, z, y, x)` label array (int8 or int16 `.npy`) mapped from disk.
+struct MappedLabels {
+    map: Mmap,
+    offset: usize,
+    is_i8: bool,
+}
+
+impl MappedLabels {
+    /// Maps `path`, checking it holds `(1, z, y, x)` labels of this spatial shape.
+    fn open(path: &Path, spatial: &[usize]) -> Result<MappedLabels, String> {
+        let map = map(path)?;
+        let (shape, offset, is_i8) = match parse_header(&map, "|i1") {
+            Ok((s, o)) => (s, o, true),
+            Err(_) => {
+                let (s, o) = parse_header(&map, "<i2").map_err(|e| format!("{}: {e}", path.display()))?;
+                (s, o, false)
+            }
+        };
+        if shape.len() != 4 || shape[0] != 1 || shape[1..] != *spatial {
+            return Err(format!(
+                "{}: labels of shape {shape:?} do not match the image's (z, y, x) {spatial:?}",
+                path.display()
+            ));
+        }
+        let bytes = if is_i8 { 1 } else { 2 };
+        if map.len() < offset + spatial.iter().product::<usize>() * bytes {
+            return Err(format!("{}: truncated", path.display()));
+        }
+        Ok(MappedLabels { map, offset, is_i8 })
+    }
+
+    fn at(&self, flat: usize) -> i16 {
+        if self.is_i8 {
+            self.map[self.offset + flat] as i8 as i16
+        } else {
+            let at = self.offset + 2 * flat;
+            i16::from_le_bytes([self.map[at], self.map[at + 1]])
+        }
+    }
+}
+
 impl MappedCase {
     pub fn open(folder: &Path, id: &str) -> Result<MappedCase, String> {
         let data_path = folder.join(format!("{id}_data.npy"));
@@ -48,22 +89,10 @@ impl MappedCase {
         let data = map(&data_path)?;
         let (shape, data_offset) =
             parse_header(&data, "<f4").map_err(|e| format!("{}: {e}", data_path.display()))?;
-        let seg = map(&seg_path)?;
-        let (seg_shape, seg_offset, seg_is_i8) = match parse_header(&seg, "|i1") {
-            Ok((s, o)) => (s, o, true),
-            Err(_) => {
-                let (s, o) = parse_header(&seg, "<i2").map_err(|e| format!("{}: {e}", seg_path.display()))?;
-                (s, o, false)
-            }
-        };
         let shape: [usize; 4] = shape
             .try_into()
             .map_err(|s| format!("{}: expected 4 axes, got {s:?}", data_path.display()))?;
-        if seg_shape != [1, shape[1], shape[2], shape[3]] {
-            return Err(format!(
-                "case {id}: segmentation shape {seg_shape:?} does not match data {shape:?}"
-            ));
-        }
+        let seg = MappedLabels::open(&seg_path, &shape[1..]).map_err(|e| format!("case {id}: {e}"))?;
         let expected = data_offset + shape.iter().product::<usize>() * 4;
         if data.len() < expected || data_offset % 4 != 0 {
             return Err(format!("{}: truncated or misaligned", data_path.display()));
@@ -80,11 +109,18 @@ impl MappedCase {
             data,
             data_offset,
             seg,
-            seg_offset,
-            seg_is_i8,
+            previous_stage: None,
             shape,
             class_locations,
         })
+    }
+
+    /// Adds the cascade's previous-stage segmentation of this case (on the same grid).
+    pub fn with_previous_stage(mut self, path: &Path) -> Result<MappedCase, String> {
+        let labels = MappedLabels::open(path, &self.shape[1..])
+            .map_err(|e| format!("case {}: previous stage: {e}", self.id))?;
+        self.previous_stage = Some(labels);
+        Ok(self)
     }
 
     fn data(&self) -> &[f32] {
@@ -92,21 +128,14 @@ impl MappedCase {
         bytemuck::cast_slice(&self.data[self.data_offset..self.data_offset + n * 4])
     }
 
-    fn seg_at(&self, flat: usize) -> i16 {
-        if self.seg_is_i8 {
-            self.seg[self.seg_offset + flat] as i8 as i16
-        } else {
-            let at = self.seg_offset + 2 * flat;
-            i16::from_le_bytes([self.seg[at], self.seg[at + 1]])
-        }
-    }
-
-    /// Copies `[lb, lb + size)` per spatial axis, padding outside the case (data 0, seg -1).
+    /// Copies `[lb, lb + size)` per spatial axis, padding outside the case (data 0, seg -1). The
+    /// previous-stage segmentation, if any, becomes seg channel 1.
     pub fn crop(&self, lb: [i64; 3], size: [usize; 3]) -> Sample {
         let [c, dz, dy, dx] = self.shape;
         let data = self.data();
         let mut out = Array4::<f32>::zeros((c, size[0], size[1], size[2]));
-        let mut seg = Array4::<i16>::from_elem((1, size[0], size[1], size[2]), -1);
+        let labels: Vec<&MappedLabels> = std::iter::once(&self.seg).chain(&self.previous_stage).collect();
+        let mut seg = Array4::<i16>::from_elem((labels.len(), size[0], size[1], size[2]), -1);
         // the x-run that lies inside the case, shared by every row
         let x0 = lb[2].max(0);
         let x1 = (lb[2] + size[2] as i64).min(dx as i64);
@@ -130,9 +159,11 @@ impl MappedCase {
                         .expect("contiguous row")
                         .copy_from_slice(src);
                 }
-                let mut seg_row = seg.slice_mut(ndarray::s![0, z, y, at..at + (to - from)]);
-                for (i, v) in seg_row.iter_mut().enumerate() {
-                    *v = self.seg_at(from + i);
+                for (channel, source) in labels.iter().enumerate() {
+                    let mut seg_row = seg.slice_mut(ndarray::s![channel, z, y, at..at + (to - from)]);
+                    for (i, v) in seg_row.iter_mut().enumerate() {
+                        *v = source.at(from + i);
+                    }
                 }
             }
         }

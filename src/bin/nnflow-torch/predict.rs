@@ -7,7 +7,7 @@
 
 use std::sync::mpsc::sync_channel;
 
-use ndarray::Array4;
+use ndarray::{Array4, ArrayView4};
 use nnflow::data::case_store::{CaseProperties, StoredCase};
 use nnflow::data::dataset::{Case, Dataset};
 use nnflow::data::npy;
@@ -17,7 +17,8 @@ use nnflow::inference::export::{export_case, write_segmentation, RegionInfo};
 use nnflow::inference::job::PredictJob;
 use nnflow::inference::sliding_window::SlidingWindow;
 use nnflow::network::Architecture;
-use nnflow::preprocess::case_steps::{load_raw, normalize, resample, PlanView};
+use nnflow::preprocess::case_steps::{load_raw, normalize, resample, segmentation_to_grid, PlanView};
+use nnflow::train::previous_stage::{previous_stage, with_previous_stage};
 use tch::nn::VarStore;
 
 use crate::predictor::Predictor;
@@ -28,6 +29,11 @@ use crate::unet::PlainConvUNet;
 struct Model {
     plan: PlanView,
     nets: Vec<(VarStore, PlainConvUNet)>,
+    /// Part of the output, or only the previous stage of a cascade.
+    member: bool,
+    /// A cascade's second stage: its previous stage (an earlier model) and the foreground labels,
+    /// one extra input channel each.
+    previous: Option<(usize, Vec<i16>)>,
 }
 
 pub fn predict(job: &PredictJob) -> Result<(), String> {
@@ -45,9 +51,22 @@ pub fn predict(job: &PredictJob) -> Result<(), String> {
     let mut models = Vec::new();
     for model in &job.models {
         let plan = PlanView::new(&plans, &model.configuration)?;
+        let previous = match previous_stage(&plan.configuration.json) {
+            Some(name) => {
+                let index = models
+                    .iter()
+                    .position(|m: &Model| m.plan.configuration.name == name)
+                    .ok_or_else(|| {
+                        format!("{} needs its previous stage {name} first", model.configuration)
+                    })?;
+                Some((index, dataset.foreground_labels()))
+            }
+            None => None,
+        };
+        let extra_channels = previous.as_ref().map_or(0, |(_, labels)| labels.len());
         let arch = Architecture::from_plan(
             &plan.configuration.json["architecture"],
-            dataset.channels.len(),
+            dataset.channels.len() + extra_channels,
             num_classes,
             false,
         )?;
@@ -58,7 +77,12 @@ pub fn predict(job: &PredictJob) -> Result<(), String> {
                 .map_err(|e| format!("{}: {e}", checkpoint.display()))?;
             nets.push((vs, net));
         }
-        models.push(Model { plan, nets });
+        models.push(Model {
+            plan,
+            nets,
+            member: model.member,
+            previous,
+        });
     }
     std::fs::create_dir_all(&job.output).map_err(|e| format!("{}: {e}", job.output.display()))?;
 
@@ -96,7 +120,7 @@ pub fn predict(job: &PredictJob) -> Result<(), String> {
     let (to_writer, writer_queue) = sync_channel::<Predicted>(1);
     let writer = {
         let settings = Writer {
-            regions,
+            regions: regions.clone(),
             rules,
             output: job.output.clone(),
             file_ending: dataset.file_ending.clone(),
@@ -123,19 +147,20 @@ pub fn predict(job: &PredictJob) -> Result<(), String> {
             }
         };
         let started = std::time::Instant::now();
-        let mut outputs = Vec::new();
-        for (model, case) in models.iter().zip(prepared) {
-            match fold_average(model, &case, job, device, amp) {
-                Ok(logits) => outputs.push((logits, case.properties, model.plan.configuration.json.clone())),
-                Err(e) => {
-                    network_result = Err(format!("case {id}: {e}"));
-                    break;
-                }
+        let logits = match predict_case(&models, &prepared, job, device, amp, regions.as_ref()) {
+            Ok(logits) => logits,
+            Err(e) => {
+                network_result = Err(format!("case {id}: {e}"));
+                break;
             }
-        }
-        if network_result.is_err() {
-            break;
-        }
+        };
+        let outputs = models
+            .iter()
+            .zip(logits)
+            .zip(prepared)
+            .filter(|((model, _), _)| model.member)
+            .map(|((model, logits), case)| (logits, case.properties, model.plan.configuration.json.clone()))
+            .collect();
         println!("{id}: predicted in {:.1} s", started.elapsed().as_secs_f64());
         if to_writer.send(Predicted { id, outputs }).is_err() {
             break; // the writer failed; its error is reported below
@@ -216,10 +241,45 @@ impl Writer {
     }
 }
 
+/// Every model's logits for one case, in order; a cascade's second stage gets its previous
+/// stage's segmentation (exported to the image, then preprocessed like a label, as nnU-Net's
+/// predictor does with `seg_from_prev_stage`) as one-hot input channels.
+fn predict_case(
+    models: &[Model],
+    prepared: &[StoredCase],
+    job: &PredictJob,
+    device: tch::Device,
+    amp: bool,
+    regions: Option<&RegionInfo>,
+) -> Result<Vec<Array4<f32>>, String> {
+    let mut all: Vec<Array4<f32>> = Vec::with_capacity(models.len());
+    for (model, case) in models.iter().zip(prepared) {
+        let logits = match &model.previous {
+            Some((index, labels)) => {
+                let previous = &models[*index];
+                let exported = export_case(
+                    all[*index].view(),
+                    &prepared[*index].properties,
+                    &previous.plan.configuration.json,
+                    regions,
+                    false,
+                )?;
+                let on_grid =
+                    segmentation_to_grid(exported.segmentation.view(), &case.properties, &model.plan)?;
+                let input = with_previous_stage(case.data.view(), on_grid.view(), labels);
+                fold_average(model, input.view(), job, device, amp)?
+            }
+            None => fold_average(model, case.data.view(), job, device, amp)?,
+        };
+        all.push(logits);
+    }
+    Ok(all)
+}
+
 /// Logits of one preprocessed case, averaged over the configuration's folds.
 fn fold_average(
     model: &Model,
-    case: &StoredCase,
+    data: ArrayView4<f32>,
     job: &PredictJob,
     device: tch::Device,
     amp: bool,
@@ -242,7 +302,7 @@ fn fold_average(
             },
             amp,
         };
-        let logits = predictor.predict_logits(case.data.view())?;
+        let logits = predictor.predict_logits(data)?;
         sum = Some(match sum {
             Some(total) => total + logits,
             None => logits,

@@ -8,8 +8,9 @@
 //! and validation settings may differ) continues from it, so a killed run loses at most
 //! `checkpoint_every` epochs and raising `epochs` continues training instead of restarting.
 
+use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -21,14 +22,17 @@ use nnflow::data::case_store::{list_cases, read_case};
 use nnflow::data::dataset::Dataset;
 use nnflow::data::{nifti, npy};
 use nnflow::evaluate::folder::{evaluate_pair, evaluation_targets, foreground_dice, summary_json};
-use nnflow::inference::export::{export_case, write_segmentation, RegionInfo};
+use nnflow::inference::export::{export_case, segmentation_on_grid, write_segmentation, RegionInfo};
 use nnflow::inference::sliding_window::SlidingWindow;
 use nnflow::network::Architecture;
-use nnflow::preprocess::case_steps::resolve_configuration;
+use nnflow::preprocess::case_steps::{resolve_configuration, PlanView};
 use nnflow::train::data::{spawn_producer, Batch, BatchMaker};
 use nnflow::train::job::FoldInfo;
 use nnflow::train::job::TrainJob;
 use nnflow::train::params::{DeviceChoice, TrainParams};
+use nnflow::train::previous_stage::{
+    collect_predictions, next_stage_shape, next_stages, prediction_path, previous_stage, with_previous_stage,
+};
 use nnflow::train::progress_plot;
 use nnflow::train::sampler::{MappedCase, PatchSampler};
 use nnflow::train::splits::{fold_cases, Fold, Split};
@@ -52,6 +56,18 @@ pub struct Setup {
     /// The configuration's plans.json entry (`inherits_from` resolved), for export.
     pub configuration: serde_json::Value,
     pub split: Split,
+    /// The cascade's second stage: the previous stage's segmentation of every case.
+    pub previous_stage: Option<PreviousStage>,
+    /// Configurations that take this one's validation predictions as their previous stage.
+    pub next_stages: Vec<PlanView>,
+}
+
+/// The previous stage's predictions, given to the network as one-hot channels.
+pub struct PreviousStage {
+    /// The foreground labels, one input channel each.
+    pub labels: Vec<i16>,
+    /// Case id -> `(1, z, y, x)` labels on this configuration's grid.
+    pub predictions: BTreeMap<String, PathBuf>,
 }
 
 impl Setup {
@@ -73,6 +89,32 @@ impl Setup {
                 .collect::<Vec<_>>()
         });
         let num_classes = dataset.num_segmentation_heads();
+        let preprocessed = Path::new(&params.preprocessed);
+        let ids = list_cases(preprocessed);
+        if ids.is_empty() {
+            return Err(format!("{}: no preprocessed cases", preprocessed.display()));
+        }
+        let previous_stage = match previous_stage(c) {
+            Some(previous) => {
+                let trainings: Vec<PathBuf> = params.previous_stage.iter().map(PathBuf::from).collect();
+                Some(PreviousStage {
+                    labels: dataset.foreground_labels(),
+                    predictions: collect_predictions(&trainings, &params.configuration, &previous, &ids)?,
+                })
+            }
+            None if !params.previous_stage.is_empty() => {
+                return Err(format!(
+                    "`previous_stage` is given but the plan's {} is not the second stage of a cascade",
+                    params.configuration
+                ))
+            }
+            None => None,
+        };
+        let next_stages = next_stages(c)
+            .iter()
+            .map(|next| PlanView::new(&plans, next))
+            .collect::<Result<_, _>>()?;
+        let extra_channels = previous_stage.as_ref().map_or(0, |p| p.labels.len());
         if regions.is_some() && dataset.regions_class_order.as_ref().map(Vec::len) != Some(num_classes) {
             return Err(format!(
                 "dataset.json: region training needs `regions_class_order` with one entry per region ({num_classes})"
@@ -80,7 +122,7 @@ impl Setup {
         }
         let architecture = Architecture::from_plan(
             &c["architecture"],
-            dataset.channels.len(),
+            dataset.channels.len() + extra_channels,
             num_classes,
             params.deep_supervision,
         )
@@ -109,11 +151,6 @@ impl Setup {
             Some(b) => b,
             None => c["batch_size"].as_u64().ok_or("plans.json: batch_size missing")? as usize,
         };
-        let preprocessed = Path::new(&params.preprocessed);
-        let ids = list_cases(preprocessed);
-        if ids.is_empty() {
-            return Err(format!("{}: no preprocessed cases", preprocessed.display()));
-        }
         let fold = Fold::parse(&params.fold.text())?;
         let split = fold_cases(&ids, &fold, params.splits.as_deref().map(Path::new))?;
         if split.train.is_empty() || split.val.is_empty() {
@@ -132,6 +169,8 @@ impl Setup {
             regions,
             configuration: c.clone(),
             split,
+            previous_stage,
+            next_stages,
         })
     }
 }
@@ -431,7 +470,25 @@ fn validate_held_out(
     for id in &setup.split.val {
         let started = Instant::now();
         let case = read_case(Path::new(&params.preprocessed), id).map_err(|e| e.to_string())?;
-        let logits = predictor.predict_logits(case.data.view())?;
+        let logits = match &setup.previous_stage {
+            Some(previous) => {
+                let seg = read_previous_stage(previous, id)?;
+                predictor.predict_logits(
+                    with_previous_stage(case.data.view(), seg.view(), &previous.labels).view(),
+                )?
+            }
+            None => predictor.predict_logits(case.data.view())?,
+        };
+        for next in &setup.next_stages {
+            // nnU-Net's `resample_and_save`: the cascade's input for this case
+            let shape = next_stage_shape(&case.properties, next).map_err(|e| format!("case {id}: {e}"))?;
+            let seg = segmentation_on_grid(logits.view(), shape, &setup.configuration, regions.as_ref())
+                .map_err(|e| format!("case {id}: {e}"))?;
+            let path = prediction_path(&job.out_dir, &next.configuration.name, id);
+            std::fs::create_dir_all(path.parent().expect("a folder")).map_err(|e| e.to_string())?;
+            npy::write(&path, seg.insert_axis(ndarray::Axis(0)).view())
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
         let exported = export_case(
             logits.view(),
             &case.properties,
@@ -486,15 +543,39 @@ fn validate_held_out(
     nnflow::atomic_file::write_json(&job.out_dir.join("fold.json"), &fold)
 }
 
+/// The previous stage's `(z, y, x)` segmentation of a case.
+fn read_previous_stage(previous: &PreviousStage, id: &str) -> Result<ndarray::Array3<i16>, String> {
+    let path = &previous.predictions[id];
+    let labels = npy::read_labels(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let shape = labels.shape().to_vec();
+    labels
+        .into_shape_with_order((shape[1..].iter().product::<usize>(),))
+        .ok()
+        .filter(|_| shape.len() == 4 && shape[0] == 1)
+        .and_then(|flat| flat.into_shape_with_order((shape[1], shape[2], shape[3])).ok())
+        .ok_or_else(|| format!("{}: expected (1, z, y, x) labels, got {shape:?}", path.display()))
+}
+
 fn batch_maker(params: &TrainParams, setup: &Setup) -> Result<BatchMaker, String> {
     let da = DaConfig::from_patch_size(&setup.patch_size).map_err(|e| e.to_string())?;
-    let augment = match &params.augment {
+    let mut augment = match &params.augment {
         Some(pipeline) => pipeline.clone(),
         None => Pipeline::nnunet_default(&da).with_mask_for_norm(&setup.use_mask_for_norm),
     };
+    if let Some(previous) = &setup.previous_stage {
+        // nnU-Net's cascade augmentations of the previous stage's segmentation, unless `augment`
+        // lists them itself (then with the labels filled in)
+        augment = augment.with_previous_stage(&previous.labels);
+    }
     let open = |ids: &[String]| -> Result<Vec<MappedCase>, String> {
         ids.iter()
-            .map(|id| MappedCase::open(Path::new(&params.preprocessed), id))
+            .map(|id| {
+                let case = MappedCase::open(Path::new(&params.preprocessed), id)?;
+                match &setup.previous_stage {
+                    Some(previous) => case.with_previous_stage(&previous.predictions[id]),
+                    None => Ok(case),
+                }
+            })
             .collect()
     };
     let patch = as_3d(&setup.patch_size);
@@ -530,6 +611,7 @@ fn batch_maker(params: &TrainParams, setup: &Setup) -> Result<BatchMaker, String
         },
         scales,
         seed: params.seed,
+        previous_stage_labels: setup.previous_stage.as_ref().map(|p| p.labels.clone()),
         // the ignore label travels as its own last channel, the loss's mask
         regions: setup.regions.as_ref().map(|regions| {
             let mut channels = regions.clone();

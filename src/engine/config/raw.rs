@@ -79,7 +79,15 @@ pub struct Override {
 }
 
 /// Keys of [`StageCommon`], split from the kind's parameters before each part is read.
-pub const COMMON_STAGE_KEYS: &[&str] = &["kind", "description", "after", "matrix", "threads", "gpus", "overrides"];
+pub const COMMON_STAGE_KEYS: &[&str] = &[
+    "kind",
+    "description",
+    "after",
+    "matrix",
+    "threads",
+    "gpus",
+    "overrides",
+];
 
 /// Each dimension is a list of values, or a `"${var}"` naming a list in `[vars]` (substituted before
 /// the matrix is read, so the schema accepts that string too).

@@ -380,10 +380,16 @@ fn read_overrides<'a>(
     let mut read = Vec::new();
     for entry in entries {
         let Some(table) = entry.as_table() else {
-            errors.push(Diagnostic::new(Some(entry.location.clone()), "an override must be a table"));
+            errors.push(Diagnostic::new(
+                Some(entry.location.clone()),
+                "an override must be a table",
+            ));
             continue;
         };
-        if let Some((key, value)) = table.iter().find(|(k, _)| COMMON_STAGE_KEYS.contains(&k.as_str())) {
+        if let Some((key, value)) = table
+            .iter()
+            .find(|(k, _)| COMMON_STAGE_KEYS.contains(&k.as_str()))
+        {
             let message = format!("`{key}` cannot be overridden per instance (only the kind's parameters)");
             errors.push(Diagnostic::new(value.key_location.clone(), message));
             continue;
@@ -401,12 +407,19 @@ fn read_overrides<'a>(
             let keys: Vec<&str> = matrix.keys().map(String::as_str).collect();
             let message = format!(
                 "override `where`: `{key}` is not a matrix key of this stage (its keys: {})",
-                if keys.is_empty() { "none".into() } else { keys.join(", ") }
+                if keys.is_empty() {
+                    "none".into()
+                } else {
+                    keys.join(", ")
+                }
             );
             errors.push(Diagnostic::new(condition.location.clone().into(), message));
             continue;
         }
-        let pairs = pairs.iter().map(|(k, v)| (k.clone(), plain_text(&matrix_value(v)))).collect();
+        let pairs = pairs
+            .iter()
+            .map(|(k, v)| (k.clone(), plain_text(&matrix_value(v))))
+            .collect();
         read.push((pairs, entry));
     }
     read
@@ -601,7 +614,11 @@ impl RefTargets<'_, '_> {
             let keys: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
             return Err(format!(
                 "`{key}` is not a matrix key of stage `{stage}` (its keys: {})",
-                if keys.is_empty() { "none".into() } else { keys.join(", ") }
+                if keys.is_empty() {
+                    "none".into()
+                } else {
+                    keys.join(", ")
+                }
             ));
         }
         Ok(Some(
@@ -610,19 +627,24 @@ impl RefTargets<'_, '_> {
                 .copied()
                 .filter(|&c| {
                     let matrix = &self.expanded[c].matrix;
-                    filter.iter().all(|(k, v)| matrix.get(k).is_some_and(|m| &plain_text(m) == v))
+                    filter
+                        .iter()
+                        .all(|(k, v)| matrix.get(k).is_some_and(|m| &plain_text(m) == v))
                 })
                 .collect(),
         ))
     }
 
     fn names_every_key(&self, stage: &str, filter: &[(String, String)]) -> bool {
-        self.by_stage.get(stage).and_then(|c| c.first()).is_some_and(|&c| {
-            self.expanded[c]
-                .matrix
-                .keys()
-                .all(|key| filter.iter().any(|(k, _)| k == key))
-        })
+        self.by_stage
+            .get(stage)
+            .and_then(|c| c.first())
+            .is_some_and(|&c| {
+                self.expanded[c]
+                    .matrix
+                    .keys()
+                    .all(|key| filter.iter().any(|(k, _)| k == key))
+            })
     }
 
     fn instance_names(&self, stage: &str) -> String {
@@ -712,24 +734,22 @@ fn substitute_node(
         ..node.clone()
     };
     match &node.value {
-        NodeValue::Scalar(toml::Value::String(text)) => {
-            match substitute_string(text, scope, dependencies) {
-                Ok((resolved, key)) => (
-                    Node {
-                        key_location: node.key_location.clone(),
-                        ..Node::scalar(resolved, node.location.clone())
-                    },
-                    Node {
-                        key_location: node.key_location.clone(),
-                        ..Node::scalar(key, node.location.clone())
-                    },
-                ),
-                Err(message) => {
-                    errors.push(Diagnostic::new(Some(node.location.clone()), message));
-                    (node.clone(), node.clone())
-                }
+        NodeValue::Scalar(toml::Value::String(text)) => match substitute_string(text, scope, dependencies) {
+            Ok((resolved, key)) => (
+                Node {
+                    key_location: node.key_location.clone(),
+                    ..Node::scalar(resolved, node.location.clone())
+                },
+                Node {
+                    key_location: node.key_location.clone(),
+                    ..Node::scalar(key, node.location.clone())
+                },
+            ),
+            Err(message) => {
+                errors.push(Diagnostic::new(Some(node.location.clone()), message));
+                (node.clone(), node.clone())
             }
-        }
+        },
         NodeValue::Scalar(_) => (node.clone(), node.clone()),
         NodeValue::Array(items) => {
             let (resolved, key) = items

@@ -9,7 +9,10 @@ pub enum Piece {
     /// A `[vars]` or matrix name.
     Name(String),
     /// The outputs folder of another stage's instances, chosen by `select`.
-    Outputs { stage: String, select: Select },
+    Outputs {
+        stage: String,
+        select: Select,
+    },
 }
 
 /// Which instances of a stage an outputs reference means.
@@ -147,6 +150,8 @@ mod tests {
         assert!(parse("${x").unwrap_err().contains("unclosed"));
         assert!(parse("${a b}").unwrap_err().contains("not a variable"));
         assert!(parse("${t[fold].outputs}").unwrap_err().contains("key=value"));
-        assert!(parse("${t[fold=].outputs}").unwrap_err().contains("needs a value"));
+        assert!(parse("${t[fold=].outputs}")
+            .unwrap_err()
+            .contains("needs a value"));
     }
 }
