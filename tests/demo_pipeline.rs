@@ -1,6 +1,6 @@
 //! The demo pipeline (nnU-Net's whole pipeline on a synthetic dataset) end to end on CPU, made
 //! smaller (two folds): the test predictions reach a foreground Dice an untrained model cannot,
-//! they carry their input's geometry, the unplanned 3d_lowres is reported as skipped, and a second
+//! they carry their input's geometry, the unplanned cascade is reported as skipped, and a second
 //! run executes nothing.
 
 mod common;
@@ -26,23 +26,21 @@ fn the_demo_pipeline_predicts_the_test_images() {
     for stage in ["data", "select", "postprocess", "predict", "evaluate"] {
         assert_eq!(result.outcome(stage), "ran", "{stage}");
     }
-    // small images: nnU-Net plans no 3d_lowres, so its instances are skipped with the reason
-    let lowres = "train[configuration=3d_lowres,fold=0]";
-    assert_eq!(result.outcome(lowres), "skipped");
-    let entry = result.json["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["id"] == lowres)
-        .unwrap()
-        .clone();
-    assert!(
-        entry["error"]
-            .as_str()
+    // small images: nnU-Net plans no cascade, so its instances are skipped with the reason
+    for configuration in ["3d_lowres", "3d_cascade_fullres"] {
+        let id = format!("train[configuration={configuration},fold=0]");
+        assert_eq!(result.outcome(&id), "skipped", "{id}");
+        let entry = result.json["stages"]
+            .as_array()
             .unwrap()
-            .contains("no configuration `3d_lowres`"),
-        "{entry}"
-    );
+            .iter()
+            .find(|s| s["id"] == id.as_str())
+            .unwrap()
+            .clone();
+        let reason = entry["error"].as_str().unwrap();
+        assert!(reason.contains(&format!("no configuration `{configuration}`")), "{entry}");
+        assert!(reason.contains("less than a quarter of the median image"), "{entry}");
+    }
     let summary: serde_json::Value =
         serde_json::from_str(&project.read("pipelines/.nnflow/demo/out/evaluate/summary.json")).unwrap();
     let dice = summary["foreground_mean"]["Dice"].as_f64().unwrap();

@@ -29,6 +29,9 @@ fn with_paths<S: serde::Serializer>(params: &TrainParams, serializer: S) -> Resu
     if let Some(splits) = &params.splits {
         map.insert("splits".into(), splits.clone().into());
     }
+    if !params.previous_stage.is_empty() {
+        map.insert("previous_stage".into(), params.previous_stage.clone().into());
+    }
     value.serialize(serializer)
 }
 
@@ -42,4 +45,27 @@ pub struct FoldInfo {
     pub file_ending: String,
     /// Whether `validation/<case>.npy` probabilities were written.
     pub probabilities: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_keeps_the_paths_its_parameters_leave_out_of_cache_keys() {
+        let params: TrainParams = serde_json::from_value(serde_json::json!({
+            "dataset": "/d", "plan": "/p", "preprocessed": "/pre", "configuration": "3d_cascade_fullres",
+            "splits": "/s.json", "previous_stage": ["/low0", "/low1"],
+        }))
+        .unwrap();
+        let job = TrainJob {
+            params: params.clone(),
+            identity: serde_json::Value::Null,
+            out_dir: "/out".into(),
+            resume_dir: "/resume".into(),
+            threads: 1,
+        };
+        let back: TrainJob = serde_json::from_str(&serde_json::to_string(&job).unwrap()).unwrap();
+        assert_eq!(back.params, params);
+    }
 }

@@ -118,6 +118,9 @@ impl Node {
             (NodeValue::Table(base), NodeValue::Table(over_table)) => {
                 for (key, value) in over_table {
                     match base.get_mut(&key) {
+                        // A stage's `overrides` add up across `extends`: a pipeline that adds one
+                        // for its own needs keeps its base's (the later wins where both apply).
+                        Some(existing) if key == "overrides" => existing.append(value),
                         Some(existing) => existing.merge(value),
                         None => {
                             base.insert(key, value);
@@ -131,6 +134,17 @@ impl Node {
                 if over.key_location.is_some() {
                     self.key_location = over.key_location;
                 }
+            }
+        }
+    }
+
+    /// Appends `over`'s items to this list; a value that is not a list replaces it.
+    fn append(&mut self, over: Node) {
+        match (&mut self.value, over.value) {
+            (NodeValue::Array(items), NodeValue::Array(more)) => items.extend(more),
+            (_, value) => {
+                self.value = value;
+                self.location = over.location;
             }
         }
     }

@@ -67,7 +67,8 @@ pub struct StageCommon {
 
 /// `[[stages.NAME.overrides]]`: the instances whose matrix values equal `where` take these
 /// parameters instead of the stage's own (a key given here replaces the whole value), e.g. more
-/// epochs for one configuration, or other inputs for the cascade. Later overrides win.
+/// epochs for one configuration, or other inputs for the cascade. Later overrides win; a pipeline
+/// that `extends` another adds its overrides after the base's.
 #[derive(Deserialize, Serialize, JsonSchema, Debug)]
 pub struct Override {
     /// Matrix values an instance must have, e.g. `{ configuration = "3d_lowres" }`.

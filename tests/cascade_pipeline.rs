@@ -1,0 +1,210 @@
+//! nnU-Net's cascade end to end on CPU: a synthetic dataset of 64^3 images planned for a tiny GPU,
+//! where nnU-Net's planner makes a 3d_lowres + 3d_cascade_fullres (tests/fixtures/plan/
+//! synthetic_cascade, from tests/fixtures/plan/generate.py). The default pipeline trains 3d_lowres,
+//! stores its cross-validation predictions on the full-resolution grid, trains the cascade with
+//! them as extra input channels, selects among all models and predicts through the cascade. A
+//! change to the 3d_lowres settings alone reruns 3d_lowres and the cascade, not 3d_fullres.
+
+mod common;
+
+use std::path::Path;
+
+use common::Project;
+use nnflow::data::{nifti, npy};
+
+const DATASET: &str = "data/Dataset950_Cascade";
+
+fn pipeline(lowres_seed: u64) -> String {
+    format!(
+        r#"
+[pipeline]
+name = "cascade"
+extends = "pipelines/nnunet.toml"
+
+[vars]
+dataset = "{DATASET}"
+test_images = "{DATASET}/imagesTs"
+predictions = "predictions"
+gpu_memory_gb = 0.05
+configurations = ["3d_fullres", "3d_lowres", "3d_cascade_fullres"]
+folds = [0, 1]
+
+[stages.data]
+kind = "command"
+cmd = "rm -rf ${{dataset}} && $NNFLOW_EXE synth ${{dataset}} --cases 6 --shape 64,64,64 --spacing 1,1,1 --test-cases 1"
+outputs = ["${{dataset}}"]
+
+[stages.train]
+splits = "splits.json"
+epochs = 2
+iterations_per_epoch = 3
+val_iterations = 1
+validation_mirroring = false
+threads = 1
+
+# only 3d_lowres: this pipeline's override adds to the base's (the cascade's inputs)
+[[stages.train.overrides]]
+where = {{ configuration = "3d_lowres" }}
+seed = {lowres_seed}
+
+[stages.predict]
+mirroring = false
+
+# the cascade alone on the test image, whatever the selection
+[stages.predict_cascade]
+kind = "predict"
+images = "${{test_images}}"
+output = "predictions_cascade"
+dataset = "${{dataset}}"
+plan = "${{plan.outputs}}"
+trainings = "${{train[*].outputs}}"
+configuration = "3d_cascade_fullres"
+mirroring = false
+"#
+    )
+}
+
+/// The shape of one tensor in a safetensors file (its JSON header).
+fn tensor_shape(file: &Path, name: &str) -> Vec<usize> {
+    let bytes = std::fs::read(file).unwrap();
+    let length = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + length]).unwrap();
+    serde_json::from_value(header[name]["shape"].clone())
+        .unwrap_or_else(|_| panic!("no {name} in {}", file.display()))
+}
+
+#[test]
+fn the_cascade_trains_on_lowres_predictions_and_predicts_through_them() {
+    let project = Project::new();
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/nnunet.toml");
+    project.write("pipelines/nnunet.toml", &std::fs::read_to_string(source).unwrap());
+    project.write("p.toml", &pipeline(1));
+    // two folds of three cases, so two 3d_lowres trainings hold out every case
+    let ids: Vec<String> = (0..6).map(|i| format!("case_{i:03}")).collect();
+    let splits = serde_json::json!([
+        {"train": ids[3..], "val": ids[..3]},
+        {"train": ids[..3], "val": ids[3..]},
+    ]);
+    project.write("splits.json", &splits.to_string());
+
+    let result = project.run(&["p.toml"]);
+    assert_eq!(result.code, 0, "{}\n{}", result.stderr, result.json);
+    let out = project.path().join(".nnflow/cascade/out");
+
+    // the plan has the cascade, as nnU-Net plans it for this dataset
+    let plans: serde_json::Value =
+        serde_json::from_str(&project.read(".nnflow/cascade/out/plan/plans.json")).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/plan/synthetic_cascade/plans.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    for configuration in ["3d_fullres", "3d_lowres"] {
+        for key in ["patch_size", "spacing", "batch_size"] {
+            assert_eq!(
+                plans["configurations"][configuration][key], reference["configurations"][configuration][key],
+                "{configuration} {key}"
+            );
+        }
+    }
+    assert_eq!(
+        plans["configurations"]["3d_cascade_fullres"]["previous_stage"],
+        "3d_lowres"
+    );
+    // the cascade has no preprocessing of its own
+    let shared = result.json["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "resample[configuration=3d_cascade_fullres]")
+        .unwrap()
+        .clone();
+    assert_eq!(shared["outcome"], "skipped");
+    assert!(
+        shared["error"]
+            .as_str()
+            .unwrap()
+            .contains("preprocessed data of 3d_fullres"),
+        "{shared}"
+    );
+
+    // every case's 3d_lowres prediction, on the 3d_fullres grid, from the fold that held it out
+    let fullres = out.join("resample/configuration=3d_fullres");
+    for (fold, held_out) in [(0, &ids[..3]), (1, &ids[3..])] {
+        let training = out.join(format!("train/configuration=3d_lowres,fold={fold}"));
+        for id in held_out {
+            let previous =
+                npy::read_labels(&training.join(format!("next_stage/3d_cascade_fullres/{id}.npy"))).unwrap();
+            let data = npy::read::<f32>(&fullres.join(format!("{id}_data.npy"))).unwrap();
+            assert_eq!(previous.shape()[0], 1);
+            assert_eq!(previous.shape()[1..], data.shape()[1..], "{id}");
+            assert!(previous.iter().all(|&v| (0..=2).contains(&v)), "{id}: labels 0-2");
+        }
+    }
+
+    // the cascade's network sees the image plus one channel per foreground label
+    for (configuration, channels) in [("3d_fullres", 1), ("3d_cascade_fullres", 3)] {
+        let weights = out.join(format!(
+            "train/configuration={configuration},fold=0/checkpoint_final.safetensors"
+        ));
+        let shape = tensor_shape(&weights, "encoder.stages.0.0.convs.0.conv.weight");
+        assert_eq!(shape[1], channels, "{configuration}: input channels");
+    }
+
+    // every model and pair is a candidate
+    let decision: serde_json::Value =
+        serde_json::from_str(&project.read(".nnflow/cascade/out/select/decision.json")).unwrap();
+    let candidates: Vec<Vec<String>> = decision["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| serde_json::from_value(c["configurations"].clone()).unwrap())
+        .collect();
+    assert_eq!(candidates.len(), 6, "{candidates:?}");
+    assert_eq!(candidates[2], ["3d_cascade_fullres"]);
+    assert!(candidates.contains(&vec!["3d_lowres".to_string(), "3d_cascade_fullres".to_string()]));
+
+    // predictions through the cascade, on the test image's grid
+    let image = nifti::read_header(
+        project
+            .path()
+            .join(format!("{DATASET}/imagesTs/test_000_0000.nii.gz")),
+    )
+    .unwrap();
+    for folder in ["predictions", "predictions_cascade"] {
+        let prediction =
+            nifti::read_header(project.path().join(format!("{folder}/test_000.nii.gz"))).unwrap();
+        assert_eq!(prediction.shape_zyx(), image.shape_zyx(), "{folder}");
+        assert_eq!(prediction.affine(), image.affine(), "{folder}");
+    }
+
+    // 3d_lowres settings alone: 3d_lowres, the cascade and what follows rerun; 3d_fullres does not
+    project.write("p.toml", &pipeline(2));
+    let rerun = project.run(&["p.toml"]);
+    assert_eq!(rerun.code, 0, "{}", rerun.stderr);
+    let ran = rerun.with_outcome("ran");
+    for fold in [0, 1] {
+        assert!(
+            ran.contains(&format!("train[configuration=3d_lowres,fold={fold}]")),
+            "{ran:?}"
+        );
+        assert!(
+            ran.contains(&format!("train[configuration=3d_cascade_fullres,fold={fold}]")),
+            "{ran:?}"
+        );
+        assert_eq!(
+            rerun.outcome(&format!("train[configuration=3d_fullres,fold={fold}]")),
+            "cached"
+        );
+    }
+    for stage in [
+        "data",
+        "fingerprint",
+        "plan",
+        "resample[configuration=3d_fullres]",
+    ] {
+        assert_eq!(rerun.outcome(stage), "cached", "{stage}");
+    }
+}
