@@ -22,7 +22,7 @@ folds = [0, 1]
 
 [stages.data]
 kind = "command"
-cmd = "rm -rf D && $NNFLOW_EXE synth D --cases 6 --shape 64,64,64 --spacing 1,1,1 --test-cases 4"
+cmd = "rm -rf D && $NNFLOW_EXE synth D --cases 6 --shape 64,64,64 --spacing 1,1,1 --test-cases 2"
 outputs = ["D"]
 
 [stages.train]

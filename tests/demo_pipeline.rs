@@ -38,8 +38,14 @@ fn the_demo_pipeline_predicts_the_test_images() {
             .unwrap()
             .clone();
         let reason = entry["error"].as_str().unwrap();
-        assert!(reason.contains(&format!("no configuration `{configuration}`")), "{entry}");
-        assert!(reason.contains("less than a quarter of the median image"), "{entry}");
+        assert!(
+            reason.contains(&format!("no configuration `{configuration}`")),
+            "{entry}"
+        );
+        assert!(
+            reason.contains("less than a quarter of the median image"),
+            "{entry}"
+        );
     }
     let summary: serde_json::Value =
         serde_json::from_str(&project.read("pipelines/.nnflow/demo/out/evaluate/summary.json")).unwrap();

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Command, DagFormat, PipelineArgs, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK};
+use crate::engine::config::raw::ExecutorKind;
 use crate::engine::executor::{self, Outcome, RunOptions};
+use crate::engine::slurm::{self, SlurmOutcome, SlurmRunOptions};
 use crate::engine::status::{self, State};
 use crate::engine::{gc, load_checked, watch, Engine, OpenError};
 use crate::torch_env;
@@ -21,6 +23,8 @@ pub fn dispatch(command: Command) -> i32 {
             jobs,
             gpus,
             json,
+            executor,
+            detach,
         } => {
             if dry_run {
                 return print_status(&pipeline, &stages, json, true);
@@ -35,8 +39,17 @@ pub fn dispatch(command: Command) -> i32 {
                 gpus: gpus.unwrap_or_default(),
                 quiet: json,
             };
-            run(&pipeline, options, gpus_given, json)
+            run(&pipeline, options, gpus_given, json, executor, detach)
         }
+        Command::Cancel { pipeline } => cancel_slurm_run(&pipeline),
+        Command::SlurmJob {
+            pipeline,
+            run_dir,
+            ids,
+        } => match open(&pipeline) {
+            Ok(engine) => crate::engine::slurm::job::run_job(&engine, &run_dir, &ids, &cancellation()),
+            Err(code) => code,
+        },
         Command::Status {
             pipeline,
             stages,
@@ -115,11 +128,53 @@ fn cancellation() -> Arc<AtomicBool> {
     flag
 }
 
-fn run(args: &PipelineArgs, mut options: RunOptions, gpus_given: bool, json: bool) -> i32 {
+fn run(
+    args: &PipelineArgs,
+    mut options: RunOptions,
+    gpus_given: bool,
+    json: bool,
+    executor: Option<ExecutorKind>,
+    detach: bool,
+) -> i32 {
     let engine = match open(args) {
         Ok(engine) => engine,
         Err(code) => return code,
     };
+    let executor = executor.unwrap_or(engine.pipeline.executor);
+    if detach && executor != ExecutorKind::Slurm {
+        eprintln!("error: --detach needs the Slurm executor (--executor slurm)");
+        return EXIT_INVALID;
+    }
+    if executor == ExecutorKind::Slurm {
+        let slurm_options = SlurmRunOptions {
+            detach,
+            sets: args.sets.clone(),
+        };
+        let cancel = cancellation();
+        return match slurm::run(&engine, &options, &slurm_options, &cancel) {
+            Ok(SlurmOutcome::Finished(report)) => print_report(report, json),
+            Ok(SlurmOutcome::Detached(run)) => {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&run).expect("run serializes"));
+                } else {
+                    for job in &run.jobs {
+                        println!(
+                            "{}  {} ({} instance(s))",
+                            job.job_id,
+                            job.stage,
+                            job.instances.len()
+                        );
+                    }
+                    eprintln!("detached; `nnflow status` follows the run, `nnflow cancel` cancels it");
+                }
+                EXIT_OK
+            }
+            Err(message) => {
+                eprintln!("error: {message}");
+                EXIT_FAILED
+            }
+        };
+    }
     if !gpus_given {
         options.gpus = detect_gpus(&engine);
     }
@@ -147,13 +202,17 @@ fn detect_gpus(engine: &Engine) -> Vec<usize> {
 }
 
 fn run_engine(engine: &Engine, options: &RunOptions, json: bool, cancel: &AtomicBool) -> i32 {
-    let report = match executor::run(engine, options, cancel) {
-        Ok(report) => report,
+    match executor::run(engine, options, cancel) {
+        Ok(report) => print_report(report, json),
         Err(message) => {
             eprintln!("error: {message}");
-            return EXIT_INVALID;
+            EXIT_INVALID
         }
-    };
+    }
+}
+
+/// Prints a run's report (JSON, or a summary line) and returns the exit code.
+fn print_report(report: executor::RunReport, json: bool) -> i32 {
     if json {
         println!(
             "{}",
@@ -191,9 +250,20 @@ fn print_status(args: &PipelineArgs, stages: &[String], json: bool, dry_run: boo
             return EXIT_INVALID;
         }
     };
+    // the latest Slurm run, reconciled with the queue and the jobs' receipts
+    let slurm_run = if dry_run { None } else { slurm::reconcile(&engine) };
     if json {
-        let value =
+        let mut value =
             serde_json::json!({ "pipeline": engine.pipeline.name, "dry_run": dry_run, "stages": report });
+        if let Some((run, rows)) = &slurm_run {
+            let instances: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|(id, state, job)| serde_json::json!({ "id": id, "state": state, "job": job }))
+                .collect();
+            value["slurm"] = serde_json::json!({
+                "run_id": run.run_id, "job_name": run.job_name, "instances": instances,
+            });
+        }
         println!(
             "{}",
             serde_json::to_string_pretty(&value).expect("status serializes")
@@ -219,7 +289,32 @@ fn print_status(args: &PipelineArgs, stages: &[String], json: bool, dry_run: boo
             println!("            {reason}");
         }
     }
+    if let Some((run, rows)) = slurm_run {
+        println!("Slurm run {} ({}):", run.run_id, run.job_name);
+        for (id, state, job) in rows {
+            println!("  {state:>8}  {id}  [{job}]");
+        }
+    }
     EXIT_OK
+}
+
+/// Cancels the latest Slurm run's jobs.
+fn cancel_slurm_run(args: &PipelineArgs) -> i32 {
+    let engine = match open(args) {
+        Ok(engine) => engine,
+        Err(code) => return code,
+    };
+    match slurm::cancel(&engine) {
+        Ok(run) => {
+            let ids: Vec<&str> = run.jobs.iter().map(|j| j.job_id.as_str()).collect();
+            eprintln!("cancelled {} ({})", run.job_name, ids.join(", "));
+            EXIT_OK
+        }
+        Err(message) => {
+            eprintln!("error: {message}");
+            EXIT_FAILED
+        }
+    }
 }
 
 fn validate(args: &PipelineArgs) -> i32 {

@@ -8,6 +8,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::engine::config::raw::ExecutorKind;
+
 pub const EXIT_OK: i32 = 0;
 pub const EXIT_FAILED: i32 = 1;
 pub const EXIT_INVALID: i32 = 2;
@@ -61,6 +63,28 @@ pub enum Command {
         /// Print one JSON object (see README) instead of progress.
         #[arg(long)]
         json: bool,
+        /// Where stages run (default: the pipeline's `executor`, else local).
+        #[arg(long, value_enum)]
+        executor: Option<ExecutorKind>,
+        /// With the Slurm executor: submit the jobs and return (`nnflow status` follows them).
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Cancel the Slurm jobs of the pipeline's latest Slurm run.
+    Cancel {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+    },
+    /// Inside a Slurm job: bring one stage instance up to date and write its receipt.
+    #[command(hide = true)]
+    SlurmJob {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+        #[arg(long)]
+        run_dir: PathBuf,
+        /// The file listing the job array's instances, one per task.
+        #[arg(long)]
+        ids: PathBuf,
     },
     /// Show every stage instance as fresh, stale or new, and why.
     Status {

@@ -69,12 +69,12 @@ pub struct RunReport {
 }
 
 /// How one instance finished.
-struct Finished {
-    index: usize,
-    outcome: Outcome,
-    outputs_digest: Option<Digest>,
-    seconds: f64,
-    error: Option<String>,
+pub(crate) struct Finished {
+    pub index: usize,
+    pub outcome: Outcome,
+    pub outputs_digest: Option<Digest>,
+    pub seconds: f64,
+    pub error: Option<String>,
 }
 
 pub fn run(engine: &Engine, options: &RunOptions, cancel: &AtomicBool) -> Result<RunReport, String> {
@@ -211,8 +211,22 @@ pub fn run(engine: &Engine, options: &RunOptions, cancel: &AtomicBool) -> Result
         finished.insert(done.index, done);
     });
     progress.finish();
+    Ok(conclude(
+        engine,
+        &selected,
+        finished,
+        cancel.load(Ordering::SeqCst),
+    ))
+}
 
-    let interrupted = cancel.load(Ordering::SeqCst);
+/// The run's report from how each selected instance finished (those that never started were held
+/// back by a failure or the interruption); writes the lock file and the run history.
+pub(crate) fn conclude(
+    engine: &Engine,
+    selected: &[usize],
+    mut finished: BTreeMap<usize, Finished>,
+    interrupted: bool,
+) -> RunReport {
     let stages: Vec<StageReport> = selected
         .iter()
         .map(|&index| {
@@ -246,16 +260,76 @@ pub fn run(engine: &Engine, options: &RunOptions, cancel: &AtomicBool) -> Result
     if let Err(e) = engine.hasher.save() {
         eprintln!("warning: cannot save the stat cache: {e}");
     }
-    append_run_history(engine, &selected);
+    append_run_history(engine, selected);
     let ok = stages
         .iter()
         .all(|s| matches!(s.outcome, Outcome::Ran | Outcome::Cached | Outcome::NotApplicable));
-    Ok(RunReport {
+    RunReport {
         pipeline: engine.pipeline.name.clone(),
         ok,
         interrupted,
         stages,
-    })
+    }
+}
+
+/// How one instance ended when run on its own (a Slurm job): its upstream instances are complete,
+/// their records give the output digests its key needs.
+pub struct Alone {
+    pub outcome: Outcome,
+    pub error: Option<String>,
+}
+
+/// Brings one instance up to date by itself, as a Slurm job does on its node: not applicable,
+/// fresh, restored from the cache, or run and committed.
+pub fn run_alone(engine: &Engine, index: usize, threads: u32, gpus: &[usize], cancel: &AtomicBool) -> Alone {
+    let pipeline = &engine.pipeline;
+    let instance = &pipeline.instances[index];
+    if let Some(reason) = instance.implementation.not_applicable(&pipeline.root) {
+        return Alone {
+            outcome: Outcome::NotApplicable,
+            error: remove_path(&instance.out_dir).err().or(Some(reason)),
+        };
+    }
+    let mut upstream = BTreeMap::new();
+    for dep in engine.dag.dependencies(index) {
+        let dep_instance = &pipeline.instances[dep];
+        if dep_instance
+            .implementation
+            .not_applicable(&pipeline.root)
+            .is_some()
+        {
+            continue;
+        }
+        match engine.records.get(&dep_instance.id) {
+            Some(record) => {
+                upstream.insert(dep_instance.id.clone(), record.outputs_digest);
+            }
+            None => {
+                return Alone {
+                    outcome: Outcome::Skipped,
+                    error: Some(format!("upstream `{}` has not completed", dep_instance.id)),
+                }
+            }
+        }
+    }
+    let status = StatusLine::default();
+    let slot = Slot {
+        gpus,
+        threads,
+        cancel,
+        status: &status,
+    };
+    let result = execute(engine, index, upstream, false, &slot);
+    if let Err(e) = engine.hasher.save() {
+        eprintln!("warning: cannot save the stat cache: {e}");
+    }
+    match result {
+        Ok((outcome, _)) => Alone { outcome, error: None },
+        Err(error) => Alone {
+            outcome: Outcome::Failed,
+            error: Some(error),
+        },
+    }
 }
 
 fn check_gpu_requests(engine: &Engine, selected: &[usize], options: &RunOptions) -> Result<(), String> {
@@ -579,13 +653,13 @@ impl StatusLine {
 }
 
 /// Progress on a terminal (a bar), plain lines otherwise, nothing with `--json`.
-struct Progress {
+pub(crate) struct Progress {
     bar: Option<indicatif::ProgressBar>,
     quiet: bool,
 }
 
 impl Progress {
-    fn new(total: usize, quiet: bool) -> Progress {
+    pub(crate) fn new(total: usize, quiet: bool) -> Progress {
         let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
             let bar = indicatif::ProgressBar::new(total as u64);
             let style = indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed} {msg}")
@@ -600,13 +674,13 @@ impl Progress {
         StatusLine(self.bar.clone())
     }
 
-    fn started(&self, id: &str) {
+    pub(crate) fn started(&self, id: &str) {
         if let Some(bar) = &self.bar {
             bar.set_message(format!("running {id}"));
         }
     }
 
-    fn report(&self, engine: &Engine, finished: &Finished) {
+    pub(crate) fn report(&self, engine: &Engine, finished: &Finished) {
         let instance = &engine.pipeline.instances[finished.index];
         let outcome = match finished.outcome {
             Outcome::Ran => "ran",
@@ -628,7 +702,7 @@ impl Progress {
         }
     }
 
-    fn finish(&self) {
+    pub(crate) fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }

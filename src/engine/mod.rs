@@ -10,6 +10,7 @@ pub mod graph;
 pub mod hashing;
 pub mod key;
 pub mod record;
+pub mod slurm;
 pub mod status;
 pub mod watch;
 

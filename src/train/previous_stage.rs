@@ -160,12 +160,22 @@ mod tests {
         std::fs::create_dir_all(file.parent().unwrap()).unwrap();
         std::fs::write(&file, b"x").unwrap();
         let cases = ["a".to_string()];
-        let found =
-            collect_predictions(&[training.clone()], "3d_cascade_fullres", "3d_lowres", &cases).unwrap();
+        let found = collect_predictions(
+            std::slice::from_ref(&training),
+            "3d_cascade_fullres",
+            "3d_lowres",
+            &cases,
+        )
+        .unwrap();
         assert_eq!(found["a"], file);
         let more = ["a".to_string(), "b".to_string()];
-        let err =
-            collect_predictions(&[training.clone()], "3d_cascade_fullres", "3d_lowres", &more).unwrap_err();
+        let err = collect_predictions(
+            std::slice::from_ref(&training),
+            "3d_cascade_fullres",
+            "3d_lowres",
+            &more,
+        )
+        .unwrap_err();
         assert!(
             err.contains("predicted 1 of the 2 cases") && err.contains("missing b"),
             "{err}"

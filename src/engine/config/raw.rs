@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use crate::engine::slurm::options::SlurmOptions;
+
 /// Top-level keys of a pipeline file.
 pub const TOP_LEVEL_KEYS: &[&str] = &["pipeline", "vars", "stages"];
 
@@ -24,6 +26,23 @@ pub struct PipelineSection {
     /// Cache of stage outputs, shareable between checkouts and CI jobs, relative to the pipeline
     /// file. Default `<work_dir>/cache`. The environment variable `NNFLOW_CACHE_DIR` overrides it.
     pub cache_dir: Option<String>,
+    /// Where stages run: `local` (default) or `slurm` (one `sbatch` job or job array per stage;
+    /// the work and cache directories must be on a filesystem the compute nodes share).
+    /// `nnflow run --executor` overrides it.
+    pub executor: Option<ExecutorKind>,
+    /// Slurm settings for every stage (a stage's own `slurm` entries replace these).
+    pub slurm: Option<SlurmOptions>,
+}
+
+/// Where stages run.
+#[derive(Deserialize, Serialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutorKind {
+    /// On this machine, side by side within the thread and GPU limits.
+    #[default]
+    Local,
+    /// As Slurm jobs.
+    Slurm,
 }
 
 /// A value a matrix dimension can take.
@@ -60,6 +79,8 @@ pub struct StageCommon {
     /// GPUs the stage needs; each running stage gets distinct CUDA device indices.
     #[serde(default)]
     pub gpus: u32,
+    /// Slurm settings for this stage's jobs, on top of `[pipeline.slurm]`.
+    pub slurm: Option<SlurmOptions>,
     /// Parameters for some instances of a matrix stage only (read on their own, see [`Override`]).
     #[serde(default, skip_deserializing)]
     pub overrides: Vec<Override>,

@@ -9,7 +9,9 @@ use serde::de::DeserializeOwned;
 use super::diagnostics::{Diagnostic, Diagnostics, Location, Sources};
 use super::load::{apply_set, read_merged, relative_to};
 use super::node::{Node, NodeValue};
-use super::raw::{MatrixValue, PipelineSection, StageCommon, COMMON_STAGE_KEYS, TOP_LEVEL_KEYS};
+use super::raw::{
+    ExecutorKind, MatrixValue, PipelineSection, SlurmOptions, StageCommon, COMMON_STAGE_KEYS, TOP_LEVEL_KEYS,
+};
 use super::template::{self, Piece, Select};
 use crate::stages::{find_kind, Kind, ParamError, Stage, KINDS};
 
@@ -24,6 +26,9 @@ pub struct Pipeline {
     /// `<work_dir>/<name>`: this pipeline's outputs, records, logs and locks.
     pub state_dir: PathBuf,
     pub cache_dir: PathBuf,
+    pub executor: ExecutorKind,
+    /// `[pipeline.slurm]`: Slurm settings for every stage.
+    pub slurm: SlurmOptions,
     pub sources: Sources,
     pub instances: Vec<Instance>,
 }
@@ -43,6 +48,8 @@ pub struct Instance {
     pub after: Vec<usize>,
     pub threads: u32,
     pub gpus: u32,
+    /// The stage's own Slurm settings (on top of the pipeline's).
+    pub slurm: SlurmOptions,
     /// The folder holding this instance's outputs.
     pub out_dir: PathBuf,
     /// Where `[stages.NAME]` is written, and where each of its keys is.
@@ -119,6 +126,8 @@ fn resolve(path: &Path, document: &Node, sources: Sources, errors: &mut Vec<Diag
         work_dir,
         state_dir,
         cache_dir,
+        executor: section.executor.unwrap_or_default(),
+        slurm: section.slurm.clone().unwrap_or_default(),
         sources,
         instances,
     }
@@ -228,6 +237,7 @@ struct StageCommonResolved {
     after: Vec<(String, Location)>,
     threads: u32,
     gpus: u32,
+    slurm: SlurmOptions,
 }
 
 fn expand_stages<'a>(
@@ -339,6 +349,7 @@ fn expand_stage<'a>(
                     after: after.clone(),
                     threads: common.threads,
                     gpus: common.gpus,
+                    slurm: common.slurm.clone().unwrap_or_default(),
                 },
                 kind,
                 overrides: overrides
@@ -548,6 +559,7 @@ fn build_instances(
             after,
             threads: e.common.threads,
             gpus: e.common.gpus,
+            slurm: e.common.slurm.clone(),
             out_dir: e.out_dir.clone(),
             location: e
                 .node
