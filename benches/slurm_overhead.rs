@@ -10,7 +10,9 @@ use std::process::Command;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 fn now_ns() -> u128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
 }
 
 /// Runs `nnflow run p.toml ARGS` in `dir`; returns (start ns, end ns, wall seconds).
@@ -29,7 +31,10 @@ fn run(dir: &Path, args: &[&str]) -> (u128, u128, f64) {
 }
 
 fn main() {
-    let slurm = Command::new("sinfo").arg("-h").output().is_ok_and(|o| o.status.success());
+    let slurm = Command::new("sinfo")
+        .arg("-h")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !slurm {
         println!("no Slurm cluster answers (scripts/slurm-cluster.sh start, as root); nothing measured");
         return;
@@ -55,8 +60,14 @@ fn main() {
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     println!("one stage through Slurm (5 runs):");
-    println!("  run -> command starts:   {:.2} s ({to_start:.2?})", mean(&to_start));
-    println!("  command ends -> run returns: {:.2} s ({to_notice:.2?})", mean(&to_notice));
+    println!(
+        "  run -> command starts:   {:.2} s ({to_start:.2?})",
+        mean(&to_start)
+    );
+    println!(
+        "  command ends -> run returns: {:.2} s ({to_notice:.2?})",
+        mean(&to_notice)
+    );
 
     // 100 tiny stages
     let pipeline = "[stages.tiny]\nkind = \"command\"\nmatrix = { i = [ ".to_string()

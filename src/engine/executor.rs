@@ -281,7 +281,14 @@ pub struct Alone {
 
 /// Brings one instance up to date by itself, as a Slurm job does on its node: not applicable,
 /// fresh, restored from the cache, or run and committed.
-pub fn run_alone(engine: &Engine, index: usize, threads: u32, gpus: &[usize], cancel: &AtomicBool) -> Alone {
+pub fn run_alone(
+    engine: &Engine,
+    index: usize,
+    force: bool,
+    threads: u32,
+    gpus: &[usize],
+    cancel: &AtomicBool,
+) -> Alone {
     let pipeline = &engine.pipeline;
     let instance = &pipeline.instances[index];
     if let Some(reason) = instance.implementation.not_applicable(&pipeline.root) {
@@ -319,7 +326,7 @@ pub fn run_alone(engine: &Engine, index: usize, threads: u32, gpus: &[usize], ca
         cancel,
         status: &status,
     };
-    let result = execute(engine, index, upstream, false, &slot);
+    let result = execute(engine, index, upstream, force, &slot);
     if let Err(e) = engine.hasher.save() {
         eprintln!("warning: cannot save the stat cache: {e}");
     }

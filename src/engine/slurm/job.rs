@@ -32,7 +32,9 @@ pub fn run_job(engine: &Engine, run_dir: &Path, ids_file: &Path, cancel: &Atomic
                 .split(',')
                 .filter_map(|g| g.trim().parse().ok())
                 .collect();
-            let alone = run_alone(engine, index, threads as u32, &gpus, cancel);
+            let forced = std::fs::read_to_string(run_dir.forced_list()).unwrap_or_default();
+            let force = forced.lines().any(|line| line == id);
+            let alone = run_alone(engine, index, force, threads as u32, &gpus, cancel);
             if cancel.load(std::sync::atomic::Ordering::SeqCst) {
                 // SIGTERM: Slurm stops the job (scancel, or its time limit)
                 let stopped = "stopped by Slurm (scancel or the time limit)".to_string();

@@ -102,6 +102,13 @@ pub fn run(
     for folder in [run_dir.logs(), run_dir.scripts(), run_dir.0.join("receipts")] {
         std::fs::create_dir_all(&folder).map_err(|e| format!("cannot create {}: {e}", folder.display()))?;
     }
+    let forced_ids: Vec<&str> = pending
+        .iter()
+        .filter(|i| forced.contains(i))
+        .map(|&i| engine.pipeline.instances[i].id.as_str())
+        .collect();
+    std::fs::write(run_dir.forced_list(), forced_ids.join("\n"))
+        .map_err(|e| format!("{}: {e}", run_dir.forced_list().display()))?;
     let job_name = format!("nnflow.{}.{run_id}", engine.pipeline.name);
     check_shared_filesystem(engine, &run_dir, &job_name)?;
     let run = submit(engine, &pending, &run_dir, &job_name, &run_id, &slurm.sets)?;

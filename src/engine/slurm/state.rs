@@ -120,6 +120,11 @@ impl RunDir {
         crate::atomic_file::write_json(&path, receipt)
     }
 
+    /// Instances to run even when fresh (`--force`), one per line.
+    pub fn forced_list(&self) -> PathBuf {
+        self.0.join("forced")
+    }
+
     pub fn logs(&self) -> PathBuf {
         self.0.join("logs")
     }
