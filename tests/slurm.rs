@@ -11,9 +11,17 @@ use std::time::{Duration, Instant};
 
 use common::{stdout, Project};
 
-/// Whether a Slurm cluster answers; without one these tests pass vacuously only where it is not
-/// required.
-fn cluster() -> bool {
+/// The tests share one small cluster: run one at a time, so each gets its CPUs and GPUs.
+static CLUSTER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Holds the cluster for one test; `None` when no Slurm cluster answers, which passes vacuously
+/// only where a cluster is not required.
+fn cluster() -> Option<std::sync::MutexGuard<'static, ()>> {
+    let guard = CLUSTER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    cluster_answers().then_some(guard)
+}
+
+fn cluster_answers() -> bool {
     let up = Command::new("sinfo")
         .args(["-h", "-o", "%T"])
         .output()
@@ -50,9 +58,9 @@ fn interval(project: &Project, file: &str) -> (u128, u128) {
 
 #[test]
 fn a_matrix_stage_is_one_job_array_and_its_dependent_waits_for_it() {
-    if !cluster() {
+    let Some(_cluster) = cluster() else {
         return;
-    }
+    };
     let project = Project::new();
     project.write(
         "p.toml",
@@ -113,9 +121,9 @@ after = ["fit"]
 
 #[test]
 fn two_gpu_stages_run_side_by_side_on_different_devices() {
-    if !cluster() {
+    let Some(_cluster) = cluster() else {
         return;
-    }
+    };
     let project = Project::new();
     project.write(
         "p.toml",
@@ -146,9 +154,9 @@ cmd = "s=$(date +%s%N); sleep 2; echo $s $(date +%s%N) > $NNFLOW_OUT/time.txt; e
 
 #[test]
 fn a_failing_stage_cancels_its_descendants_and_the_run_exits_1() {
-    if !cluster() {
+    let Some(_cluster) = cluster() else {
         return;
-    }
+    };
     let project = Project::new();
     project.write(
         "p.toml",
@@ -194,9 +202,9 @@ after = ["child", "good"]
 
 #[test]
 fn detach_status_and_cancel_then_the_next_run_submits_only_what_is_missing() {
-    if !cluster() {
+    let Some(_cluster) = cluster() else {
         return;
-    }
+    };
     let project = Project::new();
     let pipeline = |seconds: u32| {
         format!(
@@ -275,9 +283,9 @@ after = ["quick"]
 
 #[test]
 fn the_demo_pipeline_through_slurm_predicts_what_it_predicts_locally() {
-    if !cluster() {
+    let Some(_cluster) = cluster() else {
         return;
-    }
+    };
     let predictions = |executor: &str| -> Vec<Vec<u8>> {
         let project = Project::new();
         for file in ["nnunet.toml", "demo.toml"] {
