@@ -384,7 +384,7 @@ kind = "command"
 matrix = {{ config = ["full", "low"], fold = [0, 1] }}
 cmd = "echo ${{config}} ${{fold}} lr $NNFLOW_PARAM_LR > $NNFLOW_OUT/model.txt"
 params = {{ lr = 0.01 }}
-[[stages.train.overrides]]
+[[stages.train.instance_overrides]]
 where = {{ config = "low" }}
 params = {{ lr = {low_lr} }}
 [stages.next]

@@ -43,7 +43,7 @@ validation_mirroring = false
 threads = 1
 
 # only 3d_lowres: this pipeline's override adds to the base's (the cascade's inputs)
-[[stages.train.overrides]]
+[[stages.train.instance_overrides]]
 where = {{ configuration = "3d_lowres" }}
 seed = {lowres_seed}
 

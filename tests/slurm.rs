@@ -120,6 +120,41 @@ after = ["fit"]
 }
 
 #[test]
+fn a_work_directory_the_jobs_cannot_reach_fails_before_anything_is_submitted() {
+    let Some(_cluster) = cluster() else {
+        return;
+    };
+    // Jobs run as `nobody`, who cannot enter the project's private (0700) temporary folder: the
+    // one-node cluster's way of not sharing the filesystem.
+    let project = Project::new();
+    project.write(
+        "p.toml",
+        r#"
+[pipeline]
+name = "u"
+slurm = { extra = ["--uid=nobody"] }
+[stages.one]
+kind = "command"
+cmd = "echo never > $NNFLOW_OUT/x.txt"
+"#,
+    );
+    let result = slurm_run(&project, &[]);
+    assert_eq!(result.code, 1, "{}", result.stderr);
+    assert!(
+        result.stderr.contains("cannot use this work directory"),
+        "{}",
+        result.stderr
+    );
+    assert!(
+        result.stderr.contains("Nothing was submitted"),
+        "{}",
+        result.stderr
+    );
+    assert!(!project.path().join(".nnflow/u/slurm/latest").exists());
+    assert!(!project.path().join(".nnflow/u/out/one").exists());
+}
+
+#[test]
 fn two_gpu_stages_run_side_by_side_on_different_devices() {
     let Some(_cluster) = cluster() else {
         return;

@@ -1056,13 +1056,13 @@ fn overrides_and_filtered_references_are_checked() {
 kind = "command"
 cmd = "touch ran-a"
 matrix = { fold = [0, 1] }
-[[stages.a.overrides]]
+[[stages.a.instance_overrides]]
 where = { fodl = 0 }
 cmd = "touch ran-b"
-[[stages.a.overrides]]
+[[stages.a.instance_overrides]]
 where = { fold = 1 }
 threads = 2
-[[stages.a.overrides]]
+[[stages.a.instance_overrides]]
 cmd = "touch ran-c"
 [stages.b]
 kind = "command"

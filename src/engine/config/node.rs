@@ -118,9 +118,9 @@ impl Node {
             (NodeValue::Table(base), NodeValue::Table(over_table)) => {
                 for (key, value) in over_table {
                     match base.get_mut(&key) {
-                        // A stage's `overrides` add up across `extends`: a pipeline that adds one
+                        // A stage's `instance_overrides` add up across `extends`: a pipeline that adds one
                         // for its own needs keeps its base's (the later wins where both apply).
-                        Some(existing) if key == "overrides" => existing.append(value),
+                        Some(existing) if key == "instance_overrides" => existing.append(value),
                         Some(existing) => existing.merge(value),
                         None => {
                             base.insert(key, value);

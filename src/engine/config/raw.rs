@@ -83,10 +83,10 @@ pub struct StageCommon {
     pub slurm: Option<SlurmOptions>,
     /// Parameters for some instances of a matrix stage only (read on their own, see [`Override`]).
     #[serde(default, skip_deserializing)]
-    pub overrides: Vec<Override>,
+    pub instance_overrides: Vec<Override>,
 }
 
-/// `[[stages.NAME.overrides]]`: the instances whose matrix values equal `where` take these
+/// `[[stages.NAME.instance_overrides]]`: the instances whose matrix values equal `where` take these
 /// parameters instead of the stage's own (a key given here replaces the whole value), e.g. more
 /// epochs for one configuration, or other inputs for the cascade. Later overrides win; a pipeline
 /// that `extends` another adds its overrides after the base's.
@@ -108,7 +108,7 @@ pub const COMMON_STAGE_KEYS: &[&str] = &[
     "matrix",
     "threads",
     "gpus",
-    "overrides",
+    "instance_overrides",
 ];
 
 /// Each dimension is a list of values, or a `"${var}"` naming a list in `[vars]` (substituted before

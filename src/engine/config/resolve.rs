@@ -229,7 +229,7 @@ struct Expanded<'a> {
     kind: &'static Kind,
     matrix: BTreeMap<String, toml::Value>,
     out_dir: PathBuf,
-    /// The stage's `overrides` entries whose `where` this instance matches, in order.
+    /// The stage's `instance_overrides` entries whose `where` this instance matches, in order.
     overrides: Vec<&'a Node>,
 }
 
@@ -294,7 +294,9 @@ fn expand_stage<'a>(
     errors: &mut Vec<Diagnostic>,
 ) -> Vec<Expanded<'a>> {
     // Overrides may refer to other stages' outputs, so they are read per instance later.
-    let common_node = select_keys(node, |key| COMMON_STAGE_KEYS.contains(&key) && key != "overrides");
+    let common_node = select_keys(node, |key| {
+        COMMON_STAGE_KEYS.contains(&key) && key != "instance_overrides"
+    });
     let scope = Scope {
         vars,
         matrix: &BTreeMap::new(),
@@ -368,18 +370,18 @@ fn expand_stage<'a>(
         .collect()
 }
 
-/// The stage's `overrides` entries: each one's `where` (matrix key -> value as text) and table.
+/// The stage's `instance_overrides` entries: each one's `where` (matrix key -> value as text) and table.
 fn read_overrides<'a>(
     node: &'a Node,
     matrix: &BTreeMap<String, Vec<MatrixValue>>,
     vars: &Vars,
     errors: &mut Vec<Diagnostic>,
 ) -> Vec<(BTreeMap<String, String>, &'a Node)> {
-    let Some(list) = node.get("overrides") else {
+    let Some(list) = node.get("instance_overrides") else {
         return Vec::new();
     };
     let NodeValue::Array(entries) = &list.value else {
-        let message = "`overrides` must be a list of tables (`[[stages.NAME.overrides]]`)";
+        let message = "`instance_overrides` must be a list of tables (`[[stages.NAME.instance_overrides]]`)";
         errors.push(Diagnostic::new(Some(list.location.clone()), message));
         return Vec::new();
     };

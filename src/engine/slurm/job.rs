@@ -24,8 +24,9 @@ pub fn run_job(engine: &Engine, run_dir: &Path, ids_file: &Path, cancel: &Atomic
     let run_dir = RunDir(run_dir.to_path_buf());
     let (outcome, error) = match engine.pipeline.instances.iter().position(|i| i.id == id) {
         Some(index) => {
-            // the CPUs and GPUs Slurm gave the job
+            // the CPUs and GPUs Slurm gave the job (not the node's: others may share it)
             let threads = env_number("SLURM_CPUS_PER_TASK")
+                .or_else(|| env_number("SLURM_CPUS_ON_NODE"))
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             let gpus: Vec<usize> = std::env::var("CUDA_VISIBLE_DEVICES")
                 .unwrap_or_default()

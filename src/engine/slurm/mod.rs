@@ -404,10 +404,17 @@ fn check_shared_filesystem(engine: &Engine, run_dir: &RunDir, job_name: &str) ->
     let _ = std::fs::remove_file(&cache_token);
     result.map(|_| ()).map_err(|e| {
         let said = std::fs::read_to_string(&output).unwrap_or_default();
+        let said = if said.trim().is_empty() {
+            String::new()
+        } else {
+            format!("{}; ", said.trim())
+        };
         format!(
-            "the Slurm jobs cannot use this work directory: {} ({e}). The work directory, the cache \
-             and the nnflow binary must be on a filesystem the compute nodes share.",
-            said.trim()
+            "the Slurm jobs cannot use this work directory ({said}{e}): the work directory {}, the \
+             cache {} and the nnflow binary must be on a filesystem the compute nodes share and can \
+             write. Nothing was submitted.",
+            engine.pipeline.work_dir.display(),
+            engine.pipeline.cache_dir.display()
         )
     })
 }

@@ -36,10 +36,13 @@ pub fn sbatch(args: &[String]) -> Result<String, SubmitError> {
     let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
     if !output.status.success() {
         let transient = TRANSIENT.iter().any(|t| stderr.contains(t));
-        return Err(SubmitError {
-            message: format!("sbatch failed: {stderr}"),
-            transient,
-        });
+        let message = if stderr.is_empty() {
+            // `--wait` passes on the job's failure without a message
+            format!("sbatch: the job failed ({})", output.status)
+        } else {
+            format!("sbatch failed: {stderr}")
+        };
+        return Err(SubmitError { message, transient });
     }
     // `--parsable` prints `id` or `id;cluster`
     let stdout = String::from_utf8_lossy(&output.stdout);
