@@ -60,6 +60,17 @@ plan = "${{plan.outputs}}"
 trainings = "${{train[*].outputs}}"
 configuration = "3d_cascade_fullres"
 mirroring = false
+
+# the ensemble of 3d_lowres and the cascade: 3d_lowres is predicted once, for both
+[stages.predict_pair]
+kind = "predict"
+images = "${{test_images}}"
+output = "predictions_pair"
+dataset = "${{dataset}}"
+plan = "${{plan.outputs}}"
+trainings = "${{train[*].outputs}}"
+configuration = ["3d_lowres", "3d_cascade_fullres"]
+mirroring = false
 "#
     )
 }
@@ -173,12 +184,40 @@ fn the_cascade_trains_on_lowres_predictions_and_predicts_through_them() {
             .join(format!("{DATASET}/imagesTs/test_000_0000.nii.gz")),
     )
     .unwrap();
-    for folder in ["predictions", "predictions_cascade"] {
+    for folder in ["predictions", "predictions_cascade", "predictions_pair"] {
         let prediction =
             nifti::read_header(project.path().join(format!("{folder}/test_000.nii.gz"))).unwrap();
         assert_eq!(prediction.shape_zyx(), image.shape_zyx(), "{folder}");
         assert_eq!(prediction.affine(), image.affine(), "{folder}");
     }
+
+    let job: serde_json::Value =
+        serde_json::from_str(&project.read(".nnflow/cascade/out/predict_pair/predict_job.json")).unwrap();
+    let models: Vec<(String, bool)> = job["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["configuration"].as_str().unwrap().to_string(),
+                m["member"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        models,
+        [
+            ("3d_lowres".to_string(), true),
+            ("3d_cascade_fullres".to_string(), true)
+        ]
+    );
+    let job: serde_json::Value =
+        serde_json::from_str(&project.read(".nnflow/cascade/out/predict_cascade/predict_job.json")).unwrap();
+    assert_eq!(job["models"][0]["configuration"], "3d_lowres");
+    assert_eq!(
+        job["models"][0]["member"], false,
+        "the cascade's previous stage only"
+    );
 
     // 3d_lowres settings alone: 3d_lowres, the cascade and what follows rerun; 3d_fullres does not
     project.write("p.toml", &pipeline(2));

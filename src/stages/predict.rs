@@ -55,9 +55,10 @@ pub struct PredictStage {
     /// The `ensemble-select` stage's outputs (`${select.outputs}`); without it, `configuration`.
     #[serde(default, skip_serializing)]
     pub selection: Option<String>,
-    /// Predict with this configuration instead of the selection.
+    /// Predict with this configuration, or this list of configurations as an ensemble (e.g.
+    /// `["3d_lowres", "3d_cascade_fullres"]`), instead of the selection.
     #[serde(default)]
-    pub configuration: Option<String>,
+    pub configuration: Option<Configurations>,
     /// The `postprocess` stage's outputs (`${postprocess.outputs}`); without it, none.
     #[serde(default, skip_serializing)]
     pub postprocessing: Option<String>,
@@ -75,6 +76,14 @@ pub struct PredictStage {
     /// Also write probabilities (`<case>.npy`).
     #[serde(default)]
     pub save_probabilities: bool,
+}
+
+/// One configuration, or several predicted as an ensemble.
+#[derive(Deserialize, Serialize, JsonSchema, Debug, Clone)]
+#[serde(untagged)]
+pub enum Configurations {
+    One(String),
+    Ensemble(Vec<String>),
 }
 
 impl PredictStage {
@@ -142,7 +151,11 @@ impl Stage for PredictStage {
         let root = ctx.root;
         let dataset = Dataset::open(&root.join(&self.dataset)).map_err(|e| e.to_string())?;
         let configurations = match (&self.configuration, &self.selection) {
-            (Some(configuration), _) => vec![configuration.clone()],
+            (Some(Configurations::One(configuration)), _) => vec![configuration.clone()],
+            (Some(Configurations::Ensemble(configurations)), _) if !configurations.is_empty() => {
+                configurations.clone()
+            }
+            (Some(Configurations::Ensemble(_)), _) => return Err("`configuration` is an empty list".into()),
             (None, Some(selection)) => {
                 let decision: Decision =
                     crate::atomic_file::read_json(&root.join(selection).join("decision.json"))?;
