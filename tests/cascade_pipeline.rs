@@ -87,8 +87,7 @@ fn tensor_shape(file: &Path, name: &str) -> Vec<usize> {
 #[test]
 fn the_cascade_trains_on_lowres_predictions_and_predicts_through_them() {
     let project = Project::new();
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/nnunet.toml");
-    project.write("pipelines/nnunet.toml", &std::fs::read_to_string(source).unwrap());
+    project.copy_pipelines(&["nnunet.toml"]);
     project.write("p.toml", &pipeline(1));
     // two folds of three cases, so two 3d_lowres trainings hold out every case
     let ids: Vec<String> = (0..6).map(|i| format!("case_{i:03}")).collect();

@@ -5,21 +5,13 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::Project;
 use nnflow::data::nifti;
 
 #[test]
 fn the_demo_pipeline_predicts_the_test_images() {
     let project = Project::new();
-    for file in ["nnunet.toml", "demo.toml"] {
-        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines").join(file);
-        project.write(
-            &format!("pipelines/{file}"),
-            &std::fs::read_to_string(source).unwrap(),
-        );
-    }
+    project.copy_pipelines(&["nnunet.toml", "demo.toml"]);
     let args = ["pipelines/demo.toml", "--set", "folds=[0, 1]"];
     let result = project.run(&args);
     assert_eq!(result.code, 0, "{}\n{}", result.stderr, result.json);

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -61,9 +60,7 @@ fn a_matrix_stage_is_one_job_array_and_its_dependent_waits_for_it() {
     let Some(_cluster) = cluster() else {
         return;
     };
-    let project = Project::new();
-    project.write(
-        "p.toml",
+    let project = Project::with_pipeline(
         r#"
 [pipeline]
 name = "s"
@@ -126,9 +123,7 @@ fn a_work_directory_the_jobs_cannot_reach_fails_before_anything_is_submitted() {
     };
     // Jobs run as `nobody`, who cannot enter the project's private (0700) temporary folder: the
     // one-node cluster's way of not sharing the filesystem.
-    let project = Project::new();
-    project.write(
-        "p.toml",
+    let project = Project::with_pipeline(
         r#"
 [pipeline]
 name = "u"
@@ -159,9 +154,7 @@ fn two_gpu_stages_run_side_by_side_on_different_devices() {
     let Some(_cluster) = cluster() else {
         return;
     };
-    let project = Project::new();
-    project.write(
-        "p.toml",
+    let project = Project::with_pipeline(
         r#"
 [pipeline]
 name = "g"
@@ -192,9 +185,7 @@ fn a_failing_stage_cancels_its_descendants_and_the_run_exits_1() {
     let Some(_cluster) = cluster() else {
         return;
     };
-    let project = Project::new();
-    project.write(
-        "p.toml",
+    let project = Project::with_pipeline(
         r#"
 [pipeline]
 name = "f"
@@ -323,13 +314,7 @@ fn the_demo_pipeline_through_slurm_predicts_what_it_predicts_locally() {
     };
     let predictions = |executor: &str| -> Vec<Vec<u8>> {
         let project = Project::new();
-        for file in ["nnunet.toml", "demo.toml"] {
-            let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines").join(file);
-            project.write(
-                &format!("pipelines/{file}"),
-                &std::fs::read_to_string(source).unwrap(),
-            );
-        }
+        project.copy_pipelines(&["nnunet.toml", "demo.toml"]);
         let args = [
             "pipelines/demo.toml",
             "--executor",

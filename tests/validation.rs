@@ -71,9 +71,7 @@ fn assert_count(report: &str, n: usize) {
 }
 
 fn project(pipeline: &str) -> Project {
-    let project = Project::new();
-    project.write("p.toml", pipeline);
-    project
+    Project::with_pipeline(pipeline)
 }
 
 // ---------------------------------------------------------------------------------------------

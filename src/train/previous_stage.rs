@@ -14,7 +14,8 @@ use crate::augment::cascade::previous_stage_one_hot;
 use serde_json::Value;
 
 use crate::data::case_store::CaseProperties;
-use crate::preprocess::case_steps::{resampled_shape, PlanView};
+use crate::preprocess::case_steps::PlanView;
+use crate::preprocess::resample::compute_new_shape;
 use crate::train::job::FoldInfo;
 
 /// The folder of a training's outputs holding its predictions for next stages.
@@ -99,17 +100,14 @@ pub fn with_previous_stage(data: ArrayView4<f32>, seg: ArrayView3<i16>, labels: 
 /// The grid a case has in the next stage's preprocessing: its cropped grid (at the original
 /// spacing, transposed) resampled to that configuration's spacing, as the resample stage computes it.
 pub fn next_stage_shape(properties: &CaseProperties, next: &PlanView) -> Result<[usize; 3], String> {
-    let cropped = CaseProperties {
-        spacing: properties
-            .transpose_forward
-            .map(|a| properties.original_spacing[a]),
-        ..properties.clone()
-    };
-    resampled_shape(
-        &cropped,
+    let cropped_spacing = properties
+        .transpose_forward
+        .map(|a| properties.original_spacing[a]);
+    Ok(compute_new_shape(
         properties.shape_after_cropping_and_before_resampling,
-        next,
-    )
+        cropped_spacing,
+        next.target_spacing(cropped_spacing)?,
+    ))
 }
 
 #[cfg(test)]

@@ -17,6 +17,24 @@ impl Project {
         Project { dir, cache }
     }
 
+    /// A project holding `p.toml` with this text.
+    pub fn with_pipeline(pipeline: &str) -> Project {
+        let project = Project::new();
+        project.write("p.toml", pipeline);
+        project
+    }
+
+    /// Copies the repository's `pipelines/<file>` into the project's `pipelines/`.
+    pub fn copy_pipelines(&self, files: &[&str]) {
+        for file in files {
+            let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines").join(file);
+            self.write(
+                &format!("pipelines/{file}"),
+                &std::fs::read_to_string(source).unwrap(),
+            );
+        }
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }

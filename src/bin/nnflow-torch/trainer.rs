@@ -549,10 +549,10 @@ fn read_previous_stage(previous: &PreviousStage, id: &str) -> Result<ndarray::Ar
     let labels = npy::read_labels(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let shape = labels.shape().to_vec();
     labels
-        .into_shape_with_order((shape[1..].iter().product::<usize>(),))
+        .into_dimensionality::<ndarray::Ix4>()
         .ok()
-        .filter(|_| shape.len() == 4 && shape[0] == 1)
-        .and_then(|flat| flat.into_shape_with_order((shape[1], shape[2], shape[3])).ok())
+        .filter(|labels| labels.shape()[0] == 1)
+        .map(|labels| labels.index_axis_move(ndarray::Axis(0), 0))
         .ok_or_else(|| format!("{}: expected (1, z, y, x) labels, got {shape:?}", path.display()))
 }
 

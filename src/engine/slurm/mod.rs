@@ -157,16 +157,10 @@ fn submit(
             .unwrap_or(0);
         level.insert(index, own);
     }
-    let mut groups: BTreeMap<(usize, usize), Vec<usize>> = BTreeMap::new();
+    let mut groups: BTreeMap<(usize, &str), Vec<usize>> = BTreeMap::new();
     for &index in pending {
-        let stage_order = pending
-            .iter()
-            .position(|&i| instances[i].stage == instances[index].stage)
-            .expect("in pending");
-        groups
-            .entry((level[&index], stage_order))
-            .or_default()
-            .push(index);
+        let key = (level[&index], instances[index].stage.as_str());
+        groups.entry(key).or_default().push(index);
     }
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the nnflow binary: {e}"))?;
     let pipeline_file = absolute(&engine.pipeline.file);
