@@ -7,6 +7,16 @@
 //! - [`cli`]: the `nnflow` command line.
 //! - [`torch_env`]: libtorch and CUDA at run time.
 
+/// `eprintln!` that survives a closed stderr (`nnflow run p.toml 2>&1 | head -1`): the line is
+/// dropped instead of panicking.
+#[macro_export]
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod atomic_file;
 pub mod augment;
 pub mod cli;
@@ -14,6 +24,7 @@ pub mod data;
 pub mod engine;
 pub mod evaluate;
 pub mod inference;
+pub mod json_numbers;
 pub mod network;
 pub mod preprocess;
 pub mod schema;

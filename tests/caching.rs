@@ -353,7 +353,7 @@ fn pinned_key_of_a_fixed_stage() {
     );
 }
 
-const PINNED_KEY: &str = "d289f6a35b80dcba325a6179b5f398189a47e2c5fa775f1f60e66db97a72c45e";
+const PINNED_KEY: &str = "5a4b4572c2ba23c6c96942b46e6bd8cb65ad09681479e1b5e912349c283f95f3";
 
 fn walk(folder: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();

@@ -68,4 +68,51 @@ fn the_demo_pipeline_predicts_the_test_images() {
         "second run executed {:?}",
         again.with_outcome("ran")
     );
+    predictions_go_where_the_pipeline_says(&project, &args, &data);
+}
+
+/// Issue 14: a cache hit lands in the folder the pipeline names now; the test images and a folder
+/// holding the user's files are never written over.
+fn predictions_go_where_the_pipeline_says(project: &Project, args: &[&str], data: &std::path::Path) {
+    let with = |predictions: &str| {
+        let mut full = args.to_vec();
+        full.extend(["--set", predictions]);
+        project.run(&full)
+    };
+    let moved = with("predictions=demo-data/moved");
+    assert_eq!(moved.code, 0, "{}", moved.stderr);
+    assert_eq!(moved.outcome("predict"), "cached");
+    for case in ["test_000", "test_001", "test_002"] {
+        let name = format!("{case}.nii.gz");
+        let restored = std::fs::read(data.join("moved").join(&name)).unwrap();
+        assert_eq!(
+            restored,
+            std::fs::read(data.join("predictions").join(&name)).unwrap()
+        );
+    }
+
+    let images = data.join("Dataset900_Demo/imagesTs");
+    let count = std::fs::read_dir(&images).unwrap().count();
+    let onto_images = with("predictions=demo-data/Dataset900_Demo/imagesTs");
+    assert_eq!(onto_images.code, 2, "{}", onto_images.stderr);
+    assert!(
+        onto_images.stderr.contains("overlaps the stage's own input"),
+        "{}",
+        onto_images.stderr
+    );
+    assert_eq!(std::fs::read_dir(&images).unwrap().count(), count);
+
+    project.write("pipelines/demo-data/mine/notes.txt", "the user's");
+    let onto_user_files = with("predictions=demo-data/mine");
+    assert_eq!(onto_user_files.code, 1);
+    assert_eq!(onto_user_files.outcome("predict"), "failed");
+    assert!(
+        onto_user_files
+            .json
+            .to_string()
+            .contains("demo-data/mine/notes.txt"),
+        "{}",
+        onto_user_files.json
+    );
+    assert_eq!(project.read("pipelines/demo-data/mine/notes.txt"), "the user's");
 }

@@ -61,21 +61,26 @@ fn plan_overrides_replace_planned_values() {
     let plans: serde_json::Value =
         serde_json::from_str(&project.read(".nnflow/nnunet/out/plan/plans.json")).unwrap();
     assert_eq!(plans["configurations"]["3d_fullres"]["batch_size"], 7);
-    let unknown = project.run(&[
+    // An nnU-Net configuration this plan does not have (small images: no cascade) fails the plan
+    // stage; a name nnU-Net never plans fails at load time (tests/bad_values.rs).
+    let unplanned = project.run(&[
         "nnunet.toml",
         "--set",
         "dataset=D",
         "--set",
         FEW_SAMPLES,
         "--set",
-        "plan.overrides={ \"3d_huge\" = { batch_size = 7 } }",
+        "plan.overrides={ \"3d_lowres\" = { batch_size = 7 } }",
         "plan",
     ]);
-    assert_eq!(unknown.code, 1);
+    assert_eq!(unplanned.code, 1);
     assert!(
-        unknown.json.to_string().contains("no configuration `3d_huge`"),
+        unplanned
+            .json
+            .to_string()
+            .contains("no configuration `3d_lowres`"),
         "{}",
-        unknown.json
+        unplanned.json
     );
 }
 

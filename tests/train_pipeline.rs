@@ -1,6 +1,7 @@
 //! The `train` stage through the engine on a small synthetic 3D dataset (CPU): it learns, a killed
-//! run resumes to the same weights, more epochs continue from the checkpoint, changing the
-//! augmentation re-runs training only, and asking for CUDA without a GPU fails clearly.
+//! run resumes to the same weights, more epochs continue from the checkpoint, a damaged checkpoint
+//! falls back to the one before it (or a fresh start), changing the augmentation re-runs training
+//! only, and asking for CUDA without a GPU fails clearly.
 
 mod common;
 
@@ -171,6 +172,78 @@ fn a_killed_training_resumes_to_the_same_weights() {
     assert!(resume_folder(&killed)
         .join("checkpoint_latest.optimizer.safetensors")
         .is_file());
+}
+
+/// The training's stage log (the worker's output) of the last run.
+fn stage_log(project: &Project) -> String {
+    project.read(&format!(".nnflow/nnunet/logs/{TRAIN}.log"))
+}
+
+/// Damages a file the way a full disk or a killed copy does: only its first bytes remain.
+fn truncate(path: &Path) {
+    let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    file.set_len(4).unwrap();
+}
+
+#[test]
+fn a_damaged_resume_checkpoint_falls_back_instead_of_failing() {
+    let project = project_with_dataset();
+    let mut tiny: Vec<&str> = TINY.to_vec();
+    tiny[0] = "train.epochs=2";
+    let first = project.run(&args(&tiny));
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    // the resume folder keeps the last two checkpoints: after epoch 2 (latest) and 1 (previous)
+    let resume = resume_folder(&project);
+    let latest = resume.join("checkpoint_latest.safetensors");
+    truncate(&latest);
+
+    // More epochs continue from a checkpoint: the previous one, as the latest is damaged.
+    tiny[0] = "train.epochs=3";
+    let second = project.run(&args(&tiny));
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    assert_eq!(second.outcome(TRAIN), "ran");
+    let log = stage_log(&project);
+    let damaged_latest = format!(
+        "resume checkpoint checkpoint_latest cannot be used: {}: damaged: 4 bytes where",
+        latest.display()
+    );
+    assert!(
+        log.contains(&damaged_latest) && log.contains("were written; falling back to checkpoint_previous"),
+        "{log}"
+    );
+    assert!(log.contains("resuming after epoch 1 from"), "{log}");
+    assert!(
+        log.contains("epoch 1: lr") && !log.contains("epoch 0: lr"),
+        "{log}"
+    );
+    let training_log = std::fs::read_to_string(train_out(&project).join("training_log.txt")).unwrap();
+    assert!(training_log.contains(&damaged_latest), "{training_log}");
+
+    // With both checkpoints damaged, training starts from scratch.
+    let previous = resume.join("checkpoint_previous.optimizer.safetensors");
+    truncate(&latest);
+    truncate(&previous);
+    tiny[0] = "train.epochs=4";
+    let third = project.run(&args(&tiny));
+    assert_eq!(third.code, 0, "{}", third.stderr);
+    let log = stage_log(&project);
+    assert!(
+        log.contains(&damaged_latest) && log.contains("falling back to checkpoint_previous"),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "resume checkpoint checkpoint_previous cannot be used: {}: damaged: 4 bytes where",
+            previous.display()
+        )) && log.contains("were written; starting training from scratch"),
+        "{log}"
+    );
+    assert!(
+        log.contains("epoch 0: lr") && !log.contains("resuming after"),
+        "{log}"
+    );
+    // and its checkpoints are intact again
+    assert_eq!(epochs_done(&project), Some(4));
 }
 
 #[test]

@@ -608,6 +608,150 @@ cmd = "touch ran-fine"
 }
 
 #[test]
+fn every_wrong_key_and_value_of_a_stage_is_reported() {
+    let p = project(
+        r#"[stages.a]
+kind = "command"
+cmd = 3
+cmdd = "x"
+inputs = "a.txt"
+outputs = ["o", 2, "p", false]
+threads = "two"
+gpus = -1
+[stages.b]
+kind = "command"
+cmd = "touch ran-b"
+env = [1]
+paramz = {}
+[stages.c]
+kind = "plan"
+dataset = 4
+gpu_memory_gb = "much"
+[stages.fine]
+kind = "command"
+cmd = "touch ran-fine"
+"#,
+    );
+    let report = invalid(&p, &[]);
+    let expected = [
+        (
+            3,
+            7,
+            "stage `a`: `cmd`: invalid type: integer `3`, expected a string",
+            "cmd = 3",
+        ),
+        (4, 1, "stage `a`: unknown field `cmdd`", "cmdd = \"x\""),
+        (
+            5,
+            10,
+            "stage `a`: `inputs`: invalid type: string \"a.txt\", expected a sequence",
+            "inputs = \"a.txt\"",
+        ),
+        (
+            6,
+            17,
+            "stage `a`: `outputs.1`: invalid type: integer `2`",
+            "outputs = [\"o\", 2, \"p\", false]",
+        ),
+        (
+            6,
+            25,
+            "stage `a`: `outputs.3`: invalid type: boolean `false`",
+            "outputs = [\"o\", 2, \"p\", false]",
+        ),
+        (
+            7,
+            11,
+            "`threads`: invalid type: string \"two\", expected u32",
+            "threads = \"two\"",
+        ),
+        (
+            8,
+            8,
+            "`gpus`: invalid value: integer `-1`, expected u32",
+            "gpus = -1",
+        ),
+        (
+            12,
+            8,
+            "stage `b`: `env.0`: invalid type: integer `1`, expected a string",
+            "env = [1]",
+        ),
+        (13, 1, "stage `b`: unknown field `paramz`", "paramz = {}"),
+        (
+            16,
+            11,
+            "stage `c`: `dataset`: invalid type: integer `4`, expected a string",
+            "dataset = 4",
+        ),
+        (
+            17,
+            17,
+            "stage `c`: `gpu_memory_gb`: invalid type: string \"much\"",
+            "gpu_memory_gb = \"much\"",
+        ),
+        (14, 9, "stage `c`: missing field `fingerprint`", "[stages.c]"),
+    ];
+    for (line, col, message, source) in expected {
+        assert_diagnostic(&report, "p.toml", line, col, message, source);
+    }
+    // No error that repairing an earlier one caused (e.g. `cmd` reported missing once set aside).
+    assert_eq!(report.matches("missing field").count(), 1, "{report}");
+    assert_count(&report, expected.len());
+}
+
+#[test]
+fn parameters_are_checked_beside_a_failed_substitution() {
+    // The unknown variable is one mistake; the stage's other keys are still read, but the value
+    // that could not be substituted is not judged (its type is unknown).
+    let p = project(
+        r#"[stages.a]
+kind = "plan"
+dataset = "${nope}"
+fingerprint = 3
+gpu_memory_gb = "${nope}"
+extra = 1
+"#,
+    );
+    let report = invalid(&p, &[]);
+    assert_diagnostic(
+        &report,
+        "p.toml",
+        3,
+        11,
+        "unknown variable `${nope}`",
+        "dataset = \"${nope}\"",
+    );
+    assert_diagnostic(
+        &report,
+        "p.toml",
+        4,
+        15,
+        "stage `a`: `fingerprint`: invalid type",
+        "fingerprint = 3",
+    );
+    assert_diagnostic(
+        &report,
+        "p.toml",
+        6,
+        1,
+        "stage `a`: unknown field `extra`",
+        "extra = 1",
+    );
+    assert_diagnostic(
+        &report,
+        "p.toml",
+        5,
+        17,
+        "unknown variable `${nope}`",
+        "gpu_memory_gb = \"${nope}\"",
+    );
+    assert!(!report.contains("`dataset`:"), "{report}");
+    assert!(!report.contains("`gpu_memory_gb`:"), "{report}");
+    assert_count(&report, 4);
+}
+
+#[test]
 fn syntax_and_graph_errors_are_reported_together_with_key_errors() {
     // Key errors and a cycle in one file: the DAG is still checked when the stages have mistakes.
     let p = project(
@@ -740,13 +884,13 @@ cmd = "touch ran-a"
     );
     let report = invalid(&p, &["--set", "nostage.x=1"]);
     assert!(
-        report.contains("--set nostage.x=1: error: no stage named `nostage`\n"),
+        report.contains("--set nostage.x=1: error: no stage named `nostage` (stages: a)\n"),
         "{report}"
     );
     assert_count(&report, 1);
     let report = invalid(&p, &["--set", "a.cmdd=1"]);
     assert!(
-        report.contains("--set a.cmdd=1: error: stage `a`: unknown field `cmdd`"),
+        report.contains("--set a.cmdd=1: error: stage `a` has no parameter `cmdd` (did you mean `cmd`?)\n"),
         "{report}"
     );
     let report = invalid(&p, &["--set", "a.threads=two"]);
@@ -759,6 +903,134 @@ cmd = "touch ran-a"
         report.contains("--set novalue: error: expected NAME=VALUE"),
         "{report}"
     );
+}
+
+/// A pipeline with variables, a matrix and stages of two kinds, for the `--set` tests.
+const SETTABLE: &str = r#"[vars]
+folds = [0, 1, 2, 3, 4]
+data = "d"
+[stages.train]
+kind = "command"
+matrix = { fold = "${folds}" }
+cmd = "echo ${fold} > $NNFLOW_OUT/fold.txt && touch ran-train-${fold}"
+[stages.plan]
+kind = "plan"
+dataset = "${data}"
+fingerprint = "f"
+"#;
+
+#[test]
+fn set_of_an_unknown_name_suggests_the_nearest_and_runs_nothing() {
+    let p = project(SETTABLE);
+    // The typo that would otherwise train all five folds.
+    let report = invalid(&p, &["--set", "fold=[0]"]);
+    assert!(
+        report.contains("--set fold=[0]: error: unknown variable `fold` (did you mean `folds`?)\n"),
+        "{report}"
+    );
+    assert_count(&report, 1);
+    let report = invalid(&p, &["--set", "zzzzzz=1"]);
+    assert!(
+        report.contains("--set zzzzzz=1: error: unknown variable `zzzzzz` (variables: data, folds)\n"),
+        "{report}"
+    );
+    let report = invalid(&p, &["--set", "trian.cmd=x"]);
+    assert!(
+        report.contains("--set trian.cmd=x: error: no stage named `trian` (did you mean `train`?)\n"),
+        "{report}"
+    );
+    // A parameter of the stage's kind that the file does not set is still recognised as a neighbour.
+    let report = invalid(&p, &["--set", "plan.gpu_memory=4"]);
+    assert!(
+        report.contains("--set plan.gpu_memory=4: error: stage `plan` has no parameter `gpu_memory` (did you mean `gpu_memory_gb`?)\n"),
+        "{report}"
+    );
+    let report = invalid(&p, &["--set", "train.thread=2"]);
+    assert!(
+        report.contains("(did you mean `threads`?)"),
+        "common stage keys are candidates too:\n{report}"
+    );
+    let report = invalid(&p, &["--set", "train.qqqqqqqqq=2"]);
+    assert!(
+        report.contains("stage `train` has no parameter `qqqqqqqqq` (parameters of kind `command`: cmd, env, inputs, outputs, params; keys of every stage: kind, "),
+        "without a near name the valid ones are listed:\n{report}"
+    );
+    // Every mistaken `--set` is reported, with the pipeline's own mistakes.
+    let report = invalid(&p, &["--set", "fold=[0]", "--set", "train.cmdd=x"]);
+    assert!(report.contains("did you mean `folds`?"), "{report}");
+    assert!(report.contains("did you mean `cmd`?"), "{report}");
+    assert_count(&report, 2);
+    // A pipeline without variables says so.
+    let p = project("[stages.a]\nkind = \"command\"\ncmd = \"touch ran-a\"\n");
+    let report = invalid(&p, &["--set", "folds=[0]"]);
+    assert!(
+        report.contains("--set folds=[0]: error: unknown variable `folds` (the pipeline has no variables)\n"),
+        "{report}"
+    );
+}
+
+#[test]
+fn set_of_a_key_the_file_leaves_at_its_default_works() {
+    let p = project(SETTABLE);
+    // Kind parameters the file does not write, and keys every stage has.
+    for set in [
+        "plan.gpu_memory_gb=4",
+        "plan.overrides={ \"3d_fullres\" = { batch_size = 4 } }",
+        "plan.plans_name=mine",
+        "train.env=[\"LANG\"]",
+        "train.threads=2",
+        "train.gpus=0",
+        "train.description=x",
+        "train.slurm={ partition = \"p\" }",
+        "folds=[0]",
+    ] {
+        let (code, report) = nnflow(&p, &["validate", "p.toml", "--set", set]);
+        assert_eq!(code, 0, "--set {set}:\n{report}");
+    }
+    let run = p.run(&[
+        "p.toml",
+        "train",
+        "--set",
+        "folds=[3]",
+        "--set",
+        "train.params={ x = 1 }",
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.with_outcome("ran"), ["train[fold=3]"]);
+    assert_eq!(p.read(".nnflow/p/out/train/fold=3/fold.txt"), "3\n");
+}
+
+#[test]
+fn set_values_that_do_not_parse_point_at_the_argument() {
+    let p = project(SETTABLE);
+    for (set, message) in [
+        ("folds=[0,x]", "`[0,x]` is not a valid TOML value: "),
+        ("folds=[0, 1", "`[0, 1` is not a valid TOML value: "),
+        ("train.params={ a = }", "`{ a = }` is not a valid TOML value: "),
+        ("data=\"open", "`\"open` is not a valid TOML value: "),
+        ("folds", "expected NAME=VALUE or STAGE.PARAM=VALUE"),
+        ("=1", "`` is not a variable or STAGE.PARAM name"),
+    ] {
+        let report = invalid(&p, &["--set", set]);
+        assert!(
+            report.starts_with(&format!("--set {set}: error: {message}")),
+            "--set {set}:\n{report}"
+        );
+        assert!(
+            !report.lines().any(|line| line.starts_with("p.toml")),
+            "--set {set} is not the file's mistake:\n{report}"
+        );
+        assert_count(&report, 1);
+    }
+    // A well-formed value of the wrong type, given whole to a variable: the argument is at fault.
+    let report = invalid(&p, &["--set", "folds=x"]);
+    assert!(
+        report.starts_with(
+            "--set folds=x: error: `matrix.fold`: invalid type: string \"x\", expected a sequence\n"
+        ),
+        "{report}"
+    );
+    assert_count(&report, 1);
 }
 
 #[test]
@@ -912,7 +1184,7 @@ cmd = "touch ran-a"
 fn odd_inputs_never_panic() {
     // (pipeline text, expected exit code, text expected in stderr)
     let cases: &[(&str, i32, &str)] = &[
-        ("", 0, ""),
+        ("", 2, "p.toml:1:1: error: the pipeline has no stages"),
         (
             "stages = 3\n",
             2,
@@ -967,7 +1239,7 @@ fn odd_inputs_never_panic() {
         (
             "[stages.x]\nkind = \"command\"\ncmd = \"touch ran-x\"\ngpus = 99999999999999999999\n",
             2,
-            "p.toml:4:8: error: `gpus`",
+            "p.toml:4:8: error: `99999999999999999999` is out of range",
         ),
         (
             "[pipeline]\nextends = 3\n",
@@ -1002,6 +1274,81 @@ fn odd_inputs_never_panic() {
         }
         assert!(!p.path().join("ran-x").exists(), "{text:?}");
     }
+}
+
+#[test]
+fn a_pipeline_without_stages_is_an_error_naming_the_file() {
+    for text in [
+        "",
+        "\n\n",
+        "# nothing yet\n",
+        "[vars]\nfolds = [0]\n",
+        "[stages]\n",
+        "[pipeline]\nname = \"x\"\n",
+    ] {
+        let p = project(text);
+        let report = invalid(&p, &[]);
+        assert!(
+            report.starts_with(
+                "p.toml:1:1: error: the pipeline has no stages (a pipeline needs at least one `[stages.NAME]` table)\n"
+            ),
+            "{text:?}:\n{report}"
+        );
+        assert_count(&report, 1);
+        for command in ["dag", "status", "gc"] {
+            let (code, report) = nnflow(&p, &[command, "p.toml"]);
+            assert_eq!(code, 2, "nnflow {command} on {text:?}:\n{report}");
+            assert!(report.contains("the pipeline has no stages"), "{report}");
+        }
+    }
+    // Stages from the base file count; an empty extending file is a complete pipeline.
+    let p = project("[pipeline]\nextends = \"base.toml\"\n");
+    p.write("base.toml", "[stages.a]\nkind = \"command\"\ncmd = \"true\"\n");
+    let (code, report) = nnflow(&p, &["validate", "p.toml"]);
+    assert_eq!(code, 0, "{report}");
+}
+
+#[test]
+fn a_stage_may_have_its_own_slurm_settings() {
+    // README: "`[pipeline.slurm]` for every stage and a stage's `slurm = { ... }` on top".
+    let p = project(
+        "[stages.a]\nkind = \"command\"\ncmd = \"true\"\nslurm = { partition = \"gpu\", time = \"1:00:00\" }\n",
+    );
+    let (code, report) = nnflow(&p, &["validate", "p.toml"]);
+    assert_eq!(code, 0, "{report}");
+    p.write(
+        "p.toml",
+        "[stages.a]\nkind = \"command\"\ncmd = \"touch ran-a\"\nslurm = { partitoin = \"gpu\" }\n",
+    );
+    let report = invalid(&p, &[]);
+    assert!(
+        report.contains("p.toml:4:11: error: unknown field `partitoin`"),
+        "{report}"
+    );
+}
+
+#[test]
+fn lists_spliced_into_a_word_distribute_its_text() {
+    let p = project(
+        r#"[vars]
+names = ["x", "y"]
+[stages.fit]
+kind = "command"
+matrix = { fold = [0, 1] }
+cmd = "echo model ${fold} > $NNFLOW_OUT/model.txt"
+[stages.report]
+kind = "command"
+cmd = "cat ${fit[*].outputs}/model.txt > report.txt; for m in ${fit[*].outputs}; do cat $m/model.txt; done >> report.txt; echo pre-${names}-post ${names}/${names} [${names}]|cat > words.txt"
+outputs = ["report.txt", "words.txt"]
+"#,
+    );
+    let run = p.run(&["p.toml"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(p.read("report.txt"), "model 0\nmodel 1\nmodel 0\nmodel 1\n");
+    assert_eq!(
+        p.read("words.txt"),
+        "pre-x-post pre-y-post x/x x/y y/x y/y [x] [y]\n"
+    );
 }
 
 #[test]
@@ -1088,4 +1435,37 @@ cmd = "cat ${a[fold=7].outputs}"
         report.contains("no instance of `a` has fold=7 (instances: a[fold=0], a[fold=1])"),
         "{report}"
     );
+}
+
+/// Numbers TOML allows but 64 bits cannot hold are errors, not the largest integer or infinity.
+#[test]
+fn out_of_range_numbers_are_reported_at_their_position() {
+    let p = project(
+        "[vars]\nbig = 99999999999999999999\nhuge = 1e400\nfine = -inf\n[stages.a]\nkind = \"command\"\ncmd = \"touch ran-a\"\n",
+    );
+    let report = invalid(&p, &[]);
+    assert_diagnostic(
+        &report,
+        "p.toml",
+        2,
+        7,
+        "`99999999999999999999` is out of range",
+        "big = 99999999999999999999",
+    );
+    assert_diagnostic(&report, "p.toml", 3, 8, "`1e400` is out of range", "huge = 1e400");
+    assert_count(&report, 2);
+}
+
+/// Variables that repeat each other grow exponentially: stopped with an error, not by the kernel.
+#[test]
+fn exponential_variable_expansion_is_an_error_not_an_allocation() {
+    let mut text = String::from("[vars]\nv0 = \"0123456789\"\n");
+    for level in 1..=12 {
+        let previous = format!("${{v{}}}", level - 1);
+        text.push_str(&format!("v{level} = \"{}\"\n", previous.repeat(10)));
+    }
+    text.push_str("[stages.a]\nkind = \"command\"\ncmd = \"echo ${v12}; touch ran-a\"\n");
+    let p = project(&text);
+    let report = invalid(&p, &[]);
+    assert!(report.contains("substitution expands to more than"), "{report}");
 }

@@ -4,6 +4,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::output::{out, outln};
 use super::{Command, DagFormat, PipelineArgs, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK};
 use crate::engine::config::raw::ExecutorKind;
 use crate::engine::executor::{self, Outcome, RunOptions};
@@ -58,7 +59,7 @@ pub fn dispatch(command: Command) -> i32 {
         Command::Dag { pipeline, format } => dag(&pipeline, format),
         Command::Validate { pipeline } => validate(&pipeline),
         Command::Schema => {
-            print!("{}", crate::schema::pipeline_schema_text());
+            out!("{}", crate::schema::pipeline_schema_text());
             EXIT_OK
         }
         Command::Watch {
@@ -110,8 +111,8 @@ fn cores() -> usize {
 fn open(args: &PipelineArgs) -> Result<Engine, i32> {
     Engine::open(&args.pipeline, &args.sets).map_err(|error| {
         match error {
-            OpenError::Invalid(diagnostics) => eprintln!("{diagnostics}"),
-            other => eprintln!("error: {other}"),
+            OpenError::Invalid(diagnostics) => crate::errln!("{diagnostics}"),
+            other => crate::errln!("error: {other}"),
         }
         EXIT_INVALID
     })
@@ -142,7 +143,7 @@ fn run(
     };
     let executor = executor.unwrap_or(engine.pipeline.executor);
     if detach && executor != ExecutorKind::Slurm {
-        eprintln!("error: --detach needs the Slurm executor (--executor slurm)");
+        crate::errln!("error: --detach needs the Slurm executor (--executor slurm)");
         return EXIT_INVALID;
     }
     if executor == ExecutorKind::Slurm {
@@ -155,22 +156,22 @@ fn run(
             Ok(SlurmOutcome::Finished(report)) => print_report(report, json),
             Ok(SlurmOutcome::Detached(run)) => {
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&run).expect("run serializes"));
+                    outln!("{}", serde_json::to_string_pretty(&run).expect("run serializes"));
                 } else {
                     for job in &run.jobs {
-                        println!(
+                        outln!(
                             "{}  {} ({} instance(s))",
                             job.job_id,
                             job.stage,
                             job.instances.len()
                         );
                     }
-                    eprintln!("detached; `nnflow status` follows the run, `nnflow cancel` cancels it");
+                    crate::errln!("detached; `nnflow status` follows the run, `nnflow cancel` cancels it");
                 }
                 EXIT_OK
             }
             Err(message) => {
-                eprintln!("error: {message}");
+                crate::errln!("error: {message}");
                 EXIT_FAILED
             }
         };
@@ -195,7 +196,7 @@ fn detect_gpus(engine: &Engine) -> Vec<usize> {
     match torch_env::query_worker() {
         Ok(facts) => (0..facts.gpu_count).collect(),
         Err(message) => {
-            eprintln!("warning: cannot detect GPUs ({message}); use --gpus");
+            crate::errln!("warning: cannot detect GPUs ({message}); use --gpus");
             Vec::new()
         }
     }
@@ -205,7 +206,7 @@ fn run_engine(engine: &Engine, options: &RunOptions, json: bool, cancel: &Atomic
     match executor::run(engine, options, cancel) {
         Ok(report) => print_report(report, json),
         Err(message) => {
-            eprintln!("error: {message}");
+            crate::errln!("error: {message}");
             EXIT_INVALID
         }
     }
@@ -214,13 +215,13 @@ fn run_engine(engine: &Engine, options: &RunOptions, json: bool, cancel: &Atomic
 /// Prints a run's report (JSON, or a summary line) and returns the exit code.
 fn print_report(report: executor::RunReport, json: bool) -> i32 {
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&report).expect("report serializes")
         );
     } else {
         let count = |outcome| report.stages.iter().filter(|s| s.outcome == outcome).count();
-        eprintln!(
+        crate::errln!(
             "{}: {} ran, {} cached, {} failed, {} skipped",
             report.pipeline,
             count(Outcome::Ran),
@@ -246,7 +247,7 @@ fn print_status(args: &PipelineArgs, stages: &[String], json: bool, dry_run: boo
     let report = match status::status(&engine, stages) {
         Ok(report) => report,
         Err(message) => {
-            eprintln!("error: {message}");
+            crate::errln!("error: {message}");
             return EXIT_INVALID;
         }
     };
@@ -264,7 +265,7 @@ fn print_status(args: &PipelineArgs, stages: &[String], json: bool, dry_run: boo
                 "run_id": run.run_id, "job_name": run.job_name, "instances": instances,
             });
         }
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&value).expect("status serializes")
         );
@@ -284,15 +285,15 @@ fn print_status(args: &PipelineArgs, stages: &[String], json: bool, dry_run: boo
         } else {
             ""
         };
-        println!("{label:>8}  {}{cached}", stage.id);
+        outln!("{label:>8}  {}{cached}", stage.id);
         for reason in &stage.reasons {
-            println!("            {reason}");
+            outln!("            {reason}");
         }
     }
     if let Some((run, rows)) = slurm_run {
-        println!("Slurm run {} ({}):", run.run_id, run.job_name);
+        outln!("Slurm run {} ({}):", run.run_id, run.job_name);
         for (id, state, job) in rows {
-            println!("  {state:>8}  {id}  [{job}]");
+            outln!("  {state:>8}  {id}  [{job}]");
         }
     }
     EXIT_OK
@@ -307,11 +308,11 @@ fn cancel_slurm_run(args: &PipelineArgs) -> i32 {
     match slurm::cancel(&engine) {
         Ok(run) => {
             let ids: Vec<&str> = run.jobs.iter().map(|j| j.job_id.as_str()).collect();
-            eprintln!("cancelled {} ({})", run.job_name, ids.join(", "));
+            crate::errln!("cancelled {} ({})", run.job_name, ids.join(", "));
             EXIT_OK
         }
         Err(message) => {
-            eprintln!("error: {message}");
+            crate::errln!("error: {message}");
             EXIT_FAILED
         }
     }
@@ -320,7 +321,7 @@ fn cancel_slurm_run(args: &PipelineArgs) -> i32 {
 fn validate(args: &PipelineArgs) -> i32 {
     match load_checked(&args.pipeline, &args.sets) {
         Ok(pipeline) => {
-            println!(
+            outln!(
                 "{}: {} stage instance(s), valid",
                 args.pipeline.display(),
                 pipeline.instances.len()
@@ -328,7 +329,7 @@ fn validate(args: &PipelineArgs) -> i32 {
             EXIT_OK
         }
         Err(diagnostics) => {
-            eprintln!("{diagnostics}");
+            crate::errln!("{diagnostics}");
             EXIT_INVALID
         }
     }
@@ -397,7 +398,7 @@ fn dag(args: &PipelineArgs, format: DagFormat) -> i32 {
             }
         }
     }
-    print!("{out}");
+    out!("{out}");
     EXIT_OK
 }
 
@@ -415,7 +416,7 @@ fn watch_pipeline(args: &PipelineArgs, jobs: Option<usize>, debounce_ms: u64) ->
         || {
             let engine = open(args).ok()?;
             run_engine(&engine, &options, false, &AtomicBool::new(false));
-            eprintln!(
+            crate::errln!(
                 "watching {} for changes (Ctrl-C to stop)",
                 args.pipeline.display()
             );
@@ -425,7 +426,7 @@ fn watch_pipeline(args: &PipelineArgs, jobs: Option<usize>, debounce_ms: u64) ->
     match result {
         Ok(()) => EXIT_OK,
         Err(message) => {
-            eprintln!("error: {message}");
+            crate::errln!("error: {message}");
             EXIT_FAILED
         }
     }
@@ -438,14 +439,17 @@ fn collect_garbage(args: &PipelineArgs, keep_last: usize) -> i32 {
     };
     match gc::collect(&engine, keep_last) {
         Ok(report) => {
-            println!(
-                "removed {} cache entries and {} blobs, freed {} bytes",
-                report.entries_removed, report.blobs_removed, report.bytes_freed
+            outln!(
+                "removed {} cache entries and {} blobs, freed {} bytes; removed {} staging folders of killed runs",
+                report.entries_removed,
+                report.blobs_removed,
+                report.bytes_freed,
+                report.staging_folders_removed
             );
             EXIT_OK
         }
         Err(message) => {
-            eprintln!("error: {message}");
+            crate::errln!("error: {message}");
             EXIT_FAILED
         }
     }
@@ -463,35 +467,36 @@ fn doctor(json: bool) -> i32 {
             "torch": torch.as_ref().ok(),
             "torch_error": torch.as_ref().err(),
         });
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&value).expect("doctor serializes")
         );
         return if torch.is_ok() { EXIT_OK } else { EXIT_FAILED };
     }
-    println!("nnflow            {}", env!("CARGO_PKG_VERSION"));
-    println!("CPU cores         {cores}");
-    println!("rayon threads     {rayon_threads}");
+    outln!("nnflow            {}", env!("CARGO_PKG_VERSION"));
+    outln!("CPU cores         {cores}");
+    outln!("rayon threads     {rayon_threads}");
     match torch {
         Ok(facts) => {
-            println!("libtorch          {}", facts.libtorch_version);
+            outln!("libtorch          {}", facts.libtorch_version);
             let cuda_library = if facts.libtorch_cuda_loaded {
                 "loaded"
             } else {
                 "not found (CPU only)"
             };
-            println!("libtorch_cuda.so  {cuda_library}");
-            println!("CUDA available    {}", facts.cuda_available);
-            println!("cuDNN available   {}", facts.cudnn_available);
-            println!("GPUs              {}", facts.gpu_count);
-            println!(
+            outln!("libtorch_cuda.so  {cuda_library}");
+            outln!("CUDA available    {}", facts.cuda_available);
+            outln!("cuDNN available   {}", facts.cudnn_available);
+            outln!("GPUs              {}", facts.gpu_count);
+            outln!(
                 "torch threads     {} (inter-op {})",
-                facts.torch_threads, facts.torch_interop_threads
+                facts.torch_threads,
+                facts.torch_interop_threads
             );
             EXIT_OK
         }
         Err(message) => {
-            println!("libtorch          unavailable: {message}");
+            outln!("libtorch          unavailable: {message}");
             EXIT_FAILED
         }
     }

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use super::output::outln;
 use super::{EXIT_FAILED, EXIT_INVALID, EXIT_OK};
 use crate::data::dataset::Dataset;
 use crate::data::import::{self, ImportError, ImportSpec};
@@ -40,7 +41,7 @@ pub fn import(
                 label_map = config.labels;
             }
             Err(message) => {
-                eprintln!("error: {}: {message}", path.display());
+                crate::errln!("error: {}: {message}", path.display());
                 return EXIT_INVALID;
             }
         }
@@ -54,7 +55,7 @@ pub fn import(
                 label_map.insert(name.trim().to_string(), value);
             }
             _ => {
-                eprintln!("error: --label {entry}: expected NAME=INTEGER");
+                crate::errln!("error: --label {entry}: expected NAME=INTEGER");
                 return EXIT_INVALID;
             }
         }
@@ -68,7 +69,7 @@ pub fn import(
     };
     match import::import(&spec) {
         Ok(dataset) => {
-            println!(
+            outln!(
                 "imported {} cases into {}",
                 dataset.cases.len(),
                 dataset.root.display()
@@ -76,11 +77,11 @@ pub fn import(
             EXIT_OK
         }
         Err(ImportError::Invalid(report)) => {
-            eprintln!("{}\nnothing was written", report.render());
+            crate::errln!("{}\nnothing was written", report.render());
             EXIT_INVALID
         }
         Err(error) => {
-            eprintln!("error: {error}");
+            crate::errln!("error: {error}");
             EXIT_INVALID
         }
     }
@@ -90,16 +91,16 @@ pub fn check(root: &Path) -> i32 {
     let dataset = match Dataset::open(root) {
         Ok(dataset) => dataset,
         Err(error) => {
-            eprintln!("error: {error}");
+            crate::errln!("error: {error}");
             return EXIT_INVALID;
         }
     };
     let report = check_dataset(&dataset);
     if !report.render().is_empty() {
-        eprintln!("{}", report.render());
+        crate::errln!("{}", report.render());
     }
     if report.is_ok() {
-        println!("{}: {} cases, no problems", root.display(), dataset.cases.len());
+        outln!("{}: {} cases, no problems", root.display(), dataset.cases.len());
         EXIT_OK
     } else {
         EXIT_INVALID
@@ -123,11 +124,11 @@ pub fn synth(root: &Path, args: SynthArgs) -> i32 {
         <[usize; 3]>::try_from(args.shape.as_slice()),
         <[f64; 3]>::try_from(args.spacing.as_slice()),
     ) else {
-        eprintln!("error: --shape and --spacing take three values, z,y,x");
+        crate::errln!("error: --shape and --spacing take three values, z,y,x");
         return EXIT_INVALID;
     };
     if !(0.0..1.0).contains(&args.spacing_variation) {
-        eprintln!("error: --spacing-variation must be in [0, 1)");
+        crate::errln!("error: --spacing-variation must be in [0, 1)");
         return EXIT_INVALID;
     }
     let spec = SyntheticSpec {
@@ -142,11 +143,11 @@ pub fn synth(root: &Path, args: SynthArgs) -> i32 {
     };
     match write_dataset(root, &spec) {
         Ok(()) => {
-            println!("wrote {} synthetic cases to {}", args.cases, root.display());
+            outln!("wrote {} synthetic cases to {}", args.cases, root.display());
             EXIT_OK
         }
         Err(error) => {
-            eprintln!("error: {error}");
+            crate::errln!("error: {error}");
             EXIT_FAILED
         }
     }

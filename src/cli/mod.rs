@@ -3,6 +3,7 @@
 
 mod commands;
 mod data_commands;
+mod output;
 
 use std::path::PathBuf;
 
@@ -199,5 +200,10 @@ pub fn main() -> i32 {
             return if e.use_stderr() { EXIT_INVALID } else { EXIT_OK };
         }
     };
-    commands::dispatch(cli.command)
+    let code = commands::dispatch(cli.command);
+    if code == EXIT_OK && output::failed() {
+        EXIT_FAILED
+    } else {
+        code
+    }
 }

@@ -12,20 +12,28 @@ use serde::{Deserialize, Serialize};
 
 /// The geometry-relevant fields of a NIfTI-1 header, stored exactly as in the file (f32 values
 /// are kept as f32 so that a written header is bit-identical to the one that was read).
+///
+/// As JSON (preprocessed cases' properties), a NaN or infinite f32 (garbage in a field the file
+/// does not use, e.g. `srow` with `sform_code` 0) is written as the string `"NaN"`, `"inf"` or
+/// `"-inf"` rather than `null`, so the next stage can read it back.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Header {
     /// `dim[0]` = number of dimensions, `dim[1..=3]` = (x, y, z) sizes.
     pub dim: [i16; 8],
     /// `pixdim[0]` = qfac, `pixdim[1..=3]` = (x, y, z) voxel sizes.
+    #[serde(with = "json_f32")]
     pub pixdim: [f32; 8],
     pub xyzt_units: u8,
     pub qform_code: i16,
     pub sform_code: i16,
     /// Quaternion (b, c, d); `a` is derived.
+    #[serde(with = "json_f32")]
     pub quatern: [f32; 3],
     /// qoffset (x, y, z).
+    #[serde(with = "json_f32")]
     pub qoffset: [f32; 3],
     /// srow_x, srow_y, srow_z.
+    #[serde(with = "json_f32_rows")]
     pub srow: [[f32; 4]; 3],
     /// NIfTI datatype code of the file this header was read from (informational only; `write`
     /// uses the type of the array it is given).
@@ -215,9 +223,111 @@ fn quaternion_to_matrix([x, y, z]: [f64; 3]) -> [[f64; 3]; 3] {
     ]
 }
 
+/// An f32 in JSON: finite values as numbers, NaN and ±infinity as the strings `"NaN"`, `"inf"`,
+/// `"-inf"` (JSON has no such numbers; serde_json would write `null` and refuse to read it).
+#[derive(Clone, Copy)]
+struct JsonF32(f32);
+
+impl Serialize for JsonF32 {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let v = self.0;
+        if v.is_finite() {
+            serializer.serialize_f32(v)
+        } else if v.is_nan() {
+            serializer.serialize_str("NaN")
+        } else if v > 0.0 {
+            serializer.serialize_str("inf")
+        } else {
+            serializer.serialize_str("-inf")
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for JsonF32 {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Number(f32),
+            Text(String),
+        }
+        match Either::deserialize(deserializer)? {
+            Either::Number(v) => Ok(JsonF32(v)),
+            Either::Text(text) => match text.as_str() {
+                "NaN" => Ok(JsonF32(f32::NAN)),
+                "inf" => Ok(JsonF32(f32::INFINITY)),
+                "-inf" => Ok(JsonF32(f32::NEG_INFINITY)),
+                _ => Err(serde::de::Error::custom(format!(
+                    "expected a number, \"NaN\", \"inf\" or \"-inf\", got {text:?}"
+                ))),
+            },
+        }
+    }
+}
+
+mod json_f32 {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::JsonF32;
+
+    pub fn serialize<S: Serializer, const N: usize>(
+        values: &[f32; N],
+        serializer: S,
+    ) -> Result<S::Ok, S::Error>
+    where
+        [JsonF32; N]: Serialize,
+    {
+        values.map(JsonF32).serialize(serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(
+        deserializer: D,
+    ) -> Result<[f32; N], D::Error>
+    where
+        [JsonF32; N]: Deserialize<'de>,
+    {
+        Ok(<[JsonF32; N]>::deserialize(deserializer)?.map(|v| v.0))
+    }
+}
+
+mod json_f32_rows {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::JsonF32;
+
+    pub fn serialize<S: Serializer>(rows: &[[f32; 4]; 3], serializer: S) -> Result<S::Ok, S::Error> {
+        rows.map(|row| row.map(JsonF32)).serialize(serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<[[f32; 4]; 3], D::Error> {
+        Ok(<[[JsonF32; 4]; 3]>::deserialize(deserializer)?.map(|row| row.map(|v| v.0)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn non_finite_header_values_survive_json() {
+        let mut h = header();
+        h.pixdim[5] = f32::NAN;
+        h.srow[1][2] = f32::INFINITY;
+        h.quatern[0] = f32::NEG_INFINITY;
+        let text = serde_json::to_string(&h).unwrap();
+        assert!(!text.contains("null"), "{text}");
+        assert!(text.contains(r#""NaN""#) && text.contains(r#""inf""#) && text.contains(r#""-inf""#));
+        let back: Header = serde_json::from_str(&text).unwrap();
+        assert!(back.pixdim[5].is_nan());
+        assert_eq!(back.srow[1][2], f32::INFINITY);
+        assert_eq!(back.quatern[0], f32::NEG_INFINITY);
+        // Finite values are plain numbers, read back bit for bit.
+        let finite: Header = serde_json::from_str(&serde_json::to_string(&header()).unwrap()).unwrap();
+        assert_eq!(finite, header());
+        assert!(serde_json::to_string(&header())
+            .unwrap()
+            .contains(r#""pixdim":[1.0,2.0,3.0,4.0,"#));
+    }
 
     fn header() -> Header {
         Header {

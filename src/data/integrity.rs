@@ -1,7 +1,11 @@
 //! nnU-Net's dataset integrity check: every case has all its channel files and a label file, image
 //! and label agree in shape and spacing, labels hold only the values dataset.json declares, images
-//! hold no NaN. Every problem of every case is collected into one report; affine or origin
-//! differences only warn, as in nnU-Net.
+//! hold no NaN (nnU-Net's check) and no +Inf or -Inf (nnflow's: an infinite intensity makes the
+//! fingerprint's statistics infinite or NaN, which JSON cannot hold). Every problem of every case
+//! is collected into one report; affine or origin differences only warn, as in nnU-Net.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
 
 use ndarray::Array3;
 use rayon::prelude::*;
@@ -17,6 +21,8 @@ const SPACING_TOLERANCE: f64 = 1e-4;
 pub struct LoadedCase {
     pub id: String,
     pub images: Vec<Volume>,
+    /// The channel files `images` were read from, in channel order.
+    pub image_paths: Vec<PathBuf>,
     pub label: Array3<i32>,
     pub label_header: Header,
 }
@@ -63,6 +69,7 @@ pub fn load_case(case: &Case) -> Result<LoadedCase, Vec<String>> {
         Some((label, label_header)) if problems.is_empty() => Ok(LoadedCase {
             id: case.id.clone(),
             images,
+            image_paths: case.images.clone(),
             label,
             label_header,
         }),
@@ -91,11 +98,13 @@ pub fn check_case(case: &LoadedCase, allowed_labels: &[i64]) -> Report {
                 case.id
             ));
         }
-        // A fold without early exit vectorizes; NaN is rare, so exiting early gains nothing.
-        if image.data.iter().fold(false, |nan, v| nan | v.is_nan()) {
-            report
-                .problems
-                .push(format!("case {}: channel {channel} contains NaN", case.id));
+        if let Some(found) = non_finite(&image.data) {
+            report.problems.push(non_finite_problem(
+                &case.id,
+                channel,
+                &found,
+                &case.image_paths[channel],
+            ));
         }
         if !close_affine(&image.header.affine(), &case.label_header.affine()) {
             report.warnings.push(format!(
@@ -112,6 +121,63 @@ pub fn check_case(case: &LoadedCase, allowed_labels: &[i64]) -> Report {
         ));
     }
     report
+}
+
+/// How many voxels of an image are NaN, +Inf and -Inf.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NonFinite {
+    pub nan: usize,
+    pub positive_infinity: usize,
+    pub negative_infinity: usize,
+}
+
+impl fmt::Display for NonFinite {
+    /// `NaN (2 voxels) and +Inf (1 voxel)`.
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        let parts: Vec<String> = [
+            ("NaN", self.nan),
+            ("+Inf", self.positive_infinity),
+            ("-Inf", self.negative_infinity),
+        ]
+        .into_iter()
+        .filter(|&(_, count)| count > 0)
+        .map(|(what, count)| format!("{what} ({count} voxel{})", if count == 1 { "" } else { "s" }))
+        .collect();
+        match parts.as_slice() {
+            [] => write!(f, "no non-finite values"),
+            [one] => write!(f, "{one}"),
+            [first @ .., last] => write!(f, "{} and {last}", first.join(", ")),
+        }
+    }
+}
+
+/// The NaN, +Inf and -Inf voxels of an image, or `None` when every voxel is finite. (An image stored
+/// as float64 whose values exceed float32's range reads as ±Inf, as it does in nnU-Net.)
+pub fn non_finite(data: &Array3<f32>) -> Option<NonFinite> {
+    // A fold without early exit vectorizes; non-finite values are rare, so exiting early gains
+    // nothing. Counting is done only for a bad image.
+    if data.iter().fold(true, |finite, v| finite & v.is_finite()) {
+        return None;
+    }
+    let mut found = NonFinite::default();
+    for v in data.iter().filter(|v| !v.is_finite()) {
+        if v.is_nan() {
+            found.nan += 1;
+        } else if *v > 0.0 {
+            found.positive_infinity += 1;
+        } else {
+            found.negative_infinity += 1;
+        }
+    }
+    Some(found)
+}
+
+/// The problem line for an image with non-finite voxels: case, channel, what, file.
+pub fn non_finite_problem(case: &str, channel: usize, found: &NonFinite, file: &Path) -> String {
+    format!(
+        "case {case}: channel {channel} contains {found} in {}",
+        file.display()
+    )
 }
 
 /// Label values not in `allowed`, sorted. Labels span a small range, so one pass finds the range
@@ -186,7 +252,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         let spec = SyntheticSpec {
-            cases: 5,
+            cases: 6,
             shape_zyx: [6, 8, 8],
             ..SyntheticSpec::default()
         };
@@ -215,6 +281,12 @@ mod tests {
         let other_spacing = Header::axis_aligned([6, 8, 8], [3.0, 1.0, 1.0], [0.0; 3]);
         nifti::write(root.join("imagesTr/case_003_0000.nii.gz"), &nan, &other_spacing).unwrap();
         // case_004 stays good.
+        // case_005: +Inf and -Inf.
+        let mut infinite = Array3::<f32>::ones((6, 8, 8));
+        infinite[[0, 0, 0]] = f32::INFINITY;
+        infinite[[2, 3, 4]] = f32::NEG_INFINITY;
+        infinite[[5, 7, 7]] = f32::NEG_INFINITY;
+        nifti::write(root.join("imagesTr/case_005_0000.nii.gz"), &infinite, &header).unwrap();
 
         let dataset = Dataset::open(root).unwrap();
         let report = check_dataset(&dataset);
@@ -229,12 +301,45 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("case case_002: label file"), "{text}");
-        assert!(text.contains("case case_003: channel 0 contains NaN"), "{text}");
+        assert!(
+            text.contains("case case_003: channel 0 contains NaN (1 voxel) in ")
+                && text.contains("imagesTr/case_003_0000.nii.gz"),
+            "{text}"
+        );
+        assert!(
+            text.contains("case case_005: channel 0 contains +Inf (1 voxel) and -Inf (2 voxels) in ")
+                && text.contains("imagesTr/case_005_0000.nii.gz"),
+            "{text}"
+        );
         assert!(
             text.contains("case case_003: channel 0 has spacing [3.0, 1.0, 1.0]"),
             "{text}"
         );
         assert!(!text.contains("case_004"), "{text}");
-        assert_eq!(report.problems.len(), 5, "{text}");
+        assert_eq!(report.problems.len(), 6, "{text}");
+    }
+
+    #[test]
+    fn non_finite_counts_each_kind() {
+        let mut data = Array3::<f32>::zeros((2, 2, 2));
+        assert_eq!(non_finite(&data), None);
+        data[[0, 0, 0]] = f32::NAN;
+        data[[0, 0, 1]] = f32::NAN;
+        data[[1, 1, 1]] = f32::NEG_INFINITY;
+        let found = non_finite(&data).unwrap();
+        assert_eq!(
+            found,
+            NonFinite {
+                nan: 2,
+                positive_infinity: 0,
+                negative_infinity: 1
+            }
+        );
+        assert_eq!(found.to_string(), "NaN (2 voxels) and -Inf (1 voxel)");
+        data[[1, 0, 0]] = f32::INFINITY;
+        assert_eq!(
+            non_finite(&data).unwrap().to_string(),
+            "NaN (2 voxels), +Inf (1 voxel) and -Inf (1 voxel)"
+        );
     }
 }

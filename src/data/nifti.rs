@@ -24,6 +24,9 @@ const HEADER_SIZE: usize = 348;
 const WRITE_VOX_OFFSET: usize = HEADER_SIZE + 4;
 const NIFTI2_HEADER_SIZE: i32 = 540;
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+/// Deflate expands data at most 1032-fold (a 258-byte match coded in 2 bits), so a gzip file
+/// cannot decompress to more than this many bytes per stored byte.
+const MAX_DEFLATE_RATIO: u64 = 1032;
 
 /// Errors from reading or writing a NIfTI file. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +63,16 @@ pub enum NiftiError {
         expected: usize,
         available: usize,
     },
+    #[error("{}: truncated: header says {dims} {dtype} ({expected} bytes) but {stored} bytes of gzip data \
+             decompress to at most {most} bytes of data", path.display())]
+    GzipTooSmall {
+        path: PathBuf,
+        dims: String,
+        dtype: &'static str,
+        expected: usize,
+        stored: u64,
+        most: u64,
+    },
     #[error("{}: label map has non-integer value {value} at voxel (z, y, x) = {zyx:?}", path.display())]
     NotInteger {
         path: PathBuf,
@@ -95,11 +108,9 @@ impl Volume {
 /// Reads a `.nii` / `.nii.gz` image as f32, applying scl_slope / scl_inter.
 pub fn read(path: impl AsRef<Path>) -> Result<Volume, NiftiError> {
     let path = path.as_ref();
-    let bytes = read_all(path)?;
-    let parsed = parse_header(path, &bytes)?;
-    let raw = data_block(path, &parsed, &bytes)?;
+    let (parsed, raw) = read_image(path)?;
     let mut values = Vec::with_capacity(parsed.voxel_count());
-    decode_each(raw, &parsed, |v| values.push(v as f32));
+    decode_each(&raw, &parsed, |v| values.push(v as f32));
     let data = to_array(path, &parsed.header, values)?;
     Ok(Volume {
         data,
@@ -111,12 +122,10 @@ pub fn read(path: impl AsRef<Path>) -> Result<Volume, NiftiError> {
 /// scaling). Decoded straight from the stored type, so large labels do not lose f32 precision.
 pub fn read_integer_labels(path: impl AsRef<Path>) -> Result<(Array3<i32>, Header), NiftiError> {
     let path = path.as_ref();
-    let bytes = read_all(path)?;
-    let parsed = parse_header(path, &bytes)?;
-    let raw = data_block(path, &parsed, &bytes)?;
+    let (parsed, raw) = read_image(path)?;
     let mut values = Vec::with_capacity(parsed.voxel_count());
     let mut first_bad: Option<(usize, f64)> = None;
-    decode_each(raw, &parsed, |v| {
+    decode_each(&raw, &parsed, |v| {
         let ok = v.fract() == 0.0 && v >= f64::from(i32::MIN) && v <= f64::from(i32::MAX);
         if !ok && first_bad.is_none() {
             first_bad = Some((values.len(), v));
@@ -140,7 +149,7 @@ pub fn read_integer_labels(path: impl AsRef<Path>) -> Result<(Array3<i32>, Heade
 pub fn read_header(path: impl AsRef<Path>) -> Result<Header, NiftiError> {
     let path = path.as_ref();
     let mut head = Vec::with_capacity(HEADER_SIZE);
-    let (reader, gz) = open(path)?;
+    let (reader, gz, _) = open(path)?;
     reader
         .take(HEADER_SIZE as u64)
         .read_to_end(&mut head)
@@ -218,15 +227,27 @@ impl Parsed {
     fn voxel_count(&self) -> usize {
         self.header.shape_xyz().iter().product()
     }
+
+    fn dims_text(&self) -> String {
+        let [nx, ny, nz] = self.header.shape_xyz();
+        format!("{nx}x{ny}x{nz}")
+    }
 }
 
+/// An open image: the (decompressing) reader, whether the file is gzip, and its size.
+type Opened = (Box<dyn Read>, bool, Option<u64>);
+
 /// Opens the file, transparently decompressing gzip (detected by magic bytes, not by extension,
-/// because mislabelled files are common). Returns the reader and whether it is gzip.
-fn open(path: &Path) -> Result<(Box<dyn Read>, bool), NiftiError> {
-    let file = File::open(path).map_err(|source| NiftiError::Io {
+/// because mislabelled files are common). Returns the reader, whether it is gzip and the file's
+/// size (None for what is not a regular file, e.g. a pipe).
+fn open(path: &Path) -> Result<Opened, NiftiError> {
+    let io_error = |source| NiftiError::Io {
         path: path.into(),
         source,
-    })?;
+    };
+    let file = File::open(path).map_err(io_error)?;
+    let metadata = file.metadata().map_err(io_error)?;
+    let stored = metadata.is_file().then_some(metadata.len());
     let mut buffered = BufReader::new(file);
     let head = buffered.fill_buf().map_err(|source| NiftiError::Io {
         path: path.into(),
@@ -235,9 +256,9 @@ fn open(path: &Path) -> Result<(Box<dyn Read>, bool), NiftiError> {
     if head.starts_with(&GZIP_MAGIC) {
         // MultiGzDecoder: concatenated gzip members form one stream (valid gzip, rejected by
         // single-member decoders).
-        Ok((Box::new(MultiGzDecoder::new(buffered)), true))
+        Ok((Box::new(MultiGzDecoder::new(buffered)), true, stored))
     } else {
-        Ok((Box::new(buffered), false))
+        Ok((Box::new(buffered), false, stored))
     }
 }
 
@@ -250,13 +271,88 @@ fn read_error(path: &Path, gz: bool, source: io::Error) -> NiftiError {
     }
 }
 
-fn read_all(path: &Path) -> Result<Vec<u8>, NiftiError> {
-    let (mut reader, gz) = open(path)?;
-    let mut bytes = Vec::new();
+/// The header and the data block. The header is read first, and the data size it declares is
+/// checked against what the file can hold (its size; for gzip, the most its size can decompress
+/// to) before any data is read: a header declaring huge dimensions is refused without allocating
+/// for them, and a gzip bomb is not inflated beyond the declared size.
+fn read_image(path: &Path) -> Result<(Parsed, Vec<u8>), NiftiError> {
+    let (mut reader, gz, stored) = open(path)?;
+    let mut head = Vec::with_capacity(HEADER_SIZE);
+    let parsed = reader
+        .by_ref()
+        .take(HEADER_SIZE as u64)
+        .read_to_end(&mut head)
+        .map_err(|source| read_error(path, gz, source))
+        .and_then(|_| parse_header(path, &head));
+    let parsed = match parsed {
+        Ok(parsed) => parsed,
+        // In a damaged gzip stream, the damage is the news, not what the header decoded to.
+        Err(error) if gz => return Err(check_rest(path, gz, &mut reader).err().unwrap_or(error)),
+        Err(error) => return Err(error),
+    };
+    let expected = data_size(path, &parsed)?;
+    let truncated = |available: usize| NiftiError::Truncated {
+        path: path.into(),
+        dims: parsed.dims_text(),
+        dtype: parsed.dtype.name(),
+        expected,
+        available,
+    };
+    let offset = parsed.vox_offset as u64;
+    match stored {
+        Some(stored) if gz => {
+            let most = stored.saturating_mul(MAX_DEFLATE_RATIO).saturating_sub(offset);
+            if (expected as u64) > most {
+                return Err(NiftiError::GzipTooSmall {
+                    path: path.into(),
+                    dims: parsed.dims_text(),
+                    dtype: parsed.dtype.name(),
+                    expected,
+                    stored,
+                    most,
+                });
+            }
+        }
+        Some(stored) if (expected as u64) > stored.saturating_sub(offset) => {
+            return Err(truncated(stored.saturating_sub(offset) as usize));
+        }
+        _ => {}
+    }
+    // Skip the extensions between the header and the data.
+    io::copy(
+        &mut reader.by_ref().take(offset - HEADER_SIZE as u64),
+        &mut io::sink(),
+    )
+    .map_err(|source| read_error(path, gz, source))?;
+    // A gzip file's size bounds its data only loosely (and a pipe's not at all): let the buffer
+    // grow with what arrives.
+    let reserve = match stored {
+        Some(_) if !gz => expected,
+        Some(stored) => expected.min(stored.saturating_mul(8) as usize),
+        None => expected.min(1 << 24),
+    };
+    let mut data = Vec::with_capacity(reserve);
     reader
-        .read_to_end(&mut bytes)
+        .by_ref()
+        .take(expected as u64)
+        .read_to_end(&mut data)
         .map_err(|source| read_error(path, gz, source))?;
-    Ok(bytes)
+    if data.len() < expected {
+        // Data ends early; a damaged gzip stream says why.
+        return Err(check_rest(path, gz, &mut reader)
+            .err()
+            .unwrap_or_else(|| truncated(data.len())));
+    }
+    check_rest(path, gz, &mut reader)?;
+    Ok((parsed, data))
+}
+
+/// Reads a gzip stream to its end, so its checksums and any damage past the data are noticed.
+fn check_rest(path: &Path, gz: bool, reader: &mut dyn Read) -> Result<(), NiftiError> {
+    if gz {
+        io::copy(reader, &mut io::sink()).map_err(|source| read_error(path, gz, source))?;
+    }
+    Ok(())
 }
 
 /// Fixed-offset field access in either byte order.
@@ -402,28 +498,16 @@ fn scaling(slope: f32, inter: f32) -> Option<(f64, f64)> {
     (slope.is_finite() && slope != 0.0 && !identity).then_some((slope, inter))
 }
 
-/// The voxel bytes, after checking the file really contains all of them.
-fn data_block<'a>(path: &Path, parsed: &Parsed, bytes: &'a [u8]) -> Result<&'a [u8], NiftiError> {
+/// The size in bytes of the data block the header declares.
+fn data_size(path: &Path, parsed: &Parsed) -> Result<usize, NiftiError> {
     let [nx, ny, nz] = parsed.header.shape_xyz();
-    let expected = nx
-        .checked_mul(ny)
+    nx.checked_mul(ny)
         .and_then(|n| n.checked_mul(nz))
         .and_then(|n| n.checked_mul(parsed.dtype.size()))
         .ok_or_else(|| NiftiError::BadDims {
             path: path.into(),
             detail: format!("{nx}x{ny}x{nz} voxels overflow the address space"),
-        })?;
-    let available = bytes.len().saturating_sub(parsed.vox_offset);
-    if available < expected {
-        return Err(NiftiError::Truncated {
-            path: path.into(),
-            dims: format!("{nx}x{ny}x{nz}"),
-            dtype: parsed.dtype.name(),
-            expected,
-            available,
-        });
-    }
-    Ok(&bytes[parsed.vox_offset..parsed.vox_offset + expected])
+        })
 }
 
 /// Calls `sink` with every voxel value in file order (x fastest), scaled, as f64 (which holds

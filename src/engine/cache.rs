@@ -27,6 +27,23 @@ const EXECUTABLE_MODE: u32 = 0o755;
 /// Staging files older than this belong to a process that died mid-write.
 const STALE_TMP_AGE: Duration = Duration::from_secs(60 * 60);
 const COPY_BUFFER_BYTES: usize = 1024 * 1024;
+/// Marks a folder as an nnflow cache (the Cache Directory Tagging convention, so backup tools
+/// skip it too).
+const CACHE_TAG: &str = "CACHEDIR.TAG";
+const CACHE_TAG_TEXT: &str = "Signature: 8a477f597d28d172789f06886806bc55\n\
+# This folder is an nnflow cache: its contents can be recreated.\n";
+/// What an nnflow cache holds; a folder holding anything else is not one.
+const CACHE_ENTRIES: &[&str] = &["blobs", "entries", "tmp", "lock", CACHE_TAG];
+
+/// The first entry of an existing folder that is not part of a cache (None when the folder is
+/// missing, empty or an untagged cache of an earlier nnflow).
+fn foreign_entry(root: &Path) -> Option<String> {
+    let entries = fs::read_dir(root).ok()?;
+    entries
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .find(|name| !CACHE_ENTRIES.contains(&name.as_str()))
+}
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Manifest {
@@ -58,6 +75,8 @@ pub struct GcReport {
     pub blobs_removed: usize,
     /// Stale staging files left in `tmp/` by killed processes.
     pub tmp_files_removed: usize,
+    /// Staging folders of stage runs that were killed (see `gc::collect`).
+    pub staging_folders_removed: usize,
     /// Bytes of removed blobs and staging files.
     pub bytes_freed: u64,
 }
@@ -78,6 +97,8 @@ pub enum CacheError {
     Io { path: PathBuf, source: io::Error },
     #[error(transparent)]
     Hash(#[from] HashError),
+    #[error("{} is not an nnflow cache (it holds `{entry}`): choose an empty or new folder", path.display())]
+    NotACache { path: PathBuf, entry: String },
     #[error("invalid cache key {key:?}: expected 64 lowercase hex characters")]
     InvalidKey { key: String },
     #[error("refusing unsafe relative path {path:?} (absolute, empty or containing '..')")]
@@ -108,10 +129,22 @@ pub struct Cache {
 
 impl Cache {
     /// Opens (creating if needed) a cache rooted at `root`.
+    /// A folder that already holds other things is refused: `gc` deletes inside the cache.
     pub fn open(root: &Path) -> Result<Cache, CacheError> {
         let cache = Cache {
             root: root.to_path_buf(),
         };
+        let tag = root.join(CACHE_TAG);
+        if !tag.exists() {
+            if let Some(foreign) = foreign_entry(root) {
+                return Err(CacheError::NotACache {
+                    path: root.to_path_buf(),
+                    entry: foreign,
+                });
+            }
+            fs::create_dir_all(root).map_err(io_error(root))?;
+            crate::atomic_file::write_atomically(&tag, CACHE_TAG_TEXT.as_bytes()).map_err(io_error(&tag))?;
+        }
         for dir in [cache.blobs_dir(), cache.entries_dir(), cache.tmp_dir()] {
             fs::create_dir_all(&dir).map_err(io_error(&dir))?;
         }
@@ -248,6 +281,11 @@ impl Cache {
     /// Whether an entry for `key` exists (unverified; `lookup` checks its blobs).
     pub fn contains(&self, key: &str) -> bool {
         self.entry_path(key).is_ok_and(|path| path.is_file())
+    }
+
+    /// Whether contents with this digest are stored (as some entry's output).
+    pub fn has_blob(&self, digest: &Digest) -> bool {
+        self.blob_path(digest).is_file()
     }
 
     pub fn keys(&self) -> Result<Vec<String>, CacheError> {
@@ -958,6 +996,7 @@ mod tests {
                 entries_removed: 1,
                 blobs_removed: 1,
                 tmp_files_removed: 1,
+                staging_folders_removed: 0,
                 bytes_freed: 12 + 5,
             }
         );

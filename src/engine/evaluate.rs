@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use super::config::{Instance, Pipeline};
 use super::hashing::{Digest, FileHasher};
-use super::key::StageKey;
+use super::key::{StageKey, CACHE_LAYOUT};
+use super::owned::ProjectOutputs;
+use super::paths::declared_outputs;
 use super::record::Record;
 use crate::torch_env::LIBTORCH_VERSION;
 
@@ -28,6 +30,7 @@ pub fn stage_key(
         })
         .collect();
     Ok(StageKey {
+        cache_layout: CACHE_LAYOUT,
         kind: instance.kind.name.to_string(),
         kind_version: instance.kind.version,
         nnflow_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -119,12 +122,32 @@ pub fn is_glob(pattern: &str) -> bool {
     pattern.contains(['*', '?', '['])
 }
 
-/// Where a manifest path (`project/<p>` or `out/<p>`) lives for this instance.
+/// Where a manifest path (`output/<n>/<p>`, `out/<p>`, or `project/<p>` from earlier versions)
+/// lives for this instance.
 pub fn output_location(pipeline: &Pipeline, instance: &Instance, manifest_path: &str) -> PathBuf {
     match manifest_path.split_once('/') {
         Some(("project", rest)) => pipeline.root.join(rest),
         Some(("out", rest)) => instance.out_dir.join(rest),
+        _ if manifest_path.starts_with("output/") => {
+            let slots = declared_outputs(pipeline, instance).unwrap_or_default();
+            let project = ProjectOutputs::new(&pipeline.root, &pipeline.state_dir, &instance.id, slots);
+            // a path no declared output holds any more lies nowhere: it reads as missing
+            project.location(manifest_path).unwrap_or_default()
+        }
         _ => instance.out_dir.join(manifest_path),
+    }
+}
+
+/// A manifest path as a person reads it: `project/<where the file lies now>` for a declared
+/// output, the path itself otherwise.
+pub fn display_path(pipeline: &Pipeline, instance: &Instance, manifest_path: &str) -> String {
+    if !manifest_path.starts_with("output/") {
+        return manifest_path.to_string();
+    }
+    let location = output_location(pipeline, instance, manifest_path);
+    match location.strip_prefix(&pipeline.root) {
+        Ok(relative) => format!("project/{}", relative.to_string_lossy()),
+        Err(_) => manifest_path.to_string(),
     }
 }
 
@@ -139,8 +162,14 @@ pub fn damaged_output(
         let file = output_location(pipeline, instance, path);
         match hasher.digest_file(&file) {
             Ok(current) if current == *digest => None,
-            Ok(_) => Some(format!("output {path} was modified")),
-            Err(_) => Some(format!("output {path} is missing")),
+            Ok(_) => Some(format!(
+                "output {} was modified",
+                display_path(pipeline, instance, path)
+            )),
+            Err(_) => Some(format!(
+                "output {} is missing",
+                display_path(pipeline, instance, path)
+            )),
         }
     })
 }

@@ -13,9 +13,11 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use super::cache::{LinkMode, Lookup};
-use super::evaluate::{damaged_output, expand_patterns, is_glob, output_location, stage_key};
+use super::evaluate::{damaged_output, display_path, output_location, stage_key};
 use super::hashing::{digest_of_map, Digest};
 use super::key::StageKey;
+use super::owned::ProjectOutputs;
+use super::paths::declared_outputs;
 use super::record::{file_safe, write_lock_file, Record};
 use super::Engine;
 use crate::stages::StageContext;
@@ -72,10 +74,31 @@ pub struct RunReport {
 pub(crate) struct Finished {
     pub index: usize,
     pub outcome: Outcome,
-    pub outputs_digest: Option<Digest>,
+    /// What it left, when it completed.
+    pub done: Option<Done>,
     pub seconds: f64,
     pub error: Option<String>,
 }
+
+/// A completed instance as this run saw it: the digest of its outputs and the key they were
+/// stored under, so a dependent can restore exactly those outputs if another run replaced them.
+#[derive(Clone)]
+pub(crate) struct Done {
+    pub outputs_digest: Digest,
+    pub key: String,
+    pub components: StageKey,
+}
+
+/// The upstream outputs a stage reads.
+enum Upstream {
+    /// Those this run produced or restored (a local run).
+    Expected(BTreeMap<usize, Done>),
+    /// Whatever the upstream instances' records say now (a Slurm job, whose upstream jobs ended).
+    Current,
+}
+
+/// Tries at holding a stage's upstream outputs before giving up on a run that keeps replacing them.
+const HOLD_ATTEMPTS: usize = 5;
 
 pub fn run(engine: &Engine, options: &RunOptions, cancel: &AtomicBool) -> Result<RunReport, String> {
     let targets = engine.select(&options.targets)?;
@@ -113,7 +136,7 @@ pub fn run(engine: &Engine, options: &RunOptions, cancel: &AtomicBool) -> Result
                 let skipped = Finished {
                     index,
                     outcome: Outcome::Skipped,
-                    outputs_digest: None,
+                    done: None,
                     seconds: 0.0,
                     error: Some(reason),
                 };
@@ -126,15 +149,14 @@ pub fn run(engine: &Engine, options: &RunOptions, cancel: &AtomicBool) -> Result
             }
             let instance = &engine.pipeline.instances[index];
             if let Some(reason) = instance.implementation.not_applicable(&engine.pipeline.root) {
-                // outputs of an earlier run, when it did apply, must not pass for this run's
-                let reason = match remove_path(&instance.out_dir) {
+                let reason = match clear_not_applicable(engine, index) {
                     Ok(()) => reason,
                     Err(e) => format!("{reason}; {e}"),
                 };
                 let skipped = Finished {
                     index,
                     outcome: Outcome::NotApplicable,
-                    outputs_digest: None,
+                    done: None,
                     seconds: 0.0,
                     error: Some(reason),
                 };
@@ -156,15 +178,11 @@ pub fn run(engine: &Engine, options: &RunOptions, cancel: &AtomicBool) -> Result
                 continue;
             }
             let gpus: Vec<usize> = free_gpus.drain(..instance.gpus as usize).collect();
-            let upstream = deps
-                .iter()
-                .filter_map(|d| {
-                    Some((
-                        engine.pipeline.instances[*d].id.clone(),
-                        finished[d].outputs_digest?,
-                    ))
-                })
-                .collect();
+            let upstream = Upstream::Expected(
+                deps.iter()
+                    .filter_map(|d| Some((*d, finished[d].done.clone()?)))
+                    .collect(),
+            );
             running.insert(index, (threads, gpus.clone()));
             progress.started(&instance.id);
             let sender = sender.clone();
@@ -178,20 +196,20 @@ pub fn run(engine: &Engine, options: &RunOptions, cancel: &AtomicBool) -> Result
                     cancel,
                     status: &status,
                 };
-                let result = execute(engine, index, upstream, force, &slot);
+                let result = execute(engine, index, &upstream, force, &slot);
                 let seconds = started.elapsed().as_secs_f64();
                 let finished = match result {
-                    Ok((outcome, digest)) => Finished {
+                    Ok((outcome, done)) => Finished {
                         index,
                         outcome,
-                        outputs_digest: Some(digest),
+                        done: Some(done),
                         seconds,
                         error: None,
                     },
                     Err(error) => Finished {
                         index,
                         outcome: Outcome::Failed,
-                        outputs_digest: None,
+                        done: None,
                         seconds,
                         error: Some(error),
                     },
@@ -258,7 +276,7 @@ pub(crate) fn conclude(
         .collect();
     write_lock(engine);
     if let Err(e) = engine.hasher.save() {
-        eprintln!("warning: cannot save the stat cache: {e}");
+        crate::errln!("warning: cannot save the stat cache: {e}");
     }
     append_run_history(engine, selected);
     let ok = stages
@@ -294,29 +312,20 @@ pub fn run_alone(
     if let Some(reason) = instance.implementation.not_applicable(&pipeline.root) {
         return Alone {
             outcome: Outcome::NotApplicable,
-            error: remove_path(&instance.out_dir).err().or(Some(reason)),
+            error: clear_not_applicable(engine, index).err().or(Some(reason)),
         };
     }
-    let mut upstream = BTreeMap::new();
     for dep in engine.dag.dependencies(index) {
         let dep_instance = &pipeline.instances[dep];
-        if dep_instance
+        let applies = dep_instance
             .implementation
             .not_applicable(&pipeline.root)
-            .is_some()
-        {
-            continue;
-        }
-        match engine.records.get(&dep_instance.id) {
-            Some(record) => {
-                upstream.insert(dep_instance.id.clone(), record.outputs_digest);
-            }
-            None => {
-                return Alone {
-                    outcome: Outcome::Skipped,
-                    error: Some(format!("upstream `{}` has not completed", dep_instance.id)),
-                }
-            }
+            .is_none();
+        if applies && engine.records.get(&dep_instance.id).is_none() {
+            return Alone {
+                outcome: Outcome::Skipped,
+                error: Some(format!("upstream `{}` has not completed", dep_instance.id)),
+            };
         }
     }
     let status = StatusLine::default();
@@ -326,9 +335,9 @@ pub fn run_alone(
         cancel,
         status: &status,
     };
-    let result = execute(engine, index, upstream, force, &slot);
+    let result = execute(engine, index, &Upstream::Current, force, &slot);
     if let Err(e) = engine.hasher.save() {
-        eprintln!("warning: cannot save the stat cache: {e}");
+        crate::errln!("warning: cannot save the stat cache: {e}");
     }
     match result {
         Ok((outcome, _)) => Alone { outcome, error: None },
@@ -366,22 +375,29 @@ struct Slot<'a> {
 fn execute(
     engine: &Engine,
     index: usize,
-    upstream: BTreeMap<String, Digest>,
+    upstream: &Upstream,
     force: bool,
     slot: &Slot,
-) -> Result<(Outcome, Digest), String> {
+) -> Result<(Outcome, Done), String> {
     let pipeline = &engine.pipeline;
     let instance = &pipeline.instances[index];
     let started = Instant::now();
-    let key = stage_key(pipeline, instance, upstream, &engine.hasher)?;
+    // What the stage reads stays as its key says until its result is stored; then one writer per
+    // instance, so a concurrent run of the same pipeline waits for this instance only and then
+    // finds the result in place or in the cache.
+    let (_reading, upstream) = hold_upstream(engine, index, upstream)?;
+    let _writing = lock_outputs(&pipeline.state_dir, &instance.id, LockMode::Exclusive)?;
+    let key = stage_key(pipeline, instance, upstream.clone(), &engine.hasher)?;
     let digest = key.digest();
-    // One lock per instance, so a concurrent run of the same pipeline waits for this instance only,
-    // then finds the result in place or in the cache.
-    let _lock = lock_instance(&pipeline.state_dir, &instance.id)?;
     if !force {
         if let Some(record) = engine.records.get(&instance.id) {
             if record.key == digest && damaged_output(pipeline, instance, &record, &engine.hasher).is_none() {
-                return Ok((Outcome::Cached, record.outputs_digest));
+                let done = Done {
+                    outputs_digest: record.outputs_digest,
+                    key: digest,
+                    components: key,
+                };
+                return Ok((Outcome::Cached, done));
             }
         }
         match engine
@@ -390,25 +406,35 @@ fn execute(
             .map_err(|e| e.to_string())?
         {
             Lookup::Hit(manifest) => {
-                restore(engine, index, &manifest)?;
-                let outputs = manifest
-                    .files
-                    .iter()
-                    .map(|(p, f)| (p.clone(), f.digest))
-                    .collect();
-                let outputs_digest = remember(engine, index, digest, key, outputs, started)?;
-                return Ok((Outcome::Cached, outputs_digest));
+                let outputs_digest = restore_and_remember(engine, index, &manifest, &key, started)?;
+                let done = Done {
+                    outputs_digest,
+                    key: digest,
+                    components: key,
+                };
+                return Ok((Outcome::Cached, done));
             }
             Lookup::Corrupt { reason } => {
-                eprintln!(
+                crate::errln!(
                     "warning: cache entry of `{}` is damaged ({reason}); recomputing",
                     instance.id
                 );
             }
             Lookup::Miss => {}
         }
+    } else {
+        // forced: from scratch, not from where an earlier run stopped
+        remove_path(&resume_dir(pipeline, &instance.id))?;
     }
     let files = run_instance(engine, index, slot)?;
+    // The key must describe exactly what the stage read: inputs edited while it ran are refused.
+    let after = stage_key(pipeline, instance, upstream, &engine.hasher)?;
+    if after.digest() != digest {
+        return Err(format!(
+            "inputs changed while the stage ran ({}); its result is not stored",
+            after.differences(&key).join("; ")
+        ));
+    }
     engine
         .cache
         .store_sources_with(&digest, &files, |path| {
@@ -422,8 +448,134 @@ fn execute(
         })
         .map_err(|e| format!("cannot store outputs in the cache: {e}"))?;
     let outputs = files.into_iter().map(|(p, (_, d))| (p, d)).collect();
-    let outputs_digest = remember(engine, index, digest, key, outputs, started)?;
-    Ok((Outcome::Ran, outputs_digest))
+    let outputs_digest = remember(engine, index, digest.clone(), key.clone(), outputs, started)?;
+    let done = Done {
+        outputs_digest,
+        key: digest,
+        components: key,
+    };
+    Ok((Outcome::Ran, done))
+}
+
+/// Shared locks on the outputs of every upstream instance the stage reads, once they hold what
+/// this run expects (restoring from the cache what another run replaced in between), with the
+/// digests that enter the stage's key.
+fn hold_upstream(
+    engine: &Engine,
+    index: usize,
+    upstream: &Upstream,
+) -> Result<(Vec<fs::File>, BTreeMap<String, Digest>), String> {
+    let pipeline = &engine.pipeline;
+    let deps: Vec<usize> = match upstream {
+        Upstream::Expected(expected) => expected.keys().copied().collect(),
+        Upstream::Current => engine
+            .dag
+            .dependencies(index)
+            .into_iter()
+            .filter(|&d| {
+                pipeline.instances[d]
+                    .implementation
+                    .not_applicable(&pipeline.root)
+                    .is_none()
+            })
+            .collect(),
+    };
+    for _ in 0..HOLD_ATTEMPTS {
+        let mut locks = Vec::new();
+        for &dep in &deps {
+            locks.push(lock_outputs(
+                &pipeline.state_dir,
+                &pipeline.instances[dep].id,
+                LockMode::Shared,
+            )?);
+        }
+        let mut digests = BTreeMap::new();
+        let mut replaced = Vec::new();
+        for &dep in &deps {
+            let id = &pipeline.instances[dep].id;
+            let current = engine.records.get(id).map(|r| r.outputs_digest);
+            match (upstream, current) {
+                (Upstream::Expected(expected), current) => {
+                    let wanted = expected[&dep].outputs_digest;
+                    if current == Some(wanted) {
+                        digests.insert(id.clone(), wanted);
+                    } else {
+                        replaced.push(dep);
+                    }
+                }
+                (Upstream::Current, Some(current)) => {
+                    digests.insert(id.clone(), current);
+                }
+                (Upstream::Current, None) => return Err(format!("upstream `{id}` has not completed")),
+            }
+        }
+        if replaced.is_empty() {
+            return Ok((locks, digests));
+        }
+        drop(locks);
+        if let Upstream::Expected(expected) = upstream {
+            for dep in replaced {
+                bring_back(engine, dep, &expected[&dep])?;
+            }
+        }
+    }
+    Err(
+        "another run of this pipeline keeps replacing this stage's inputs; run again when it has finished"
+            .into(),
+    )
+}
+
+/// Puts back the outputs this run's `done` describes, which another run (with other parameters)
+/// replaced, from the cache entry they were stored under.
+fn bring_back(engine: &Engine, index: usize, done: &Done) -> Result<(), String> {
+    let instance = &engine.pipeline.instances[index];
+    let _writing = lock_outputs(&engine.pipeline.state_dir, &instance.id, LockMode::Exclusive)?;
+    if engine
+        .records
+        .get(&instance.id)
+        .is_some_and(|r| r.outputs_digest == done.outputs_digest)
+    {
+        return Ok(());
+    }
+    match engine
+        .cache
+        .lookup(&done.key, &engine.hasher)
+        .map_err(|e| e.to_string())?
+    {
+        Lookup::Hit(manifest) => {
+            restore_and_remember(engine, index, &manifest, &done.components, Instant::now())?;
+            Ok(())
+        }
+        _ => Err(format!(
+            "another run replaced the outputs of upstream `{}`, and this run's are no longer in the cache",
+            instance.id
+        )),
+    }
+}
+
+/// Restores a cache entry into place and records it; returns the digest of its outputs.
+fn restore_and_remember(
+    engine: &Engine,
+    index: usize,
+    manifest: &super::cache::Manifest,
+    key: &StageKey,
+    started: Instant,
+) -> Result<Digest, String> {
+    restore(engine, index, manifest)?;
+    let outputs = manifest
+        .files
+        .iter()
+        .map(|(p, f)| (p.clone(), f.digest))
+        .collect();
+    remember(engine, index, manifest.key.clone(), key.clone(), outputs, started)
+}
+
+/// An instance that does not apply leaves no outputs: an earlier run's, when it did apply, must
+/// not pass for this run's.
+fn clear_not_applicable(engine: &Engine, index: usize) -> Result<(), String> {
+    let instance = &engine.pipeline.instances[index];
+    let _writing = lock_outputs(&engine.pipeline.state_dir, &instance.id, LockMode::Exclusive)?;
+    remove_path(&instance.out_dir)
 }
 
 /// Records what the instance's outputs are for this key; returns the digest of those outputs.
@@ -453,7 +605,7 @@ fn remember(
 }
 
 /// Runs the stage into a fresh temporary folder, moves it into place, and returns every output
-/// file (`project/<path>` or `out/<path>`) with its location and digest.
+/// file (`output/<n>/<path>` for declared project outputs, `out/<path>`) with its place and digest.
 fn run_instance(
     engine: &Engine,
     index: usize,
@@ -468,12 +620,14 @@ fn run_instance(
     let pipeline = &engine.pipeline;
     let instance = &pipeline.instances[index];
     let stage = &instance.implementation;
-    let project_outputs = stage.project_outputs();
-    // Stale outputs from an earlier run must not pass for this run's.
-    for output in project_outputs.iter().filter(|o| !is_glob(o)) {
-        remove_path(&pipeline.root.join(output))?;
-    }
+    let project = project_outputs(engine, index)?;
+    // Stale outputs from an earlier run must not pass for this run's (only files nnflow wrote go).
+    project.clear(engine.records.get(&instance.id).as_ref(), |path| {
+        in_cache(engine, path)
+    })?;
     let safe_id = file_safe(&instance.id);
+    // This run holds the instance's lock: staging folders of its id are left by killed runs.
+    remove_staging(&pipeline.state_dir, &safe_id, |_| true);
     let temporary =
         pipeline
             .state_dir
@@ -483,7 +637,9 @@ fn run_instance(
     let logs = pipeline.state_dir.join("logs");
     fs::create_dir_all(&logs).map_err(|e| format!("cannot create {}: {e}", logs.display()))?;
     let log_file = logs.join(format!("{safe_id}.log"));
-    let resume_dir = pipeline.state_dir.join("resume").join(&safe_id);
+    // the log shows this run only: an error must not come with an older run's lines
+    remove_path(&log_file)?;
+    let resume_dir = resume_dir(pipeline, &instance.id);
     let env: BTreeMap<String, String> = stage
         .env()
         .into_iter()
@@ -501,11 +657,19 @@ fn run_instance(
         cancel,
     };
     if let Err(error) = stage.run(&context) {
+        project.failed();
         let _ = fs::remove_dir_all(&temporary);
         return Err(format!("{error}{}", log_tail(&log_file)));
     }
-    let project_paths = expand_patterns(&pipeline.root, &project_outputs, "declared output")
-        .map_err(|e| format!("{e}: the stage did not produce it"))?;
+    let project_files = match project.files(true) {
+        Ok(files) => files,
+        Err(error) => {
+            project.failed();
+            let _ = fs::remove_dir_all(&temporary);
+            return Err(error);
+        }
+    };
+    project.written(project_files.values().cloned())?;
     remove_path(&instance.out_dir)?;
     if let Some(parent) = instance.out_dir.parent() {
         fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
@@ -514,12 +678,9 @@ fn run_instance(
         .map_err(|e| format!("cannot move outputs into {}: {e}", instance.out_dir.display()))?;
 
     let mut files = BTreeMap::new();
-    let project = engine
-        .hasher
-        .digest_tree(&pipeline.root, &project_paths)
-        .map_err(|e| e.to_string())?;
-    for (path, digest) in project {
-        files.insert(format!("project/{path}"), (pipeline.root.join(&path), digest));
+    for (name, path) in project_files {
+        let digest = engine.hasher.digest_file(&path).map_err(|e| e.to_string())?;
+        files.insert(name, (path, digest));
     }
     let out_entries = list_folder(&instance.out_dir)?;
     let out = engine
@@ -532,25 +693,86 @@ fn run_instance(
     Ok(files)
 }
 
+/// Whether a file's exact contents are an output nnflow stored: replacing it loses nothing.
+fn in_cache(engine: &Engine, path: &Path) -> bool {
+    engine
+        .hasher
+        .digest_file(path)
+        .is_ok_and(|digest| engine.cache.has_blob(&digest))
+}
+
+/// The instance's declared project outputs, checked again to lie inside the project.
+fn project_outputs<'a>(engine: &'a Engine, index: usize) -> Result<ProjectOutputs<'a>, String> {
+    let pipeline = &engine.pipeline;
+    let instance = &pipeline.instances[index];
+    let slots = declared_outputs(pipeline, instance)?;
+    Ok(ProjectOutputs::new(
+        &pipeline.root,
+        &pipeline.state_dir,
+        &instance.id,
+        slots,
+    ))
+}
+
+/// Where a stage keeps what lets a later run continue (training checkpoints).
+fn resume_dir(pipeline: &super::config::Pipeline, id: &str) -> PathBuf {
+    pipeline.state_dir.join("resume").join(file_safe(id))
+}
+
+/// Removes the staging folders (`tmp/<id>.<pid>.<nanos>`) of `safe_id` (every id when empty) for
+/// which `removable(path)` holds; returns how many went.
+pub(crate) fn remove_staging(state_dir: &Path, safe_id: &str, removable: impl Fn(&Path) -> bool) -> usize {
+    let Ok(entries) = fs::read_dir(state_dir.join("tmp")) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((id, _, _)) = staging_parts(&name) else {
+            continue;
+        };
+        if (safe_id.is_empty() || id == safe_id)
+            && removable(&entry.path())
+            && remove_path(&entry.path()).is_ok()
+        {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// `<id>.<pid>.<nanos>` split into its parts, for a staging folder's name.
+pub(crate) fn staging_parts(name: &str) -> Option<(&str, u32, u128)> {
+    let (rest, nanos) = name.rsplit_once('.')?;
+    let (id, pid) = rest.rsplit_once('.')?;
+    Some((id, pid.parse().ok()?, nanos.parse().ok()?))
+}
+
 fn restore(engine: &Engine, index: usize, manifest: &super::cache::Manifest) -> Result<(), String> {
     let instance = &engine.pipeline.instances[index];
+    let project = project_outputs(engine, index)?;
+    project.clear(engine.records.get(&instance.id).as_ref(), |path| {
+        in_cache(engine, path)
+    })?;
     remove_path(&instance.out_dir)?;
     fs::create_dir_all(&instance.out_dir)
         .map_err(|e| format!("cannot create {}: {e}", instance.out_dir.display()))?;
+    let mut project_files = Vec::new();
     for (path, file) in &manifest.files {
         let destination = output_location(&engine.pipeline, instance, path);
         // Project files may be edited by the user: never hard-link them to the cache.
-        let mode = if path.starts_with("project/") {
-            LinkMode::Copy
-        } else {
+        let mode = if path.starts_with("out/") {
             LinkMode::HardlinkOrCopy
+        } else {
+            project_files.push(destination.clone());
+            LinkMode::Copy
         };
         engine
             .cache
             .restore_file(file, &destination, mode, &engine.hasher)
             .map_err(|e| format!("cannot restore {path} from the cache: {e}"))?;
     }
-    Ok(())
+    project.written(project_files)
 }
 
 fn list_folder(folder: &Path) -> Result<Vec<PathBuf>, String> {
@@ -572,19 +794,36 @@ fn remove_path(path: &Path) -> Result<(), String> {
     result.map_err(|e| format!("cannot remove {}: {e}", path.display()))
 }
 
-fn lock_instance(state_dir: &Path, id: &str) -> Result<fs::File, String> {
-    let folder = state_dir.join("locks");
-    fs::create_dir_all(&folder).map_err(|e| format!("cannot create {}: {e}", folder.display()))?;
-    let path = folder.join(format!("{}.lock", file_safe(id)));
+#[derive(Clone, Copy, PartialEq)]
+enum LockMode {
+    /// Reading an instance's outputs: other readers may too; nobody may replace them.
+    Shared,
+    /// Writing them: alone.
+    Exclusive,
+}
+
+/// The lock on one instance's outputs (its outputs folder, its declared project outputs, its
+/// record), held until the returned file is dropped.
+fn lock_outputs(state_dir: &Path, id: &str, mode: LockMode) -> Result<fs::File, String> {
+    let path = lock_path(state_dir, id);
+    let folder = path.parent().unwrap_or(state_dir);
+    fs::create_dir_all(folder).map_err(|e| format!("cannot create {}: {e}", folder.display()))?;
     let file = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&path)
         .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    file.lock()
-        .map_err(|e| format!("cannot lock {}: {e}", path.display()))?;
+    let locked = match mode {
+        LockMode::Shared => file.lock_shared(),
+        LockMode::Exclusive => file.lock(),
+    };
+    locked.map_err(|e| format!("cannot lock {}: {e}", path.display()))?;
     Ok(file)
+}
+
+pub(crate) fn lock_path(state_dir: &Path, id: &str) -> PathBuf {
+    state_dir.join("locks").join(format!("{}.lock", file_safe(id)))
 }
 
 fn log_tail(log_file: &Path) -> String {
@@ -604,17 +843,28 @@ fn log_tail(log_file: &Path) -> String {
     }
 }
 
-/// Rewrites the lock file from the records of every instance that has one.
+/// Rewrites the lock file from the records of every instance that has one, declared outputs
+/// named by where they lie.
 pub fn write_lock(engine: &Engine) {
+    let pipeline = &engine.pipeline;
     let records: Vec<Record> = engine
         .dag
         .order
         .iter()
-        .filter_map(|&i| engine.records.get(&engine.pipeline.instances[i].id))
+        .filter_map(|&i| {
+            let instance = &pipeline.instances[i];
+            let mut record = engine.records.get(&instance.id)?;
+            record.outputs = record
+                .outputs
+                .into_iter()
+                .map(|(path, digest)| (display_path(pipeline, instance, &path), digest))
+                .collect();
+            Some(record)
+        })
         .collect();
-    let path = engine.pipeline.state_dir.join("nnflow.lock");
-    if let Err(e) = write_lock_file(&path, &engine.pipeline.name, &records) {
-        eprintln!("warning: cannot write {}: {e}", path.display());
+    let path = pipeline.state_dir.join("nnflow.lock");
+    if let Err(e) = write_lock_file(&path, &pipeline.name, &records) {
+        crate::errln!("warning: cannot write {}: {e}", path.display());
     }
 }
 
@@ -704,7 +954,7 @@ impl Progress {
                 bar.inc(1);
                 bar.println(line);
             }
-            None if !self.quiet => eprintln!("{line}"),
+            None if !self.quiet => crate::errln!("{line}"),
             None => {}
         }
     }

@@ -9,6 +9,7 @@ use petgraph::algo::tarjan_scc;
 use petgraph::graph::{DiGraph, NodeIndex};
 
 use super::config::{Diagnostic, Pipeline};
+use super::paths;
 
 pub struct Dag {
     graph: DiGraph<usize, ()>,
@@ -64,20 +65,24 @@ pub fn build(pipeline: &Pipeline) -> Result<Dag, Vec<Diagnostic>> {
             graph.update_edge(NodeIndex::new(dep), NodeIndex::new(i), ());
         }
     }
+    // Outputs and inputs compared in one spelling (see `paths`): `x/../out.txt` is `out.txt`.
+    let root = &pipeline.root;
     let outputs: Vec<Vec<String>> = instances
         .iter()
         .map(|inst| {
             inst.implementation
                 .project_outputs()
                 .iter()
-                .map(|p| normalize(p))
+                .filter_map(|p| paths::project_relative(root, p).ok())
                 .collect()
         })
         .collect();
-    check_output_claims(pipeline, &outputs, &mut errors);
+    errors.extend(paths::check(pipeline));
     for (consumer, instance) in instances.iter().enumerate() {
         for input in instance.implementation.inputs() {
-            let input = normalize(&input.path);
+            let Ok(input) = paths::project_relative(root, &input.path) else {
+                continue; // outside the project: no stage writes there
+            };
             for (producer, produced) in outputs.iter().enumerate() {
                 if producer != consumer && produced.iter().any(|out| paths_overlap(&input, out)) {
                     graph.update_edge(NodeIndex::new(producer), NodeIndex::new(consumer), ());
@@ -131,28 +136,6 @@ fn declaration_order_toposort(graph: &DiGraph<usize, ()>) -> Option<Vec<usize>> 
 
 fn has_self_loop(graph: &DiGraph<usize, ()>, node: NodeIndex) -> bool {
     graph.contains_edge(node, node)
-}
-
-fn check_output_claims(pipeline: &Pipeline, outputs: &[Vec<String>], errors: &mut Vec<Diagnostic>) {
-    let instances = &pipeline.instances;
-    for a in 0..instances.len() {
-        for b in a + 1..instances.len() {
-            for out_a in &outputs[a] {
-                if let Some(out_b) = outputs[b].iter().find(|out_b| paths_overlap(out_a, out_b)) {
-                    let location = instances[b]
-                        .key_locations
-                        .get("outputs")
-                        .cloned()
-                        .or(Some(instances[b].location.clone()));
-                    let message = format!(
-                        "stages `{}` and `{}` both claim output `{out_b}` (overlaps `{out_a}`)",
-                        instances[a].id, instances[b].id
-                    );
-                    errors.push(Diagnostic::new(location, message));
-                }
-            }
-        }
-    }
 }
 
 /// A relative path in a canonical form: no `./`, no trailing `/`, `/` separators.

@@ -8,8 +8,15 @@ use serde::{Deserialize, Serialize};
 
 use super::hashing::Digest;
 
+/// Bumped when the cache's naming of outputs changes, so no entry is read under other rules.
+/// 2: declared project outputs are named by their position (`output/<n>/...`), not their path.
+pub const CACHE_LAYOUT: u32 = 2;
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct StageKey {
+    /// How results are laid out in the cache ([`CACHE_LAYOUT`]); 0 in records of earlier versions.
+    #[serde(default)]
+    pub cache_layout: u32,
     pub kind: String,
     /// The stage kind's implementation version.
     pub kind_version: u32,
@@ -38,6 +45,12 @@ impl StageKey {
     /// upstream stages.
     pub fn differences(&self, old: &StageKey) -> Vec<String> {
         let mut reasons = Vec::new();
+        if self.cache_layout != old.cache_layout {
+            reasons.push(format!(
+                "cache layout {} -> {} (a newer nnflow)",
+                old.cache_layout, self.cache_layout
+            ));
+        }
         if self.kind != old.kind || self.kind_version != old.kind_version {
             reasons.push(format!(
                 "implementation changed: {} v{} -> {} v{}",
@@ -131,6 +144,7 @@ mod tests {
 
     fn sample() -> StageKey {
         StageKey {
+            cache_layout: 2,
             kind: "command".into(),
             kind_version: 1,
             nnflow_version: "0.1.0".into(),
@@ -148,7 +162,7 @@ mod tests {
         assert_eq!(sample().digest(), PINNED_SAMPLE_KEY);
     }
 
-    const PINNED_SAMPLE_KEY: &str = "ae10e73bf013460c1eaf585d8db725045fecde79b4929a7fb5856930de11716e";
+    const PINNED_SAMPLE_KEY: &str = "c575e254f031920447c124fecc09510afec265b1a7435ed8de0d8a47158ac990";
 
     #[test]
     fn differences_name_the_parameter() {

@@ -9,6 +9,8 @@ pub mod gc;
 pub mod graph;
 pub mod hashing;
 pub mod key;
+pub mod owned;
+pub mod paths;
 pub mod record;
 pub mod slurm;
 pub mod status;

@@ -50,9 +50,40 @@ impl Records {
     }
 }
 
-/// An instance id as a file name (`train[fold=0]` -> `train[fold=0]`, `/` replaced).
+/// An instance id (or matrix values) as one file name: `train[fold=0]` stays as it is; `/`, `\\`,
+/// `%` and control characters are percent-encoded, so two ids never share a file and none names a
+/// folder elsewhere.
 pub fn file_safe(id: &str) -> String {
-    id.replace(['/', '\\'], "_")
+    let mut name = String::with_capacity(id.len());
+    for c in id.chars() {
+        if matches!(c, '/' | '\\' | '%') || c.is_control() {
+            let mut bytes = [0; 4];
+            for byte in c.encode_utf8(&mut bytes).bytes() {
+                name.push_str(&format!("%{byte:02X}"));
+            }
+        } else {
+            name.push(c);
+        }
+    }
+    match name.as_str() {
+        "" | "." | ".." => format!("%{name}"),
+        _ => name,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::file_safe;
+
+    #[test]
+    fn file_names_are_distinct_and_stay_in_their_folder() {
+        assert_eq!(file_safe("train[fold=0]"), "train[fold=0]");
+        assert_eq!(file_safe("a/b"), "a%2Fb");
+        assert_ne!(file_safe("x[v=a/b]"), file_safe("x[v=a_b]"));
+        assert_ne!(file_safe("x[v=a%2Fb]"), file_safe("x[v=a/b]"));
+        assert_eq!(file_safe(".."), "%..");
+        assert!(!file_safe("../../etc").contains('/'));
+    }
 }
 
 /// The lock file: every instance's key components and output digests, in pipeline order.

@@ -120,9 +120,9 @@ pub struct Rule {
 /// NaN (a label absent everywhere) is written as null.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Scores {
-    #[serde(with = "nan_as_null")]
+    #[serde(with = "crate::json_numbers::nan_as_null")]
     pub foreground_mean_dice: f64,
-    #[serde(with = "nan_as_null_map")]
+    #[serde(with = "crate::json_numbers::nan_as_null_map")]
     pub mean_dice: BTreeMap<String, f64>,
 }
 
@@ -320,45 +320,6 @@ impl Grid {
             }
         }
         size
-    }
-}
-
-mod nan_as_null {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(value: &f64, serializer: S) -> Result<S::Ok, S::Error> {
-        match value.is_nan() {
-            true => serializer.serialize_none(),
-            false => serializer.serialize_f64(*value),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
-        Ok(Option::<f64>::deserialize(deserializer)?.unwrap_or(f64::NAN))
-    }
-}
-
-mod nan_as_null_map {
-    use std::collections::BTreeMap;
-
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    pub fn serialize<S: Serializer>(map: &BTreeMap<String, f64>, serializer: S) -> Result<S::Ok, S::Error> {
-        let nullable: BTreeMap<&String, Option<f64>> = map
-            .iter()
-            .map(|(k, &v)| (k, Some(v).filter(|v| !v.is_nan())))
-            .collect();
-        nullable.serialize(serializer)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<BTreeMap<String, f64>, D::Error> {
-        let nullable = BTreeMap::<String, Option<f64>>::deserialize(deserializer)?;
-        Ok(nullable
-            .into_iter()
-            .map(|(k, v)| (k, v.unwrap_or(f64::NAN)))
-            .collect())
     }
 }
 

@@ -17,6 +17,7 @@ use ndarray::{Array3, ArrayView3, Zip};
 use rayon::prelude::*;
 
 use crate::data::dataset::{Case, Dataset};
+use crate::data::integrity::{non_finite, non_finite_problem, NonFinite};
 use crate::data::nifti::{self, NiftiError};
 use crate::preprocess::crop::nonzero_bounding_box;
 use crate::preprocess::fingerprint_format::{Fingerprint, IntensityStats};
@@ -52,8 +53,15 @@ pub enum FingerprintError {
         found: [f64; 3],
         expected: [f64; 3],
     },
-    #[error("case {case}: channel {channel} contains NaN")]
-    NaN { case: String, channel: usize },
+    /// NaN, +Inf or -Inf voxels: the intensity statistics would be NaN or infinite, which the
+    /// fingerprint (JSON) cannot hold.
+    #[error("{}", non_finite_problem(case, *channel, found, file))]
+    NonFinite {
+        case: String,
+        channel: usize,
+        file: PathBuf,
+        found: NonFinite,
+    },
     #[error(
         "no case has foreground (label > 0) inside its nonzero region; intensity statistics of \
              channel {channel} are undefined"
@@ -200,10 +208,12 @@ fn analyze_case(case: &Case, samples_per_case: usize) -> Result<CaseFingerprint,
                 });
             }
         }
-        if volume.data.iter().any(|v| v.is_nan()) {
-            return Err(FingerprintError::NaN {
+        if let Some(found) = non_finite(&volume.data) {
+            return Err(FingerprintError::NonFinite {
                 case: case.id.clone(),
                 channel,
+                file: path.clone(),
+                found,
             });
         }
         images.push(volume.data);
@@ -261,7 +271,8 @@ pub fn aggregate(mut cases: Vec<CaseFingerprint>, channels: usize) -> Result<Fin
 }
 
 /// nnU-Net's pooled statistics: mean, population std, min, max and numpy's default (linear)
-/// percentiles 0.5 / 50 / 99.5. Reorders `samples`; `None` if empty. Samples hold no NaN.
+/// percentiles 0.5 / 50 / 99.5. Reorders `samples`; `None` if empty. Samples must be finite (the
+/// callers reject NaN and ±Inf images), so every statistic is finite.
 pub fn intensity_stats(samples: &mut [f32]) -> Option<IntensityStats> {
     if samples.is_empty() {
         return None;
@@ -367,6 +378,30 @@ mod tests {
             assert!(samples.iter().all(|&v| v == 7.0 || v == 9.0));
             assert!(samples.contains(&7.0) && samples.contains(&9.0));
         }
+    }
+
+    #[test]
+    fn no_foreground_anywhere_is_an_error_not_a_fingerprint_without_statistics() {
+        let case = |samples: Vec<f32>| CaseFingerprint {
+            spacing: [1.0; 3],
+            shape_before_crop: [2, 2, 2],
+            shape_after_crop: [2, 2, 2],
+            relative_size_after_crop: 1.0,
+            foreground_samples: vec![samples],
+        };
+        let error = aggregate(vec![case(Vec::new()), case(Vec::new())], 1).unwrap_err();
+        assert!(
+            matches!(error, FingerprintError::NoForeground { channel: 0 }),
+            "{error:?}"
+        );
+        // One case with foreground is enough; the statistics are numbers.
+        let fingerprint = aggregate(vec![case(Vec::new()), case(vec![1.0, 3.0])], 1).unwrap();
+        let json = serde_json::to_string(&fingerprint).unwrap();
+        assert!(!json.contains("null"), "{json}");
+        assert_eq!(
+            fingerprint.foreground_intensity_properties_per_channel["0"].mean,
+            2.0
+        );
     }
 
     #[test]

@@ -44,6 +44,58 @@ const MAX_LOWRES_STEPS: usize = 10_000;
 const INITIAL_PATCH_EDGE_3D: f64 = 256.0;
 const INITIAL_PATCH_EDGE_2D: f64 = 2048.0;
 
+/// Every configuration nnU-Net's default planner can produce, in nnU-Net's order. A plan holds a
+/// subset (3d_fullres only for 3D images; 3d_lowres and 3d_cascade_fullres only for large ones);
+/// the plan stage's `overrides` change planned configurations and cannot add others.
+pub const CONFIGURATIONS: [&str; 4] = ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"];
+
+/// Why `name` can never be planned, or `Ok` for one of [`CONFIGURATIONS`]. Lists the valid names,
+/// with a suggestion for a near miss.
+pub fn check_configuration_name(name: &str) -> Result<(), String> {
+    if CONFIGURATIONS.contains(&name) {
+        return Ok(());
+    }
+    let suggestion = CONFIGURATIONS
+        .iter()
+        .map(|c| (edit_distance(name, c), c))
+        .filter(|&(d, _)| d <= 2)
+        .min()
+        .map(|(_, c)| format!(" (did you mean `{c}`?)"))
+        .unwrap_or_default();
+    Err(format!(
+        "unknown configuration `{name}`{suggestion}: nnU-Net plans only {}",
+        CONFIGURATIONS.join(", ")
+    ))
+}
+
+/// Reads a configuration name with serde, refusing one the planner can never produce
+/// (`#[serde(deserialize_with = ...)]`), so that a misspelt name fails when the pipeline is loaded
+/// instead of being skipped as "not planned".
+pub fn deserialize_configuration<'de, D>(deserializer: D) -> Result<String, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let name = <String as serde::Deserialize>::deserialize(deserializer)?;
+    check_configuration_name(&name).map_err(serde::de::Error::custom)?;
+    Ok(name)
+}
+
+/// Levenshtein distance (names are short).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let substitution = diagonal + usize::from(ca != cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[b.len()]
+}
+
 const NETWORK_CLASS: &str = "dynamic_network_architectures.architectures.unet.PlainConvUNet";
 const RESAMPLING_FN: &str = "resample_data_or_seg_to_shape";
 
@@ -671,6 +723,26 @@ fn last_argmax(values: &[f64]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn configuration_names_are_nnunets_and_near_misses_get_a_suggestion() {
+        for name in CONFIGURATIONS {
+            assert_eq!(check_configuration_name(name), Ok(()));
+        }
+        let error = check_configuration_name("3d_fulres").unwrap_err();
+        assert_eq!(
+            error,
+            "unknown configuration `3d_fulres` (did you mean `3d_fullres`?): nnU-Net plans only 2d, \
+             3d_fullres, 3d_lowres, 3d_cascade_fullres"
+        );
+        let error = check_configuration_name("unet").unwrap_err();
+        assert!(
+            error.starts_with("unknown configuration `unet`: nnU-Net plans only 2d,"),
+            "{error}"
+        );
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "2d"), 2);
+    }
 
     #[test]
     fn percentile_matches_numpy_linear() {

@@ -8,14 +8,14 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::process::run_logged;
-use super::{build_typed, to_json, Kind, Stage, StageContext, StageInput};
+use super::{to_json, Kind, Stage, StageContext, StageInput};
 
 pub const KIND: Kind = Kind {
     name: "command",
     version: 1,
     uses_torch: false,
     schema: |generator| generator.subschema_for::<CommandStage>(),
-    build: build_typed::<CommandStage>,
+    build: crate::json_numbers::build_finite::<CommandStage>,
 };
 
 /// Runs `cmd` with `sh -c` in the pipeline file's folder.

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{build_typed, reference_inputs, thread_pool, to_json, Kind, Stage, StageContext, StageInput};
+use super::{reference_inputs, thread_pool, to_json, Kind, Stage, StageContext, StageInput};
 use crate::data::dataset::Dataset;
 use crate::data::{nifti, npy};
 use crate::evaluate::ensemble::{candidates, hard_vote, select_best, soft_vote, Candidate};
@@ -27,7 +27,7 @@ pub const KIND: Kind = Kind {
     version: 1,
     uses_torch: false,
     schema: |generator| generator.subschema_for::<EnsembleSelectStage>(),
-    build: build_typed::<EnsembleSelectStage>,
+    build: crate::json_numbers::build_finite::<EnsembleSelectStage>,
 };
 
 fn yes() -> bool {
@@ -240,11 +240,11 @@ fn cross_validations(trainings: &[PathBuf]) -> Result<Vec<CrossValidation>, Stri
 /// nnU-Net's order of candidates (`default_trained_models`), which breaks ties between equal
 /// scores; other configurations follow by name.
 fn candidate_rank(configuration: &str) -> (usize, String) {
-    const NNUNET_ORDER: [&str; 4] = ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"];
-    let rank = NNUNET_ORDER
+    use crate::preprocess::plan::CONFIGURATIONS;
+    let rank = CONFIGURATIONS
         .iter()
         .position(|&c| c == configuration)
-        .unwrap_or(NNUNET_ORDER.len());
+        .unwrap_or(CONFIGURATIONS.len());
     (rank, configuration.to_string())
 }
 

@@ -5,7 +5,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{build_typed, thread_pool, to_json, Kind, Stage, StageContext, StageInput};
+use super::{thread_pool, to_json, Kind, Stage, StageContext, StageInput};
 use crate::data::dataset::Dataset;
 use crate::evaluate::folder::{evaluate_folder, evaluation_targets, foreground_dice, summary_json};
 
@@ -14,7 +14,7 @@ pub const KIND: Kind = Kind {
     version: 1,
     uses_torch: false,
     schema: |generator| generator.subschema_for::<EvaluateStage>(),
-    build: build_typed::<EvaluateStage>,
+    build: crate::json_numbers::build_finite::<EvaluateStage>,
 };
 
 /// Evaluates predictions against references (labels or regions, ignore label, from dataset.json).

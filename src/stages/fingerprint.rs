@@ -5,7 +5,7 @@ use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{build_typed, dataset_inputs, thread_pool, Kind, Stage, StageContext, StageInput};
+use super::{dataset_inputs, thread_pool, Kind, Stage, StageContext, StageInput};
 use crate::data::dataset::Dataset;
 use crate::data::integrity::{check_case, load_case, Report};
 use crate::preprocess::fingerprint::{
@@ -15,10 +15,12 @@ use crate::preprocess::fingerprint::{
 
 pub const KIND: Kind = Kind {
     name: "fingerprint",
-    version: 1,
+    // 2: images with +Inf/-Inf fail the stage (version 1 cached a fingerprint with `null`
+    // statistics for them).
+    version: 2,
     uses_torch: false,
     schema: |generator| generator.subschema_for::<FingerprintStage>(),
-    build: build_typed::<FingerprintStage>,
+    build: crate::json_numbers::build_finite::<FingerprintStage>,
 };
 
 /// Extracts the dataset fingerprint: per case crop to the nonzero region, spacings, shapes after
@@ -30,8 +32,9 @@ pub struct FingerprintStage {
     /// Its contents, not its location, are part of the cache key.
     #[serde(skip_serializing)]
     pub dataset: String,
-    /// Check the dataset first (nnU-Net's integrity list); any problem fails the stage with one
-    /// report naming every bad case.
+    /// Check the dataset first (nnU-Net's integrity list, and no +Inf/-Inf intensities); any
+    /// problem fails the stage with one report naming every bad case. Without the check, NaN and
+    /// ±Inf intensities still fail the stage, naming a case.
     #[serde(default = "yes")]
     pub check_integrity: bool,
     /// Foreground intensity samples per channel over the whole dataset (nnU-Net: 10e7).
@@ -65,7 +68,17 @@ impl Stage for FingerprintStage {
             dataset_fingerprint_with_budget(&dataset, ctx.threads as usize, self.foreground_samples)
                 .map_err(|e| e.to_string())?
         };
-        let text = serde_json::to_vec_pretty(&fingerprint).map_err(|e| e.to_string())?;
+        // Every number the plan reads must be finite (serde_json would write `null`); the checks
+        // above make this so, and nothing is written if they ever miss a case.
+        let value = serde_json::to_value(&fingerprint).map_err(|e| e.to_string())?;
+        if let Some(path) = crate::json_numbers::first_null(&value) {
+            return Err(format!(
+                "dataset {}: the fingerprint's `{path}` is not a finite number; \
+                 dataset_fingerprint.json is not written",
+                dataset.root.display()
+            ));
+        }
+        let text = serde_json::to_vec_pretty(&value).map_err(|e| e.to_string())?;
         std::fs::write(ctx.out_dir.join("dataset_fingerprint.json"), text).map_err(|e| e.to_string())
     }
 }

@@ -122,6 +122,52 @@ pub fn find_kind(name: &str) -> Option<&'static Kind> {
     KINDS.iter().find(|kind| kind.name == name)
 }
 
+impl Kind {
+    /// The names of the kind's parameters (the properties of its schema).
+    pub fn parameter_names(&self) -> Vec<String> {
+        let mut generator = schemars::SchemaGenerator::default();
+        let schema = (self.schema)(&mut generator);
+        let mut names = Vec::new();
+        schema_properties(schema.as_value(), &generator, &mut names, 0);
+        names
+    }
+}
+
+/// Collects the property names of an object schema, following `$ref`s and `allOf`/`anyOf`/`oneOf`.
+fn schema_properties(
+    schema: &serde_json::Value,
+    generator: &schemars::SchemaGenerator,
+    names: &mut Vec<String>,
+    depth: usize,
+) {
+    if depth > 8 {
+        return;
+    }
+    if let Some(reference) = schema.get("$ref").and_then(serde_json::Value::as_str) {
+        let name = reference.rsplit('/').next().unwrap_or_default();
+        if let Some(definition) = generator.definitions().get(name) {
+            schema_properties(definition, generator, names, depth + 1);
+        }
+    }
+    if let Some(properties) = schema.get("properties").and_then(serde_json::Value::as_object) {
+        for name in properties.keys() {
+            if !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
+    }
+    for combinator in ["allOf", "anyOf", "oneOf"] {
+        for part in schema
+            .get(combinator)
+            .and_then(serde_json::Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            schema_properties(part, generator, names, depth + 1);
+        }
+    }
+}
+
 /// Reads a kind's parameters, reporting the path of the first offending value.
 pub fn build_typed<P>(params: toml::Value) -> Result<Box<dyn Stage>, ParamError>
 where
@@ -184,4 +230,23 @@ pub fn thread_pool(ctx: &StageContext) -> Result<rayon::ThreadPool, String> {
         .num_threads(ctx.threads.max(1) as usize)
         .build()
         .map_err(|e| format!("cannot start {} threads: {e}", ctx.threads))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_names_its_parameters() {
+        for kind in KINDS {
+            assert!(!kind.parameter_names().is_empty(), "{}", kind.name);
+        }
+        let names = |kind: &str| find_kind(kind).unwrap().parameter_names();
+        assert_eq!(names("command"), ["cmd", "env", "inputs", "outputs", "params"]);
+        let train = names("train");
+        for parameter in ["epochs", "augment", "learning_rate", "dataset", "fold"] {
+            assert!(train.iter().any(|n| n == parameter), "{parameter}: {train:?}");
+        }
+        assert!(names("plan").iter().any(|n| n == "gpu_memory_gb"));
+    }
 }

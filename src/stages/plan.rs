@@ -8,17 +8,17 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{build_typed, Kind, Stage, StageContext, StageInput};
+use super::{Kind, Stage, StageContext, StageInput};
 use crate::data::dataset::Dataset;
 use crate::preprocess::fingerprint_format::Fingerprint;
-use crate::preprocess::plan::{plan, PlanInputs, PlanSettings};
+use crate::preprocess::plan::{check_configuration_name, plan, PlanInputs, PlanSettings};
 
 pub const KIND: Kind = Kind {
     name: "plan",
     version: 1,
     uses_torch: false,
     schema: |generator| generator.subschema_for::<PlanStage>(),
-    build: build_typed::<PlanStage>,
+    build: crate::json_numbers::build_finite::<PlanStage>,
 };
 
 /// Plans the configurations (2d, 3d_fullres, 3d_lowres, 3d_cascade_fullres) as nnU-Net's default
@@ -41,9 +41,23 @@ pub struct PlanStage {
     /// Target spacing (z, y, x) to use instead of the planned one.
     pub overwrite_target_spacing: Option<[f64; 3]>,
     /// Planned values to replace, per configuration, e.g.
-    /// `overrides = { "3d_fullres" = { batch_size = 4, patch_size = [96, 160, 160] } }`.
-    #[serde(default)]
+    /// `overrides = { "3d_fullres" = { batch_size = 4, patch_size = [96, 160, 160] } }`. Only
+    /// configurations the plan produces can be overridden (no new ones).
+    #[serde(default, deserialize_with = "planned_overrides")]
     pub overrides: BTreeMap<String, BTreeMap<String, Value>>,
+}
+
+/// The overrides, refusing a configuration name nnU-Net never plans (a misspelling), so that it
+/// fails when the pipeline is loaded.
+fn planned_overrides<'de, D>(deserializer: D) -> Result<BTreeMap<String, BTreeMap<String, Value>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let overrides = BTreeMap::<String, BTreeMap<String, Value>>::deserialize(deserializer)?;
+    for name in overrides.keys() {
+        check_configuration_name(name).map_err(serde::de::Error::custom)?;
+    }
+    Ok(overrides)
 }
 
 fn eight() -> f64 {
@@ -77,8 +91,7 @@ impl Stage for PlanStage {
         let dataset = Dataset::open(&dataset_root).map_err(|e| e.to_string())?;
         let dataset_json: Value = read_json(&dataset_root.join("dataset.json"))?;
         let fingerprint_path = ctx.root.join(&self.fingerprint).join("dataset_fingerprint.json");
-        let fingerprint: Fingerprint = serde_json::from_value(read_json(&fingerprint_path)?)
-            .map_err(|e| format!("{}: {e}", fingerprint_path.display()))?;
+        let fingerprint = read_fingerprint(&fingerprint_path)?;
         let dataset_name = dataset_root.canonicalize().unwrap_or(dataset_root.clone());
         let dataset_name = dataset_name
             .file_name()
@@ -125,6 +138,20 @@ fn apply_overrides(
         }
     }
     Ok(())
+}
+
+/// Reads dataset_fingerprint.json; a `null` where a number belongs (a non-finite value written
+/// by an older nnflow, or a hand-made file) is named rather than reported as a type error.
+fn read_fingerprint(path: &Path) -> Result<Fingerprint, String> {
+    let value = read_json(path)?;
+    if let Some(at) = crate::json_numbers::first_null(&value) {
+        return Err(format!(
+            "{}: `{at}` is null, not a number (a NaN or infinite value: check the dataset's images \
+             with `nnflow check` and fingerprint it again)",
+            path.display()
+        ));
+    }
+    serde_json::from_value(value).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn read_json(path: &Path) -> Result<Value, String> {

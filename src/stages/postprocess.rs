@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{build_typed, reference_inputs, thread_pool, to_json, Kind, Stage, StageContext, StageInput};
+use super::{reference_inputs, thread_pool, to_json, Kind, Stage, StageContext, StageInput};
 use crate::data::dataset::{Dataset, LabelValue};
 use crate::data::nifti;
 use crate::evaluate::folder::evaluation_targets;
@@ -19,7 +19,7 @@ pub const KIND: Kind = Kind {
     version: 1,
     uses_torch: false,
     schema: |generator| generator.subschema_for::<PostprocessStage>(),
-    build: build_typed::<PostprocessStage>,
+    build: crate::json_numbers::build_finite::<PostprocessStage>,
 };
 
 /// Decides the connected-component postprocessing.

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ensemble_select::Decision;
 use super::process::run_logged;
-use super::{build_typed, to_json, Kind, Stage, StageContext, StageInput};
+use super::{to_json, Kind, Stage, StageContext, StageInput};
 use crate::data::dataset::Dataset;
 use crate::inference::cases::image_cases;
 use crate::inference::job::{ModelJob, PredictJob};
@@ -23,7 +23,7 @@ pub const KIND: Kind = Kind {
     version: 1,
     uses_torch: true,
     schema: |generator| generator.subschema_for::<PredictStage>(),
-    build: build_typed::<PredictStage>,
+    build: crate::json_numbers::build_finite::<PredictStage>,
 };
 
 fn half() -> f64 {

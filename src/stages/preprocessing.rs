@@ -9,7 +9,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{build_typed, dataset_inputs, thread_pool, Kind, Stage, StageContext, StageInput};
+use super::{dataset_inputs, thread_pool, Kind, Stage, StageContext, StageInput};
 use crate::data::case_store::{
     list_cases, read_case, read_properties, read_seg, write_case, write_case_linked, CaseProperties,
     StoredCase,
@@ -23,7 +23,7 @@ pub const NORMALIZE: Kind = Kind {
     version: 1,
     uses_torch: false,
     schema: |generator| generator.subschema_for::<NormalizeStage>(),
-    build: build_typed::<NormalizeStage>,
+    build: crate::json_numbers::build_finite::<NormalizeStage>,
 };
 
 pub const RESAMPLE: Kind = Kind {
@@ -31,7 +31,7 @@ pub const RESAMPLE: Kind = Kind {
     version: 1,
     uses_torch: false,
     schema: |generator| generator.subschema_for::<ResampleStage>(),
-    build: build_typed::<ResampleStage>,
+    build: crate::json_numbers::build_finite::<ResampleStage>,
 };
 
 /// Where the cases come from and which planned configuration to prepare.
@@ -49,7 +49,9 @@ pub struct PreprocessParams {
     /// The plan stage's outputs folder (holding plans.json): `${plan.outputs}`.
     #[serde(skip_serializing)]
     pub plan: String,
-    /// The planned configuration to prepare, e.g. `3d_fullres`.
+    /// The planned configuration to prepare, e.g. `3d_fullres` (one of nnU-Net's: 2d, 3d_fullres,
+    /// 3d_lowres, 3d_cascade_fullres).
+    #[serde(deserialize_with = "crate::preprocess::plan::deserialize_configuration")]
     pub configuration: String,
 }
 

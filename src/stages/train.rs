@@ -13,7 +13,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::process::run_logged_polling;
-use super::{build_typed, to_json, Kind, Stage, StageContext, StageInput};
+use super::{to_json, Kind, Stage, StageContext, StageInput};
 use crate::train::job::TrainJob;
 use crate::train::params::TrainParams;
 
@@ -22,7 +22,7 @@ pub const KIND: Kind = Kind {
     version: 1,
     uses_torch: true,
     schema: |generator| generator.subschema_for::<TrainStage>(),
-    build: build_typed::<TrainStage>,
+    build: crate::json_numbers::build_finite::<TrainStage>,
 };
 
 /// Trains nnU-Net's PlainConvUNet for one configuration and fold. Every hyperparameter and the
@@ -105,12 +105,16 @@ impl Stage for TrainStage {
     }
 }
 
-/// What the worker reports after each epoch (`progress.json` in the resume folder).
+/// What the worker reports after each epoch (`progress.json` in the resume folder). The loss and
+/// the pseudo Dice may be NaN (a class absent from every validation patch, as in nnU-Net) or
+/// infinite (a skipped fp16 step): written as `null`, read back as NaN.
 #[derive(Serialize, Deserialize, Debug)]
 pub struct Progress {
     pub epoch: usize,
     pub epochs: usize,
+    #[serde(with = "crate::json_numbers::nan_as_null")]
     pub train_loss: f64,
+    #[serde(with = "crate::json_numbers::nan_as_null")]
     pub ema_pseudo_dice: f64,
     pub epoch_seconds: f64,
 }
@@ -184,4 +188,27 @@ fn inputs_digest(params: &TrainParams) -> Result<String, String> {
         total.update(file_hash.finalize().as_bytes());
     }
     Ok(total.finalize().to_hex().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_with_a_nan_pseudo_dice_is_read_back() {
+        let progress = Progress {
+            epoch: 3,
+            epochs: 10,
+            train_loss: f64::INFINITY,
+            ema_pseudo_dice: f64::NAN,
+            epoch_seconds: 2.0,
+        };
+        let text = serde_json::to_string(&progress).unwrap();
+        assert!(text.contains(r#""ema_pseudo_dice":null"#), "{text}");
+        let back: Progress = serde_json::from_str(&text).unwrap();
+        assert!(back.train_loss.is_nan() && back.ema_pseudo_dice.is_nan());
+        assert!(back
+            .describe()
+            .starts_with("epoch 3/10, loss NaN, pseudo Dice (avg) NaN"));
+    }
 }

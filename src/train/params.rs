@@ -104,7 +104,9 @@ pub struct TrainParams {
     /// The preprocessed cases of this configuration: `${resample.outputs}`.
     #[serde(skip_serializing)]
     pub preprocessed: String,
-    /// The planned configuration to train, e.g. `3d_fullres`.
+    /// The planned configuration to train, e.g. `3d_fullres` (one of nnU-Net's: 2d, 3d_fullres,
+    /// 3d_lowres, 3d_cascade_fullres).
+    #[serde(deserialize_with = "crate::preprocess::plan::deserialize_configuration")]
     pub configuration: String,
     /// The cascade's second stage only (`3d_cascade_fullres`): the outputs of the previous stage's
     /// trainings, `${train[configuration=3d_lowres].outputs}`. Their predictions of the held-out

@@ -6,7 +6,9 @@
 //! Runs inside the `nnflow-torch` worker. Resumable: the latest checkpoint lives in the stage's
 //! resume folder with the parameters it belongs to; a run with the same parameters (only `epochs`
 //! and validation settings may differ) continues from it, so a killed run loses at most
-//! `checkpoint_every` epochs and raising `epochs` continues training instead of restarting.
+//! `checkpoint_every` epochs and raising `epochs` continues training instead of restarting. The
+//! checkpoint before it is kept too, and both are checksummed: a damaged latest one falls back to
+//! the previous one, or to a fresh start, with a line in the log (`nnflow::train::resume`).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -288,12 +290,12 @@ pub fn train(job: &TrainJob) -> Result<(), String> {
     ));
 
     let identity = job.identity.clone();
-    let mut state = match resume(&job.resume_dir, &identity, &mut vs, &mut sgd)? {
-        Some(state) => {
+    let mut state = match resume(&job.resume_dir, &identity, &mut vs, &mut sgd, &mut log) {
+        Some((state, slot)) => {
             log.line(&format!(
                 "resuming after epoch {} from {}",
                 state.epochs_done,
-                job.resume_dir.display()
+                job.resume_dir.join(slot).display()
             ));
             state
         }
@@ -416,14 +418,14 @@ pub fn train(job: &TrainJob) -> Result<(), String> {
         }
         let last = epoch + 1 == stop_at;
         if (epoch + 1) % params.checkpoint_every == 0 || last {
-            checkpoint::save(&job.resume_dir, "checkpoint_latest", &vs, Some(&sgd), &state)?;
+            checkpoint::save_latest(&job.resume_dir, &vs, &sgd, &state)?;
         }
         plot(&state, &job.out_dir)?;
         report_progress(job, &state, stop_at);
         if let (Some(patience), Some(best_epoch)) = (params.early_stopping, state.best_epoch) {
             if epoch >= best_epoch + patience && !last {
                 log.line(&format!("early stopping: no improvement for {patience} epochs"));
-                checkpoint::save(&job.resume_dir, "checkpoint_latest", &vs, Some(&sgd), &state)?;
+                checkpoint::save_latest(&job.resume_dir, &vs, &sgd, &state)?;
                 break;
             }
         }
@@ -661,25 +663,28 @@ impl Step<'_> {
     }
 }
 
-/// Loads the stored latest checkpoint when it belongs to these parameters.
+/// Loads the newest intact resume checkpoint that belongs to these parameters and inputs; returns
+/// its state and slot name. A damaged checkpoint is passed over with a line in the log (the stage
+/// log and training_log.txt) and never fails the run: at worst training starts from scratch.
 fn resume(
     dir: &Path,
     identity: &serde_json::Value,
     vs: &mut VarStore,
     sgd: &mut Sgd,
-) -> Result<Option<TrainerState>, String> {
-    let paths = checkpoint::paths(dir, "checkpoint_latest");
-    let Ok(text) = std::fs::read_to_string(&paths.state) else {
-        return Ok(None);
-    };
-    let stored: TrainerState = match serde_json::from_str(&text) {
-        Ok(state) => state,
-        Err(_) => return Ok(None),
-    };
-    if &stored.identity != identity {
-        return Ok(None);
-    }
-    checkpoint::load(dir, "checkpoint_latest", vs, sgd).map(Some)
+    log: &mut Logger,
+) -> Option<(TrainerState, &'static str)> {
+    nnflow::train::resume::resume(
+        dir,
+        |slot| {
+            let state = checkpoint::read_state(slot)?;
+            if &state.identity != identity {
+                return Ok(None); // other parameters or inputs: train anew
+            }
+            checkpoint::load(slot, vs, sgd)?;
+            Ok(Some(state))
+        },
+        |line| log.line(line),
+    )
 }
 
 /// Tells the `train` stage how far training is (shown next to the stage on the terminal).

@@ -62,10 +62,16 @@ impl Diagnostic {
         }
     }
 
-    /// `file:line:col: message`, then the offending line with the span underlined.
+    /// `file:line:col: message`, then the offending line with the span underlined; `--set ARG:
+    /// message` for a mistake in a `--set` argument. A problem without a position (the pipeline
+    /// as a whole) is prefixed with the pipeline file's path, so every error names what it
+    /// concerns.
     pub fn render(&self, sources: &Sources) -> String {
+        let pipeline = sources.paths().next().map(|path| format!("{}: ", path.display()));
+        let pipeline = pipeline.unwrap_or_default();
         match &self.location {
-            None => format!("error: {}", self.message),
+            None => format!("{pipeline}error: {}", self.message),
+            // The argument is the place to fix, not the pipeline file.
             Some(Location::CommandLine { arg }) => {
                 format!("--set {arg}: error: {}", self.message)
             }
@@ -117,3 +123,51 @@ impl fmt::Display for Diagnostics {
 }
 
 impl std::error::Error for Diagnostics {}
+
+/// The candidate closest to `name` by edit distance, if it is close enough to be a likely typo
+/// (for "did you mean ...?").
+pub fn nearest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .filter(|candidate| *candidate != name)
+        .map(|candidate| (edit_distance(name, candidate), candidate))
+        .filter(|&(distance, candidate)| {
+            let longer = name.chars().count().max(candidate.chars().count());
+            distance <= (longer / 3).max(1) + 1 && distance < longer
+        })
+        .min_by_key(|&(distance, candidate)| (distance, candidate))
+        .map(|(_, candidate)| candidate)
+}
+
+/// Levenshtein distance (insertions, deletions, substitutions), by characters.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut current = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(ca != *cb);
+            current.push(substitution.min(previous[j + 1] + 1).min(current[j] + 1));
+        }
+        previous = current;
+    }
+    previous[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_names_suggest_likely_typos_only() {
+        assert_eq!(edit_distance("fold", "folds"), 1);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(nearest("fold", ["dataset", "folds"]), Some("folds"));
+        assert_eq!(nearest("cmdd", ["cmd", "inputs", "outputs"]), Some("cmd"));
+        assert_eq!(nearest("trian", ["train", "plan"]), Some("train"));
+        assert_eq!(nearest("epoch", ["epochs", "seed"]), Some("epochs"));
+        assert_eq!(nearest("x", ["ab", "folds"]), None);
+        assert_eq!(nearest("nostage", ["a"]), None);
+        assert_eq!(nearest("zzzzzz", ["dataset", "folds"]), None);
+    }
+}

@@ -5,8 +5,10 @@ use std::path::{Path, PathBuf};
 
 use toml::de::DeTable;
 
-use super::diagnostics::{Diagnostic, Location, Sources};
+use super::diagnostics::{nearest, Diagnostic, Location, Sources};
 use super::node::{Node, NodeValue};
+use super::raw::COMMON_STAGE_KEYS;
+use crate::stages::{find_kind, Kind};
 
 /// Reads `path` and every file it extends, merged base first. Errors are pushed to `errors`; the
 /// returned node holds whatever could be read.
@@ -71,35 +73,126 @@ fn read_file(
     if !parse_errors.is_empty() {
         return None;
     }
-    Some(Node::from_document(&document, file))
+    Some(Node::from_document(&document, file, errors))
 }
 
 /// Applies one `--set NAME=VALUE` (a variable) or `--set STAGE.PARAM=VALUE` (a stage parameter,
-/// for every matrix instance). VALUE is read as a TOML value, else taken as a string.
+/// for every matrix instance). VALUE is read as a TOML value, else taken as a string. The variable,
+/// stage and parameter must exist: a typo is an error naming the nearest valid name, not a value
+/// silently ignored.
 pub fn apply_set(root: &mut Node, arg: &str) -> Result<(), Diagnostic> {
     let location = Location::CommandLine { arg: arg.to_string() };
     let fail = |message: String| Diagnostic::new(Some(location.clone()), message);
     let (name, text) = arg
         .split_once('=')
         .ok_or_else(|| fail("expected NAME=VALUE or STAGE.PARAM=VALUE".into()))?;
-    let value = Node::scalar(absolute_if_existing_path(parse_value(text)), location.clone());
+    let value = Node::scalar(
+        absolute_if_existing_path(parse_value(text).map_err(fail)?),
+        location.clone(),
+    );
     let path: Vec<&str> = name.trim().split('.').collect();
     if path.iter().any(|segment| segment.is_empty()) {
         return Err(fail(format!("`{name}` is not a variable or STAGE.PARAM name")));
     }
     let target: Vec<&str> = if path.len() == 1 {
+        check_variable(root, path[0]).map_err(fail)?;
         vec!["vars", path[0]]
     } else {
-        let stage_exists = root.get("stages").and_then(|s| s.get(path[0])).is_some();
-        if !stage_exists {
-            return Err(fail(format!("no stage named `{}`", path[0])));
-        }
+        check_stage_key(root, path[0], path[1]).map_err(fail)?;
         ["stages"].into_iter().chain(path.iter().copied()).collect()
     };
     if root.as_table().is_none() {
         root.value = NodeValue::Table(Default::default());
     }
     root.set_path(&target, value).map_err(fail)
+}
+
+/// `--set NAME=...` replaces a variable of `[vars]`; it cannot add one (nothing would read it).
+fn check_variable(root: &Node, name: &str) -> Result<(), String> {
+    let vars: Vec<&str> = root
+        .get("vars")
+        .and_then(Node::as_table)
+        .into_iter()
+        .flatten()
+        .map(|(key, _)| key.as_str())
+        .collect();
+    if vars.contains(&name) {
+        return Ok(());
+    }
+    Err(format!(
+        "unknown variable `{name}` {}",
+        hint(name, &vars, "variables")
+    ))
+}
+
+/// `--set STAGE.PARAM=...`: the stage must exist, and PARAM be a key the stage sets, a parameter
+/// of its kind (one left at its default too) or a key every stage has (`threads`, `gpus`, ...).
+fn check_stage_key(root: &Node, stage: &str, key: &str) -> Result<(), String> {
+    let stages: Vec<&str> = root
+        .get("stages")
+        .and_then(Node::as_table)
+        .into_iter()
+        .flatten()
+        .map(|(name, _)| name.as_str())
+        .collect();
+    let Some(node) = root.get("stages").and_then(|s| s.get(stage)) else {
+        return Err(format!(
+            "no stage named `{stage}` {}",
+            hint(stage, &stages, "stages")
+        ));
+    };
+    let written: Vec<&str> = node
+        .as_table()
+        .into_iter()
+        .flatten()
+        .map(|(k, _)| k.as_str())
+        .collect();
+    if written.contains(&key) || COMMON_STAGE_KEYS.contains(&key) {
+        return Ok(());
+    }
+    // Without a known kind there is nothing to check against; the kind itself is reported.
+    let Some(kind) = stage_kind(root, node) else {
+        return Ok(());
+    };
+    let parameters = kind.parameter_names();
+    if parameters.iter().any(|p| p == key) {
+        return Ok(());
+    }
+    let mut known: Vec<&str> = parameters.iter().map(String::as_str).collect();
+    for key in written {
+        if !known.contains(&key) && !COMMON_STAGE_KEYS.contains(&key) {
+            known.push(key);
+        }
+    }
+    let message = match nearest(key, known.iter().chain(COMMON_STAGE_KEYS).copied()) {
+        Some(near) => format!("did you mean `{near}`?"),
+        None => format!(
+            "parameters of kind `{}`: {}; keys of every stage: {}",
+            kind.name,
+            known.join(", "),
+            COMMON_STAGE_KEYS.join(", ")
+        ),
+    };
+    Err(format!("stage `{stage}` has no parameter `{key}` ({message})"))
+}
+
+/// The stage's kind, when it is written as a kind's name or as a `${var}` holding one.
+fn stage_kind(root: &Node, stage: &Node) -> Option<&'static Kind> {
+    let written = stage.get("kind")?.as_str()?;
+    let name = match written.strip_prefix("${").and_then(|rest| rest.strip_suffix('}')) {
+        Some(var) => root.get("vars")?.get(var.trim())?.as_str()?,
+        None => written,
+    };
+    find_kind(name)
+}
+
+/// "(did you mean `x`?)" for a near name, else the valid names listed.
+fn hint(name: &str, valid: &[&str], what: &str) -> String {
+    match nearest(name, valid.iter().copied()) {
+        Some(near) => format!("(did you mean `{near}`?)"),
+        None if valid.is_empty() => format!("(the pipeline has no {what})"),
+        None => format!("({what}: {})", valid.join(", ")),
+    }
 }
 
 /// A relative path typed on the command line means a path from the current folder, while paths in a
@@ -119,11 +212,20 @@ fn absolute_if_existing_path(value: toml::Value) -> toml::Value {
     }
 }
 
-fn parse_value(text: &str) -> toml::Value {
-    toml::from_str::<toml::Table>(&format!("value = {text}"))
-        .ok()
-        .and_then(|mut table| table.remove("value"))
-        .unwrap_or_else(|| toml::Value::String(text.to_string()))
+/// VALUE of `--set`: a TOML value, else the text as a string. Text that starts like a TOML array,
+/// table or quoted string but does not parse is an error, not a string.
+fn parse_value(text: &str) -> Result<toml::Value, String> {
+    match toml::from_str::<toml::Table>(&format!("value = {text}")) {
+        Ok(mut table) => Ok(table
+            .remove("value")
+            .unwrap_or_else(|| toml::Value::String(text.to_string()))),
+        Err(error) if text.trim_start().starts_with(['[', '{', '"', '\'']) => Err(format!(
+            "`{}` is not a valid TOML value: {}",
+            text.trim(),
+            error.message().trim()
+        )),
+        Err(_) => Ok(toml::Value::String(text.to_string())),
+    }
 }
 
 /// Resolves a path written in a pipeline file relative to the file's folder.
@@ -144,10 +246,19 @@ mod tests {
     fn set_values_are_toml_else_strings() {
         assert_eq!(
             parse_value("[0, 1]"),
-            toml::Value::Array(vec![0.into(), 1.into()])
+            Ok(toml::Value::Array(vec![0.into(), 1.into()]))
         );
-        assert_eq!(parse_value("5"), toml::Value::Integer(5));
-        assert_eq!(parse_value("data/x"), toml::Value::String("data/x".into()));
-        assert_eq!(parse_value("\"5\""), toml::Value::String("5".into()));
+        assert_eq!(parse_value("5"), Ok(toml::Value::Integer(5)));
+        assert_eq!(parse_value("data/x"), Ok(toml::Value::String("data/x".into())));
+        assert_eq!(parse_value("\"5\""), Ok(toml::Value::String("5".into())));
+        assert_eq!(parse_value(""), Ok(toml::Value::String(String::new())));
+        assert_eq!(parse_value("a b"), Ok(toml::Value::String("a b".into())));
+        for bad in ["[0,", "[0, x]", "{ a = }", "\"open"] {
+            let error = parse_value(bad).unwrap_err();
+            assert!(
+                error.starts_with(&format!("`{bad}` is not a valid TOML value: ")),
+                "{error}"
+            );
+        }
     }
 }

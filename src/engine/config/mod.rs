@@ -3,6 +3,7 @@
 //! collected and reported at once with its file, line and column.
 
 pub mod diagnostics;
+mod every_error;
 mod load;
 mod node;
 pub mod raw;
@@ -10,4 +11,5 @@ mod resolve;
 pub mod template;
 
 pub use diagnostics::{Diagnostic, Diagnostics, Location, Sources};
+pub use node::Node;
 pub use resolve::{load, Instance, Pipeline};

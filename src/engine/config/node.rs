@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
-use super::diagnostics::{FileId, Location};
+use super::diagnostics::{Diagnostic, FileId, Location};
 
 #[derive(Clone, Debug)]
 pub enum NodeValue {
@@ -59,9 +59,10 @@ impl Node {
         }
     }
 
-    pub fn from_document(table: &Spanned<DeTable<'_>>, file: FileId) -> Node {
+    /// The parsed document as nodes; numbers TOML allows but 64 bits cannot hold are reported.
+    pub fn from_document(table: &Spanned<DeTable<'_>>, file: FileId, errors: &mut Vec<Diagnostic>) -> Node {
         Node {
-            value: NodeValue::Table(convert_table(table.get_ref(), file)),
+            value: NodeValue::Table(convert_table(table.get_ref(), file, errors)),
             location: Location::File {
                 file,
                 span: table.span(),
@@ -86,6 +87,16 @@ impl Node {
 
     pub fn get(&self, key: &str) -> Option<&Node> {
         self.as_table()?.get(key)
+    }
+
+    /// The first string value (depth first) whose text is exactly `text`.
+    pub fn find_string(&self, text: &str) -> Option<&Node> {
+        match &self.value {
+            NodeValue::Scalar(toml::Value::String(s)) => (s == text).then_some(self),
+            NodeValue::Scalar(_) => None,
+            NodeValue::Array(items) => items.iter().find_map(|item| item.find_string(text)),
+            NodeValue::Table(table) => table.values().find_map(|value| value.find_string(text)),
+        }
     }
 
     /// The plain TOML value, positions dropped.
@@ -179,11 +190,11 @@ impl Node {
     }
 }
 
-fn convert_table(table: &DeTable<'_>, file: FileId) -> BTreeMap<String, Node> {
+fn convert_table(table: &DeTable<'_>, file: FileId, errors: &mut Vec<Diagnostic>) -> BTreeMap<String, Node> {
     table
         .iter()
         .map(|(key, value)| {
-            let mut node = convert_value(value, file);
+            let mut node = convert_value(value, file, errors);
             node.key_location = Some(Location::File {
                 file,
                 span: key.span(),
@@ -193,21 +204,42 @@ fn convert_table(table: &DeTable<'_>, file: FileId) -> BTreeMap<String, Node> {
         .collect()
 }
 
-fn convert_value(value: &Spanned<DeValue<'_>>, file: FileId) -> Node {
+fn convert_value(value: &Spanned<DeValue<'_>>, file: FileId, errors: &mut Vec<Diagnostic>) -> Node {
     let location = Location::File {
         file,
         span: value.span(),
     };
+    let mut out_of_range = |text: &str, what: &str| {
+        errors.push(Diagnostic::new(
+            Some(location.clone()),
+            format!("`{text}` is out of range: {what}"),
+        ));
+    };
     let value = match value.get_ref() {
         DeValue::String(s) => NodeValue::Scalar(toml::Value::String(s.to_string())),
-        DeValue::Integer(i) => NodeValue::Scalar(toml::Value::Integer(
-            i64::from_str_radix(i.as_str(), i.radix()).unwrap_or(i64::MAX),
-        )),
-        DeValue::Float(f) => NodeValue::Scalar(toml::Value::Float(f.as_str().parse().unwrap_or(f64::NAN))),
+        DeValue::Integer(i) => {
+            let parsed = i64::from_str_radix(i.as_str(), i.radix()).unwrap_or_else(|_| {
+                out_of_range(i.as_str(), "integers must fit in 64 bits");
+                0
+            });
+            NodeValue::Scalar(toml::Value::Integer(parsed))
+        }
+        DeValue::Float(f) => {
+            let text = f.as_str();
+            let parsed = text.parse::<f64>().unwrap_or(f64::NAN);
+            // `inf` and `nan` are written as such; a finite literal must stay finite
+            let literal_infinite = text.trim_start_matches(['+', '-']).starts_with(['i', 'n']);
+            if !parsed.is_finite() && !literal_infinite {
+                out_of_range(text, "beyond the largest 64-bit float");
+            }
+            NodeValue::Scalar(toml::Value::Float(parsed))
+        }
         DeValue::Boolean(b) => NodeValue::Scalar(toml::Value::Boolean(*b)),
         DeValue::Datetime(d) => NodeValue::Scalar(toml::Value::Datetime(*d)),
-        DeValue::Array(items) => NodeValue::Array(items.iter().map(|v| convert_value(v, file)).collect()),
-        DeValue::Table(t) => NodeValue::Table(convert_table(t, file)),
+        DeValue::Array(items) => {
+            NodeValue::Array(items.iter().map(|v| convert_value(v, file, errors)).collect())
+        }
+        DeValue::Table(t) => NodeValue::Table(convert_table(t, file, errors)),
     };
     Node {
         value,

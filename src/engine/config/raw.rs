@@ -108,6 +108,7 @@ pub const COMMON_STAGE_KEYS: &[&str] = &[
     "matrix",
     "threads",
     "gpus",
+    "slurm",
     "instance_overrides",
 ];
 

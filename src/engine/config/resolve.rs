@@ -7,12 +7,14 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 
 use super::diagnostics::{Diagnostic, Diagnostics, Location, Sources};
+use super::every_error::read_all;
 use super::load::{apply_set, read_merged, relative_to};
 use super::node::{Node, NodeValue};
 use super::raw::{
     ExecutorKind, MatrixValue, PipelineSection, SlurmOptions, StageCommon, COMMON_STAGE_KEYS, TOP_LEVEL_KEYS,
 };
 use super::template::{self, Piece, Select};
+use crate::engine::record::file_safe;
 use crate::stages::{find_kind, Kind, ParamError, Stage, KINDS};
 
 /// A checked pipeline, ready to be turned into a DAG.
@@ -52,6 +54,8 @@ pub struct Instance {
     pub slurm: SlurmOptions,
     /// The folder holding this instance's outputs.
     pub out_dir: PathBuf,
+    /// The instance's parameters as substituted, each value with where it is written.
+    pub params_node: Node,
     /// Where `[stages.NAME]` is written, and where each of its keys is.
     pub location: Location,
     pub key_locations: BTreeMap<String, Location>,
@@ -70,6 +74,13 @@ pub fn load(path: &Path, sets: &[String]) -> Result<Pipeline, (Diagnostics, Opti
     let Some(mut document) = read_merged(path, &mut sources, &mut errors) else {
         return Err((Diagnostics::new(errors, &sources), None));
     };
+    if errors.is_empty() && has_no_stages(&document) {
+        // An empty file is most likely the wrong file, or one not yet written: never "valid".
+        errors.push(Diagnostic::new(
+            Some(Location::File { file: 0, span: 0..0 }),
+            "the pipeline has no stages (a pipeline needs at least one `[stages.NAME]` table)",
+        ));
+    }
     for arg in sets {
         if let Err(e) = apply_set(&mut document, arg) {
             errors.push(e);
@@ -84,6 +95,14 @@ pub fn load(path: &Path, sets: &[String]) -> Result<Pipeline, (Diagnostics, Opti
     } else {
         let diagnostics = Diagnostics::new(errors, &pipeline.sources);
         Err((diagnostics, Some(Box::new(pipeline))))
+    }
+}
+
+/// No `stages`, or an empty `[stages]` table (a `stages` that is not a table is reported elsewhere).
+fn has_no_stages(document: &Node) -> bool {
+    match document.get("stages") {
+        None => true,
+        Some(stages) => stages.as_table().is_some_and(BTreeMap::is_empty),
     }
 }
 
@@ -114,6 +133,14 @@ fn resolve(path: &Path, document: &Node, sources: Sources, errors: &mut Vec<Diag
         path.file_stem()
             .map_or("pipeline".into(), |s| s.to_string_lossy().into_owned())
     });
+    check_name(&name, document, errors);
+    if let Err(problem) = crate::engine::paths::project_relative(&root, &work_dir.to_string_lossy()) {
+        let location = document.get("pipeline").and_then(|p| p.get("work_dir"));
+        errors.push(Diagnostic::new(
+            location.map(|node| node.location.clone()),
+            format!("work_dir {problem}: nnflow writes and deletes there, so it must be a folder inside the project"),
+        ));
+    }
     let vars = resolve_vars(document.get("vars"), errors);
     let state_dir = work_dir.join(&name);
     let mut failed = HashSet::new();
@@ -130,6 +157,22 @@ fn resolve(path: &Path, document: &Node, sources: Sources, errors: &mut Vec<Diag
         slurm: section.slurm.clone().unwrap_or_default(),
         sources,
         instances,
+    }
+}
+
+/// The pipeline's name becomes a folder of the work directory: one plain file name.
+fn check_name(name: &str, document: &Node, errors: &mut Vec<Diagnostic>) {
+    let plain = !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\\', '\0'])
+        && !name.chars().any(char::is_control);
+    if !plain {
+        let location = document.get("pipeline").and_then(|p| p.get("name"));
+        errors.push(Diagnostic::new(
+            location.map(|node| node.location.clone()),
+            format!("pipeline name `{name}` must be a plain file name (it names the pipeline's folder in the work directory): no `/`, not `.` or `..`"),
+        ));
     }
 }
 
@@ -195,6 +238,7 @@ fn resolve_var(
         vars: resolved,
         matrix: &BTreeMap::new(),
         refs: None,
+        budget: std::cell::Cell::new(SUBSTITUTION_BUDGET),
     };
     let value = substitute(node, &scope, errors).resolved;
     resolved.insert(name.to_string(), value);
@@ -271,12 +315,69 @@ fn expand_stages<'a>(
             ));
             continue;
         }
+        let count = expanded.len();
         expanded.extend(expand_stage(name, node, vars, state_dir, errors));
         if errors.len() == before {
             failed.remove(name);
+        } else if expanded.len() == count {
+            // The stage's common keys have a mistake, so it has no instances to check; its
+            // parameters' mistakes are still reported in this one round.
+            check_params_alone(name, node, vars, errors);
         }
     }
     expanded
+}
+
+/// Checks the kind's parameters of a stage that has no instances (a mistake in `threads`,
+/// `matrix`, ...): values are substituted with `[vars]` only, so a value that still holds a
+/// `${...}` (a matrix value, another stage's outputs) is not judged.
+fn check_params_alone(name: &str, node: &Node, vars: &Vars, errors: &mut Vec<Diagnostic>) {
+    let scope = Scope {
+        vars,
+        matrix: &BTreeMap::new(),
+        refs: None,
+        budget: std::cell::Cell::new(SUBSTITUTION_BUDGET),
+    };
+    let kind = node
+        .get("kind")
+        .map(|kind| substitute(kind, &scope, &mut Vec::new()).resolved)
+        .and_then(|kind| kind.as_str().and_then(find_kind));
+    let Some(kind) = kind else {
+        return; // an unknown or missing kind is reported already
+    };
+    let params = select_keys(node, |key| !COMMON_STAGE_KEYS.contains(&key));
+    let params = substitute(&params, &scope, &mut Vec::new()).resolved;
+    build_params(kind, &params, name, true, errors);
+}
+
+/// Reads a stage's parameters with its kind, reporting every mistake. With `unsubstituted`,
+/// strings still holding a `${...}` (their substitution failed and was reported, or cannot be done
+/// here) are set aside, not judged.
+fn build_params(
+    kind: &Kind,
+    params: &Node,
+    stage: &str,
+    unsubstituted: bool,
+    errors: &mut Vec<Diagnostic>,
+) -> Option<Box<dyn Stage>> {
+    let unknowable = |path: &[String]| {
+        unsubstituted
+            && params
+                .find(path)
+                .and_then(Node::as_str)
+                .is_some_and(|text| text.contains("${"))
+    };
+    match read_all(params.to_toml(), kind.build, unknowable) {
+        Ok(stage) => Some(stage),
+        Err(problems) => {
+            errors.extend(
+                problems
+                    .iter()
+                    .map(|problem| param_diagnostic(params, problem, stage)),
+            );
+            None
+        }
+    }
 }
 
 fn valid_stage_name(name: &str) -> bool {
@@ -301,6 +402,7 @@ fn expand_stage<'a>(
         vars,
         matrix: &BTreeMap::new(),
         refs: None,
+        budget: std::cell::Cell::new(SUBSTITUTION_BUDGET),
     };
     let common_node = substitute(&common_node, &scope, errors).resolved;
     let Some(common) = typed::<StageCommon>(&common_node, errors) else {
@@ -341,7 +443,11 @@ fn expand_stage<'a>(
             let suffix = matrix_suffix(&matrix);
             let (id, out_dir) = match &suffix {
                 None => (name.to_string(), state_dir.join("out").join(name)),
-                Some(s) => (format!("{name}[{s}]"), state_dir.join("out").join(name).join(s)),
+                // matrix values are free text: encoded, so none can name a folder elsewhere
+                Some(s) => (
+                    format!("{name}[{s}]"),
+                    state_dir.join("out").join(name).join(file_safe(s)),
+                ),
             };
             Expanded {
                 stage: name.to_string(),
@@ -389,6 +495,7 @@ fn read_overrides<'a>(
         vars,
         matrix: &BTreeMap::new(),
         refs: None,
+        budget: std::cell::Cell::new(SUBSTITUTION_BUDGET),
     };
     let mut read = Vec::new();
     for entry in entries {
@@ -521,6 +628,7 @@ fn build_instances(
             vars,
             matrix: &e.matrix,
             refs: Some((&targets, index)),
+            budget: std::cell::Cell::new(SUBSTITUTION_BUDGET),
         };
         let before = errors.len();
         let substituted = substitute(&params_node, &scope, errors);
@@ -528,16 +636,18 @@ fn build_instances(
         for (target, location) in &e.common.after {
             after.extend(targets.resolve_after(target, index, location, errors));
         }
-        if errors.len() > before {
+        // Parameters are checked even when a substitution failed (every mistake in one round);
+        // the value that could not be substituted is then not judged.
+        let substitution_failed = errors.len() > before;
+        let built = build_params(
+            e.kind,
+            &substituted.resolved,
+            &e.stage,
+            substitution_failed,
+            errors,
+        );
+        let Some(implementation) = built.filter(|_| !substitution_failed) else {
             continue;
-        }
-        let built = (e.kind.build)(substituted.resolved.to_toml());
-        let implementation = match built {
-            Ok(stage) => stage,
-            Err(problem) => {
-                errors.push(param_diagnostic(&substituted.resolved, &problem, &e.stage));
-                continue;
-            }
         };
         let Ok(key_stage) = (e.kind.build)(substituted.key.to_toml()) else {
             continue;
@@ -563,6 +673,7 @@ fn build_instances(
             gpus: e.common.gpus,
             slurm: e.common.slurm.clone(),
             out_dir: e.out_dir.clone(),
+            params_node: substituted.resolved.clone(),
             location: e
                 .node
                 .key_location
@@ -717,6 +828,37 @@ struct Scope<'a, 'b, 'c> {
     vars: &'a Vars,
     matrix: &'a BTreeMap<String, toml::Value>,
     refs: Option<(&'a RefTargets<'b, 'c>, usize)>,
+    /// What substitution may still produce, in characters and values (see [`SUBSTITUTION_BUDGET`]).
+    budget: std::cell::Cell<usize>,
+}
+
+/// Variables may refer to variables: eight lines that each repeat the one before ten times would
+/// expand to 10^8 characters. One variable or one stage's parameters may grow to this much.
+const SUBSTITUTION_BUDGET: usize = 1 << 20;
+
+impl Scope<'_, '_, '_> {
+    /// Takes `size` from the budget; an error once it is spent.
+    fn spend(&self, size: usize) -> Result<(), String> {
+        let left = self.budget.get();
+        if size > left {
+            return Err(format!(
+                "substitution expands to more than {SUBSTITUTION_BUDGET} characters here \
+                 (variables that repeat each other grow exponentially)"
+            ));
+        }
+        self.budget.set(left - size);
+        Ok(())
+    }
+}
+
+/// Characters and values in a TOML value, for the substitution budget.
+fn value_size(value: &toml::Value) -> usize {
+    match value {
+        toml::Value::String(s) => s.len() + 1,
+        toml::Value::Array(items) => 1 + items.iter().map(value_size).sum::<usize>(),
+        toml::Value::Table(table) => 1 + table.iter().map(|(k, v)| k.len() + value_size(v)).sum::<usize>(),
+        _ => 1,
+    }
 }
 
 /// A substituted tree in two forms: resolved (what the stage runs with) and key (references to
@@ -749,16 +891,20 @@ fn substitute_node(
     };
     match &node.value {
         NodeValue::Scalar(toml::Value::String(text)) => match substitute_string(text, scope, dependencies) {
-            Ok((resolved, key)) => (
-                Node {
-                    key_location: node.key_location.clone(),
-                    ..Node::scalar(resolved, node.location.clone())
-                },
-                Node {
-                    key_location: node.key_location.clone(),
-                    ..Node::scalar(key, node.location.clone())
-                },
-            ),
+            Ok((resolved, key)) => {
+                // A value given whole by `--set NAME=...`: a mistake in it is the argument's.
+                let location = set_on_command_line(text, scope).unwrap_or_else(|| node.location.clone());
+                (
+                    Node {
+                        key_location: node.key_location.clone(),
+                        ..Node::scalar(resolved, location.clone())
+                    },
+                    Node {
+                        key_location: node.key_location.clone(),
+                        ..Node::scalar(key, location)
+                    },
+                )
+            }
             Err(message) => {
                 errors.push(Diagnostic::new(Some(node.location.clone()), message));
                 (node.clone(), node.clone())
@@ -806,6 +952,7 @@ fn substitute_string(
             Piece::Text(t) => (toml::Value::String(t.clone()), toml::Value::String(t.clone())),
             Piece::Name(name) => {
                 let value = lookup_name(name, scope)?;
+                scope.spend(2 * value_size(&value))?;
                 (value.clone(), value)
             }
             Piece::Outputs { stage, select } => outputs_reference(stage, select, scope, dependencies)?,
@@ -816,30 +963,108 @@ fn substitute_string(
     if pieces.len() == 1 {
         return Ok((resolved.remove(0), key.remove(0)));
     }
-    Ok((
-        toml::Value::String(splice(&resolved)?),
-        toml::Value::String(splice(&key)?),
-    ))
+    let written: Vec<bool> = pieces.iter().map(|p| matches!(p, Piece::Text(_))).collect();
+    let resolved = splice(&written, &resolved)?;
+    scope.spend(resolved.len())?;
+    let key = splice(&written, &key)?;
+    scope.spend(key.len())?;
+    Ok((toml::Value::String(resolved), toml::Value::String(key)))
 }
 
-/// Joins substituted values into one string; a list of scalars becomes space-separated words
-/// (handy in commands: `cat ${train[*].outputs}`).
-fn splice(values: &[toml::Value]) -> Result<String, String> {
+/// The `--set` argument that gave a string written as exactly one `${var}` its value, if any.
+fn set_on_command_line(text: &str, scope: &Scope) -> Option<Location> {
+    let Ok(pieces) = template::parse(text) else {
+        return None;
+    };
+    let [Piece::Name(name)] = pieces.as_slice() else {
+        return None;
+    };
+    if scope.matrix.contains_key(name) {
+        return None;
+    }
+    let location = &scope.vars.get(name)?.location;
+    matches!(location, Location::CommandLine { .. }).then(|| location.clone())
+}
+
+/// Joins substituted values into one string (`written[i]`: whether `values[i]` is text written
+/// in the template rather than a substituted value). A list becomes space-separated words, and
+/// the written text attached to it in the same word (see [`ends_word`]) goes with every item, as
+/// in shell brace expansion: `cat ${fit[*].outputs}/model.txt` -> `cat A/model.txt B/model.txt`.
+/// Two lists in one word give every combination; an empty list removes its word.
+fn splice(written: &[bool], values: &[toml::Value]) -> Result<String, String> {
     let mut text = String::new();
-    for value in values {
+    let mut word = Vec::new();
+    for (&is_written, value) in written.iter().zip(values) {
         match value {
+            toml::Value::String(literal) if is_written => {
+                for c in literal.chars() {
+                    if ends_word(c) {
+                        text.push_str(&expand_word(&mut word));
+                        text.push(c);
+                    } else {
+                        match word.last_mut() {
+                            Some(WordPart::Fixed(fixed)) => fixed.push(c),
+                            _ => word.push(WordPart::Fixed(c.to_string())),
+                        }
+                    }
+                }
+            }
             toml::Value::Array(items) => {
-                let words: Result<Vec<String>, String> = items
-                    .iter()
-                    .map(|item| splice(std::slice::from_ref(item)))
-                    .collect();
-                text.push_str(&words?.join(" "));
+                let items = items.iter().map(item_text).collect::<Result<_, _>>()?;
+                word.push(WordPart::Choice(items));
             }
             toml::Value::Table(_) => return Err(format!("cannot splice a table ({value}) into a string")),
-            scalar => text.push_str(&plain_text(scalar)),
+            scalar => {
+                let scalar = plain_text(scalar);
+                match word.last_mut() {
+                    Some(WordPart::Fixed(fixed)) => fixed.push_str(&scalar),
+                    _ => word.push(WordPart::Fixed(scalar)),
+                }
+            }
         }
     }
+    text.push_str(&expand_word(&mut word));
     Ok(text)
+}
+
+/// Whether a character written in a string separates words, as in the shell: blanks and the
+/// operators `;`, `|`, `&`, `<`, `>`, `(`, `)` (`for m in ${fit[*].outputs}; do` stays a loop).
+fn ends_word(c: char) -> bool {
+    c.is_whitespace() || matches!(c, ';' | '|' | '&' | '<' | '>' | '(' | ')')
+}
+
+/// A part of one word of a spliced string: fixed text, or one of a list's items.
+enum WordPart {
+    Fixed(String),
+    Choice(Vec<String>),
+}
+
+/// The word's expansions, space-separated; the word is emptied.
+fn expand_word(word: &mut Vec<WordPart>) -> String {
+    let mut expansions = vec![String::new()];
+    for part in word.drain(..) {
+        expansions = match part {
+            WordPart::Fixed(fixed) => expansions.into_iter().map(|e| e + &fixed).collect(),
+            WordPart::Choice(items) => expansions
+                .iter()
+                .flat_map(|e| items.iter().map(move |item| format!("{e}{item}")))
+                .collect(),
+        };
+    }
+    expansions.join(" ")
+}
+
+/// A list item as text (a nested list as space-separated words).
+fn item_text(item: &toml::Value) -> Result<String, String> {
+    match item {
+        toml::Value::Array(items) => Ok(items
+            .iter()
+            .map(item_text)
+            .collect::<Result<Vec<_>, _>>()?
+            .join(" ")),
+        toml::Value::Table(_) => Err(format!("cannot splice a table ({item}) into a string")),
+        scalar => Ok(plain_text(scalar)),
+    }
 }
 
 fn lookup_name(name: &str, scope: &Scope) -> Result<toml::Value, String> {
@@ -946,15 +1171,18 @@ fn select_keys(node: &Node, keep: impl Fn(&str) -> bool) -> Node {
 
 /// Deserializes a node into a typed struct, turning a failure into a diagnostic at the offending
 /// key or value.
+/// Every mistake is reported, not only the first.
 fn typed<T: DeserializeOwned>(node: &Node, errors: &mut Vec<Diagnostic>) -> Option<T> {
-    match serde_path_to_error::deserialize::<_, T>(node.to_toml()) {
+    let read = |value: toml::Value| {
+        serde_path_to_error::deserialize::<_, T>(value).map_err(|err| ParamError {
+            path: err.path().iter().map(|s| s.to_string()).collect(),
+            message: err.into_inner().message().to_string(),
+        })
+    };
+    match read_all(node.to_toml(), read, |_| false) {
         Ok(value) => Some(value),
-        Err(err) => {
-            let problem = ParamError {
-                path: err.path().iter().map(|s| s.to_string()).collect(),
-                message: err.into_inner().message().to_string(),
-            };
-            errors.push(locate(node, &problem, None));
+        Err(problems) => {
+            errors.extend(problems.iter().map(|problem| locate(node, problem, None)));
             None
         }
     }
@@ -966,18 +1194,7 @@ fn param_diagnostic(node: &Node, problem: &ParamError, instance: &str) -> Diagno
 
 /// Points a parameter problem at the key (unknown keys) or the value (wrong types) it concerns.
 fn locate(node: &Node, problem: &ParamError, instance: Option<&str>) -> Diagnostic {
-    let mut path: Vec<String> = problem
-        .path
-        .iter()
-        .filter(|s| s.as_str() != "?" && s.as_str() != ".")
-        // serde_path_to_error writes list indices as `[1]`; `Node::find` takes `1`.
-        .map(|s| {
-            s.strip_prefix('[')
-                .and_then(|s| s.strip_suffix(']'))
-                .unwrap_or(s)
-                .to_string()
-        })
-        .collect();
+    let mut path = super::every_error::plain_path(problem);
     let unknown_key = problem
         .message
         .strip_prefix("unknown field `")
@@ -1012,4 +1229,77 @@ fn locate(node: &Node, problem: &ParamError, instance: Option<&str>) -> Diagnost
         message = format!("stage `{instance}`: {message}");
     }
     Diagnostic::new(Some(location), message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(s: &str) -> toml::Value {
+        toml::Value::String(s.to_string())
+    }
+
+    fn list(items: &[&str]) -> toml::Value {
+        toml::Value::Array(items.iter().map(|s| text(s)).collect())
+    }
+
+    #[test]
+    fn a_list_in_a_word_takes_the_word_s_text_with_every_item() {
+        let written = [true, false, true];
+        // The resolved form (folders) and the key form (symbolic references) splice alike.
+        let resolved = [
+            text("cat "),
+            list(&["/o/fit/0", "/o/fit/1"]),
+            text("/model.txt > r"),
+        ];
+        assert_eq!(
+            splice(&written, &resolved).unwrap(),
+            "cat /o/fit/0/model.txt /o/fit/1/model.txt > r"
+        );
+        let key = [
+            text("cat "),
+            list(&["${fit[fold=0].outputs}", "${fit[fold=1].outputs}"]),
+            text("/model.txt > r"),
+        ];
+        assert_eq!(
+            splice(&written, &key).unwrap(),
+            "cat ${fit[fold=0].outputs}/model.txt ${fit[fold=1].outputs}/model.txt > r"
+        );
+    }
+
+    #[test]
+    fn prefixes_values_and_two_lists_in_a_word() {
+        let written = [true, false, true, false, true, false];
+        let values = [
+            text("--in="),
+            list(&["a", "b"]),
+            text(" x"),
+            text("-v"),
+            text("/"),
+            list(&["1", "2"]),
+        ];
+        // `x`, the substituted `-v` and `/` form one word with the list after them.
+        assert_eq!(splice(&written, &values).unwrap(), "--in=a --in=b x-v/1 x-v/2");
+        // An empty list removes its word.
+        let values = [list(&["a", "b"]), text("\t"), list(&[]), text("-y z")];
+        assert_eq!(splice(&[false, true, false, true], &values).unwrap(), "a b\t z");
+        let values = [list(&["a", "b"]), text("/"), list(&["1", "2"])];
+        assert_eq!(splice(&[false, true, false], &values).unwrap(), "a/1 a/2 b/1 b/2");
+        // Shell operators end a word like blanks do.
+        let values = [
+            text("for m in "),
+            list(&["a", "b"]),
+            text("; do x>"),
+            list(&["1", "2"]),
+            text("|y"),
+        ];
+        assert_eq!(
+            splice(&[true, false, true, false, true], &values).unwrap(),
+            "for m in a b; do x>1 2|y"
+        );
+        let table = toml::Value::Table(toml::Table::new());
+        assert!(splice(&[true, false], &[text("x"), table])
+            .unwrap_err()
+            .contains("cannot splice a table"));
+    }
 }

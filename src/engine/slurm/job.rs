@@ -18,7 +18,7 @@ pub fn run_job(engine: &Engine, run_dir: &Path, ids_file: &Path, cancel: &Atomic
     let task: usize = env_number("SLURM_ARRAY_TASK_ID").unwrap_or(0);
     let ids = std::fs::read_to_string(ids_file).unwrap_or_default();
     let Some(id) = ids.lines().nth(task).map(str::to_string) else {
-        eprintln!("error: {} has no line {task}", ids_file.display());
+        crate::errln!("error: {} has no line {task}", ids_file.display());
         return 1;
     };
     let run_dir = RunDir(run_dir.to_path_buf());
@@ -69,10 +69,10 @@ pub fn run_job(engine: &Engine, run_dir: &Path, ids_file: &Path, cancel: &Atomic
         finished_unix: now_unix(),
     };
     if let Err(e) = run_dir.write_receipt(&receipt) {
-        eprintln!("error: cannot write the receipt: {e}");
+        crate::errln!("error: cannot write the receipt: {e}");
         return 1;
     }
-    eprintln!(
+    crate::errln!(
         "{id}: {outcome:?}{}",
         error.map(|e| format!(": {e}")).unwrap_or_default()
     );

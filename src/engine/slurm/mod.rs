@@ -80,7 +80,7 @@ pub fn run(
                 let done = Finished {
                     index,
                     outcome,
-                    outputs_digest: None,
+                    done: None,
                     seconds: 0.0,
                     error,
                 };
@@ -114,7 +114,7 @@ pub fn run(
     let run = submit(engine, &pending, &run_dir, &job_name, &run_id, &slurm.sets)?;
     run_dir.save(&engine.pipeline.state_dir, &run)?;
     if !options.quiet {
-        eprintln!(
+        crate::errln!(
             "submitted {} instance(s) as {} job array(s) named {job_name}",
             pending.len(),
             run.jobs.len()
@@ -274,7 +274,7 @@ fn wait(
             return Ok(true);
         }
         let queue = squeue(&run.job_name).unwrap_or_else(|e| {
-            eprintln!("warning: {e}");
+            crate::errln!("warning: {e}");
             HashMap::new()
         });
         let mut changed = false;
@@ -321,7 +321,7 @@ fn wait(
                 let done = Finished {
                     index,
                     outcome,
-                    outputs_digest: None,
+                    done: None,
                     seconds,
                     error,
                 };

@@ -70,7 +70,7 @@ pub fn with_retries<T>(
         match submit() {
             Ok(value) => return Ok(value),
             Err(e) if e.transient && tried < attempts => {
-                eprintln!("warning: {} (retrying in {} s)", e.message, delay.as_secs());
+                crate::errln!("warning: {} (retrying in {} s)", e.message, delay.as_secs());
                 wait(delay);
                 delay *= 2;
             }
