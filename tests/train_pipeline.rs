@@ -244,6 +244,18 @@ fn a_damaged_resume_checkpoint_falls_back_instead_of_failing() {
     );
     // and its checkpoints are intact again
     assert_eq!(epochs_done(&project), Some(4));
+
+    // `--force` retrains from scratch, not from the finished run's checkpoint (issue 14)
+    let mut forced = args(&tiny);
+    forced.extend(["--force", "train"]);
+    let fourth = project.run(&forced);
+    assert_eq!(fourth.code, 0, "{}", fourth.stderr);
+    assert_eq!(fourth.outcome(TRAIN), "ran");
+    let log = stage_log(&project);
+    assert!(
+        log.contains("epoch 0: lr") && !log.contains("resuming after"),
+        "{log}"
+    );
 }
 
 #[test]
