@@ -42,7 +42,8 @@ fn foreign_entry(root: &Path) -> Option<String> {
     entries
         .flatten()
         .map(|entry| entry.file_name().to_string_lossy().into_owned())
-        .find(|name| !CACHE_ENTRIES.contains(&name.as_str()))
+        // another process may be writing the tag right now (`.CACHEDIR.TAG.tmp-...`)
+        .find(|name| !CACHE_ENTRIES.contains(&name.as_str()) && !name.starts_with(".CACHEDIR.TAG.tmp"))
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -814,6 +815,29 @@ mod tests {
             cache.lookup(&key("l"), &hasher).unwrap(),
             Lookup::Hit(_)
         ));
+    }
+
+    #[test]
+    fn caches_opened_at_once_by_many_processes_all_open() {
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().join("cache");
+            std::thread::scope(|scope| {
+                let openers: Vec<_> = (0..8).map(|_| scope.spawn(|| Cache::open(&root))).collect();
+                for opener in openers {
+                    opener.join().unwrap().unwrap();
+                }
+            });
+        }
+    }
+
+    #[test]
+    fn a_folder_holding_other_things_is_not_a_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("letter.txt"), "mine").unwrap();
+        let error = Cache::open(dir.path()).err().unwrap();
+        assert!(matches!(error, CacheError::NotACache { .. }), "{error}");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]
