@@ -1,11 +1,25 @@
-//! nnflow: nnU-Net as a declarative pipeline engine with a content-addressed cache.
+//! nnflow: nnU-Net as a declarative pipeline engine with a content-addressed cache. The layers,
+//! from the bottom up; each uses only the layers below it (README, "How the code is organised").
 //!
-//! - [`engine`]: pipeline format, DAG, cache keys, cache, execution (knows nothing of images).
-//! - [`stages`]: stage kinds plugged into the engine through one trait and a registry.
-//! - [`data`], [`preprocess`], [`augment`]: NIfTI and datasets, nnU-Net's preprocessing and its
-//!   training augmentations, as pure functions on arrays.
-//! - [`cli`]: the `nnflow` command line.
-//! - [`torch_env`]: libtorch and CUDA at run time.
+//! - [`atomic_file`], [`errln!`]: writing files whole; printing that survives a closed pipe.
+//! - [`engine`]: pipeline format, DAG, cache keys, cache, local and Slurm execution, and the
+//!   [`engine::stage::Stage`] trait stages plug in through. It knows nothing of images, nnU-Net or
+//!   libtorch (`tests/layers.rs` checks its imports).
+//! - [`data`]: NIfTI and `.npy` files, datasets in nnU-Net's layout, geometry, integrity checks.
+//! - [`kernels`]: numeric kernels several numeric layers share (connected components).
+//! - [`plans`]: plans.json (nnU-Net's experiment plan) as types.
+//! - [`preprocess`], [`augment`], [`evaluate`]: nnU-Net's fingerprint, planning and preprocessing;
+//!   its training augmentations; metrics, ensembling and postprocessing: pure functions on
+//!   arrays, tested against nnU-Net's numbers.
+//! - [`torch_env`]: where libtorch and CUDA are at run time, and the device choice (no tch here).
+//! - [`network`], [`train`], [`inference`]: the torch-free side of the model: architectures from
+//!   plans, training jobs, sampling, splits, resume checkpoints and progress plots, prediction
+//!   jobs, sliding-window tiles and export. The libtorch code itself is the `nnflow-torch` worker
+//!   binary (`src/bin/nnflow-torch/`), so the `nnflow` binary never links libtorch.
+//! - [`stages`]: nnU-Net's stage kinds and their registry; [`json_numbers`]: finite parameters and
+//!   NaN in the JSON stages pass on.
+//! - [`cli`], [`schema`]: the `nnflow` command line, which hands the engine the registry of stage
+//!   kinds; the JSON schema of pipeline files.
 
 /// `eprintln!` that survives a closed stderr (`nnflow run p.toml 2>&1 | head -1`): the line is
 /// dropped instead of panicking.
@@ -25,7 +39,9 @@ pub mod engine;
 pub mod evaluate;
 pub mod inference;
 pub mod json_numbers;
+pub mod kernels;
 pub mod network;
+pub mod plans;
 pub mod preprocess;
 pub mod schema;
 pub mod stages;

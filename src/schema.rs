@@ -1,18 +1,20 @@
 //! The JSON Schema of the pipeline format (`nnflow schema`, `schemas/pipeline.schema.json`),
-//! generated from the raw config structs and every registered stage kind's parameter struct.
+//! generated from the raw config structs and the parameter struct of every kind in nnU-Net's
+//! registry ([`crate::stages::registry`]).
 
 use schemars::{json_schema, Schema, SchemaGenerator};
 use serde_json::{Map, Value};
 
 use crate::engine::config::raw::{PipelineSection, StageCommon};
-use crate::stages::KINDS;
+use crate::stages;
 
 pub fn pipeline_schema() -> Schema {
     let mut generator = SchemaGenerator::default();
     let pipeline = generator.subschema_for::<PipelineSection>();
     let common = generator.subschema_for::<StageCommon>();
     let common = resolve(&common, &generator);
-    let stage_variants: Vec<Value> = KINDS
+    let stage_variants: Vec<Value> = stages::registry()
+        .kinds()
         .iter()
         .map(|kind| {
             let params = (kind.schema)(&mut generator);

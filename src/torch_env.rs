@@ -1,11 +1,25 @@
-//! What the engine knows about libtorch: its version, and the facts the `nnflow-torch` worker
-//! reports. No tch call lives here: code reachable from the `nnflow` binary must not pull libtorch
-//! in (its static initialisers cost about 0.25 s per start and would dominate no-op runs).
+//! What the engine knows about libtorch: its version, the facts the `nnflow-torch` worker
+//! reports, and the device that training and inference ask the worker for. No tch call lives here:
+//! code reachable from the `nnflow` binary must not pull libtorch in (its static initialisers cost
+//! about 0.25 s per start and would dominate no-op runs).
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// libtorch version nnflow is built against (tch 0.24 supports exactly this one).
 pub const LIBTORCH_VERSION: &str = "2.11.0";
+
+/// Where training runs.
+#[derive(Deserialize, Serialize, JsonSchema, Debug, Clone, Copy, PartialEq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// CUDA when a GPU is visible, else CPU.
+    #[default]
+    Auto,
+    Cpu,
+    /// Fails clearly when no CUDA device is usable.
+    Cuda,
+}
 
 /// The libtorch facts `nnflow doctor` prints.
 #[derive(Serialize, Deserialize, Debug)]

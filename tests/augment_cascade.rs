@@ -11,7 +11,7 @@ use nnflow::augment::cascade::{
     removable_components, replace_component, RandomBinaryOperatorParams, RemoveRandomComponentParams,
 };
 use nnflow::augment::{Pipeline, Sample, SampleRng};
-use nnflow::evaluate::postprocess::{label_components, Connectivity};
+use nnflow::kernels::connected_components::{label_components, Connectivity};
 use serde_json::Value;
 
 fn fixture() -> Value {

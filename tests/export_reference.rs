@@ -13,6 +13,7 @@ use nnflow::data::dataset::Case;
 use nnflow::data::geometry::Header;
 use nnflow::data::{nifti, npy};
 use nnflow::inference::export::{export_case, write_segmentation, RegionInfo};
+use nnflow::plans::Plans;
 use nnflow::preprocess::case_steps::{load_raw, resampled_shape, PlanView};
 use serde_json::Value;
 
@@ -89,7 +90,7 @@ struct Reference {
 
 fn check_export(name: &'static str) -> Reference {
     let expected = json("expected.json");
-    let plans = json("plans.json");
+    let plans = Plans::read(&fixture("plans.json")).unwrap();
     let export = &expected["exports"][name];
     let case_name = export["case"].as_str().unwrap();
     let plan = PlanView::new(&plans, export["configuration"].as_str().unwrap()).unwrap();
@@ -143,7 +144,7 @@ fn check_export(name: &'static str) -> Reference {
     let regions = export["regions_class_order"].as_array().map(|order| RegionInfo {
         regions_class_order: order.iter().map(|v| v.as_i64().unwrap()).collect(),
     });
-    let configuration = &plan.configuration.json;
+    let configuration = &plan.configuration;
     let exported = export_case(logits.view(), &properties, configuration, regions.as_ref(), true).unwrap();
     let fast = export_case(logits.view(), &properties, configuration, regions.as_ref(), false).unwrap();
     assert_eq!(fast.probabilities, None);

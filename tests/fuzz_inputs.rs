@@ -26,6 +26,7 @@ use ndarray::Array3;
 use nnflow::data::nifti::{self, Header, NiftiError};
 use nnflow::engine::config::{Diagnostics, Location};
 use nnflow::engine::load_checked;
+use nnflow::stages::registry;
 use proptest::collection::vec;
 use proptest::option::weighted;
 use proptest::prelude::*;
@@ -1102,7 +1103,7 @@ fn mutated_pipeline() -> BoxedStrategy<MutatedPipeline> {
 /// extended file) unless its only problems are `--set` arguments, which name the argument instead
 /// (see `set_values_that_do_not_parse_point_at_the_argument` in tests/validation.rs).
 fn check_pipeline(main: &Path, sets: &[String], tally: &Tally) -> Result<Option<Diagnostics>, String> {
-    let result = catch_unwind(AssertUnwindSafe(|| load_checked(main, sets)))
+    let result = catch_unwind(AssertUnwindSafe(|| load_checked(main, sets, registry())))
         .map_err(|payload| panic_text("load_checked", payload))?;
     let diagnostics = match result {
         Ok(_) => {
@@ -1344,7 +1345,7 @@ kind = "x"
             output.status
         );
         assert!(!report.contains("panicked"), "{report}");
-        let Err(in_process) = load_checked(&project.path().join(&file), sets) else {
+        let Err(in_process) = load_checked(&project.path().join(&file), sets, registry()) else {
             panic!("{file} is valid:\n{shown}");
         };
         if only_set_mistakes(&in_process) {

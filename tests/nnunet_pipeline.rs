@@ -85,6 +85,31 @@ fn plan_overrides_replace_planned_values() {
 }
 
 #[test]
+fn issue_15_an_override_the_plan_types_refuse_fails_the_plan_stage_naming_the_key() {
+    let project = project_with_dataset(3);
+    let result = project.run(&[
+        "nnunet.toml",
+        "--set",
+        "dataset=D",
+        "--set",
+        FEW_SAMPLES,
+        "--set",
+        "plan.overrides={ \"3d_fullres\" = { patch_size = [\"big\", 64, 64] } }",
+        "plan",
+    ]);
+    assert_eq!(result.code, 1, "{}", result.stderr);
+    assert!(
+        result
+            .json
+            .to_string()
+            .contains("overrides: plans.json: `configurations.3d_fullres.patch_size[0]`: invalid type"),
+        "{}",
+        result.json
+    );
+    assert!(!project.path().join(".nnflow/nnunet/out/plan/plans.json").exists());
+}
+
+#[test]
 fn resample_and_normalize_compose_in_either_order() {
     let project = project_with_dataset(2);
     project.write(

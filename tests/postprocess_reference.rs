@@ -14,9 +14,9 @@ use nnflow::evaluate::ensemble::{
 };
 use nnflow::evaluate::metrics::Target;
 use nnflow::evaluate::postprocess::{
-    apply_postprocessing, determine_postprocessing, largest_component_mask, remove_all_but_largest_component,
-    Connectivity, Scores,
+    apply_postprocessing, determine_postprocessing, remove_all_but_largest_component, Scores,
 };
+use nnflow::kernels::connected_components::{largest_component_mask, Connectivity};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {

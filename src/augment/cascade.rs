@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use self::morphology::{ball, disk, BinaryOperator, Footprint};
 use super::{check_prob, check_range, sample_range, AugmentError, Sample, SampleRng};
-use crate::evaluate::postprocess::{label_components, Connectivity};
+use crate::kernels::connected_components::{label_components, Connectivity};
 
 /// The seg channel holding the previous stage's segmentation (nnU-Net's `source_channel_idx=1`).
 pub const PREVIOUS_STAGE_CHANNEL: usize = 1;

@@ -15,8 +15,10 @@
 use ndarray::{Array4, Axis};
 
 use super::elastic::Displacement;
-use super::spatial::Affine;
 use super::Sample;
+
+/// 3x3 matrix acting on (z, y, x) column vectors.
+pub type Affine = [[f64; 3]; 3];
 
 /// batchgeneratorsv2 scores each label as float16 of `1000 * interpolated indicator`; the coarse float16
 /// grid turns near-ties into exact ties, which the nearest neighbour then settles. We reproduce that.

@@ -15,7 +15,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::elastic::Displacement;
-use super::resample::resample;
+use super::resample::{resample, Affine};
 use super::{check_prob, check_range, sample_range, AugmentError, Sample, SampleRng};
 
 fn yes() -> bool {
@@ -78,9 +78,6 @@ impl Default for SpatialParams {
         }
     }
 }
-
-/// 3x3 matrix acting on (z, y, x) column vectors.
-pub type Affine = [[f64; 3]; 3];
 
 /// No rotation or scaling: the affine of a deformation-only warp.
 pub const IDENTITY: Affine = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];

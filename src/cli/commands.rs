@@ -11,6 +11,7 @@ use crate::engine::executor::{self, Outcome, RunOptions};
 use crate::engine::slurm::{self, SlurmOutcome, SlurmRunOptions};
 use crate::engine::status::{self, State};
 use crate::engine::{gc, load_checked, watch, Engine, OpenError};
+use crate::stages::registry;
 use crate::torch_env;
 
 pub fn dispatch(command: Command) -> i32 {
@@ -109,7 +110,7 @@ fn cores() -> usize {
 }
 
 fn open(args: &PipelineArgs) -> Result<Engine, i32> {
-    Engine::open(&args.pipeline, &args.sets).map_err(|error| {
+    Engine::open(&args.pipeline, &args.sets, registry()).map_err(|error| {
         match error {
             OpenError::Invalid(diagnostics) => crate::errln!("{diagnostics}"),
             other => crate::errln!("error: {other}"),
@@ -319,7 +320,7 @@ fn cancel_slurm_run(args: &PipelineArgs) -> i32 {
 }
 
 fn validate(args: &PipelineArgs) -> i32 {
-    match load_checked(&args.pipeline, &args.sets) {
+    match load_checked(&args.pipeline, &args.sets, registry()) {
         Ok(pipeline) => {
             outln!(
                 "{}: {} stage instance(s), valid",

@@ -10,7 +10,6 @@ use super::key::{StageKey, CACHE_LAYOUT};
 use super::owned::ProjectOutputs;
 use super::paths::declared_outputs;
 use super::record::Record;
-use crate::torch_env::LIBTORCH_VERSION;
 
 /// The key of an instance given the output digests of its upstream instances.
 pub fn stage_key(
@@ -34,7 +33,12 @@ pub fn stage_key(
         kind: instance.kind.name.to_string(),
         kind_version: instance.kind.version,
         nnflow_version: env!("CARGO_PKG_VERSION").to_string(),
-        libtorch_version: instance.kind.uses_torch.then(|| LIBTORCH_VERSION.to_string()),
+        toolchain: instance
+            .kind
+            .toolchain
+            .iter()
+            .map(|&(component, version)| (component.to_string(), version.to_string()))
+            .collect(),
         params: instance.key_params.clone(),
         inputs,
         upstream,

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use super::cache::GcReport;
-use super::executor::{lock_path, remove_staging, staging_parts};
+use super::locks::{lock_path, remove_staging, staging_parts};
 use super::record::file_safe;
 use super::Engine;
 

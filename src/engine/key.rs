@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use super::hashing::Digest;
 
@@ -21,8 +21,10 @@ pub struct StageKey {
     /// The stage kind's implementation version.
     pub kind_version: u32,
     pub nnflow_version: String,
-    /// Present for stages that run libtorch code.
-    pub libtorch_version: Option<String>,
+    /// What the kind's results depend on besides its code, as the kind declares it: component ->
+    /// version, e.g. `libtorch` -> `2.11.0` for stages that run libtorch code.
+    #[serde(default, alias = "libtorch_version", deserialize_with = "read_toolchain")]
+    pub toolchain: BTreeMap<String, String>,
     /// Resolved parameters, references to other stages kept symbolic.
     pub params: serde_json::Value,
     /// Input files (relative to the pipeline folder) and their content digests.
@@ -63,11 +65,12 @@ impl StageKey {
                 old.nnflow_version, self.nnflow_version
             ));
         }
-        if self.libtorch_version != old.libtorch_version {
-            reasons.push(format!(
-                "libtorch version {:?} -> {:?}",
-                old.libtorch_version, self.libtorch_version
-            ));
+        for component in union_keys(&old.toolchain, &self.toolchain) {
+            let (before, after) = (old.toolchain.get(component), self.toolchain.get(component));
+            if before != after {
+                let text = |version: Option<&String>| version.map_or("none".to_string(), String::clone);
+                reasons.push(format!("{component} version {} -> {}", text(before), text(after)));
+            }
         }
         json_differences("params", &old.params, &self.params, &mut reasons);
         for name in union_keys(&old.env, &self.env) {
@@ -92,6 +95,24 @@ impl StageKey {
         }
         reasons
     }
+}
+
+/// Reads `toolchain`, or the `libtorch_version` (a version or null) that records written before
+/// it held instead, so `status` still explains a libtorch change against such a record.
+fn read_toolchain<'de, D: Deserializer<'de>>(deserializer: D) -> Result<BTreeMap<String, String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Stored {
+        Toolchain(BTreeMap<String, String>),
+        Libtorch(Option<String>),
+    }
+    Ok(match Stored::deserialize(deserializer)? {
+        Stored::Toolchain(toolchain) => toolchain,
+        Stored::Libtorch(version) => version
+            .map(|version| ("libtorch".to_string(), version))
+            .into_iter()
+            .collect(),
+    })
 }
 
 fn union_keys<'a, V>(
@@ -148,7 +169,7 @@ mod tests {
             kind: "command".into(),
             kind_version: 1,
             nnflow_version: "0.1.0".into(),
-            libtorch_version: None,
+            toolchain: BTreeMap::new(),
             params: serde_json::json!({"cmd": "echo hi", "params": {"a": 1}}),
             inputs: [("data/x.txt".to_string(), Digest::of_bytes(b"x"))].into(),
             upstream: BTreeMap::new(),
@@ -162,7 +183,28 @@ mod tests {
         assert_eq!(sample().digest(), PINNED_SAMPLE_KEY);
     }
 
-    const PINNED_SAMPLE_KEY: &str = "c575e254f031920447c124fecc09510afec265b1a7435ed8de0d8a47158ac990";
+    /// Changed when `libtorch_version` became `toolchain` (issue 15: a kind names what its results
+    /// depend on; the engine asks no library).
+    const PINNED_SAMPLE_KEY: &str = "f46f1e060eeb613675e05f4cfc2a47ae8f47e60a3d47c09d4667ab88ae76dbde";
+
+    /// Records written before `toolchain` existed hold `libtorch_version` (a version, or null for
+    /// stages without libtorch code): they still read, and `status` names a libtorch change.
+    #[test]
+    fn records_with_libtorch_version_read_and_name_the_change() {
+        let stored = |libtorch_version: serde_json::Value| {
+            let mut key = serde_json::to_value(sample()).unwrap();
+            let fields = key.as_object_mut().unwrap();
+            fields.remove("toolchain");
+            fields.insert("libtorch_version".into(), libtorch_version);
+            serde_json::from_value::<StageKey>(key).unwrap()
+        };
+        let mut torch = sample();
+        torch.toolchain = [("libtorch".to_string(), "2.11.0".to_string())].into();
+        let old = stored("2.10.0".into());
+        assert_eq!(torch.differences(&old), ["libtorch version 2.10.0 -> 2.11.0"]);
+        assert!(sample().differences(&stored(serde_json::Value::Null)).is_empty());
+        assert_eq!(stored(serde_json::Value::Null).toolchain, BTreeMap::new());
+    }
 
     #[test]
     fn differences_name_the_parameter() {

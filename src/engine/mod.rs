@@ -1,5 +1,8 @@
 //! The pipeline engine: pipeline format, DAG, cache keys, content-addressed cache and execution.
-//! It knows nothing of images or networks; stages plug in through [`crate::stages::Stage`].
+//! It is the bottom layer: it knows nothing of images, nnU-Net or libtorch, and uses nothing of the
+//! crate outside itself but the bottom utilities `atomic_file` and `errln!` (`tests/layers.rs`
+//! checks this). Stages plug in through its [`stage::Stage`] trait; the kinds a pipeline may name
+//! come in as a [`stage::Registry`] from the caller (the command line passes nnU-Net's).
 
 pub mod cache;
 pub mod config;
@@ -8,11 +11,17 @@ pub mod executor;
 pub mod gc;
 pub mod graph;
 pub mod hashing;
+mod instance;
 pub mod key;
+mod locks;
+mod outputs;
 pub mod owned;
 pub mod paths;
+mod progress;
 pub mod record;
+mod run_record;
 pub mod slurm;
+pub mod stage;
 pub mod status;
 pub mod watch;
 
@@ -23,6 +32,7 @@ use config::{Diagnostics, Pipeline};
 use graph::Dag;
 use hashing::FileHasher;
 use record::Records;
+use stage::Registry;
 
 /// A loaded, validated pipeline with its DAG, cache and records: what every command works on.
 pub struct Engine {
@@ -44,8 +54,8 @@ pub enum OpenError {
 
 impl Engine {
     /// Loads and validates a pipeline (all problems reported together) and opens its cache.
-    pub fn open(path: &std::path::Path, sets: &[String]) -> Result<Engine, OpenError> {
-        let pipeline = load_checked(path, sets).map_err(OpenError::Invalid)?;
+    pub fn open(path: &std::path::Path, sets: &[String], kinds: Registry) -> Result<Engine, OpenError> {
+        let pipeline = load_checked(path, sets, kinds).map_err(OpenError::Invalid)?;
         let dag = graph::build(&pipeline).expect("load_checked validated the DAG");
         let cache = Cache::open(&pipeline.cache_dir).map_err(|e| OpenError::Cache {
             path: pipeline.cache_dir.clone(),
@@ -90,8 +100,12 @@ impl Engine {
 }
 
 /// Loads a pipeline and builds its DAG, reporting configuration and graph problems together.
-pub fn load_checked(path: &std::path::Path, sets: &[String]) -> Result<Pipeline, Diagnostics> {
-    match config::load(path, sets) {
+pub fn load_checked(
+    path: &std::path::Path,
+    sets: &[String],
+    kinds: Registry,
+) -> Result<Pipeline, Diagnostics> {
+    match config::load(path, sets, kinds) {
         Ok(pipeline) => match graph::build(&pipeline) {
             Ok(_) => Ok(pipeline),
             Err(errors) => Err(pipeline.diagnostics(errors)),

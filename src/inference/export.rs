@@ -8,13 +8,13 @@
 use std::path::Path;
 
 use ndarray::{s, Array3, Array4, ArrayView1, ArrayView4, ArrayViewMut1, Axis, Zip};
-use serde_json::Value;
 
 use crate::data::case_store::CaseProperties;
 use crate::data::dataset::Dataset;
 use crate::data::geometry::Header;
 use crate::data::nifti;
-use crate::preprocess::resample::{resample_data_to_shape, ResampleOptions};
+use crate::plans::ResolvedConfiguration;
+use crate::preprocess::resample::resample_data_to_shape;
 
 /// Region-based (sigmoid) training: channel `i` of the logits is a region that paints label
 /// `regions_class_order[i]`, later regions over earlier ones.
@@ -61,7 +61,7 @@ pub struct Exported {
 pub fn export_case(
     logits: ArrayView4<f32>,
     properties: &CaseProperties,
-    configuration: &Value,
+    configuration: &ResolvedConfiguration,
     regions: Option<&RegionInfo>,
     want_probabilities: bool,
 ) -> Result<Exported, String> {
@@ -107,14 +107,14 @@ pub fn export_case(
 pub fn segmentation_on_grid(
     logits: ArrayView4<f32>,
     target_shape: [usize; 3],
-    configuration: &Value,
+    configuration: &ResolvedConfiguration,
     regions: Option<&RegionInfo>,
 ) -> Result<Array3<i16>, String> {
     let spacing = current_spacing(configuration, [1.0; 3])?;
     let resampled = if logits.shape()[1..] == target_shape {
         None
     } else {
-        let options = probabilities_options(configuration);
+        let options = configuration.probabilities_resampling();
         Some(
             resample_data_to_shape(logits, target_shape, spacing, spacing, &options)
                 .map_err(|e| format!("resampling the logits: {e}"))?,
@@ -207,7 +207,7 @@ fn check_crop(properties: &CaseProperties) -> Result<(), String> {
 fn resample_to_cropped_grid(
     logits: ArrayView4<f32>,
     properties: &CaseProperties,
-    configuration: &Value,
+    configuration: &ResolvedConfiguration,
 ) -> Result<Option<Array4<f32>>, String> {
     let target_shape = properties.shape_after_cropping_and_before_resampling;
     if logits.shape()[1..] == target_shape {
@@ -219,7 +219,7 @@ fn resample_to_cropped_grid(
         .transpose_forward
         .map(|a| properties.original_spacing[a]);
     let current = current_spacing(configuration, original)?;
-    let options = probabilities_options(configuration);
+    let options = configuration.probabilities_resampling();
     resample_data_to_shape(logits, target_shape, current, original, &options)
         .map(Some)
         .map_err(|e| format!("resampling the logits: {e}"))
@@ -228,29 +228,17 @@ fn resample_to_cropped_grid(
 /// The spacing of the preprocessed grid as nnU-Net's export builds it: the configuration's spacing,
 /// and for 2D configurations (two entries) the raw slice spacing before it, as preprocessing kept
 /// the slice axis untouched.
-fn current_spacing(configuration: &Value, original_transposed: [f64; 3]) -> Result<[f64; 3], String> {
-    let spacing: Vec<f64> = serde_json::from_value(configuration["spacing"].clone())
-        .map_err(|e| format!("configuration: spacing: {e}"))?;
-    match spacing.as_slice() {
+fn current_spacing(
+    configuration: &ResolvedConfiguration,
+    original_transposed: [f64; 3],
+) -> Result<[f64; 3], String> {
+    match configuration.spacing().map_err(|e| e.to_string())? {
         [z, y, x] => Ok([*z, *y, *x]),
         [y, x] => Ok([original_transposed[0], *y, *x]),
-        other => Err(format!("configuration: spacing {other:?} is neither 2D nor 3D")),
-    }
-}
-
-/// `resampling_fn_probabilities_kwargs`, nnU-Net's defaults (order 1, order_z 0, separate z
-/// decided from the spacings) where a key is absent. The function's name is not checked: nnflow
-/// implements only `resample_data_or_seg_to_shape`, as the preprocessing stages do.
-fn probabilities_options(configuration: &Value) -> ResampleOptions {
-    let kwargs = &configuration["resampling_fn_probabilities_kwargs"];
-    let default = ResampleOptions::probabilities();
-    ResampleOptions {
-        order: kwargs["order"].as_u64().map_or(default.order, |o| o as usize),
-        order_z: kwargs["order_z"].as_u64().map_or(default.order_z, |o| o as usize),
-        force_separate_z: kwargs["force_separate_z"].as_bool(),
-        anisotropy_threshold: kwargs["separate_z_anisotropy_threshold"]
-            .as_f64()
-            .unwrap_or(default.anisotropy_threshold),
+        other => Err(format!(
+            "configuration {}: spacing {other:?} is neither 2D nor 3D",
+            configuration.name
+        )),
     }
 }
 
@@ -386,9 +374,18 @@ mod tests {
         }
     }
 
-    fn configuration() -> Value {
-        serde_json::json!({"spacing": [1.0, 1.0, 1.0], "resampling_fn_probabilities_kwargs":
-            {"is_seg": false, "order": 1, "order_z": 0, "force_separate_z": null}})
+    fn configuration_of(values: serde_json::Value) -> ResolvedConfiguration {
+        ResolvedConfiguration {
+            name: "test".into(),
+            values: serde_json::from_value(values).unwrap(),
+        }
+    }
+
+    fn configuration() -> ResolvedConfiguration {
+        configuration_of(
+            serde_json::json!({"spacing": [1.0, 1.0, 1.0], "resampling_fn_probabilities_kwargs":
+            {"is_seg": false, "order": 1, "order_z": 0, "force_separate_z": null}}),
+        )
     }
 
     fn logits(shape: [usize; 3], channels: usize) -> Array4<f32> {
@@ -471,7 +468,7 @@ mod tests {
 
     #[test]
     fn two_d_configurations_keep_the_raw_slice_spacing() {
-        let configuration = serde_json::json!({"spacing": [0.5, 0.7]});
+        let configuration = configuration_of(serde_json::json!({"spacing": [0.5, 0.7]}));
         assert_eq!(
             current_spacing(&configuration, [4.0, 1.0, 1.0]).unwrap(),
             [4.0, 0.5, 0.7]

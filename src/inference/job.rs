@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::train::params::DeviceChoice;
+use crate::torch_env::DeviceChoice;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PredictJob {

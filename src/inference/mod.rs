@@ -4,3 +4,4 @@ pub mod cases;
 pub mod export;
 pub mod job;
 pub mod sliding_window;
+pub mod writer;

@@ -1,12 +1,12 @@
-//! The `architecture` block of a plans.json configuration, read into plain numbers.
+//! The `architecture` block of a plans.json configuration ([`ArchitecturePlan`]), read into plain
+//! numbers.
 //!
 //! nnU-Net stores the network as a class name plus keyword arguments with dotted torch class names
 //! (`torch.nn.modules.conv.Conv3d`, `...InstanceNorm3d`, `torch.nn.LeakyReLU`). nnflow builds exactly
 //! one family, PlainConvUNet with convolution -> instance norm -> leaky ReLU blocks; anything else is
 //! refused with the name that was found rather than silently built differently.
 
-use serde::Deserialize;
-use serde_json::Value;
+use crate::plans::{ArchitecturePlan, NetworkKwargs};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Architecture {
@@ -27,39 +27,20 @@ pub struct Architecture {
     pub deep_supervision: bool,
 }
 
-#[derive(Deserialize)]
-struct ArchKwargs {
-    n_stages: usize,
-    features_per_stage: Vec<usize>,
-    conv_op: String,
-    kernel_sizes: Vec<Vec<usize>>,
-    strides: Vec<Vec<usize>>,
-    n_conv_per_stage: Vec<usize>,
-    n_conv_per_stage_decoder: Vec<usize>,
-    conv_bias: bool,
-    norm_op: Option<String>,
-    norm_op_kwargs: Option<Value>,
-    dropout_op: Option<String>,
-    nonlin: Option<String>,
-    nonlin_kwargs: Option<Value>,
-}
-
 impl Architecture {
     /// Reads a configuration's `architecture` block (as in plans.json, `inherits_from` resolved).
     pub fn from_plan(
-        architecture: &Value,
+        architecture: &ArchitecturePlan,
         input_channels: usize,
         num_classes: usize,
         deep_supervision: bool,
     ) -> Result<Architecture, String> {
-        let class = architecture["network_class_name"].as_str().unwrap_or("<missing>");
-        if !class.ends_with("PlainConvUNet") {
+        let NetworkKwargs::PlainConvUNet(kw) = &architecture.arch_kwargs else {
             return Err(format!(
-                "network class {class} is not supported (only PlainConvUNet)"
+                "network class {} is not supported (only PlainConvUNet)",
+                architecture.network_class_name
             ));
-        }
-        let kw: ArchKwargs = serde_json::from_value(architecture["arch_kwargs"].clone())
-            .map_err(|e| format!("architecture.arch_kwargs: {e}"))?;
+        };
         let spatial_dims = match kw.conv_op.rsplit('.').next() {
             Some("Conv2d") => 2,
             Some("Conv3d") => 3,
@@ -94,22 +75,24 @@ impl Architecture {
                 "architecture lists do not match n_stages = {n} and {spatial_dims} spatial axes"
             ));
         }
-        let norm_kwargs = kw.norm_op_kwargs.unwrap_or(Value::Null);
-        let nonlin_kwargs = kw.nonlin_kwargs.unwrap_or(Value::Null);
         Ok(Architecture {
             spatial_dims,
             input_channels,
             num_classes,
-            features_per_stage: kw.features_per_stage,
-            kernel_sizes: kw.kernel_sizes,
-            strides: kw.strides,
-            n_conv_per_stage: kw.n_conv_per_stage,
-            n_conv_per_stage_decoder: kw.n_conv_per_stage_decoder,
+            features_per_stage: kw.features_per_stage.clone(),
+            kernel_sizes: kw.kernel_sizes.clone(),
+            strides: kw.strides.clone(),
+            n_conv_per_stage: kw.n_conv_per_stage.clone(),
+            n_conv_per_stage_decoder: kw.n_conv_per_stage_decoder.clone(),
             conv_bias: kw.conv_bias,
-            norm_eps: norm_kwargs["eps"].as_f64().unwrap_or(1e-5),
-            norm_affine: norm_kwargs["affine"].as_bool().unwrap_or(true),
+            norm_eps: kw.norm_op_kwargs.as_ref().and_then(|k| k.eps).unwrap_or(1e-5),
+            norm_affine: kw.norm_op_kwargs.as_ref().and_then(|k| k.affine).unwrap_or(true),
             // torch.nn.LeakyReLU's default slope; nnU-Net's plans only set `inplace`.
-            leaky_relu_slope: nonlin_kwargs["negative_slope"].as_f64().unwrap_or(0.01),
+            leaky_relu_slope: kw
+                .nonlin_kwargs
+                .as_ref()
+                .and_then(|k| k.negative_slope)
+                .unwrap_or(0.01),
             deep_supervision,
         })
     }
@@ -163,11 +146,11 @@ impl Architecture {
 mod tests {
     use super::*;
 
-    fn plan_arch(dims: usize) -> Value {
+    fn plan_arch(dims: usize) -> ArchitecturePlan {
         let k = if dims == 3 { vec![3, 3, 3] } else { vec![3, 3] };
         let s1 = vec![1; dims];
         let s2 = vec![2; dims];
-        serde_json::json!({
+        serde_json::from_value(serde_json::json!({
             "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
             "arch_kwargs": {
                 "n_stages": 3, "features_per_stage": [8, 16, 32],
@@ -178,7 +161,8 @@ mod tests {
                 "norm_op_kwargs": {"eps": 1e-5, "affine": true}, "dropout_op": null,
                 "dropout_op_kwargs": null, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": true}
             }
-        })
+        }))
+        .unwrap()
     }
 
     #[test]
@@ -198,9 +182,11 @@ mod tests {
 
     #[test]
     fn refuses_other_networks() {
-        let mut v = plan_arch(3);
+        let mut v = serde_json::to_value(plan_arch(3)).unwrap();
         v["network_class_name"] = "ResidualEncoderUNet".into();
-        assert!(Architecture::from_plan(&v, 1, 2, true)
+        v["arch_kwargs"]["n_blocks_per_stage"] = serde_json::json!([1, 1, 1]);
+        let residual: ArchitecturePlan = serde_json::from_value(v).unwrap();
+        assert!(Architecture::from_plan(&residual, 1, 2, true)
             .unwrap_err()
             .contains("ResidualEncoderUNet"));
     }

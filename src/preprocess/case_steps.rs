@@ -4,55 +4,36 @@
 //! load -> normalize -> resample.
 
 use ndarray::{Array3, Array4, ArrayView3, Axis};
-use serde_json::Value;
 
 use super::class_locations::{self, Target};
 use super::crop::crop_to_nonzero;
 use super::fingerprint_format::IntensityStats;
 use super::normalize::{normalize_in_place, Scheme};
-use super::resample::{compute_new_shape, resample_data_to_shape, resample_seg_to_shape, ResampleOptions};
+use super::resample::{compute_new_shape, resample_data_to_shape, resample_seg_to_shape};
 use crate::data::case_store::{CaseProperties, StoredCase};
 use crate::data::dataset::{Case, Dataset, LabelValue};
 use crate::data::nifti;
-
-/// One configuration of a plans.json, with `inherits_from` resolved.
-pub struct Configuration {
-    pub name: String,
-    pub json: Value,
-}
+use crate::plans::{Plans, ResolvedConfiguration};
 
 /// What the steps need from plans.json.
 pub struct PlanView {
     pub transpose_forward: [usize; 3],
     pub intensity_properties: Vec<Option<IntensityStats>>,
-    pub configuration: Configuration,
+    pub configuration: ResolvedConfiguration,
 }
 
 impl PlanView {
-    pub fn new(plans: &Value, configuration: &str) -> Result<PlanView, String> {
-        let transpose_forward: [usize; 3] = serde_json::from_value(plans["transpose_forward"].clone())
-            .map_err(|e| format!("plans.json: transpose_forward: {e}"))?;
-        let properties = plans["foreground_intensity_properties_per_channel"].as_object();
-        let channel_count = properties.map_or(0, |p| p.len());
-        let intensity_properties = (0..channel_count)
-            .map(|c| {
-                properties
-                    .and_then(|p| p.get(&c.to_string()))
-                    .and_then(|v| serde_json::from_value(v.clone()).ok())
-            })
-            .collect();
+    pub fn new(plans: &Plans, configuration: &str) -> Result<PlanView, String> {
         Ok(PlanView {
-            transpose_forward,
-            intensity_properties,
-            configuration: resolve_configuration(plans, configuration)?,
+            transpose_forward: plans.transpose_forward,
+            intensity_properties: plans.intensity_properties(),
+            configuration: plans.configuration(configuration).map_err(|e| e.to_string())?,
         })
     }
 
     /// Target spacing for the case's current spacing: 2D configurations keep the slice spacing.
     pub fn target_spacing(&self, current: [f64; 3]) -> Result<[f64; 3], String> {
-        let spacing: Vec<f64> = serde_json::from_value(self.configuration.json["spacing"].clone())
-            .map_err(|e| format!("configuration {}: spacing: {e}", self.configuration.name))?;
-        match spacing.as_slice() {
+        match self.configuration.spacing().map_err(|e| e.to_string())? {
             [z, y, x] => Ok([*z, *y, *x]),
             [y, x] => Ok([current[0], *y, *x]),
             other => Err(format!(
@@ -61,23 +42,13 @@ impl PlanView {
             )),
         }
     }
-
-    fn resample_options(&self, key: &str, default: ResampleOptions) -> ResampleOptions {
-        let kwargs = &self.configuration.json[key];
-        ResampleOptions {
-            order: kwargs["order"].as_u64().map_or(default.order, |o| o as usize),
-            order_z: kwargs["order_z"].as_u64().map_or(default.order_z, |o| o as usize),
-            force_separate_z: kwargs["force_separate_z"].as_bool(),
-            ..default
-        }
-    }
 }
 
 /// Why a configuration does not apply: plans.json (already written) lacks it. `None` when it is
 /// planned, or when plans.json cannot be read (the stage then reports that itself).
 pub fn unplanned_configuration(plans_json: &std::path::Path, name: &str) -> Option<String> {
-    let plans: Value = serde_json::from_str(&std::fs::read_to_string(plans_json).ok()?).ok()?;
-    resolve_configuration(&plans, name).err().map(|reason| {
+    let plans = Plans::read(plans_json).ok()?;
+    plans.configuration(name).err().map(|reason| {
         let hint = if name == "3d_lowres" || name == "3d_cascade_fullres" {
             " (nnU-Net plans the low-resolution cascade only when the full-resolution patch covers less \
              than a quarter of the median image)"
@@ -91,39 +62,12 @@ pub fn unplanned_configuration(plans_json: &std::path::Path, name: &str) -> Opti
 /// Why a configuration needs no preprocessing of its own: it inherits the `data_identifier` of the
 /// configuration it `inherits_from` (the cascade's 3d_cascade_fullres trains on 3d_fullres's data).
 pub fn shared_preprocessing(plans_json: &std::path::Path, name: &str) -> Option<String> {
-    let plans: Value = serde_json::from_str(&std::fs::read_to_string(plans_json).ok()?).ok()?;
-    let own = plans["configurations"].get(name)?;
-    let parent = own["inherits_from"].as_str()?;
-    let shared = resolve_configuration(&plans, name).ok()?.json["data_identifier"].clone();
-    let parents = resolve_configuration(&plans, parent).ok()?.json["data_identifier"].clone();
-    (shared.is_string() && shared == parents)
+    let plans = Plans::read(plans_json).ok()?;
+    let parent = plans.configurations.get(name)?.inherits_from.as_deref()?;
+    let shared = plans.configuration(name).ok()?.values.data_identifier;
+    let parents = plans.configuration(parent).ok()?.values.data_identifier;
+    (shared.is_some() && shared == parents)
         .then(|| format!("{name} trains on the preprocessed data of {parent} (same data_identifier)"))
-}
-
-/// A configuration with the keys of the one it `inherits_from` filled in (the cascade's full
-/// resolution stage inherits from 3d_fullres).
-pub fn resolve_configuration(plans: &Value, name: &str) -> Result<Configuration, String> {
-    let configurations = &plans["configurations"];
-    let Some(own) = configurations.get(name).and_then(Value::as_object) else {
-        let known: Vec<&String> = configurations
-            .as_object()
-            .map(|c| c.keys().collect())
-            .unwrap_or_default();
-        return Err(format!(
-            "the plan has no configuration `{name}` (planned: {known:?})"
-        ));
-    };
-    let mut json = match own.get("inherits_from").and_then(Value::as_str) {
-        Some(parent) if parent != name => resolve_configuration(plans, parent)?.json,
-        _ => Value::Object(Default::default()),
-    };
-    for (key, value) in own {
-        json[key] = value.clone();
-    }
-    Ok(Configuration {
-        name: name.to_string(),
-        json,
-    })
 }
 
 /// Reads a raw case (label optional), transposes it as planned and crops it to its nonzero region.
@@ -212,16 +156,11 @@ fn shape3(shape: &[usize]) -> [usize; 3] {
 /// normalizes before resampling, because a resampled nonzero mask no longer fits the image exactly;
 /// resampling first is allowed here as an explicit choice of the pipeline.
 pub fn normalize(case: &mut StoredCase, plan: &PlanView) -> Result<(), String> {
-    let configuration = &plan.configuration.json;
-    let schemes: Vec<String> = serde_json::from_value(configuration["normalization_schemes"].clone())
-        .map_err(|e| {
-            format!(
-                "configuration {}: normalization_schemes: {e}",
-                plan.configuration.name
-            )
-        })?;
-    let use_mask: Vec<bool> =
-        serde_json::from_value(configuration["use_mask_for_norm"].clone()).unwrap_or_default();
+    let schemes = plan
+        .configuration
+        .normalization_schemes()
+        .map_err(|e| e.to_string())?;
+    let use_mask = plan.configuration.use_mask_for_norm();
     if schemes.len() != case.data.shape()[0] {
         return Err(format!(
             "the plan names {} channel schemes, the case has {} channels",
@@ -280,8 +219,8 @@ pub fn resample(case: StoredCase, plan: &PlanView) -> Result<StoredCase, String>
             properties,
         });
     }
-    let data_options = plan.resample_options("resampling_fn_data_kwargs", ResampleOptions::data());
-    let seg_options = plan.resample_options("resampling_fn_seg_kwargs", ResampleOptions::seg());
+    let data_options = plan.configuration.data_resampling();
+    let seg_options = plan.configuration.seg_resampling();
     let data = resample_data_to_shape(case.data.view(), new_shape, current, target, &data_options)
         .map_err(|e| e.to_string())?;
     let seg = match &case.seg {
@@ -338,7 +277,7 @@ pub fn segmentation_to_grid(
     if new_shape == shape {
         return Ok(cropped.mapv(|v| v as i16));
     }
-    let options = plan.resample_options("resampling_fn_seg_kwargs", ResampleOptions::seg());
+    let options = plan.configuration.seg_resampling();
     let resampled = resample_seg_to_shape(
         cropped.insert_axis(Axis(0)).view(),
         new_shape,

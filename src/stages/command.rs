@@ -13,7 +13,7 @@ use super::{to_json, Kind, Stage, StageContext, StageInput};
 pub const KIND: Kind = Kind {
     name: "command",
     version: 1,
-    uses_torch: false,
+    toolchain: &[],
     schema: |generator| generator.subschema_for::<CommandStage>(),
     build: crate::json_numbers::build_finite::<CommandStage>,
 };

@@ -25,7 +25,7 @@ use crate::train::job::FoldInfo;
 pub const KIND: Kind = Kind {
     name: "ensemble-select",
     version: 1,
-    uses_torch: false,
+    toolchain: &[],
     schema: |generator| generator.subschema_for::<EnsembleSelectStage>(),
     build: crate::json_numbers::build_finite::<EnsembleSelectStage>,
 };

@@ -12,7 +12,7 @@ use crate::evaluate::folder::{evaluate_folder, evaluation_targets, foreground_di
 pub const KIND: Kind = Kind {
     name: "evaluate",
     version: 1,
-    uses_torch: false,
+    toolchain: &[],
     schema: |generator| generator.subschema_for::<EvaluateStage>(),
     build: crate::json_numbers::build_finite::<EvaluateStage>,
 };

@@ -18,7 +18,7 @@ pub const KIND: Kind = Kind {
     // 2: images with +Inf/-Inf fail the stage (version 1 cached a fingerprint with `null`
     // statistics for them).
     version: 2,
-    uses_torch: false,
+    toolchain: &[],
     schema: |generator| generator.subschema_for::<FingerprintStage>(),
     build: crate::json_numbers::build_finite::<FingerprintStage>,
 };

@@ -10,13 +10,14 @@ use serde_json::Value;
 
 use super::{Kind, Stage, StageContext, StageInput};
 use crate::data::dataset::Dataset;
+use crate::plans::Plans;
 use crate::preprocess::fingerprint_format::Fingerprint;
 use crate::preprocess::plan::{check_configuration_name, plan, PlanInputs, PlanSettings};
 
 pub const KIND: Kind = Kind {
     name: "plan",
     version: 1,
-    uses_torch: false,
+    toolchain: &[],
     schema: |generator| generator.subschema_for::<PlanStage>(),
     build: crate::json_numbers::build_finite::<PlanStage>,
 };
@@ -112,6 +113,10 @@ impl Stage for PlanStage {
         };
         let mut plans = plan(&inputs, &settings).map_err(|e| e.to_string())?;
         apply_overrides(&mut plans, &self.overrides)?;
+        // Every later stage reads the plan through `Plans`: refuse one it could not read (an
+        // override of the wrong type) here, naming the key. The JSON is written as it is, so the
+        // file keeps the planner's (and the overrides') numbers exactly.
+        Plans::from_json(&plans, "plans.json").map_err(|e| format!("overrides: {e}"))?;
         write_json(&ctx.out_dir.join("plans.json"), &plans)?;
         write_json(&ctx.out_dir.join("dataset.json"), &dataset_json)?;
         std::fs::copy(&fingerprint_path, ctx.out_dir.join("dataset_fingerprint.json"))
@@ -120,6 +125,8 @@ impl Stage for PlanStage {
     }
 }
 
+/// Sets the overridden keys in the planned JSON (any key: nnU-Net's configurations may carry keys
+/// nnflow does not read, and they are kept).
 fn apply_overrides(
     plans: &mut Value,
     overrides: &BTreeMap<String, BTreeMap<String, Value>>,

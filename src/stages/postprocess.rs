@@ -17,7 +17,7 @@ use crate::evaluate::postprocess::determine_postprocessing;
 pub const KIND: Kind = Kind {
     name: "postprocess",
     version: 1,
-    uses_torch: false,
+    toolchain: &[],
     schema: |generator| generator.subschema_for::<PostprocessStage>(),
     build: crate::json_numbers::build_finite::<PostprocessStage>,
 };

@@ -13,15 +13,14 @@ use super::{to_json, Kind, Stage, StageContext, StageInput};
 use crate::data::dataset::Dataset;
 use crate::inference::cases::image_cases;
 use crate::inference::job::{ModelJob, PredictJob};
-use crate::preprocess::case_steps::resolve_configuration;
+use crate::plans::Plans;
+use crate::torch_env::DeviceChoice;
 use crate::train::job::FoldInfo;
-use crate::train::params::DeviceChoice;
-use crate::train::previous_stage::previous_stage;
 
 pub const KIND: Kind = Kind {
     name: "predict",
     version: 1,
-    uses_torch: true,
+    toolchain: super::LIBTORCH,
     schema: |generator| generator.subschema_for::<PredictStage>(),
     build: crate::json_numbers::build_finite::<PredictStage>,
 };
@@ -163,15 +162,14 @@ impl Stage for PredictStage {
             }
             (None, None) => return Err("give `selection` (${select.outputs}) or `configuration`".into()),
         };
-        let plans: serde_json::Value =
-            crate::atomic_file::read_json(&root.join(&self.plan).join("plans.json"))?;
+        let plans = Plans::read(&root.join(&self.plan).join("plans.json")).map_err(|e| e.to_string())?;
         let mut models: Vec<ModelJob> = Vec::new();
         for configuration in configurations {
             // a cascade needs its previous stage's prediction first
-            let resolved = resolve_configuration(&plans, &configuration)?;
-            if let Some(previous) = previous_stage(&resolved.json) {
+            let resolved = plans.configuration(&configuration).map_err(|e| e.to_string())?;
+            if let Some(previous) = resolved.previous_stage_name() {
                 if !models.iter().any(|m| m.configuration == previous) {
-                    models.push(self.model(root, &previous, false)?);
+                    models.push(self.model(root, previous, false)?);
                 }
             }
             match models.iter_mut().find(|m| m.configuration == configuration) {

@@ -15,13 +15,14 @@ use crate::data::case_store::{
     StoredCase,
 };
 use crate::data::dataset::Dataset;
+use crate::plans::Plans;
 use crate::preprocess::case_steps::{self, PlanView};
 use crate::preprocess::class_locations;
 
 pub const NORMALIZE: Kind = Kind {
     name: "normalize",
     version: 1,
-    uses_torch: false,
+    toolchain: &[],
     schema: |generator| generator.subschema_for::<NormalizeStage>(),
     build: crate::json_numbers::build_finite::<NormalizeStage>,
 };
@@ -29,7 +30,7 @@ pub const NORMALIZE: Kind = Kind {
 pub const RESAMPLE: Kind = Kind {
     name: "resample",
     version: 1,
-    uses_torch: false,
+    toolchain: &[],
     schema: |generator| generator.subschema_for::<ResampleStage>(),
     build: crate::json_numbers::build_finite::<ResampleStage>,
 };
@@ -102,10 +103,7 @@ impl PreprocessParams {
     ) -> Result<(), String> {
         let dataset = Dataset::open(&ctx.root.join(&self.dataset)).map_err(|e| e.to_string())?;
         let plans_path = ctx.root.join(&self.plan).join("plans.json");
-        let plans: Value = serde_json::from_slice(
-            &std::fs::read(&plans_path).map_err(|e| format!("cannot read {}: {e}", plans_path.display()))?,
-        )
-        .map_err(|e| format!("{}: {e}", plans_path.display()))?;
+        let plans = Plans::read(&plans_path).map_err(|e| e.to_string())?;
         let plan = PlanView::new(&plans, &self.configuration)?;
         let source = self.source.as_ref().map(|s| ctx.root.join(s));
         let ids: Vec<String> = match &source {

@@ -20,7 +20,7 @@ use crate::train::params::TrainParams;
 pub const KIND: Kind = Kind {
     name: "train",
     version: 1,
-    uses_torch: true,
+    toolchain: super::LIBTORCH,
     schema: |generator| generator.subschema_for::<TrainStage>(),
     build: crate::json_numbers::build_finite::<TrainStage>,
 };

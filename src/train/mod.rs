@@ -1,7 +1,7 @@
 //! nnU-Net's trainer, the parts without libtorch: parameters, splits, patch sampling, batches,
-//! the job format, the progress plot and the resume checkpoints' bookkeeping. The libtorch parts
-//! (network, loss, optimizer, checkpoints, the training loop) are modules of the `nnflow-torch`
-//! worker binary.
+//! the job format, the run's setup, the progress plot and the resume checkpoints' bookkeeping.
+//! The libtorch parts (network, loss, optimizer, checkpoints, the training loop) are modules of
+//! the `nnflow-torch` worker binary.
 
 pub mod data;
 pub mod job;
@@ -10,4 +10,5 @@ pub mod previous_stage;
 pub mod progress_plot;
 pub mod resume;
 pub mod sampler;
+pub mod setup;
 pub mod splits;

@@ -5,6 +5,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::augment::Pipeline;
+use crate::torch_env::DeviceChoice;
 
 fn default_epochs() -> usize {
     1000
@@ -78,18 +79,6 @@ impl Default for LossWeights {
     fn default() -> Self {
         LossWeights { dice: 1.0, ce: 1.0 }
     }
-}
-
-/// Where training runs.
-#[derive(Deserialize, Serialize, JsonSchema, Debug, Clone, Copy, PartialEq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum DeviceChoice {
-    /// CUDA when a GPU is visible, else CPU.
-    #[default]
-    Auto,
-    Cpu,
-    /// Fails clearly when no CUDA device is usable.
-    Cuda,
 }
 
 #[derive(Deserialize, Serialize, JsonSchema, Debug, Clone, PartialEq)]

@@ -11,8 +11,6 @@ use std::path::{Path, PathBuf};
 use ndarray::{concatenate, Array4, ArrayView3, ArrayView4, Axis};
 
 use crate::augment::cascade::previous_stage_one_hot;
-use serde_json::Value;
-
 use crate::data::case_store::CaseProperties;
 use crate::preprocess::case_steps::PlanView;
 use crate::preprocess::resample::compute_new_shape;
@@ -20,23 +18,6 @@ use crate::train::job::FoldInfo;
 
 /// The folder of a training's outputs holding its predictions for next stages.
 pub const FOLDER: &str = "next_stage";
-
-/// The configurations that take this one's predictions (plans.json `next_stage`: a name or a list).
-pub fn next_stages(configuration: &Value) -> Vec<String> {
-    match &configuration["next_stage"] {
-        Value::String(name) => vec![name.clone()],
-        Value::Array(names) => names
-            .iter()
-            .filter_map(|n| n.as_str().map(String::from))
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
-/// The configuration whose predictions this one takes as input (plans.json `previous_stage`).
-pub fn previous_stage(configuration: &Value) -> Option<String> {
-    configuration["previous_stage"].as_str().map(String::from)
-}
 
 /// Where a training of the previous stage keeps its prediction of `case` for `next`.
 pub fn prediction_path(training: &Path, next: &str, case: &str) -> PathBuf {
@@ -114,21 +95,6 @@ pub fn next_stage_shape(properties: &CaseProperties, next: &PlanView) -> Result<
 mod tests {
     use super::*;
     use ndarray::Array3;
-    use serde_json::json;
-
-    #[test]
-    fn stage_names_from_plans() {
-        assert_eq!(
-            next_stages(&json!({"next_stage": "3d_cascade_fullres"})),
-            ["3d_cascade_fullres"]
-        );
-        assert_eq!(next_stages(&json!({"next_stage": ["a", "b"]})), ["a", "b"]);
-        assert!(next_stages(&json!({})).is_empty());
-        assert_eq!(
-            previous_stage(&json!({"previous_stage": "3d_lowres"})).as_deref(),
-            Some("3d_lowres")
-        );
-    }
 
     #[test]
     fn previous_stage_channels_follow_the_image() {

@@ -15,13 +15,14 @@
 //!
 //! Size: nnU-Net draws 30 x 54 inches at 100 dpi, 3000 x 5400 px. This draws the same layout at
 //! half that linear scale, 1500 x 2700 px (fonts and line widths scaled likewise): the figure is
-//! re-rendered after every epoch, and a quarter of the pixels keeps that cheap (tens of ms, a PNG of
-//! a few hundred KB instead of a few MB) while staying easily readable.
+//! re-rendered after every epoch, and a quarter of the pixels keeps that cheap.
 //!
-//! Lines, grid and legend boxes are drawn with plotters' bitmap backend; text is laid out and
-//! rasterised with `ab_glyph` from a bundled DejaVu Sans subset (`assets/fonts/`, embedded with
-//! `include_bytes!`), so nothing depends on system fonts, fontconfig or freetype. (plotters'
-//! own `ab_glyph` text path misplaces glyphs; see the Text section.)
+//! Everything is drawn with plotters' chart API (mesh, axis labels, secondary axis, series,
+//! legends) on its bitmap backend. Text uses plotters' `ab_glyph` font support with a bundled
+//! DejaVu Sans subset (`assets/fonts/`, registered from `include_bytes!`), so nothing depends on
+//! system fonts, fontconfig or freetype. What stays here is what plotters has no stock option
+//! for: matplotlib-like ticks ([`TickedRange`]) and correct glyph placement ([`Canvas`], a
+//! backend that rasterises the text plotters lays out).
 //!
 //! Missing values: non-finite values (NaN, inf) are skipped. As matplotlib does with NaN, a line is
 //! broken at them; unlike matplotlib, a point with no finite neighbour is drawn as a small dot, so
@@ -30,10 +31,15 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
-use ab_glyph::{point, Font, FontRef, Glyph, PxScale, ScaleFont};
+use ab_glyph::{point, Font, FontRef, ScaleFont};
+use plotters::chart::SeriesLabelPosition;
 use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint, Ranged};
-use plotters::element::DashedPathElement;
+use plotters::coord::types::RangedCoordf64;
+use plotters::element::{DashedPathElement, DynElement, MultiLineText};
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, VPos};
+use plotters::style::{register_font, FontStyle};
+use plotters_backend::{BackendColor, BackendCoord, BackendTextStyle, DrawingErrorKind};
 
 /// What the progress figure needs from one finished epoch.
 #[derive(Debug, Clone, PartialEq)]
@@ -116,8 +122,6 @@ pub fn render_progress_png(logs: &[EpochLog]) -> Result<Vec<u8>, PlotError> {
 // ---------------------------------------------------------------------------------------------
 // Style: seaborn "darkgrid" with font_scale=2.5, at half of nnU-Net's pixel size.
 
-static FONT_BYTES: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans-subset.ttf");
-
 /// Pixels per typographic point: 100 dpi / 72, at half scale.
 const PX_PER_PT: f64 = 100.0 / 72.0 * 0.5;
 
@@ -145,35 +149,201 @@ const TEXT: RGBColor = RGBColor(0x26, 0x26, 0x26); // text.color ".15"
 const LEGEND_FACE: RGBColor = RGBColor(0xee, 0xee, 0xf5);
 const LEGEND_EDGE: RGBColor = RGBColor(0xcc, 0xcc, 0xcc);
 
-/// How a series is stroked (matplotlib `ls`).
+/// The text style for `points`. plotters' `ab_glyph` font size is ab_glyph's pixel scale, the
+/// font's ascent + descent (DejaVu Sans: 1901 + 483 units of 2048 per em), not the em.
+fn font(points: f64) -> TextStyle<'static> {
+    let size = px(points) * 2384.0 / 2048.0;
+    (FontFamily::SansSerif, size).into_font().color(&TEXT)
+}
+
+/// Room for a line of text: the font's ascent + descent. (plotters anchors text by a box
+/// `size / 1.24` high, `style/font/ab_glyph.rs`; letters with descenders reach below it.)
+fn line_height(points: f64) -> f64 {
+    font(points).font.get_size()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Text. plotters lays out every text (tick labels, axis descriptions, legends) with its
+// `ab_glyph` font metrics and asks the backend to draw it; the font is the bundled one,
+// registered from bytes. Only the glyph rasterising is done here (see `Canvas`).
+
+static FONT_BYTES: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans-subset.ttf");
+
+struct Face {
+    font: FontRef<'static>,
+    /// Height of capitals and digits, in font units.
+    cap_height: f32,
+}
+
+/// The bundled font, registered (once per process) as plotters' "sans-serif", so that nothing
+/// plotters draws looks for system fonts.
+fn bundled_face() -> Result<&'static Face, String> {
+    static FACE: OnceLock<Option<Face>> = OnceLock::new();
+    FACE.get_or_init(|| {
+        register_font("sans-serif", FontStyle::Normal, FONT_BYTES).ok()?;
+        let font = FontRef::try_from_slice(FONT_BYTES).ok()?;
+        let h = font.outline(font.glyph_id('H'))?.bounds;
+        Some(Face {
+            cap_height: (h.max.y - h.min.y).abs(),
+            font,
+        })
+    })
+    .as_ref()
+    .ok_or_else(|| "the bundled DejaVu Sans font could not be loaded".to_string())
+}
+
+/// plotters' bitmap backend, except that it rasterises text itself.
+///
+/// plotters 0.3.7's own `ab_glyph` glyph drawing (`style/font/ab_glyph.rs`) drops each glyph's
+/// left side bearing and sub-pixel position, so digits drift by up to 2 px ("140" reads "1 40"),
+/// and puts the baseline half a font size below the anchor box's top, so labels centred on a
+/// tick sit ~4 px above it. A backend may draw text its own way (plotters' SVG and canvas
+/// backends do): this one draws the same glyphs at the positions plotters measured them at, with
+/// capitals centred in the box plotters anchors the text by. Everything else is the bitmap
+/// backend's.
+struct Canvas<'a> {
+    bitmap: BitMapBackend<'a>,
+    face: &'static Face,
+}
+
+type CanvasError = <BitMapBackend<'static> as DrawingBackend>::ErrorType;
+type CanvasResult = Result<(), DrawingErrorKind<CanvasError>>;
+
+impl DrawingBackend for Canvas<'_> {
+    type ErrorType = CanvasError;
+
+    fn get_size(&self) -> (u32, u32) {
+        self.bitmap.get_size()
+    }
+    fn ensure_prepared(&mut self) -> CanvasResult {
+        self.bitmap.ensure_prepared()
+    }
+    fn present(&mut self) -> CanvasResult {
+        self.bitmap.present()
+    }
+    fn draw_pixel(&mut self, point: BackendCoord, color: BackendColor) -> CanvasResult {
+        self.bitmap.draw_pixel(point, color)
+    }
+    fn draw_line<S: plotters_backend::BackendStyle>(
+        &mut self,
+        from: BackendCoord,
+        to: BackendCoord,
+        style: &S,
+    ) -> CanvasResult {
+        self.bitmap.draw_line(from, to, style)
+    }
+    fn draw_rect<S: plotters_backend::BackendStyle>(
+        &mut self,
+        upper_left: BackendCoord,
+        bottom_right: BackendCoord,
+        style: &S,
+        fill: bool,
+    ) -> CanvasResult {
+        self.bitmap.draw_rect(upper_left, bottom_right, style, fill)
+    }
+
+    fn draw_text<S: BackendTextStyle>(&mut self, text: &str, style: &S, pos: BackendCoord) -> CanvasResult {
+        let color = style.color();
+        let font = self.face.font.as_scaled(style.size() as f32);
+        // Glyph origins along the baseline, kerned, as plotters measures the text.
+        let mut caret = 0.0f32;
+        let mut previous = None;
+        let mut glyphs = Vec::with_capacity(text.len());
+        for c in text.chars() {
+            let id = font.glyph_id(c);
+            if let Some(p) = previous {
+                caret += font.kern(p, id);
+            }
+            glyphs.push((id, caret));
+            caret += font.h_advance(id);
+            previous = Some(id);
+        }
+        let anchor = style.anchor();
+        let dx = match anchor.h_pos {
+            HPos::Left => 0.0,
+            HPos::Center => -caret / 2.0,
+            HPos::Right => -caret,
+        };
+        let box_height = (style.size() / 1.24).floor() as f32;
+        let top = match anchor.v_pos {
+            VPos::Top => 0.0,
+            VPos::Center => -box_height / 2.0,
+            VPos::Bottom => -box_height,
+        };
+        let baseline = (top + (box_height + self.face.cap_height * font.v_scale_factor()) / 2.0).round();
+        let transform = style.transform();
+        let mut result = Ok(());
+        for (id, x) in glyphs {
+            let glyph = id.with_scale_and_position(font.scale(), point(dx + x, baseline));
+            let Some(outline) = self.face.font.outline_glyph(glyph) else {
+                continue;
+            };
+            let bounds = outline.px_bounds();
+            outline.draw(|gx, gy, coverage| {
+                let (x, y) =
+                    transform.transform(bounds.min.x as i32 + gx as i32, bounds.min.y as i32 + gy as i32);
+                let alpha = color.alpha * coverage.min(1.0) as f64;
+                if result.is_ok() && alpha > 0.0 {
+                    result = self
+                        .bitmap
+                        .draw_pixel((pos.0 + x, pos.1 + y), BackendColor { alpha, ..color });
+                }
+            });
+        }
+        result
+    }
+}
+
+/// How a series is stroked: colour, width in points, matplotlib `ls` solid or dotted.
 #[derive(Clone, Copy)]
-enum Stroke {
-    Solid,
-    Dotted,
+struct Pen {
+    color: RGBColor,
+    width_pt: f64,
+    dotted: bool,
+}
+
+impl Pen {
+    fn solid(color: RGBColor, width_pt: f64) -> Self {
+        Pen {
+            color,
+            width_pt,
+            dotted: false,
+        }
+    }
+    fn dotted(color: RGBColor, width_pt: f64) -> Self {
+        Pen {
+            dotted: true,
+            ..Pen::solid(color, width_pt)
+        }
+    }
+
+    fn style(&self) -> ShapeStyle {
+        self.color.stroke_width(line_width(self.width_pt))
+    }
+
+    /// A path through `points`; dotted as matplotlib's "dotted" with butt caps: dashes one line
+    /// width long, gaps 1.65 widths.
+    fn path<'a, DB: DrawingBackend, C: Clone + 'static>(&self, points: Vec<C>) -> DynElement<'a, DB, C> {
+        if self.dotted {
+            let w = px(self.width_pt);
+            DashedPathElement::new(points, w.max(1.0), (1.65 * w).max(1.0), self.style()).into_dyn()
+        } else {
+            PathElement::new(points, self.style()).into_dyn()
+        }
+    }
 }
 
 struct Series {
     label: &'static str,
-    color: RGBColor,
-    stroke: Stroke,
-    width_pt: f64,
+    pen: Pen,
     points: Vec<(f64, f64)>,
 }
 
 impl Series {
-    fn new(
-        label: &'static str,
-        color: RGBColor,
-        stroke: Stroke,
-        width_pt: f64,
-        logs: &[EpochLog],
-        f: impl Fn(&EpochLog) -> f64,
-    ) -> Self {
+    fn new(label: &'static str, pen: Pen, logs: &[EpochLog], f: impl Fn(&EpochLog) -> f64) -> Self {
         Series {
             label,
-            color,
-            stroke,
-            width_pt,
+            pen,
             points: logs.iter().map(|l| (l.epoch as f64, f(l))).collect(),
         }
     }
@@ -199,181 +369,28 @@ impl Series {
         out
     }
 
-    fn style(&self) -> ShapeStyle {
-        self.color.stroke_width(line_width(self.width_pt))
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Text. plotters 0.3.7's own ab_glyph text path drops each glyph's left side bearing and rounds
-// every glyph's vertical offset separately (letters collide, "140" reads "1 40", baselines
-// jitter), so text is laid out and rasterised here with ab_glyph directly, on top of the finished
-// plotters drawing.
-
-struct Typeface {
-    font: FontRef<'static>,
-    /// ab_glyph scales so that ascent - descent == the requested px; this converts from em.
-    height_per_em: f32,
-    cap_height_per_em: f32,
-}
-
-impl Typeface {
-    fn get() -> Result<&'static Typeface, String> {
-        static FACE: OnceLock<Option<Typeface>> = OnceLock::new();
-        FACE.get_or_init(|| {
-            let font = FontRef::try_from_slice(FONT_BYTES).ok()?;
-            let units = font.units_per_em()?;
-            let cap = font
-                .outline(font.glyph_id('H'))
-                .map_or(0.73 * units, |o| (o.bounds.max.y - o.bounds.min.y).abs());
-            Some(Typeface {
-                height_per_em: font.height_unscaled() / units,
-                cap_height_per_em: cap / units,
-                font,
+    /// One path per finite run; a run of one point is a dot.
+    fn elements<'a, DB: DrawingBackend>(&self) -> Vec<DynElement<'a, DB, (f64, f64)>> {
+        let radius = line_width(self.pen.width_pt) + 1;
+        self.segments()
+            .into_iter()
+            .map(|segment| match segment.as_slice() {
+                [point] => Circle::new(*point, radius, self.pen.color.filled()).into_dyn(),
+                _ => self.pen.path(segment),
             })
-        })
-        .as_ref()
-        .ok_or_else(|| "the bundled DejaVu Sans font could not be parsed".to_string())
+            .collect()
     }
 
-    fn scale(&self, points: f64) -> PxScale {
-        PxScale::from(px(points) as f32 * self.height_per_em)
-    }
-
-    fn cap_height(&self, points: f64) -> f64 {
-        px(points) * self.cap_height_per_em as f64
-    }
-
-    /// Glyphs of `text` with the baseline start at `origin`, and the advance width.
-    fn layout(&self, text: &str, points: f64, origin: (f32, f32)) -> (Vec<Glyph>, f64) {
-        let scaled = self.font.as_scaled(self.scale(points));
-        let mut caret = 0.0f32;
-        let mut previous = None;
-        let mut glyphs = Vec::with_capacity(text.len());
-        for c in text.chars() {
-            let id = scaled.glyph_id(c);
-            if let Some(p) = previous {
-                caret += scaled.kern(p, id);
-            }
-            glyphs.push(id.with_scale_and_position(scaled.scale(), point(origin.0 + caret, origin.1)));
-            caret += scaled.h_advance(id);
-            previous = Some(id);
-        }
-        (glyphs, caret as f64)
-    }
-
-    fn width(&self, text: &str, points: f64) -> f64 {
-        self.layout(text, points, (0.0, 0.0)).1
-    }
-}
-
-#[derive(Clone, Copy)]
-enum HAlign {
-    Left,
-    Center,
-    Right,
-}
-
-#[derive(Clone, Copy)]
-enum VAlign {
-    /// Capital letters' tops at y.
-    Top,
-    /// Capital letters centred on y.
-    Center,
-}
-
-/// A piece of text to draw once the plotters drawing is finished.
-struct Label {
-    text: String,
-    points: f64,
-    at: (f64, f64),
-    h: HAlign,
-    v: VAlign,
-    /// Rotated 90 degrees counter-clockwise (reads bottom to top), centred on `at`.
-    vertical: bool,
-}
-
-impl Label {
-    fn new(text: impl Into<String>, points: f64, at: (f64, f64), h: HAlign, v: VAlign) -> Self {
-        Label {
-            text: text.into(),
-            points,
-            at,
-            h,
-            v,
-            vertical: false,
-        }
-    }
-    fn vertical(text: impl Into<String>, points: f64, at: (f64, f64)) -> Self {
-        Label {
-            text: text.into(),
-            points,
-            at,
-            h: HAlign::Center,
-            v: VAlign::Center,
-            vertical: true,
-        }
-    }
-}
-
-fn blend(rgb: &mut [u8], (width, height): (u32, u32), x: i64, y: i64, color: RGBColor, coverage: f32) {
-    if x < 0 || y < 0 || x >= width as i64 || y >= height as i64 || coverage <= 0.0 {
-        return;
-    }
-    let a = coverage.min(1.0);
-    let i = (y as usize * width as usize + x as usize) * 3;
-    for (k, c) in [color.0, color.1, color.2].into_iter().enumerate() {
-        rgb[i + k] = (rgb[i + k] as f32 * (1.0 - a) + c as f32 * a).round() as u8;
-    }
-}
-
-fn draw_labels(face: &Typeface, rgb: &mut [u8], size: (u32, u32), labels: &[Label]) {
-    for label in labels {
-        let width = face.width(&label.text, label.points);
-        let cap = face.cap_height(label.points);
-        if !label.vertical {
-            let x = match label.h {
-                HAlign::Left => label.at.0,
-                HAlign::Center => label.at.0 - width / 2.0,
-                HAlign::Right => label.at.0 - width,
-            };
-            let baseline = match label.v {
-                VAlign::Top => label.at.1 + cap,
-                VAlign::Center => label.at.1 + cap / 2.0,
-            };
-            let (glyphs, _) = face.layout(&label.text, label.points, (x as f32, baseline.round() as f32));
-            for glyph in glyphs {
-                if let Some(outline) = face.font.outline_glyph(glyph) {
-                    let b = outline.px_bounds();
-                    outline.draw(|gx, gy, c| {
-                        blend(
-                            rgb,
-                            size,
-                            b.min.x as i64 + gx as i64,
-                            b.min.y as i64 + gy as i64,
-                            TEXT,
-                            c,
-                        )
-                    });
-                }
-            }
-        } else {
-            // Lay out horizontally around the origin, then map text space (tx right along the
-            // baseline, ty down) to the screen turned a quarter counter-clockwise.
-            let (glyphs, _) = face.layout(&label.text, label.points, (0.0, 0.0));
-            let (cx, cy) = (label.at.0.round() as i64, label.at.1.round() as i64);
-            let (half_w, half_cap) = ((width / 2.0).round() as i64, (cap / 2.0).round() as i64);
-            for glyph in glyphs {
-                if let Some(outline) = face.font.outline_glyph(glyph) {
-                    let b = outline.px_bounds();
-                    outline.draw(|gx, gy, c| {
-                        let tx = b.min.x as i64 + gx as i64;
-                        let ty = b.min.y as i64 + gy as i64;
-                        blend(rgb, size, cx + ty + half_cap, cy - (tx - half_w), TEXT, c)
-                    });
-                }
-            }
-        }
+    /// Adds the series to `legend`'s legend: an empty series (nothing to draw) that carries the
+    /// label and a handle two font sizes long.
+    fn legend_entry<'a>(&self, legend: &mut LegendChart<'a, 'a>) -> DrawResult<()> {
+        let length = (2.0 * px(TICK_PT)).round() as i32;
+        let pen = self.pen;
+        legend
+            .draw_series(std::iter::empty::<Circle<(f64, f64), u32>>())?
+            .label(self.label)
+            .legend(move |(x, y)| pen.path(vec![(x, y), (x + length, y)]));
+        Ok(())
     }
 }
 
@@ -468,8 +485,10 @@ impl Axis {
     }
 }
 
-/// A linear f64 axis whose grid lines and labels sit exactly at the given ticks (plotters' own
-/// f64 axis picks its own, and its `with_key_points` wrapper loses the label formatter).
+/// A linear f64 axis whose grid lines and labels sit exactly at the given ticks. plotters' own
+/// f64 axis only steps 1-2-5 (no 2.5, no whole-epoch steps), and its `with_key_points` wrapper
+/// drops the label formatter that `configure_mesh` requires, so the ticks come in through this
+/// small [`Ranged`] implementation (the labels through `*_label_formatter`).
 #[derive(Clone)]
 struct TickedRange {
     lo: f64,
@@ -507,11 +526,12 @@ impl Ranged for TickedRange {
 // ---------------------------------------------------------------------------------------------
 // Drawing.
 
-type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
+type Area<'a> = DrawingArea<Canvas<'a>, plotters::coord::Shift>;
 type DrawResult<T> = Result<T, Box<dyn std::error::Error>>;
+type LegendChart<'a, 'b> = ChartContext<'a, Canvas<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
 
 fn draw_figure(logs: &[EpochLog], rgb: &mut [u8]) -> DrawResult<()> {
-    let face = Typeface::get()?;
+    let face = bundled_face()?;
     let x = Axis::new(
         autoscale(logs.iter().map(|l| l.epoch as f64)).unwrap_or((-1.0, 1.0)),
         true,
@@ -519,18 +539,16 @@ fn draw_figure(logs: &[EpochLog], rgb: &mut [u8]) -> DrawResult<()> {
 
     // (1) losses and pseudo Dice.
     let losses = [
-        Series::new("loss_tr", BLUE_DEEP, Stroke::Solid, 4.0, logs, |l| l.train_loss),
-        Series::new("loss_val", RED_DEEP, Stroke::Solid, 4.0, logs, |l| l.val_loss),
+        Series::new("loss_tr", Pen::solid(BLUE_DEEP, 4.0), logs, |l| l.train_loss),
+        Series::new("loss_val", Pen::solid(RED_DEEP, 4.0), logs, |l| l.val_loss),
     ];
     let dice = [
-        Series::new("pseudo dice", GREEN_DEEP, Stroke::Dotted, 3.0, logs, |l| {
+        Series::new("pseudo dice", Pen::dotted(GREEN_DEEP, 3.0), logs, |l| {
             l.mean_pseudo_dice()
         }),
         Series::new(
             "pseudo dice (mov. avg.)",
-            GREEN_DEEP,
-            Stroke::Solid,
-            4.0,
+            Pen::solid(GREEN_DEEP, 4.0),
             logs,
             |l| l.ema_pseudo_dice,
         ),
@@ -547,9 +565,7 @@ fn draw_figure(logs: &[EpochLog], rgb: &mut [u8]) -> DrawResult<()> {
     // (2) epoch duration; nnU-Net pins the bottom of this axis at 0.
     let durations = [Series::new(
         "epoch duration",
-        BLUE_DEEP,
-        Stroke::Solid,
-        4.0,
+        Pen::solid(BLUE_DEEP, 4.0),
         logs,
         |l| l.epoch_seconds,
     )];
@@ -562,60 +578,25 @@ fn draw_figure(logs: &[EpochLog], rgb: &mut [u8]) -> DrawResult<()> {
     // (3) learning rate.
     let lrs = [Series::new(
         "learning rate",
-        BLUE_DEEP,
-        Stroke::Solid,
-        4.0,
+        Pen::solid(BLUE_DEEP, 4.0),
         logs,
         |l| l.learning_rate,
     )];
     let y_lr = Axis::new(autoscale(lrs[0].finite_y()).unwrap_or((0.0, 1.0)), false);
 
-    let mut labels = Vec::new();
-    {
-        let root = BitMapBackend::with_buffer(rgb, (WIDTH, HEIGHT)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let panels = root.split_evenly((3, 1));
-        let twin = Twin {
-            axis: &y_dice,
-            desc: "pseudo dice",
-            series: &dice,
-        };
-        draw_panel(
-            face,
-            &root,
-            &panels[0],
-            &x,
-            &y_loss,
-            "loss",
-            &losses,
-            Some(twin),
-            &mut labels,
-        )?;
-        draw_panel(
-            face,
-            &root,
-            &panels[1],
-            &x,
-            &y_time,
-            "time [s]",
-            &durations,
-            None,
-            &mut labels,
-        )?;
-        draw_panel(
-            face,
-            &root,
-            &panels[2],
-            &x,
-            &y_lr,
-            "learning rate",
-            &lrs,
-            None,
-            &mut labels,
-        )?;
-        root.present()?;
-    }
-    draw_labels(face, rgb, (WIDTH, HEIGHT), &labels);
+    let bitmap = BitMapBackend::with_buffer(rgb, (WIDTH, HEIGHT));
+    let root = Canvas { bitmap, face }.into_drawing_area();
+    root.fill(&WHITE)?;
+    let panels = root.split_evenly((3, 1));
+    let twin = Twin {
+        axis: &y_dice,
+        desc: "pseudo dice",
+        series: &dice,
+    };
+    draw_panel(&panels[0], &x, &y_loss, "loss", &losses, Some(twin))?;
+    draw_panel(&panels[1], &x, &y_time, "time [s]", &durations, None)?;
+    draw_panel(&panels[2], &x, &y_lr, "learning rate", &lrs, None)?;
+    root.present()?;
     Ok(())
 }
 
@@ -626,224 +607,152 @@ struct Twin<'a> {
     series: &'a [Series],
 }
 
-fn max_width(face: &Typeface, texts: &[String], points: f64) -> f64 {
-    texts.iter().map(|t| face.width(t, points)).fold(0.0, f64::max)
+/// matplotlib legend geometry in units of the legend font size: 0.4 border padding, handle 2.0
+/// long and 0.8 from its text (plotters' "legend area" holds both).
+struct Legend;
+
+impl Legend {
+    fn margin() -> i32 {
+        (0.4 * px(TICK_PT)).round() as i32
+    }
+    fn handle_area() -> i32 {
+        ((2.0 + 0.8) * px(TICK_PT)).round() as i32
+    }
+    /// Width and height of the legend box plotters draws for `series`.
+    fn size(series: &[Series]) -> DrawResult<(i32, i32)> {
+        let style = font(TICK_PT);
+        let mut text = MultiLineText::<_, &str>::new((0, 0), &style);
+        for s in series {
+            text.push_line(s.label);
+        }
+        let (w, h) = text.estimate_dimension()?;
+        Ok((
+            w + Self::handle_area() + 2 * Self::margin(),
+            h + 2 * Self::margin(),
+        ))
+    }
+
+    /// Draws a legend box for `series` in `strip`, `x` pixels from its left edge. plotters draws a
+    /// chart's legend inside its plotting area (it clips coordinates to it), so legends that sit
+    /// above the axes, as matplotlib's `loc=(0, 1)`, get a chart of their own over that strip.
+    fn draw(strip: &Area, x: i32, series: &[Series]) -> DrawResult<()> {
+        let mut chart = ChartBuilder::on(strip).build_cartesian_2d(0.0..1.0, 0.0..1.0)?;
+        for s in series {
+            s.legend_entry(&mut chart)?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::Coordinate(x, 0))
+            .margin(Self::margin())
+            .legend_area_size(Self::handle_area())
+            .label_font(font(TICK_PT))
+            .background_style(LEGEND_FACE.filled())
+            .border_style(LEGEND_EDGE)
+            .draw()?;
+        Ok(())
+    }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn draw_panel(
-    face: &Typeface,
-    root: &Area,
     area: &Area,
     x: &Axis,
     y: &Axis,
     y_desc: &str,
     series: &[Series],
     twin: Option<Twin>,
-    labels: &mut Vec<Label>,
 ) -> DrawResult<()> {
+    let tick_font = font(TICK_PT);
+    let desc_font = font(LABEL_PT);
     let pad = px(TICK_PAD_PT);
     let label_pad = px(LABEL_PAD_PT);
-    let label_em = px(LABEL_PT);
-    let tick_cap = face.cap_height(TICK_PT);
     let gap = px(LABEL_PT) * 0.5;
-    let legend = LegendMetrics::new();
-    let legend_rows = series.len().max(twin.as_ref().map_or(0, |t| t.series.len()));
-
-    let y_labels = y.labels();
-    let y_label_width = max_width(face, &y_labels, TICK_PT);
-    let left = pad + y_label_width + label_pad + label_em + gap;
-    let (right, twin_labels, twin_label_width) = match &twin {
-        Some(t) => {
-            let l = t.axis.labels();
-            let w = max_width(face, &l, TICK_PT);
-            (pad + w + label_pad + label_em + gap, l, w)
+    let max_width = |labels: &[String]| -> DrawResult<f64> {
+        let mut w = 0u32;
+        for l in labels {
+            w = w.max(area.estimate_text_size(l, &tick_font)?.0);
         }
-        None => (2.0 * gap, Vec::new(), 0.0),
+        Ok(w as f64)
     };
-    let bottom = pad + tick_cap + 2.0 * label_pad + label_em * 1.2 + gap;
 
-    let chart = ChartBuilder::on(area)
-        .margin_top(legend.height(legend_rows) as u32 + gap as u32)
-        .margin_left(gap as u32)
-        .margin_bottom(0)
-        .x_label_area_size(bottom as u32)
-        .y_label_area_size(left as u32)
-        .right_y_label_area_size(right as u32)
-        .build_cartesian_2d(x.coord(), y.coord())?;
-    let (px_x, px_y) = chart.plotting_area().get_pixel_range();
-    let secondary = match &twin {
-        Some(t) => t.axis.coord(),
-        None => y.coord(),
+    // Label areas: tick labels, a pad, then the axis description at the outer edge (where
+    // plotters draws it). plotters puts tick labels twice the tick size from the axis.
+    let tick = (pad / 2.0).round() as i32;
+    let desc_height = line_height(LABEL_PT);
+    let bottom = 2.0 * tick as f64 + line_height(TICK_PT) + label_pad + desc_height;
+    let side = |labels: &[String]| -> DrawResult<f64> {
+        Ok(2.0 * tick as f64 + max_width(labels)? + label_pad + desc_height)
     };
-    let mut chart = chart.set_secondary_coord(x.coord(), secondary);
+    let left = side(&y.labels())?;
+    let right = match &twin {
+        Some(t) => side(&t.axis.labels())?,
+        None => gap,
+    };
+    let (legend_w, mut legend_h) = Legend::size(series)?;
+    if let Some(t) = &twin {
+        legend_h = legend_h.max(Legend::size(t.series)?.1);
+    }
 
-    // darkgrid: grey face, white grid lines at the major ticks of the left/bottom axes.
+    let secondary = twin.as_ref().map_or(y.coord(), |t| t.axis.coord());
+    let mut chart = ChartBuilder::on(area)
+        .margin_top(legend_h as f64 + gap)
+        .margin_left(gap)
+        .margin_right(gap)
+        .margin_bottom(gap)
+        .x_label_area_size(bottom)
+        .y_label_area_size(left)
+        .right_y_label_area_size(right)
+        .build_cartesian_2d(x.coord(), y.coord())?
+        .set_secondary_coord(x.coord(), secondary);
+
+    // darkgrid: grey face, white grid lines at the major ticks, no spines or tick marks.
     chart.plotting_area().fill(&AXES_FACE)?;
-    let grid = WHITE.stroke_width(line_width(1.0));
-    chart.draw_series(
-        x.ticks
-            .iter()
-            .map(|&t| PathElement::new(vec![(t, y.lo), (t, y.hi)], grid)),
-    )?;
-    chart.draw_series(
-        y.ticks
-            .iter()
-            .map(|&t| PathElement::new(vec![(x.lo, t), (x.hi, t)], grid)),
-    )?;
-
+    let x_label = |v: &f64| tick_label(*v, x.step);
+    let y_label = |v: &f64| tick_label(*v, y.step);
+    chart
+        .configure_mesh()
+        .bold_line_style(WHITE.stroke_width(line_width(1.0)))
+        .light_line_style(TRANSPARENT)
+        .axis_style(TRANSPARENT)
+        .set_all_tick_mark_size(tick)
+        .x_label_formatter(&x_label)
+        .y_label_formatter(&y_label)
+        .label_style(tick_font.clone())
+        .x_desc("epoch")
+        .y_desc(y_desc)
+        .axis_desc_style(desc_font.clone())
+        .draw()?;
     for s in series {
-        draw_series(&mut chart, s, false)?;
+        chart.draw_series(s.elements())?;
     }
     if let Some(t) = &twin {
+        let twin_label = |v: &f64| tick_label(*v, t.axis.step);
+        chart
+            .configure_secondary_axes()
+            .axis_style(TRANSPARENT)
+            .set_all_tick_mark_size(tick)
+            .y_label_formatter(&twin_label)
+            .label_style(tick_font.clone())
+            .y_desc(t.desc)
+            .axis_desc_style(desc_font.clone())
+            .draw()?;
         for s in t.series {
-            draw_series(&mut chart, s, true)?;
+            chart.draw_secondary_series(s.elements())?;
         }
-    }
-
-    // Tick labels and axis labels.
-    let (plot_left, plot_right) = (px_x.start as f64, px_x.end as f64);
-    let (plot_top, plot_bottom) = (px_y.start as f64, px_y.end as f64);
-    for (&t, text) in x.ticks.iter().zip(x.labels()) {
-        let at = (chart.backend_coord(&(t, y.lo)).0 as f64, plot_bottom + pad);
-        labels.push(Label::new(text, TICK_PT, at, HAlign::Center, VAlign::Top));
-    }
-    let x_desc_at = (
-        (plot_left + plot_right) / 2.0,
-        plot_bottom + pad + tick_cap + 2.0 * label_pad + 0.2 * label_em,
-    );
-    labels.push(Label::new(
-        "epoch",
-        LABEL_PT,
-        x_desc_at,
-        HAlign::Center,
-        VAlign::Top,
-    ));
-    for (&t, text) in y.ticks.iter().zip(y_labels) {
-        let at = (plot_left - pad, chart.backend_coord(&(x.lo, t)).1 as f64);
-        labels.push(Label::new(text, TICK_PT, at, HAlign::Right, VAlign::Center));
-    }
-    let middle = (plot_top + plot_bottom) / 2.0;
-    let y_desc_x = plot_left - pad - y_label_width - label_pad - label_em / 2.0;
-    labels.push(Label::vertical(y_desc, LABEL_PT, (y_desc_x, middle)));
-    if let Some(t) = &twin {
-        let secondary = chart.borrow_secondary();
-        for (&v, text) in t.axis.ticks.iter().zip(twin_labels) {
-            let at = (plot_right + pad, secondary.backend_coord(&(x.lo, v)).1 as f64);
-            labels.push(Label::new(text, TICK_PT, at, HAlign::Left, VAlign::Center));
-        }
-        let desc_x = plot_right + pad + twin_label_width + label_pad + label_em / 2.0;
-        labels.push(Label::vertical(t.desc, LABEL_PT, (desc_x, middle)));
     }
 
     // Legends sit on top of the axes, left edges at 0 and (for the twin axis) 0.2 of the axes
     // width, like matplotlib's legend(loc=(0, 1)) and legend(loc=(0.2, 1)).
-    let primary_width = legend.width(face, series);
-    draw_legend(face, root, (plot_left, plot_top), series, labels)?;
+    let (plot_x, plot_y) = chart.plotting_area().get_pixel_range();
+    let (base_x, base_y) = area.get_base_pixel();
+    let plot_width = plot_x.end - plot_x.start;
+    let strip = area.clone().shrink(
+        (plot_x.start - base_x, plot_y.start - base_y - legend_h),
+        (plot_width, legend_h),
+    );
+    Legend::draw(&strip, 0, series)?;
     if let Some(t) = &twin {
-        let x0 = plot_left + (0.2 * (plot_right - plot_left)).max(primary_width + gap);
-        draw_legend(face, root, (x0, plot_top), t.series, labels)?;
-    }
-    Ok(())
-}
-
-type Chart<'a, 'b> = plotters::chart::DualCoordChartContext<
-    'a,
-    BitMapBackend<'b>,
-    Cartesian2d<TickedRange, TickedRange>,
-    Cartesian2d<TickedRange, TickedRange>,
->;
-
-/// Dotted as matplotlib's "dotted" with butt caps: dashes one line width long, gaps 1.65 widths.
-fn dotted<C: Clone>(points: Vec<C>, s: &Series) -> DashedPathElement<std::vec::IntoIter<C>, f64> {
-    let w = px(s.width_pt);
-    DashedPathElement::new(points, w.max(1.0), (1.65 * w).max(1.0), s.style())
-}
-
-fn draw_series(chart: &mut Chart, s: &Series, secondary: bool) -> DrawResult<()> {
-    for segment in s.segments() {
-        if segment.len() == 1 {
-            let dot = std::iter::once(Circle::new(
-                segment[0],
-                line_width(s.width_pt) + 1,
-                s.color.filled(),
-            ));
-            if secondary {
-                chart.draw_secondary_series(dot)?;
-            } else {
-                chart.draw_series(dot)?;
-            }
-            continue;
-        }
-        match (s.stroke, secondary) {
-            (Stroke::Solid, false) => chart.draw_series(LineSeries::new(segment, s.style()))?,
-            (Stroke::Solid, true) => chart.draw_secondary_series(LineSeries::new(segment, s.style()))?,
-            (Stroke::Dotted, false) => chart.draw_series(std::iter::once(dotted(segment, s)))?,
-            (Stroke::Dotted, true) => chart.draw_secondary_series(std::iter::once(dotted(segment, s)))?,
-        };
-    }
-    Ok(())
-}
-
-/// matplotlib legend geometry in units of the legend font size: 0.4 border padding, handle 2.0
-/// long and 0.8 from its text, rows 0.5 apart.
-struct LegendMetrics {
-    em: f64,
-}
-
-impl LegendMetrics {
-    fn new() -> Self {
-        LegendMetrics { em: px(TICK_PT) }
-    }
-    fn row(&self) -> f64 {
-        1.5 * self.em
-    }
-    fn height(&self, rows: usize) -> f64 {
-        (2.0 * 0.4 + 1.0) * self.em + self.row() * (rows.max(1) - 1) as f64 + 0.3 * self.em
-    }
-    fn width(&self, face: &Typeface, series: &[Series]) -> f64 {
-        let text = series
-            .iter()
-            .map(|s| face.width(s.label, TICK_PT))
-            .fold(0.0, f64::max);
-        text + (0.4 + 2.0 + 0.8 + 0.4) * self.em
-    }
-}
-
-/// Draws a legend box whose bottom left corner is `bottom_left` (pixels of `root`); its texts go
-/// to `labels`.
-fn draw_legend(
-    face: &Typeface,
-    root: &Area,
-    bottom_left: (f64, f64),
-    series: &[Series],
-    labels: &mut Vec<Label>,
-) -> DrawResult<()> {
-    let m = LegendMetrics::new();
-    let (x0, y1) = (bottom_left.0.round() as i32, bottom_left.1.round() as i32);
-    let y0 = y1 - m.height(series.len()).round() as i32;
-    let x1 = x0 + m.width(face, series).round() as i32;
-    root.draw(&Rectangle::new([(x0, y0), (x1, y1)], LEGEND_FACE.filled()))?;
-    root.draw(&Rectangle::new([(x0, y0), (x1, y1)], LEGEND_EDGE.stroke_width(1)))?;
-    for (i, s) in series.iter().enumerate() {
-        let cy = y0 as f64 + (0.4 + 0.65) * m.em + m.row() * i as f64;
-        let hx0 = x0 as f64 + 0.4 * m.em;
-        let hx1 = hx0 + 2.0 * m.em;
-        let handle = vec![
-            (hx0.round() as i32, cy.round() as i32),
-            (hx1.round() as i32, cy.round() as i32),
-        ];
-        match s.stroke {
-            Stroke::Solid => root.draw(&PathElement::new(handle, s.style()))?,
-            Stroke::Dotted => root.draw(&dotted(handle, s))?,
-        }
-        labels.push(Label::new(
-            s.label,
-            TICK_PT,
-            (hx1 + 0.8 * m.em, cy),
-            HAlign::Left,
-            VAlign::Center,
-        ));
+        let x0 = (0.2 * plot_width as f64).max(legend_w as f64 + gap).round() as i32;
+        Legend::draw(&strip, x0, t.series)?;
     }
     Ok(())
 }
@@ -989,6 +898,79 @@ mod tests {
             .collect();
         let png = render_progress_png(&all_nan).unwrap();
         assert_eq!(png_dimensions(&png), (WIDTH, HEIGHT));
+    }
+
+    /// Bounding box (x0, y0, x1, y1), exclusive, of the pixels of colour `c` in `rgb`, an image
+    /// `WIDTH` wide.
+    fn bbox(rgb: &[u8], c: RGBColor) -> Option<(usize, usize, usize, usize)> {
+        let mut b: Option<(usize, usize, usize, usize)> = None;
+        for (i, p) in rgb.chunks_exact(3).enumerate() {
+            if p == [c.0, c.1, c.2] {
+                let (x, y) = (i % WIDTH as usize, i / WIDTH as usize);
+                b = Some(b.map_or((x, y, x + 1, y + 1), |(x0, y0, x1, y1)| {
+                    (x0.min(x), y0.min(y), x1.max(x + 1), y1.max(y + 1))
+                }));
+            }
+        }
+        b
+    }
+
+    /// Pixels of colour `c` inside the box `(x0, y0, x1, y1)` of `rgb`.
+    fn count_in(rgb: &[u8], (x0, y0, x1, y1): (usize, usize, usize, usize), c: RGBColor) -> usize {
+        (y0..y1)
+            .flat_map(|y| (x0..x1).map(move |x| (y * WIDTH as usize + x) * 3))
+            .filter(|&i| rgb[i..i + 3] == [c.0, c.1, c.2])
+            .count()
+    }
+
+    #[test]
+    fn made_up_history_with_nan_dice_and_a_single_epoch_draws_every_panel() {
+        let nan = f64::NAN;
+        let epoch = |e: usize, dice: Vec<f64>, ema: f64| EpochLog {
+            epoch: e,
+            train_loss: 0.5 - 0.1 * e as f64,
+            val_loss: 0.4 - 0.05 * e as f64,
+            pseudo_dice: dice,
+            ema_pseudo_dice: ema,
+            learning_rate: 0.01 * (1.0 - e as f64 / 5.0),
+            epoch_seconds: 100.0 + 3.0 * e as f64,
+        };
+        let history = [
+            epoch(0, vec![nan, nan], nan),
+            epoch(1, vec![0.4, nan], 0.4),
+            epoch(2, vec![nan, nan], 0.4),
+            epoch(3, vec![0.6, 0.5], 0.415),
+            epoch(4, vec![0.7, 0.6], 0.439),
+        ];
+        let panel_height = HEIGHT as usize / 3;
+        for logs in [&history[..], &history[..1]] {
+            let rgb = decode(&render_progress_png(logs).unwrap());
+            assert!(rgb.chunks_exact(3).any(|p| p != [255, 255, 255]), "blank figure");
+            for panel in 0..3 {
+                let rows = panel * panel_height * WIDTH as usize * 3
+                    ..(panel + 1) * panel_height * WIDTH as usize * 3;
+                let part = &rgb[rows];
+                // The grey axes face marks the plotting area; the legend and labels are outside.
+                let (x0, y0, x1, y1) = bbox(part, AXES_FACE).expect("axes drawn");
+                assert!(
+                    x1 - x0 > WIDTH as usize / 2 && y1 - y0 > panel_height / 2,
+                    "panel {panel} axes too small"
+                );
+                assert!(count_color(part, TEXT) > 100, "panel {panel} has no text");
+                let inside = (x0, y0, x1, y1);
+                assert!(
+                    count_in(part, inside, BLUE_DEEP) > 20,
+                    "panel {panel}: nothing plotted"
+                );
+                if panel == 0 {
+                    assert!(count_in(part, inside, RED_DEEP) > 20, "no loss_val");
+                    if logs.len() > 1 {
+                        // Isolated finite pseudo Dice values (epoch 1) and the EMA are drawn.
+                        assert!(count_in(part, inside, GREEN_DEEP) > 20, "no pseudo Dice");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

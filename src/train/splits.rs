@@ -111,3 +111,28 @@ pub fn fold_cases(ids: &[String], fold: &Fold, splits_file: Option<&Path>) -> Re
         .nth(index)
         .ok_or_else(|| format!("fold {index} does not exist: the splits have {count} folds"))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+
+    use serde_json::Value;
+
+    use super::*;
+
+    /// nnU-Net's `generate_crossval_split` (fixture from tests/fixtures/loss/generate.py).
+    #[test]
+    fn crossval_splits_equal_nnunet() {
+        let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/splits/splits.json");
+        let expected: BTreeMap<String, Value> =
+            serde_json::from_str(&std::fs::read_to_string(fixture).unwrap()).unwrap();
+        for (n, splits) in expected {
+            let ids: Vec<String> = (0..n.parse::<usize>().unwrap())
+                .map(|i| format!("case_{i:03}"))
+                .collect();
+            let ours = serde_json::to_value(crossval_splits(&ids, 12345, 5).unwrap()).unwrap();
+            assert_eq!(ours, splits, "{n} cases");
+        }
+    }
+}

@@ -8,7 +8,7 @@
 use std::time::Instant;
 
 use nnflow::network::Architecture;
-use nnflow::preprocess::case_steps::resolve_configuration;
+use nnflow::plans::{ArchitecturePlan, Plans};
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::sorted_variables;
@@ -61,7 +61,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
 /// nnU-Net's 3d_fullres plan for a 128^3 patch: six stages of 32..320 features, 3x3x3 kernels,
 /// stride 2 after the first stage, two convolutions per stage, batch 2.
 fn fullres128(classes: usize) -> (Architecture, Vec<usize>, usize) {
-    let json = serde_json::json!({
+    let plan: ArchitecturePlan = serde_json::from_value(serde_json::json!({
         "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
         "arch_kwargs": {
             "n_stages": 6, "features_per_stage": [32, 64, 128, 256, 320, 320],
@@ -72,8 +72,9 @@ fn fullres128(classes: usize) -> (Architecture, Vec<usize>, usize) {
             "norm_op_kwargs": {"eps": 1e-5, "affine": true}, "dropout_op": null, "dropout_op_kwargs": null,
             "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": true}
         }
-    });
-    let arch = Architecture::from_plan(&json, 1, classes, true).expect("a valid topology");
+    }))
+    .expect("a valid architecture");
+    let arch = Architecture::from_plan(&plan, 1, classes, true).expect("a valid topology");
     (arch, vec![128, 128, 128], 2)
 }
 
@@ -82,14 +83,12 @@ pub fn bench_step(args: &[String]) -> Result<(), String> {
     let (arch, patch, planned_batch) = match &o.plan {
         None => fullres128(o.classes),
         Some(path) => {
-            let plans: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?)
-                    .map_err(|e| format!("{path}: {e}"))?;
-            let c = resolve_configuration(&plans, &o.configuration)?.json;
-            let arch = Architecture::from_plan(&c["architecture"], 1, o.classes, true)?;
-            let patch: Vec<usize> =
-                serde_json::from_value(c["patch_size"].clone()).map_err(|e| e.to_string())?;
-            (arch, patch, c["batch_size"].as_u64().unwrap_or(2) as usize)
+            let plans = Plans::read(std::path::Path::new(path)).map_err(|e| e.to_string())?;
+            let c = plans.configuration(&o.configuration).map_err(|e| e.to_string())?;
+            let arch =
+                Architecture::from_plan(c.architecture().map_err(|e| e.to_string())?, 1, o.classes, true)?;
+            let patch = c.patch_size().map_err(|e| e.to_string())?.to_vec();
+            (arch, patch, c.values.batch_size.unwrap_or(2))
         }
     };
     let batch = o.batch.unwrap_or(planned_batch);

@@ -152,6 +152,129 @@ pub fn load(slot: &Slot, vs: &mut VarStore, sgd: &mut Sgd) -> Result<(), String>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::nn::Init;
+    use tch::Kind;
+
+    /// A two-variable network whose values are `offset + 0, 1, 2, ...`.
+    fn tiny(offset: f64) -> VarStore {
+        let vs = VarStore::new(Device::Cpu);
+        let root = vs.root();
+        let _ = (&root / "a").var("weight", &[2, 3], Init::Const(0.0));
+        let _ = (&root / "b").var("bias", &[4], Init::Const(0.0));
+        set(&vs, offset);
+        vs
+    }
+
+    fn set(vs: &VarStore, offset: f64) {
+        tch::no_grad(|| {
+            for (_, variable) in sorted_variables(vs) {
+                let values = Tensor::arange(variable.numel() as i64, (Kind::Float, Device::Cpu))
+                    .view(variable.size().as_slice())
+                    + offset;
+                variable.shallow_clone().copy_(&values);
+            }
+        });
+    }
+
+    /// Momentum for the first variable only (the second had no step yet).
+    fn sgd_with_momentum(vs: &VarStore, value: f64) -> Sgd {
+        let mut sgd = Sgd::new(2, 0.99, 3e-5);
+        let first = &sorted_variables(vs)[0].1;
+        sgd.buffers[0] = Some(first.ones_like() * value);
+        sgd
+    }
+
+    fn state(epochs_done: usize) -> TrainerState {
+        TrainerState {
+            identity: serde_json::json!({"fold": 0}),
+            epochs_done,
+            logs: Vec::new(),
+            best_ema: Some(0.5),
+            best_epoch: Some(0),
+            scaler: LossScaler::default(),
+        }
+    }
+
+    fn values(vs: &VarStore) -> Vec<Vec<f32>> {
+        sorted_variables(vs)
+            .iter()
+            .map(|(_, t)| Vec::<f32>::try_from(t.flatten(0, -1)).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn weights_momentum_and_state_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let vs = tiny(1.0);
+        save_latest(dir.path(), &vs, &sgd_with_momentum(&vs, 0.25), &state(3)).unwrap();
+
+        let slot = Slot::new(dir.path(), resume::LATEST);
+        slot.verify().unwrap();
+        assert_eq!(read_state(&slot).unwrap(), state(3));
+        let mut loaded = tiny(-5.0);
+        let mut sgd = Sgd::new(2, 0.99, 3e-5);
+        load(&slot, &mut loaded, &mut sgd).unwrap();
+        assert_eq!(values(&loaded), values(&vs));
+        let momentum = sgd.buffers[0].as_ref().expect("momentum of the first variable");
+        assert_eq!(momentum.size(), vec![2, 3]);
+        assert_eq!(momentum.min().double_value(&[]), 0.25);
+        assert_eq!(momentum.max().double_value(&[]), 0.25);
+        assert!(sgd.buffers[1].is_none(), "no momentum stays no momentum");
+    }
+
+    #[test]
+    fn the_previous_latest_is_kept_and_used_when_the_latest_is_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let vs = tiny(1.0);
+        save_latest(dir.path(), &vs, &sgd_with_momentum(&vs, 0.25), &state(1)).unwrap();
+        set(&vs, 10.0);
+        save_latest(dir.path(), &vs, &sgd_with_momentum(&vs, 0.5), &state(2)).unwrap();
+
+        let previous = Slot::new(dir.path(), resume::PREVIOUS);
+        previous.verify().unwrap();
+        assert_eq!(read_state(&previous).unwrap().epochs_done, 1);
+        let latest = Slot::new(dir.path(), resume::LATEST);
+        assert_eq!(read_state(&latest).unwrap().epochs_done, 2);
+
+        // a truncated latest weights file: resuming falls back to the previous checkpoint
+        let weights = std::fs::read(&latest.files.weights).unwrap();
+        std::fs::write(&latest.files.weights, &weights[..weights.len() / 2]).unwrap();
+        let mut loaded = tiny(0.0);
+        let mut sgd = Sgd::new(2, 0.99, 3e-5);
+        let mut log = Vec::new();
+        let (resumed, slot) = resume::resume(
+            dir.path(),
+            |slot| {
+                let state = read_state(slot)?;
+                load(slot, &mut loaded, &mut sgd)?;
+                Ok(Some(state))
+            },
+            |line| log.push(line.to_string()),
+        )
+        .expect("the previous checkpoint is intact");
+        assert_eq!((resumed.epochs_done, slot), (1, resume::PREVIOUS));
+        assert_eq!(values(&loaded), values(&tiny(1.0)));
+        assert_eq!(sgd.buffers[0].as_ref().unwrap().max().double_value(&[]), 0.25);
+        assert_eq!(log.len(), 1, "{log:?}");
+        assert!(log[0].contains(resume::LATEST), "{log:?}");
+    }
+
+    /// A checkpoint of another network is refused before anything is copied.
+    #[test]
+    fn a_mismatched_checkpoint_leaves_the_network_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = VarStore::new(Device::Cpu);
+        let _ = (other.root() / "a").var("weight", &[3, 2], Init::Const(1.0));
+        let _ = (other.root() / "b").var("bias", &[4], Init::Const(1.0));
+        save_latest(dir.path(), &other, &Sgd::new(2, 0.99, 3e-5), &state(1)).unwrap();
+
+        let mut vs = tiny(7.0);
+        let mut sgd = sgd_with_momentum(&vs, 0.25);
+        let error = load(&Slot::new(dir.path(), resume::LATEST), &mut vs, &mut sgd).unwrap_err();
+        assert!(error.contains("a.weight has shape [3, 2]"), "{error}");
+        assert_eq!(values(&vs), values(&tiny(7.0)));
+        assert!(sgd.buffers[0].is_some());
+    }
 
     /// An epoch whose pseudo Dice is NaN (a class never seen in validation) survives the checkpoint
     /// state's JSON; before, it was written as `null` and the state could not be read back.

@@ -8,21 +8,22 @@
 use std::sync::mpsc::sync_channel;
 
 use ndarray::{Array4, ArrayView4};
-use nnflow::data::case_store::{CaseProperties, StoredCase};
+use nnflow::data::case_store::StoredCase;
 use nnflow::data::dataset::{Case, Dataset};
-use nnflow::data::npy;
-use nnflow::evaluate::ensemble::{average_probabilities, probabilities_to_segmentation};
-use nnflow::evaluate::postprocess::{apply_postprocessing, Postprocessing};
-use nnflow::inference::export::{export_case, write_segmentation, RegionInfo};
+use nnflow::evaluate::postprocess::Postprocessing;
+use nnflow::inference::export::{export_case, RegionInfo};
 use nnflow::inference::job::PredictJob;
 use nnflow::inference::sliding_window::SlidingWindow;
+use nnflow::inference::writer::{Predicted, Writer};
 use nnflow::network::Architecture;
+use nnflow::plans::Plans;
 use nnflow::preprocess::case_steps::{load_raw, normalize, resample, segmentation_to_grid, PlanView};
-use nnflow::train::previous_stage::{previous_stage, with_previous_stage};
+use nnflow::train::previous_stage::with_previous_stage;
+use nnflow::train::setup::as_3d;
 use tch::nn::VarStore;
 
 use crate::predictor::Predictor;
-use crate::trainer::{as_3d, build_network, select_device};
+use crate::trainer::{build_network, select_device};
 use crate::unet::PlainConvUNet;
 
 /// One configuration: its plan and the networks of its folds.
@@ -42,7 +43,7 @@ pub fn predict(job: &PredictJob) -> Result<(), String> {
     let amp = job.amp && device.is_cuda();
     let dataset = Dataset::open(&job.dataset).map_err(|e| e.to_string())?;
     let regions = RegionInfo::from_dataset(&dataset)?;
-    let plans: serde_json::Value = nnflow::atomic_file::read_json(&job.plans)?;
+    let plans = Plans::read(&job.plans).map_err(|e| e.to_string())?;
     let rules = match &job.postprocessing {
         Some(path) => nnflow::atomic_file::read_json::<Postprocessing>(path)?.rules,
         None => Vec::new(),
@@ -51,7 +52,7 @@ pub fn predict(job: &PredictJob) -> Result<(), String> {
     let mut models = Vec::new();
     for model in &job.models {
         let plan = PlanView::new(&plans, &model.configuration)?;
-        let previous = match previous_stage(&plan.configuration.json) {
+        let previous = match plan.configuration.previous_stage_name() {
             Some(name) => {
                 let index = models
                     .iter()
@@ -65,7 +66,7 @@ pub fn predict(job: &PredictJob) -> Result<(), String> {
         };
         let extra_channels = previous.as_ref().map_or(0, |(_, labels)| labels.len());
         let arch = Architecture::from_plan(
-            &plan.configuration.json["architecture"],
+            plan.configuration.architecture().map_err(|e| e.to_string())?,
             dataset.channels.len() + extra_channels,
             num_classes,
             false,
@@ -159,7 +160,7 @@ pub fn predict(job: &PredictJob) -> Result<(), String> {
             .zip(logits)
             .zip(prepared)
             .filter(|((model, _), _)| model.member)
-            .map(|((model, logits), case)| (logits, case.properties, model.plan.configuration.json.clone()))
+            .map(|((model, logits), case)| (logits, case.properties, model.plan.configuration.clone()))
             .collect();
         println!("{id}: predicted in {:.1} s", started.elapsed().as_secs_f64());
         if to_writer.send(Predicted { id, outputs }).is_err() {
@@ -171,74 +172,6 @@ pub fn predict(job: &PredictJob) -> Result<(), String> {
         .join()
         .map_err(|_| "the writing thread panicked".to_string())?;
     network_result.and(written)
-}
-
-/// A case's logits per configuration of the model, with what export needs.
-struct Predicted {
-    id: String,
-    outputs: Vec<(Array4<f32>, CaseProperties, serde_json::Value)>,
-}
-
-struct Writer {
-    regions: Option<RegionInfo>,
-    rules: Vec<nnflow::evaluate::postprocess::Rule>,
-    output: std::path::PathBuf,
-    file_ending: String,
-    save_probabilities: bool,
-}
-
-impl Writer {
-    /// Exports every configuration's logits to the input's grid, averages the probabilities of an
-    /// ensemble, postprocesses, and writes the NIfTI (and the probabilities on request).
-    fn write(&self, predicted: Predicted) -> Result<(), String> {
-        let Predicted { id, outputs } = predicted;
-        let ensemble = outputs.len() > 1;
-        let want_probabilities = ensemble || self.save_probabilities;
-        let mut segmentation = None;
-        let mut probabilities: Vec<Array4<f32>> = Vec::new();
-        let mut properties = None;
-        for (logits, case_properties, configuration) in outputs {
-            let exported = export_case(
-                logits.view(),
-                &case_properties,
-                &configuration,
-                self.regions.as_ref(),
-                want_probabilities,
-            )
-            .map_err(|e| format!("case {id}: {e}"))?;
-            segmentation = Some(exported.segmentation);
-            probabilities.extend(exported.probabilities);
-            properties = Some(case_properties);
-        }
-        let properties = properties.ok_or("no model")?;
-        let mut labels = match (ensemble, segmentation) {
-            (false, Some(seg)) => seg.mapv(i32::from),
-            _ => {
-                let views: Vec<_> = probabilities.iter().map(|p| p.view()).collect();
-                let order: Option<Vec<i32>> = self
-                    .regions
-                    .as_ref()
-                    .map(|r| r.regions_class_order.iter().map(|&v| v as i32).collect());
-                let averaged = average_probabilities(&views).map_err(|e| format!("case {id}: {e}"))?;
-                let seg = probabilities_to_segmentation(averaged.view(), order.as_deref())
-                    .map_err(|e| format!("case {id}: {e}"))?;
-                probabilities = vec![averaged];
-                seg
-            }
-        };
-        if !self.rules.is_empty() {
-            labels = apply_postprocessing(labels.view(), &self.rules);
-        }
-        let file = self.output.join(format!("{id}{}", self.file_ending));
-        write_segmentation(&file, &labels.mapv(|v| v as i16), &properties)?;
-        if self.save_probabilities {
-            if let Some(p) = probabilities.first() {
-                npy::write(&self.output.join(format!("{id}.npy")), p.view()).map_err(|e| e.to_string())?;
-            }
-        }
-        println!("{id}: written to {}", file.display());
-        Ok(())
-    }
 }
 
 /// Every model's logits for one case, in order; a cascade's second stage gets its previous
@@ -260,7 +193,7 @@ fn predict_case(
                 let exported = export_case(
                     all[*index].view(),
                     &prepared[*index].properties,
-                    &previous.plan.configuration.json,
+                    &previous.plan.configuration,
                     regions,
                     false,
                 )?;
@@ -284,8 +217,7 @@ fn fold_average(
     device: tch::Device,
     amp: bool,
 ) -> Result<Array4<f32>, String> {
-    let patch: Vec<usize> = serde_json::from_value(model.plan.configuration.json["patch_size"].clone())
-        .map_err(|e| format!("configuration {}: patch_size: {e}", model.plan.configuration.name))?;
+    let patch = model.plan.configuration.patch_size().map_err(|e| e.to_string())?;
     let mut sum: Option<Array4<f32>> = None;
     for (_, net) in &model.nets {
         let predictor = Predictor {
@@ -293,7 +225,7 @@ fn fold_average(
             device,
             window: SlidingWindow {
                 step_size: job.step_size,
-                ..SlidingWindow::new(as_3d(&patch))
+                ..SlidingWindow::new(as_3d(patch))
             },
             mirror_axes: if job.mirroring {
                 (0..patch.len()).collect()

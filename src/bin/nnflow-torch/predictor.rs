@@ -196,7 +196,7 @@ mod tests {
 
     #[test]
     fn device_and_host_accumulation_agree() {
-        let json = serde_json::json!({
+        let plan = serde_json::from_value(serde_json::json!({
             "network_class_name": "PlainConvUNet",
             "arch_kwargs": {
                 "n_stages": 3, "features_per_stage": [4, 8, 16], "conv_op": "torch.nn.modules.conv.Conv3d",
@@ -205,8 +205,9 @@ mod tests {
                 "norm_op": "InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-5, "affine": true},
                 "dropout_op": null, "nonlin": "LeakyReLU", "nonlin_kwargs": {"inplace": true}
             }
-        });
-        let arch = Architecture::from_plan(&json, 1, 3, false).unwrap();
+        }))
+        .unwrap();
+        let arch = Architecture::from_plan(&plan, 1, 3, false).unwrap();
         let (_vs, net) = crate::trainer::build_network(&arch, Device::Cpu, 7);
         let image = Array4::from_shape_fn((1, 10, 13, 19), |(_, z, y, x)| {
             ((z * 7 + y * 3 + x) % 11) as f32 / 5.0
@@ -223,6 +224,53 @@ mod tests {
             let device = predictor.predict_on_device(image.view()).unwrap();
             let diff = (&host - &device).mapv(f32::abs).fold(0f32, |a, &b| a.max(b));
             assert!(diff < 1e-5, "max difference {diff}");
+        }
+    }
+
+    /// A tiny network of `dims` spatial dimensions, 2 input channels and 3 classes.
+    fn tiny_network(dims: usize) -> (tch::nn::VarStore, PlainConvUNet) {
+        let (conv, kernel, stride) = match dims {
+            2 => ("torch.nn.modules.conv.Conv2d", vec![3, 3], vec![2, 2]),
+            _ => ("torch.nn.modules.conv.Conv3d", vec![3, 3, 3], vec![2, 2, 2]),
+        };
+        let ones = vec![1; dims];
+        let plan = serde_json::from_value(serde_json::json!({
+            "network_class_name": "PlainConvUNet",
+            "arch_kwargs": {
+                "n_stages": 2, "features_per_stage": [4, 8], "conv_op": conv,
+                "kernel_sizes": [kernel, kernel], "strides": [ones, stride],
+                "n_conv_per_stage": [1, 1], "n_conv_per_stage_decoder": [1], "conv_bias": true,
+                "norm_op": "InstanceNorm", "norm_op_kwargs": {"eps": 1e-5, "affine": true},
+                "dropout_op": null, "nonlin": "LeakyReLU", "nonlin_kwargs": {"inplace": true}
+            }
+        }))
+        .unwrap();
+        let arch = Architecture::from_plan(&plan, 2, 3, false).unwrap();
+        crate::trainer::build_network(&arch, Device::Cpu, 11)
+    }
+
+    /// Logits come back on the image's own grid (unpadded where the image is smaller than the
+    /// patch), for 3D and 2D networks, and the same image gives bit-identical logits again.
+    #[test]
+    fn sliding_window_returns_the_image_grid_deterministically() {
+        for (dims, patch, image_shape) in [(3, [8, 8, 8], (2, 5, 12, 9)), (2, [1, 8, 8], (2, 3, 6, 11))] {
+            let (_vs, net) = tiny_network(dims);
+            let image = Array4::from_shape_fn(image_shape, |(c, z, y, x)| {
+                ((c * 5 + z * 7 + y * 3 + x) % 13) as f32 / 6.0 - 1.0
+            });
+            let predictor = Predictor {
+                net: &net,
+                device: Device::Cpu,
+                window: SlidingWindow::new(patch),
+                mirror_axes: (0..dims).collect(),
+                amp: false,
+            };
+            let first = predictor.predict_logits(image.view()).unwrap();
+            let (_, z, y, x) = image_shape;
+            assert_eq!(first.dim(), (3, z, y, x), "{dims}D");
+            assert!(first.iter().all(|v| v.is_finite()), "{dims}D");
+            let second = predictor.predict_logits(image.view()).unwrap();
+            assert_eq!(first, second, "{dims}D: the same logits again");
         }
     }
 

@@ -10,190 +10,33 @@
 //! checkpoint before it is kept too, and both are checksummed: a damaged latest one falls back to
 //! the previous one, or to a fresh start, with a line in the log (`nnflow::train::resume`).
 
-use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
-use nnflow::augment::pipeline::TransformSpec;
-use nnflow::augment::{DaConfig, Pipeline};
-use nnflow::data::case_store::{list_cases, read_case};
+use nnflow::data::case_store::read_case;
 use nnflow::data::dataset::Dataset;
 use nnflow::data::{nifti, npy};
 use nnflow::evaluate::folder::{evaluate_pair, evaluation_targets, foreground_dice, summary_json};
 use nnflow::inference::export::{export_case, segmentation_on_grid, write_segmentation, RegionInfo};
 use nnflow::inference::sliding_window::SlidingWindow;
 use nnflow::network::Architecture;
-use nnflow::preprocess::case_steps::{resolve_configuration, PlanView};
-use nnflow::train::data::{spawn_producer, Batch, BatchMaker};
+use nnflow::torch_env::DeviceChoice;
+use nnflow::train::data::{spawn_producer, Batch};
 use nnflow::train::job::FoldInfo;
 use nnflow::train::job::TrainJob;
-use nnflow::train::params::{DeviceChoice, TrainParams};
-use nnflow::train::previous_stage::{
-    collect_predictions, next_stage_shape, next_stages, prediction_path, previous_stage, with_previous_stage,
-};
+use nnflow::train::previous_stage::{next_stage_shape, prediction_path, with_previous_stage};
 use nnflow::train::progress_plot;
-use nnflow::train::sampler::{MappedCase, PatchSampler};
-use nnflow::train::splits::{fold_cases, Fold, Split};
+use nnflow::train::setup::{as_3d, batch_maker, read_previous_stage, Setup};
 
 use crate::checkpoint::{self, EpochRecord, TrainerState};
 use crate::loss::{deep_supervision_loss, pseudo_dice_counts, LossConfig};
 use crate::optim::{clip_grad_norm, poly_lr, zero_grad, LossScaler, Sgd};
 use crate::predictor::Predictor;
 use crate::unet::PlainConvUNet;
-
-/// What training needs from plans.json and dataset.json.
-pub struct Setup {
-    pub architecture: Architecture,
-    pub patch_size: Vec<usize>,
-    pub batch_size: usize,
-    pub batch_dice: bool,
-    pub use_mask_for_norm: Vec<bool>,
-    pub ignore_label: Option<i64>,
-    /// Region datasets: each region's label values (nnU-Net's `foreground_regions`).
-    pub regions: Option<Vec<Vec<i16>>>,
-    /// The configuration's plans.json entry (`inherits_from` resolved), for export.
-    pub configuration: serde_json::Value,
-    pub split: Split,
-    /// The cascade's second stage: the previous stage's segmentation of every case.
-    pub previous_stage: Option<PreviousStage>,
-    /// Configurations that take this one's validation predictions as their previous stage.
-    pub next_stages: Vec<PlanView>,
-}
-
-/// The previous stage's predictions, given to the network as one-hot channels.
-pub struct PreviousStage {
-    /// The foreground labels, one input channel each.
-    pub labels: Vec<i16>,
-    /// Case id -> `(1, z, y, x)` labels on this configuration's grid.
-    pub predictions: BTreeMap<String, PathBuf>,
-}
-
-impl Setup {
-    pub fn read(params: &TrainParams) -> Result<Setup, String> {
-        let dataset = Dataset::open(Path::new(&params.dataset)).map_err(|e| e.to_string())?;
-        let plans_path = Path::new(&params.plan).join("plans.json");
-        let plans: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(&plans_path).map_err(|e| format!("{}: {e}", plans_path.display()))?,
-        )
-        .map_err(|e| format!("{}: {e}", plans_path.display()))?;
-        let configuration = resolve_configuration(&plans, &params.configuration)?;
-        let c = &configuration.json;
-        // the regions nnU-Net trains and evaluates, as label lists
-        let regions = dataset.has_regions().then(|| {
-            let targets = evaluation_targets(&dataset);
-            targets
-                .iter()
-                .map(|t| t.labels().iter().map(|&v| v as i16).collect())
-                .collect::<Vec<_>>()
-        });
-        let num_classes = dataset.num_segmentation_heads();
-        let preprocessed = Path::new(&params.preprocessed);
-        let ids = list_cases(preprocessed);
-        if ids.is_empty() {
-            return Err(format!("{}: no preprocessed cases", preprocessed.display()));
-        }
-        let previous_stage = match previous_stage(c) {
-            Some(previous) => {
-                let trainings: Vec<PathBuf> = params.previous_stage.iter().map(PathBuf::from).collect();
-                Some(PreviousStage {
-                    labels: dataset.foreground_labels(),
-                    predictions: collect_predictions(&trainings, &params.configuration, &previous, &ids)?,
-                })
-            }
-            None if !params.previous_stage.is_empty() => {
-                return Err(format!(
-                    "`previous_stage` is given but the plan's {} is not the second stage of a cascade",
-                    params.configuration
-                ))
-            }
-            None => None,
-        };
-        let next_stages = next_stages(c)
-            .iter()
-            .map(|next| PlanView::new(&plans, next))
-            .collect::<Result<_, _>>()?;
-        let extra_channels = previous_stage.as_ref().map_or(0, |p| p.labels.len());
-        if regions.is_some() && dataset.regions_class_order.as_ref().map(Vec::len) != Some(num_classes) {
-            return Err(format!(
-                "dataset.json: region training needs `regions_class_order` with one entry per region ({num_classes})"
-            ));
-        }
-        let architecture = Architecture::from_plan(
-            &c["architecture"],
-            dataset.channels.len() + extra_channels,
-            num_classes,
-            params.deep_supervision,
-        )
-        .map_err(|e| format!("plans.json configuration {}: {e}", params.configuration))?;
-        let planned_patch: Vec<usize> = serde_json::from_value(c["patch_size"].clone()).map_err(|e| {
-            format!(
-                "plans.json configuration {}: patch_size: {e}",
-                params.configuration
-            )
-        })?;
-        let patch_size = params.patch_size.clone().unwrap_or(planned_patch);
-        if patch_size.len() != architecture.spatial_dims {
-            return Err(format!(
-                "patch_size {patch_size:?} does not fit the {}D network of configuration {}",
-                architecture.spatial_dims, params.configuration
-            ));
-        }
-        let divisor = cumulative_strides(&architecture);
-        if let Some(axis) = (0..patch_size.len()).find(|&a| !patch_size[a].is_multiple_of(divisor[a])) {
-            return Err(format!(
-                "patch_size {patch_size:?}: axis {axis} must be a multiple of {} (the network's total stride)",
-                divisor[axis]
-            ));
-        }
-        let batch_size = match params.batch_size {
-            Some(b) => b,
-            None => c["batch_size"].as_u64().ok_or("plans.json: batch_size missing")? as usize,
-        };
-        let fold = Fold::parse(&params.fold.text())?;
-        let split = fold_cases(&ids, &fold, params.splits.as_deref().map(Path::new))?;
-        if split.train.is_empty() || split.val.is_empty() {
-            return Err(format!(
-                "fold {}: no training or no validation cases",
-                params.fold.text()
-            ));
-        }
-        Ok(Setup {
-            architecture,
-            patch_size,
-            batch_size,
-            batch_dice: c["batch_dice"].as_bool().unwrap_or(false),
-            use_mask_for_norm: serde_json::from_value(c["use_mask_for_norm"].clone()).unwrap_or_default(),
-            ignore_label: dataset.ignore_label,
-            regions,
-            configuration: c.clone(),
-            split,
-            previous_stage,
-            next_stages,
-        })
-    }
-}
-
-fn cumulative_strides(arch: &Architecture) -> Vec<usize> {
-    let mut total = vec![1; arch.spatial_dims];
-    for stride in &arch.strides {
-        for (t, s) in total.iter_mut().zip(stride) {
-            *t *= s;
-        }
-    }
-    total
-}
-
-pub fn as_3d(patch: &[usize]) -> [usize; 3] {
-    match patch {
-        [y, x] => [1, *y, *x],
-        [z, y, x] => [*z, *y, *x],
-        _ => unreachable!("validated patch size"),
-    }
-}
 
 /// Chooses the device; `cuda` without a usable GPU is an error rather than a silent CPU run.
 pub fn select_device(choice: DeviceChoice) -> Result<Device, String> {
@@ -543,84 +386,6 @@ fn validate_held_out(
         probabilities: params.save_probabilities,
     };
     nnflow::atomic_file::write_json(&job.out_dir.join("fold.json"), &fold)
-}
-
-/// The previous stage's `(z, y, x)` segmentation of a case.
-fn read_previous_stage(previous: &PreviousStage, id: &str) -> Result<ndarray::Array3<i16>, String> {
-    let path = &previous.predictions[id];
-    let labels = npy::read_labels(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let shape = labels.shape().to_vec();
-    labels
-        .into_dimensionality::<ndarray::Ix4>()
-        .ok()
-        .filter(|labels| labels.shape()[0] == 1)
-        .map(|labels| labels.index_axis_move(ndarray::Axis(0), 0))
-        .ok_or_else(|| format!("{}: expected (1, z, y, x) labels, got {shape:?}", path.display()))
-}
-
-fn batch_maker(params: &TrainParams, setup: &Setup) -> Result<BatchMaker, String> {
-    let da = DaConfig::from_patch_size(&setup.patch_size).map_err(|e| e.to_string())?;
-    let mut augment = match &params.augment {
-        Some(pipeline) => pipeline.clone(),
-        None => Pipeline::nnunet_default(&da).with_mask_for_norm(&setup.use_mask_for_norm),
-    };
-    if let Some(previous) = &setup.previous_stage {
-        // nnU-Net's cascade augmentations of the previous stage's segmentation, unless `augment`
-        // lists them itself (then with the labels filled in)
-        augment = augment.with_previous_stage(&previous.labels);
-    }
-    let open = |ids: &[String]| -> Result<Vec<MappedCase>, String> {
-        ids.iter()
-            .map(|id| {
-                let case = MappedCase::open(Path::new(&params.preprocessed), id)?;
-                match &setup.previous_stage {
-                    Some(previous) => case.with_previous_stage(&previous.predictions[id]),
-                    None => Ok(case),
-                }
-            })
-            .collect()
-    };
-    let patch = as_3d(&setup.patch_size);
-    let sampler = |cases, crop_size| PatchSampler {
-        cases,
-        crop_size,
-        patch_size: patch,
-        batch_size: setup.batch_size,
-        oversample_foreground: params.oversample_foreground,
-        has_ignore_label: setup.ignore_label.is_some(),
-    };
-    let scales = if params.deep_supervision {
-        setup.architecture.deep_supervision_scales()
-    } else {
-        vec![[1.0; 3]]
-    };
-    // The enlarged crop only feeds a spatial transform; without one, crop the patch itself.
-    let spatial = augment
-        .transforms
-        .iter()
-        .any(|t| t.name() == "spatial" && t.gate().0);
-    let crop = if spatial {
-        as_3d(&da.initial_patch_size)
-    } else {
-        patch
-    };
-    Ok(BatchMaker {
-        train: sampler(open(&setup.split.train)?, crop),
-        validation: sampler(open(&setup.split.val)?, patch),
-        augment,
-        validation_transforms: Pipeline {
-            transforms: vec![TransformSpec::RemoveLabel(Default::default())],
-        },
-        scales,
-        seed: params.seed,
-        previous_stage_labels: setup.previous_stage.as_ref().map(|p| p.labels.clone()),
-        // the ignore label travels as its own last channel, the loss's mask
-        regions: setup.regions.as_ref().map(|regions| {
-            let mut channels = regions.clone();
-            channels.extend(setup.ignore_label.map(|l| vec![l as i16]));
-            channels
-        }),
-    })
 }
 
 /// One SGD step: forward (fp16 autocast on CUDA when `amp`), deep-supervision loss, backward

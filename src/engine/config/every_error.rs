@@ -4,7 +4,7 @@
 //! only when it makes the error at that place go away without causing another there, so no error
 //! that nnflow itself caused is ever reported.
 
-use crate::stages::ParamError;
+use crate::engine::stage::ParamError;
 
 /// Reads `value` with `read`. `Ok` when there is no mistake; else every mistake found, in order.
 /// `unknowable(path)` marks values whose type cannot be judged yet (e.g. a `${...}` that is not

@@ -8,7 +8,7 @@ use toml::de::DeTable;
 use super::diagnostics::{nearest, Diagnostic, Location, Sources};
 use super::node::{Node, NodeValue};
 use super::raw::COMMON_STAGE_KEYS;
-use crate::stages::{find_kind, Kind};
+use crate::engine::stage::{Kind, Registry};
 
 /// Reads `path` and every file it extends, merged base first. Errors are pushed to `errors`; the
 /// returned node holds whatever could be read.
@@ -79,8 +79,8 @@ fn read_file(
 /// Applies one `--set NAME=VALUE` (a variable) or `--set STAGE.PARAM=VALUE` (a stage parameter,
 /// for every matrix instance). VALUE is read as a TOML value, else taken as a string. The variable,
 /// stage and parameter must exist: a typo is an error naming the nearest valid name, not a value
-/// silently ignored.
-pub fn apply_set(root: &mut Node, arg: &str) -> Result<(), Diagnostic> {
+/// silently ignored; `kinds` tell a stage's parameters.
+pub fn apply_set(root: &mut Node, arg: &str, kinds: Registry) -> Result<(), Diagnostic> {
     let location = Location::CommandLine { arg: arg.to_string() };
     let fail = |message: String| Diagnostic::new(Some(location.clone()), message);
     let (name, text) = arg
@@ -98,7 +98,7 @@ pub fn apply_set(root: &mut Node, arg: &str) -> Result<(), Diagnostic> {
         check_variable(root, path[0]).map_err(fail)?;
         vec!["vars", path[0]]
     } else {
-        check_stage_key(root, path[0], path[1]).map_err(fail)?;
+        check_stage_key(root, path[0], path[1], kinds).map_err(fail)?;
         ["stages"].into_iter().chain(path.iter().copied()).collect()
     };
     if root.as_table().is_none() {
@@ -127,7 +127,7 @@ fn check_variable(root: &Node, name: &str) -> Result<(), String> {
 
 /// `--set STAGE.PARAM=...`: the stage must exist, and PARAM be a key the stage sets, a parameter
 /// of its kind (one left at its default too) or a key every stage has (`threads`, `gpus`, ...).
-fn check_stage_key(root: &Node, stage: &str, key: &str) -> Result<(), String> {
+fn check_stage_key(root: &Node, stage: &str, key: &str, kinds: Registry) -> Result<(), String> {
     let stages: Vec<&str> = root
         .get("stages")
         .and_then(Node::as_table)
@@ -151,7 +151,7 @@ fn check_stage_key(root: &Node, stage: &str, key: &str) -> Result<(), String> {
         return Ok(());
     }
     // Without a known kind there is nothing to check against; the kind itself is reported.
-    let Some(kind) = stage_kind(root, node) else {
+    let Some(kind) = stage_kind(root, node, kinds) else {
         return Ok(());
     };
     let parameters = kind.parameter_names();
@@ -177,13 +177,13 @@ fn check_stage_key(root: &Node, stage: &str, key: &str) -> Result<(), String> {
 }
 
 /// The stage's kind, when it is written as a kind's name or as a `${var}` holding one.
-fn stage_kind(root: &Node, stage: &Node) -> Option<&'static Kind> {
+fn stage_kind(root: &Node, stage: &Node, kinds: Registry) -> Option<&'static Kind> {
     let written = stage.get("kind")?.as_str()?;
     let name = match written.strip_prefix("${").and_then(|rest| rest.strip_suffix('}')) {
         Some(var) => root.get("vars")?.get(var.trim())?.as_str()?,
         None => written,
     };
-    find_kind(name)
+    kinds.find(name)
 }
 
 /// "(did you mean `x`?)" for a near name, else the valid names listed.

@@ -4,11 +4,19 @@
 
 pub mod diagnostics;
 mod every_error;
+mod instances;
 mod load;
+mod matrix;
 mod node;
+mod overrides;
 pub mod raw;
+mod references;
 mod resolve;
+mod splice;
+mod substitute;
 pub mod template;
+mod typed;
+mod vars;
 
 pub use diagnostics::{Diagnostic, Diagnostics, Location, Sources};
 pub use node::Node;

@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use super::state::{JobOutcome, Receipt, RunDir};
-use crate::engine::executor::run_alone;
+use crate::engine::instance::run_alone;
 use crate::engine::Engine;
 
 /// Runs the job's instance; returns the process exit code (0 when it ran, was fresh or restored,

@@ -14,14 +14,15 @@ pub mod options;
 pub mod scheduler;
 pub mod state;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use self::scheduler::{is_finished, sbatch, scancel, squeue, with_retries, JobState};
 use self::state::{RunDir, SlurmRun, Submitted};
-use super::executor::{conclude, Finished, Outcome, Progress, RunOptions, RunReport};
+use super::executor::{selection, Outcome, RunOptions, RunReport};
+use super::run_record::{Finished, Ledger};
 use super::status::{self, State};
 use super::Engine;
 
@@ -48,15 +49,9 @@ pub fn run(
     slurm: &SlurmRunOptions,
     cancel: &AtomicBool,
 ) -> Result<SlurmOutcome, String> {
-    let selected = engine.dag.with_ancestors(&engine.select(&options.targets)?);
-    let forced: HashSet<usize> = if options.force.is_empty() {
-        HashSet::new()
-    } else {
-        engine.select(&options.force)?.into_iter().collect()
-    };
-    let progress = Progress::new(selected.len(), options.quiet);
+    let (selected, forced) = selection(engine, options)?;
+    let mut ledger = Ledger::new(engine, selected.len(), options.quiet);
     // What is up to date needs no job; its descendants' jobs read its records.
-    let mut finished: BTreeMap<usize, Finished> = BTreeMap::new();
     let states: HashMap<String, (State, Vec<String>)> = status::status(engine, &options.targets)?
         .into_iter()
         .map(|s| (s.id, (s.state, s.reasons)))
@@ -76,25 +71,12 @@ pub fn run(
             _ => None,
         };
         match outcome {
-            Some((outcome, error)) => {
-                let done = Finished {
-                    index,
-                    outcome,
-                    done: None,
-                    seconds: 0.0,
-                    error,
-                };
-                progress.report(engine, &done);
-                finished.insert(index, done);
-            }
+            Some((outcome, error)) => ledger.settle(index, outcome, error),
             None => pending.push(index),
         }
     }
     if pending.is_empty() {
-        progress.finish();
-        return Ok(SlurmOutcome::Finished(conclude(
-            engine, &selected, finished, false,
-        )));
+        return Ok(SlurmOutcome::Finished(ledger.conclude(&selected, false)));
     }
 
     let run_id = format!("{}-{}", job::now_unix(), std::process::id());
@@ -121,17 +103,11 @@ pub fn run(
         );
     }
     if slurm.detach {
-        progress.finish();
+        ledger.progress.finish();
         return Ok(SlurmOutcome::Detached(run));
     }
-    let interrupted = wait(engine, &run, &run_dir, &pending, &mut finished, &progress, cancel)?;
-    progress.finish();
-    Ok(SlurmOutcome::Finished(conclude(
-        engine,
-        &selected,
-        finished,
-        interrupted,
-    )))
+    let interrupted = wait(engine, &run, &run_dir, &pending, &mut ledger, cancel)?;
+    Ok(SlurmOutcome::Finished(ledger.conclude(&selected, interrupted)))
 }
 
 /// Submits the pending instances, upstream first: one job array per (dependency level, stage).
@@ -249,8 +225,7 @@ fn wait(
     run: &SlurmRun,
     run_dir: &RunDir,
     pending: &[usize],
-    finished: &mut BTreeMap<usize, Finished>,
-    progress: &Progress,
+    ledger: &mut Ledger,
     cancel: &AtomicBool,
 ) -> Result<bool, String> {
     let task_of: HashMap<usize, String> = pending
@@ -265,7 +240,7 @@ fn wait(
     let mut delay = Duration::from_millis(200);
     let mut unseen: HashMap<usize, usize> = HashMap::new();
     for &index in pending {
-        progress.started(&engine.pipeline.instances[index].id);
+        ledger.progress.started(&engine.pipeline.instances[index].id);
     }
     loop {
         if cancel.load(Ordering::SeqCst) {
@@ -279,7 +254,7 @@ fn wait(
         });
         let mut changed = false;
         for &index in pending {
-            if finished.contains_key(&index) {
+            if ledger.get(index).is_some() {
                 continue;
             }
             let id = &engine.pipeline.instances[index].id;
@@ -294,21 +269,10 @@ fn wait(
                     Some((receipt.outcome.into(), receipt.seconds, error))
                 }
                 None => {
-                    let upstream_failed = engine.dag.dependencies(index).into_iter().find(|d| {
-                        finished
-                            .get(d)
-                            .is_some_and(|f| matches!(f.outcome, Outcome::Failed | Outcome::Skipped))
-                    });
+                    let upstream_failed = ledger.upstream_not_completed(index);
                     let misses = unseen.entry(index).or_default();
                     without_receipt(queue.get(&task_of[&index]), misses).map(|reason| match upstream_failed {
-                        Some(d) => (
-                            Outcome::Skipped,
-                            0.0,
-                            Some(format!(
-                                "upstream `{}` did not complete",
-                                engine.pipeline.instances[d].id
-                            )),
-                        ),
+                        Some(upstream) => (Outcome::Skipped, 0.0, Some(upstream)),
                         None => (
                             Outcome::Failed,
                             started.elapsed().as_secs_f64(),
@@ -318,19 +282,17 @@ fn wait(
                 }
             };
             if let Some((outcome, seconds, error)) = ended {
-                let done = Finished {
+                ledger.record(Finished {
                     index,
                     outcome,
                     done: None,
                     seconds,
                     error,
-                };
-                progress.report(engine, &done);
-                finished.insert(index, done);
+                });
                 changed = true;
             }
         }
-        if pending.iter().all(|i| finished.contains_key(i)) {
+        if pending.iter().all(|&i| ledger.get(i).is_some()) {
             return Ok(false);
         }
         // poll quickly while things happen, then back off to a few seconds

@@ -1,0 +1,340 @@
+//! Bringing one instance up to date, as a local run's worker or a Slurm job does: hold the
+//! upstream outputs its key reads (bringing back those another run replaced), then under its own
+//! exclusive lock find it fresh, restore it from the cache, or run it and commit the result to
+//! the cache and its record.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use super::cache::{LinkMode, Lookup, Manifest};
+use super::evaluate::{damaged_output, stage_key};
+use super::executor::Outcome;
+use super::hashing::{digest_of_map, Digest};
+use super::key::StageKey;
+use super::locks::{lock_outputs, LockMode};
+use super::outputs::{remove_path, restore, resume_dir, run_instance};
+use super::progress::StatusLine;
+use super::record::Record;
+use super::run_record::now_unix;
+use super::Engine;
+
+/// A completed instance as this run saw it: the digest of its outputs and the key they were
+/// stored under, so a dependent can restore exactly those outputs if another run replaced them.
+#[derive(Clone)]
+pub(crate) struct Done {
+    pub outputs_digest: Digest,
+    pub key: String,
+    pub components: StageKey,
+}
+
+/// The upstream outputs a stage reads.
+pub(super) enum Upstream {
+    /// Those this run produced or restored (a local run).
+    Expected(BTreeMap<usize, Done>),
+    /// Whatever the upstream instances' records say now (a Slurm job, whose upstream jobs ended).
+    Current,
+}
+
+/// Tries at holding a stage's upstream outputs before giving up on a run that keeps replacing them.
+const HOLD_ATTEMPTS: usize = 5;
+
+/// How one instance ended when run on its own (a Slurm job): its upstream instances are complete,
+/// their records give the output digests its key needs.
+pub struct Alone {
+    pub outcome: Outcome,
+    pub error: Option<String>,
+}
+
+/// Brings one instance up to date by itself, as a Slurm job does on its node: not applicable,
+/// fresh, restored from the cache, or run and committed.
+pub fn run_alone(
+    engine: &Engine,
+    index: usize,
+    force: bool,
+    threads: u32,
+    gpus: &[usize],
+    cancel: &AtomicBool,
+) -> Alone {
+    let pipeline = &engine.pipeline;
+    let instance = &pipeline.instances[index];
+    if let Some(reason) = instance.implementation.not_applicable(&pipeline.root) {
+        return Alone {
+            outcome: Outcome::NotApplicable,
+            error: clear_not_applicable(engine, index).err().or(Some(reason)),
+        };
+    }
+    for dep in engine.dag.dependencies(index) {
+        let dep_instance = &pipeline.instances[dep];
+        let applies = dep_instance
+            .implementation
+            .not_applicable(&pipeline.root)
+            .is_none();
+        if applies && engine.records.get(&dep_instance.id).is_none() {
+            return Alone {
+                outcome: Outcome::Skipped,
+                error: Some(format!("upstream `{}` has not completed", dep_instance.id)),
+            };
+        }
+    }
+    let status = StatusLine::default();
+    let slot = Slot {
+        gpus,
+        threads,
+        cancel,
+        status: &status,
+    };
+    let result = execute(engine, index, &Upstream::Current, force, &slot);
+    if let Err(e) = engine.hasher.save() {
+        crate::errln!("warning: cannot save the stat cache: {e}");
+    }
+    match result {
+        Ok((outcome, _)) => Alone { outcome, error: None },
+        Err(error) => Alone {
+            outcome: Outcome::Failed,
+            error: Some(error),
+        },
+    }
+}
+
+/// What a running instance was given: its GPUs and threads, the run's cancel flag, the status line.
+pub(super) struct Slot<'a> {
+    pub gpus: &'a [usize],
+    pub threads: u32,
+    pub cancel: &'a AtomicBool,
+    pub status: &'a StatusLine,
+}
+
+/// Brings one instance up to date. Returns its outcome and the digest of its outputs.
+pub(super) fn execute(
+    engine: &Engine,
+    index: usize,
+    upstream: &Upstream,
+    force: bool,
+    slot: &Slot,
+) -> Result<(Outcome, Done), String> {
+    let pipeline = &engine.pipeline;
+    let instance = &pipeline.instances[index];
+    let started = Instant::now();
+    // What the stage reads stays as its key says until its result is stored; then one writer per
+    // instance, so a concurrent run of the same pipeline waits for this instance only and then
+    // finds the result in place or in the cache.
+    let (_reading, upstream) = hold_upstream(engine, index, upstream)?;
+    let _writing = lock_outputs(&pipeline.state_dir, &instance.id, LockMode::Exclusive)?;
+    let key = stage_key(pipeline, instance, upstream.clone(), &engine.hasher)?;
+    let digest = key.digest();
+    if !force {
+        if let Some(record) = engine.records.get(&instance.id) {
+            if record.key == digest && damaged_output(pipeline, instance, &record, &engine.hasher).is_none() {
+                let done = Done {
+                    outputs_digest: record.outputs_digest,
+                    key: digest,
+                    components: key,
+                };
+                return Ok((Outcome::Cached, done));
+            }
+        }
+        match engine
+            .cache
+            .lookup(&digest, &engine.hasher)
+            .map_err(|e| e.to_string())?
+        {
+            Lookup::Hit(manifest) => {
+                let outputs_digest = restore_and_remember(engine, index, &manifest, &key, started)?;
+                let done = Done {
+                    outputs_digest,
+                    key: digest,
+                    components: key,
+                };
+                return Ok((Outcome::Cached, done));
+            }
+            Lookup::Corrupt { reason } => {
+                crate::errln!(
+                    "warning: cache entry of `{}` is damaged ({reason}); recomputing",
+                    instance.id
+                );
+            }
+            Lookup::Miss => {}
+        }
+    } else {
+        // forced: from scratch, not from where an earlier run stopped
+        remove_path(&resume_dir(pipeline, &instance.id))?;
+    }
+    let files = run_instance(engine, index, slot)?;
+    // The key must describe exactly what the stage read: inputs edited while it ran are refused.
+    let after = stage_key(pipeline, instance, upstream, &engine.hasher)?;
+    if after.digest() != digest {
+        return Err(format!(
+            "inputs changed while the stage ran ({}); its result is not stored",
+            after.differences(&key).join("; ")
+        ));
+    }
+    engine
+        .cache
+        .store_sources_with(&digest, &files, |path| {
+            // The stage's own outputs folder is ours: link it into the cache instead of copying.
+            // Project files may be edited by the user, so they are copied.
+            if path.starts_with("out/") {
+                LinkMode::HardlinkOrCopy
+            } else {
+                LinkMode::Copy
+            }
+        })
+        .map_err(|e| format!("cannot store outputs in the cache: {e}"))?;
+    let outputs = files.into_iter().map(|(p, (_, d))| (p, d)).collect();
+    let outputs_digest = remember(engine, index, digest.clone(), key.clone(), outputs, started)?;
+    let done = Done {
+        outputs_digest,
+        key: digest,
+        components: key,
+    };
+    Ok((Outcome::Ran, done))
+}
+
+/// Shared locks on the outputs of every upstream instance the stage reads, once they hold what
+/// this run expects (restoring from the cache what another run replaced in between), with the
+/// digests that enter the stage's key.
+fn hold_upstream(
+    engine: &Engine,
+    index: usize,
+    upstream: &Upstream,
+) -> Result<(Vec<fs::File>, BTreeMap<String, Digest>), String> {
+    let pipeline = &engine.pipeline;
+    let deps: Vec<usize> = match upstream {
+        Upstream::Expected(expected) => expected.keys().copied().collect(),
+        Upstream::Current => engine
+            .dag
+            .dependencies(index)
+            .into_iter()
+            .filter(|&d| {
+                pipeline.instances[d]
+                    .implementation
+                    .not_applicable(&pipeline.root)
+                    .is_none()
+            })
+            .collect(),
+    };
+    for _ in 0..HOLD_ATTEMPTS {
+        let mut locks = Vec::new();
+        for &dep in &deps {
+            locks.push(lock_outputs(
+                &pipeline.state_dir,
+                &pipeline.instances[dep].id,
+                LockMode::Shared,
+            )?);
+        }
+        let mut digests = BTreeMap::new();
+        let mut replaced = Vec::new();
+        for &dep in &deps {
+            let id = &pipeline.instances[dep].id;
+            let current = engine.records.get(id).map(|r| r.outputs_digest);
+            match (upstream, current) {
+                (Upstream::Expected(expected), current) => {
+                    let wanted = expected[&dep].outputs_digest;
+                    if current == Some(wanted) {
+                        digests.insert(id.clone(), wanted);
+                    } else {
+                        replaced.push(dep);
+                    }
+                }
+                (Upstream::Current, Some(current)) => {
+                    digests.insert(id.clone(), current);
+                }
+                (Upstream::Current, None) => return Err(format!("upstream `{id}` has not completed")),
+            }
+        }
+        if replaced.is_empty() {
+            return Ok((locks, digests));
+        }
+        drop(locks);
+        if let Upstream::Expected(expected) = upstream {
+            for dep in replaced {
+                bring_back(engine, dep, &expected[&dep])?;
+            }
+        }
+    }
+    Err(
+        "another run of this pipeline keeps replacing this stage's inputs; run again when it has finished"
+            .into(),
+    )
+}
+
+/// Puts back the outputs this run's `done` describes, which another run (with other parameters)
+/// replaced, from the cache entry they were stored under.
+fn bring_back(engine: &Engine, index: usize, done: &Done) -> Result<(), String> {
+    let instance = &engine.pipeline.instances[index];
+    let _writing = lock_outputs(&engine.pipeline.state_dir, &instance.id, LockMode::Exclusive)?;
+    if engine
+        .records
+        .get(&instance.id)
+        .is_some_and(|r| r.outputs_digest == done.outputs_digest)
+    {
+        return Ok(());
+    }
+    match engine
+        .cache
+        .lookup(&done.key, &engine.hasher)
+        .map_err(|e| e.to_string())?
+    {
+        Lookup::Hit(manifest) => {
+            restore_and_remember(engine, index, &manifest, &done.components, Instant::now())?;
+            Ok(())
+        }
+        _ => Err(format!(
+            "another run replaced the outputs of upstream `{}`, and this run's are no longer in the cache",
+            instance.id
+        )),
+    }
+}
+
+/// Restores a cache entry into place and records it; returns the digest of its outputs.
+fn restore_and_remember(
+    engine: &Engine,
+    index: usize,
+    manifest: &Manifest,
+    key: &StageKey,
+    started: Instant,
+) -> Result<Digest, String> {
+    restore(engine, index, manifest)?;
+    let outputs = manifest
+        .files
+        .iter()
+        .map(|(p, f)| (p.clone(), f.digest))
+        .collect();
+    remember(engine, index, manifest.key.clone(), key.clone(), outputs, started)
+}
+
+/// An instance that does not apply leaves no outputs: an earlier run's, when it did apply, must
+/// not pass for this run's.
+pub(super) fn clear_not_applicable(engine: &Engine, index: usize) -> Result<(), String> {
+    let instance = &engine.pipeline.instances[index];
+    let _writing = lock_outputs(&engine.pipeline.state_dir, &instance.id, LockMode::Exclusive)?;
+    remove_path(&instance.out_dir)
+}
+
+/// Records what the instance's outputs are for this key; returns the digest of those outputs.
+fn remember(
+    engine: &Engine,
+    index: usize,
+    digest: String,
+    key: StageKey,
+    outputs: BTreeMap<String, Digest>,
+    started: Instant,
+) -> Result<Digest, String> {
+    let outputs_digest = digest_of_map(&outputs);
+    let record = Record {
+        id: engine.pipeline.instances[index].id.clone(),
+        key: digest,
+        components: key,
+        outputs,
+        outputs_digest,
+        finished_unix: now_unix(),
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    engine
+        .records
+        .put(&record)
+        .map_err(|e| format!("cannot write record: {e}"))?;
+    Ok(outputs_digest)
+}
