@@ -14,7 +14,8 @@ use nnflow::data::geometry::Header;
 use nnflow::data::{nifti, npy};
 use nnflow::inference::export::{export_case, write_segmentation, RegionInfo};
 use nnflow::plans::Plans;
-use nnflow::preprocess::case_steps::{load_raw, resampled_shape, PlanView};
+use nnflow::preprocess::case_io::load_raw;
+use nnflow::preprocess::case_steps::{resampled_shape, PlanView};
 use serde_json::Value;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/export");

@@ -1,7 +1,8 @@
-//! The preprocessing steps applied to one case, in nnU-Net's terms: load (read, transpose, crop to
-//! nonzero), normalize, resample (and sample class locations). Each takes and returns a
+//! The preprocessing steps applied to one case, in nnU-Net's terms: crop (transpose, crop to
+//! nonzero), normalize, resample (and sample class locations). Each takes and returns arrays or a
 //! [`StoredCase`], so the normalize and resample stages can run in either order; nnU-Net's order is
-//! load -> normalize -> resample.
+//! load -> normalize -> resample. No file is read or written here: `super::case_io` reads a raw
+//! case and the plans, the stages write the results.
 
 use ndarray::{Array3, Array4, ArrayView3, Axis};
 
@@ -11,8 +12,8 @@ use super::fingerprint_format::IntensityStats;
 use super::normalize::{normalize_in_place, Scheme};
 use super::resample::{compute_new_shape, resample_data_to_shape, resample_seg_to_shape};
 use crate::data::case_store::{CaseProperties, StoredCase};
-use crate::data::dataset::{Case, Dataset, LabelValue};
-use crate::data::nifti;
+use crate::data::dataset::{Dataset, LabelValue};
+use crate::data::geometry::Header;
 use crate::plans::{Plans, ResolvedConfiguration};
 
 /// What the steps need from plans.json.
@@ -44,10 +45,8 @@ impl PlanView {
     }
 }
 
-/// Why a configuration does not apply: plans.json (already written) lacks it. `None` when it is
-/// planned, or when plans.json cannot be read (the stage then reports that itself).
-pub fn unplanned_configuration(plans_json: &std::path::Path, name: &str) -> Option<String> {
-    let plans = Plans::read(plans_json).ok()?;
+/// Why a configuration does not apply: the plans lack it. `None` when it is planned.
+pub fn unplanned_reason(plans: &Plans, name: &str) -> Option<String> {
     plans.configuration(name).err().map(|reason| {
         let hint = if name == "3d_lowres" || name == "3d_cascade_fullres" {
             " (nnU-Net plans the low-resolution cascade only when the full-resolution patch covers less \
@@ -61,8 +60,7 @@ pub fn unplanned_configuration(plans_json: &std::path::Path, name: &str) -> Opti
 
 /// Why a configuration needs no preprocessing of its own: it inherits the `data_identifier` of the
 /// configuration it `inherits_from` (the cascade's 3d_cascade_fullres trains on 3d_fullres's data).
-pub fn shared_preprocessing(plans_json: &std::path::Path, name: &str) -> Option<String> {
-    let plans = Plans::read(plans_json).ok()?;
+pub fn shared_preprocessing_reason(plans: &Plans, name: &str) -> Option<String> {
     let parent = plans.configurations.get(name)?.inherits_from.as_deref()?;
     let shared = plans.configuration(name).ok()?.values.data_identifier;
     let parents = plans.configuration(parent).ok()?.values.data_identifier;
@@ -70,44 +68,43 @@ pub fn shared_preprocessing(plans_json: &std::path::Path, name: &str) -> Option<
         .then(|| format!("{name} trains on the preprocessed data of {parent} (same data_identifier)"))
 }
 
-/// Reads a raw case (label optional), transposes it as planned and crops it to its nonzero region.
-pub fn load_raw(case: &Case, with_label: bool, transpose: [usize; 3]) -> Result<StoredCase, String> {
-    let mut channels = Vec::new();
-    let mut header = None;
-    let mut spacing = [1.0; 3];
-    for (channel, path) in case.images.iter().enumerate() {
-        let volume = nifti::read(path).map_err(|e| format!("case {}: {e}", case.id))?;
-        if channel == 0 {
-            spacing = volume.spacing_zyx();
-            header = Some(volume.header.clone());
-        } else if volume.data.shape()
-            != channels
-                .first()
-                .map(|c: &Array3<f32>| c.shape())
-                .unwrap_or_default()
-        {
-            return Err(format!(
-                "case {}: channel {channel} differs in shape from channel 0",
-                case.id
-            ));
-        }
-        channels.push(volume.data);
+/// A raw case as read from its files, in the files' (z, y, x) axis order.
+pub struct RawCase {
+    /// One volume per image channel, all of one shape.
+    pub channels: Vec<Array3<f32>>,
+    /// The label volume, of the channels' shape; `None` for an image to predict.
+    pub seg: Option<Array3<i32>>,
+    /// The first channel's NIfTI geometry.
+    pub header: Header,
+    /// The first channel's voxel spacing, (z, y, x).
+    pub spacing: [f64; 3],
+}
+
+/// Transposes a raw case as planned and crops it to its nonzero region. Errors name what does not
+/// fit; the caller adds which case.
+pub fn crop_raw(raw: RawCase, transpose: [usize; 3]) -> Result<StoredCase, String> {
+    let RawCase {
+        channels,
+        seg,
+        header,
+        spacing,
+    } = raw;
+    let Some(first) = channels.first() else {
+        return Err("no image channels".into());
+    };
+    if let Some(channel) = channels.iter().position(|c| c.shape() != first.shape()) {
+        return Err(format!("channel {channel} differs in shape from channel 0"));
     }
-    let header = header.ok_or_else(|| format!("case {}: no image channels", case.id))?;
-    let seg = if with_label {
-        let (label, _) =
-            nifti::read_integer_labels(&case.label).map_err(|e| format!("case {}: {e}", case.id))?;
-        if label.shape() != channels[0].shape() {
+    let seg = match seg {
+        Some(label) if label.shape() != first.shape() => {
             return Err(format!(
-                "case {}: label shape {:?} differs from image shape {:?}",
-                case.id,
+                "label shape {:?} differs from image shape {:?}",
                 label.shape(),
-                channels[0].shape()
+                first.shape()
             ));
         }
-        Some(transposed(label, transpose))
-    } else {
-        None
+        Some(label) => Some(transposed(label, transpose)),
+        None => None,
     };
     let channels: Vec<Array3<f32>> = channels.into_iter().map(|c| transposed(c, transpose)).collect();
     let shape_before_cropping = shape3(channels[0].shape());
@@ -117,7 +114,7 @@ pub fn load_raw(case: &Case, with_label: bool, transpose: [usize; 3]) -> Result<
         Ok([channel]) => channel.insert_axis(Axis(0)),
         Err(channels) => {
             let views: Vec<_> = channels.iter().map(|c| c.view()).collect();
-            ndarray::stack(Axis(0), &views).map_err(|e| format!("case {}: {e}", case.id))?
+            ndarray::stack(Axis(0), &views).map_err(|e| e.to_string())?
         }
     };
     let bbox = cropped.bbox;
@@ -332,5 +329,55 @@ pub fn location_targets(dataset: &Dataset) -> Vec<Target> {
 pub fn add_class_locations(case: &mut StoredCase, targets: &[Target]) {
     if let Some(seg) = &case.seg {
         case.properties.class_locations = Some(class_locations::sample(seg.view(), targets));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(channels: Vec<Array3<f32>>, seg: Option<Array3<i32>>) -> RawCase {
+        RawCase {
+            channels,
+            seg,
+            header: Header::axis_aligned([2, 3, 4], [3.0, 1.0, 2.0], [0.0; 3]),
+            spacing: [3.0, 1.0, 2.0],
+        }
+    }
+
+    #[test]
+    fn crop_raw_transposes_and_crops_to_nonzero() {
+        let mut image = Array3::<f32>::zeros((2, 3, 4));
+        image[[1, 1, 2]] = 5.0;
+        image[[1, 2, 3]] = 7.0;
+        let case = crop_raw(raw(vec![image], None), [2, 0, 1]).unwrap();
+        // transposed shape (4, 2, 3); nonzero box x 2..4, z 1..2, y 1..3
+        assert_eq!(case.data.shape(), &[1, 2, 1, 2]);
+        assert_eq!(case.data[[0, 0, 0, 0]], 5.0);
+        assert_eq!(case.data[[0, 1, 0, 1]], 7.0);
+        let p = &case.properties;
+        assert_eq!(p.spacing, [2.0, 3.0, 1.0]);
+        assert_eq!(p.original_spacing, [3.0, 1.0, 2.0]);
+        assert_eq!(p.shape_before_cropping, [4, 2, 3]);
+        assert_eq!(p.bbox_used_for_cropping, [[2, 4], [1, 2], [1, 3]]);
+        assert_eq!(p.shape_after_cropping_and_before_resampling, [2, 1, 2]);
+        assert_eq!(case.seg.unwrap().shape(), &[1, 2, 1, 2]);
+    }
+
+    #[test]
+    fn crop_raw_names_what_does_not_fit() {
+        let image = || Array3::<f32>::ones((2, 3, 4));
+        let no_channels = crop_raw(raw(vec![], None), [0, 1, 2]).err();
+        assert_eq!(no_channels.as_deref(), Some("no image channels"));
+        let channels = crop_raw(raw(vec![image(), Array3::ones((2, 3, 5))], None), [0, 1, 2]).err();
+        assert_eq!(
+            channels.as_deref(),
+            Some("channel 1 differs in shape from channel 0")
+        );
+        let label = crop_raw(raw(vec![image()], Some(Array3::zeros((2, 3, 5)))), [0, 1, 2]).err();
+        assert_eq!(
+            label.as_deref(),
+            Some("label shape [2, 3, 5] differs from image shape [2, 3, 4]")
+        );
     }
 }

@@ -16,6 +16,7 @@ use crate::data::case_store::{
 };
 use crate::data::dataset::Dataset;
 use crate::plans::Plans;
+use crate::preprocess::case_io;
 use crate::preprocess::case_steps::{self, PlanView};
 use crate::preprocess::class_locations;
 
@@ -71,8 +72,8 @@ pub struct ResampleStage(pub PreprocessParams);
 impl PreprocessParams {
     fn not_applicable(&self, root: &std::path::Path) -> Option<String> {
         let plans = root.join(&self.plan).join("plans.json");
-        case_steps::unplanned_configuration(&plans, &self.configuration)
-            .or_else(|| case_steps::shared_preprocessing(&plans, &self.configuration))
+        case_io::unplanned_configuration(&plans, &self.configuration)
+            .or_else(|| case_io::shared_preprocessing(&plans, &self.configuration))
     }
 
     fn inputs(&self) -> Vec<StageInput> {
@@ -129,7 +130,7 @@ impl PreprocessParams {
                     Some(folder) => read_case(folder, id).map_err(|e| e.to_string())?,
                     None => {
                         let raw = dataset.case(id).expect("listed case");
-                        case_steps::load_raw(raw, true, plan.transpose_forward)?
+                        case_io::load_raw(raw, true, plan.transpose_forward)?
                     }
                 };
                 let case = step(case, &plan, &dataset).map_err(|e| format!("case {id}: {e}"))?;

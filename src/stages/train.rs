@@ -58,7 +58,7 @@ impl Stage for TrainStage {
     }
 
     fn not_applicable(&self, root: &Path) -> Option<String> {
-        crate::preprocess::case_steps::unplanned_configuration(
+        crate::preprocess::case_io::unplanned_configuration(
             &root.join(&self.0.plan).join("plans.json"),
             &self.0.configuration,
         )

@@ -15,6 +15,7 @@ use nnflow::torch_env::{Doctor, LIBTORCH_VERSION};
 // libtorch (the linker keeps libtorch's static initialisers once any of its objects is pulled in).
 mod bench;
 mod checkpoint;
+mod held_out;
 mod loss;
 mod optim;
 mod predict;

@@ -11,28 +11,24 @@
 //! the previous one, or to a fresh start, with a line in the log (`nnflow::train::resume`).
 
 use std::io::Write;
+use std::ops::ControlFlow;
 use std::path::Path;
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::Instant;
 
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
-use nnflow::data::case_store::read_case;
-use nnflow::data::dataset::Dataset;
-use nnflow::data::{nifti, npy};
-use nnflow::evaluate::folder::{evaluate_pair, evaluation_targets, foreground_dice, summary_json};
-use nnflow::inference::export::{export_case, segmentation_on_grid, write_segmentation, RegionInfo};
 use nnflow::inference::sliding_window::SlidingWindow;
 use nnflow::network::Architecture;
 use nnflow::torch_env::DeviceChoice;
-use nnflow::train::data::{spawn_producer, Batch};
-use nnflow::train::job::FoldInfo;
+use nnflow::train::data::{spawn_producer, Batch, BatchMaker};
 use nnflow::train::job::TrainJob;
-use nnflow::train::previous_stage::{next_stage_shape, prediction_path, with_previous_stage};
 use nnflow::train::progress_plot;
-use nnflow::train::setup::{as_3d, batch_maker, read_previous_stage, Setup};
+use nnflow::train::setup::{as_3d, batch_maker, Setup};
 
 use crate::checkpoint::{self, EpochRecord, TrainerState};
+use crate::held_out::validate_held_out;
 use crate::loss::{deep_supervision_loss, pseudo_dice_counts, LossConfig};
 use crate::optim::{clip_grad_norm, poly_lr, zero_grad, LossScaler, Sgd};
 use crate::predictor::Predictor;
@@ -83,135 +79,259 @@ fn batch_tensors(batch: &Batch, spatial_dims: usize, device: Device) -> (Tensor,
     (data, targets)
 }
 
-struct Logger {
+/// Where the run's lines go: the worker's stdout (the stage log) and `training_log.txt`.
+pub struct Logger {
     file: std::fs::File,
 }
 
 impl Logger {
-    fn line(&mut self, text: &str) {
+    /// Creates the output folder and a fresh `training_log.txt` in it.
+    fn create(out_dir: &Path) -> Result<Logger, String> {
+        std::fs::create_dir_all(out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
+        let file = std::fs::File::create(out_dir.join("training_log.txt")).map_err(|e| e.to_string())?;
+        Ok(Logger { file })
+    }
+
+    pub fn line(&mut self, text: &str) {
         println!("{text}");
         let _ = writeln!(self.file, "{text}");
     }
 }
 
+/// Runs one training job from start (or the latest resume checkpoint) to the final validation.
 pub fn train(job: &TrainJob) -> Result<(), String> {
-    let params = &job.params;
-    params.validate()?;
-    tch::set_num_threads(job.threads.max(1) as i32);
-    let setup = Setup::read(params)?;
-    let device = select_device(params.device)?;
-    let amp = params.amp && device.is_cuda();
-    if device.is_cuda() {
-        tch::Cuda::cudnn_set_benchmark(true);
-    }
-    std::fs::create_dir_all(&job.out_dir).map_err(|e| format!("{}: {e}", job.out_dir.display()))?;
-    let mut log = Logger {
-        file: std::fs::File::create(job.out_dir.join("training_log.txt")).map_err(|e| e.to_string())?,
-    };
-    let arch = &setup.architecture;
-    log.line(&format!(
-        "configuration {} fold {}: {} training / {} validation cases, patch {:?}, batch {}, device {device:?}{}",
-        params.configuration,
-        params.fold.text(),
-        setup.split.train.len(),
-        setup.split.val.len(),
-        setup.patch_size,
-        setup.batch_size,
-        if amp { " (fp16 autocast)" } else { "" }
-    ));
-
-    let maker = Arc::new(batch_maker(params, &setup)?);
-    let (mut vs, mut net) = build_network(arch, device, params.seed);
-    let variables: Vec<Tensor> = checkpoint::sorted_variables(&vs)
-        .into_iter()
-        .map(|(_, t)| t)
-        .collect();
-    let mut sgd = Sgd::new(variables.len(), params.momentum, params.weight_decay);
-    log.line(&format!(
-        "network: {} parameters",
-        crate::unet::parameter_count(&vs)
-    ));
-
-    let identity = job.identity.clone();
-    let mut state = match resume(&job.resume_dir, &identity, &mut vs, &mut sgd, &mut log) {
-        Some((state, slot)) => {
-            log.line(&format!(
-                "resuming after epoch {} from {}",
-                state.epochs_done,
-                job.resume_dir.join(slot).display()
-            ));
-            state
+    let mut trainer = Trainer::set_up(job)?;
+    let mut state = trainer.resume_or_start();
+    let mut feed = trainer.start_batches(state.epochs_done);
+    for epoch in state.epochs_done..job.params.epochs {
+        if trainer.epoch(epoch, &mut state, &mut feed)?.is_break() {
+            break;
         }
-        None => TrainerState {
-            identity: identity.clone(),
-            epochs_done: 0,
-            logs: Vec::new(),
-            best_ema: None,
-            best_epoch: None,
-            scaler: LossScaler::default(),
-        },
-    };
-    let loss_config = LossConfig {
-        batch_dice: setup.batch_dice,
-        ignore_label: setup.ignore_label,
-        weight_ce: params.loss.ce,
-        weight_dice: params.loss.dice,
-        regions: setup.regions.is_some(),
-        deep_supervision_weights: arch.deep_supervision_weights(),
-    };
-    let stop_at = params.epochs;
-    let batches = spawn_producer(
-        maker.clone(),
-        state.epochs_done,
-        stop_at,
-        params.iterations_per_epoch,
-        params.val_iterations,
-        job.threads,
-        2,
-    );
-    // Time spent waiting for augmented batches: nonzero means the data pipeline, not the
-    // network, limits the speed.
-    let waited = std::cell::Cell::new(0.0f64);
-    let next_batch = || -> Result<Batch, String> {
+    }
+    drop(feed); // stops the augmentation threads
+    trainer.finish(&state)?;
+    trainer.final_validation()
+}
+
+/// What one training run holds from set-up to the final validation, so each step of `train` is
+/// a method that names what it does instead of a stretch of one long function.
+struct Trainer<'a> {
+    job: &'a TrainJob,
+    setup: Setup,
+    device: Device,
+    /// fp16 autocast and loss scaling: asked for and on CUDA.
+    amp: bool,
+    log: Logger,
+    maker: Arc<BatchMaker>,
+    vs: VarStore,
+    net: PlainConvUNet,
+    /// The network's variables in checkpoint order, the order the optimiser's buffers follow.
+    variables: Vec<Tensor>,
+    sgd: Sgd,
+    loss: LossConfig,
+}
+
+/// The augmented batches, in the order the producer makes them (per epoch the training
+/// iterations, then the validation ones).
+struct BatchFeed {
+    batches: Receiver<Result<Batch, String>>,
+    /// Seconds spent waiting for batches in this epoch: nonzero means the data pipeline, not the
+    /// network, limits the speed.
+    waited: f64,
+}
+
+impl BatchFeed {
+    fn next(&mut self) -> Result<Batch, String> {
         let started = Instant::now();
-        let batch = batches
+        let batch = self
+            .batches
             .recv()
             .map_err(|_| "the augmentation threads stopped".to_string())?;
-        waited.set(waited.get() + started.elapsed().as_secs_f64());
+        self.waited += started.elapsed().as_secs_f64();
         batch
-    };
-    for epoch in state.epochs_done..stop_at {
+    }
+}
+
+impl<'a> Trainer<'a> {
+    /// Validates the parameters and builds what every later step needs: the device, the log with
+    /// its header line, the batch maker, the network (seeded, so a fresh run is reproducible),
+    /// the optimiser and the loss. `build_network` seeds torch's generator, so a fresh run starts
+    /// from the same weights every time.
+    fn set_up(job: &'a TrainJob) -> Result<Self, String> {
+        let params = &job.params;
+        params.validate()?;
+        tch::set_num_threads(job.threads.max(1) as i32);
+        let setup = Setup::read(params)?;
+        let device = select_device(params.device)?;
+        let amp = params.amp && device.is_cuda();
+        if device.is_cuda() {
+            tch::Cuda::cudnn_set_benchmark(true);
+        }
+        let mut log = Logger::create(&job.out_dir)?;
+        log.line(&format!(
+            "configuration {} fold {}: {} training / {} validation cases, patch {:?}, batch {}, device {device:?}{}",
+            params.configuration,
+            params.fold.text(),
+            setup.split.train.len(),
+            setup.split.val.len(),
+            setup.patch_size,
+            setup.batch_size,
+            if amp { " (fp16 autocast)" } else { "" }
+        ));
+        let maker = Arc::new(batch_maker(params, &setup)?);
+        let (vs, net) = build_network(&setup.architecture, device, params.seed);
+        let variables: Vec<Tensor> = checkpoint::sorted_variables(&vs)
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect();
+        let sgd = Sgd::new(variables.len(), params.momentum, params.weight_decay);
+        log.line(&format!(
+            "network: {} parameters",
+            crate::unet::parameter_count(&vs)
+        ));
+        let loss = LossConfig {
+            batch_dice: setup.batch_dice,
+            ignore_label: setup.ignore_label,
+            weight_ce: params.loss.ce,
+            weight_dice: params.loss.dice,
+            regions: setup.regions.is_some(),
+            deep_supervision_weights: setup.architecture.deep_supervision_weights(),
+        };
+        Ok(Trainer {
+            job,
+            setup,
+            device,
+            amp,
+            log,
+            maker,
+            vs,
+            net,
+            variables,
+            sgd,
+            loss,
+        })
+    }
+
+    /// Continues from the resume checkpoint when one belongs to this job (loading its weights and
+    /// optimiser state), otherwise starts a fresh history.
+    fn resume_or_start(&mut self) -> TrainerState {
+        let job = self.job;
+        match resume(
+            &job.resume_dir,
+            &job.identity,
+            &mut self.vs,
+            &mut self.sgd,
+            &mut self.log,
+        ) {
+            Some((state, slot)) => {
+                self.log.line(&format!(
+                    "resuming after epoch {} from {}",
+                    state.epochs_done,
+                    job.resume_dir.join(slot).display()
+                ));
+                state
+            }
+            None => TrainerState {
+                identity: job.identity.clone(),
+                epochs_done: 0,
+                logs: Vec::new(),
+                best_ema: None,
+                best_epoch: None,
+                scaler: LossScaler::default(),
+            },
+        }
+    }
+
+    /// Starts the augmentation threads for the epochs still to run; they work ahead of the
+    /// network by two batches.
+    fn start_batches(&self, first_epoch: usize) -> BatchFeed {
+        let params = &self.job.params;
+        let batches = spawn_producer(
+            self.maker.clone(),
+            first_epoch,
+            params.epochs,
+            params.iterations_per_epoch,
+            params.val_iterations,
+            self.job.threads,
+            2,
+        );
+        BatchFeed { batches, waited: 0.0 }
+    }
+
+    /// One epoch as nnU-Net's: the poly learning rate, the training iterations, the validation
+    /// iterations, then the bookkeeping. `Break` when early stopping ends the run.
+    fn epoch(
+        &mut self,
+        epoch: usize,
+        state: &mut TrainerState,
+        feed: &mut BatchFeed,
+    ) -> Result<ControlFlow<()>, String> {
         let started = Instant::now();
-        waited.set(0.0);
+        feed.waited = 0.0;
+        let params = &self.job.params;
         let lr = poly_lr(params.learning_rate, epoch, params.epochs);
-        net.set_deep_supervision(params.deep_supervision);
-        let mut train_losses = Vec::with_capacity(params.iterations_per_epoch);
+        let train_loss = self.training_iterations(epoch, lr, feed, &mut state.scaler)?;
+        let (val_loss, pseudo_dice) = self.validation_iterations(feed)?;
+        let mean_dice = nanmean(&pseudo_dice);
+        let record = EpochRecord {
+            epoch,
+            train_loss,
+            val_loss,
+            ema_pseudo_dice: moving_average(state.logs.last(), mean_dice),
+            pseudo_dice,
+            mean_pseudo_dice: mean_dice,
+            learning_rate: lr,
+            epoch_seconds: started.elapsed().as_secs_f64(),
+        };
+        self.end_of_epoch(state, record, feed.waited)
+    }
+
+    /// `iterations_per_epoch` SGD steps; returns the mean training loss. A non-finite loss without
+    /// `amp` is an error (with `amp` the loss scaler skips that step instead).
+    fn training_iterations(
+        &mut self,
+        epoch: usize,
+        lr: f64,
+        feed: &mut BatchFeed,
+        scaler: &mut LossScaler,
+    ) -> Result<f64, String> {
+        let params = &self.job.params;
+        self.net.set_deep_supervision(params.deep_supervision);
+        let step = Step {
+            net: &self.net,
+            variables: &self.variables,
+            loss: &self.loss,
+            grad_clip: params.grad_clip,
+            amp: self.amp,
+        };
+        let mut losses = Vec::with_capacity(params.iterations_per_epoch);
         for _ in 0..params.iterations_per_epoch {
-            let (x, targets) = batch_tensors(&next_batch()?, arch.spatial_dims, device);
-            let step = Step {
-                net: &net,
-                variables: &variables,
-                loss: &loss_config,
-                grad_clip: params.grad_clip,
-                amp,
-            };
-            let loss = step.run(&x, &targets, &mut sgd, &mut state.scaler, lr);
+            let (x, targets) =
+                batch_tensors(&feed.next()?, self.setup.architecture.spatial_dims, self.device);
+            let loss = step.run(&x, &targets, &mut self.sgd, scaler, lr);
             let value = loss.double_value(&[]);
-            if !value.is_finite() && !amp {
+            if !value.is_finite() && !self.amp {
                 return Err(format!(
                     "epoch {epoch}: the training loss is {value}; training diverged"
                 ));
             }
-            train_losses.push(value);
+            losses.push(value);
         }
-        let (val_loss, pseudo_dice) = tch::no_grad(|| -> Result<(f64, Vec<f64>), String> {
+        Ok(mean(&losses))
+    }
+
+    /// `val_iterations` patches without gradients: the mean loss and nnU-Net's pseudo Dice per
+    /// class, from true/false positive and false negative counts summed over all patches.
+    fn validation_iterations(&self, feed: &mut BatchFeed) -> Result<(f64, Vec<f64>), String> {
+        tch::no_grad(|| {
             let mut losses = Vec::new();
             let mut totals: Option<[Vec<f64>; 3]> = None;
-            for _ in 0..params.val_iterations {
-                let (x, targets) = batch_tensors(&next_batch()?, arch.spatial_dims, device);
-                let outputs = tch::autocast(amp, || net.forward(&x));
-                losses.push(deep_supervision_loss(&outputs, &targets, &loss_config).double_value(&[]));
-                let counts = pseudo_dice_counts(&outputs[0], &targets[0], &loss_config);
+            for _ in 0..self.job.params.val_iterations {
+                let (x, targets) =
+                    batch_tensors(&feed.next()?, self.setup.architecture.spatial_dims, self.device);
+                let outputs = tch::autocast(self.amp, || self.net.forward(&x));
+                losses.push(deep_supervision_loss(&outputs, &targets, &self.loss).double_value(&[]));
+                let counts = pseudo_dice_counts(&outputs[0], &targets[0], &self.loss);
                 totals = Some(match totals {
                     None => counts,
                     Some(t) => [0, 1, 2].map(|k| t[k].iter().zip(&counts[k]).map(|(a, b)| a + b).collect()),
@@ -224,168 +344,104 @@ pub fn train(job: &TrainJob) -> Result<(), String> {
                 None => Vec::new(),
             };
             Ok((mean(&losses), dice))
-        })?;
-        let mean_dice = nanmean(&pseudo_dice);
-        let ema = match state.logs.last() {
-            Some(previous) if previous.ema_pseudo_dice.is_finite() => {
-                0.9 * previous.ema_pseudo_dice + 0.1 * mean_dice
-            }
-            _ => mean_dice,
-        };
-        let record = EpochRecord {
-            epoch,
-            train_loss: mean(&train_losses),
-            val_loss,
-            pseudo_dice: pseudo_dice.clone(),
-            mean_pseudo_dice: mean_dice,
-            ema_pseudo_dice: ema,
-            learning_rate: lr,
-            epoch_seconds: started.elapsed().as_secs_f64(),
-        };
-        log.line(&format!(
+        })
+    }
+
+    /// Logs the epoch and adds it to the history, then saves what a later reader or a resumed run
+    /// needs: the best checkpoint on a new best moving average, the latest every
+    /// `checkpoint_every` epochs and after the last, `progress.png` and the stage's progress.
+    /// `Break` when early stopping ends the run (after saving the latest checkpoint).
+    fn end_of_epoch(
+        &mut self,
+        state: &mut TrainerState,
+        record: EpochRecord,
+        waited: f64,
+    ) -> Result<ControlFlow<()>, String> {
+        let job = self.job;
+        let params = &job.params;
+        let (epoch, lr, ema) = (record.epoch, record.learning_rate, record.ema_pseudo_dice);
+        self.log.line(&format!(
             "epoch {epoch}: lr {lr:.5} train_loss {:.4} val_loss {:.4} pseudo_dice {:?} ema {:.4} time {:.2} s (waiting for data {:.2} s)",
             record.train_loss,
             record.val_loss,
-            pseudo_dice.iter().map(|d| (d * 1e4).round() / 1e4).collect::<Vec<_>>(),
+            record.pseudo_dice.iter().map(|d| (d * 1e4).round() / 1e4).collect::<Vec<_>>(),
             ema,
             record.epoch_seconds,
-            waited.get()
+            waited
         ));
         state.logs.push(record);
         state.epochs_done = epoch + 1;
         if state.best_ema.is_none_or(|best| ema > best) {
             state.best_ema = Some(ema);
             state.best_epoch = Some(epoch);
-            log.line(&format!("new best moving-average pseudo Dice: {ema:.4}"));
-            checkpoint::save(&job.resume_dir, "checkpoint_best", &vs, None, &state)?;
+            self.log
+                .line(&format!("new best moving-average pseudo Dice: {ema:.4}"));
+            checkpoint::save(&job.resume_dir, "checkpoint_best", &self.vs, None, state)?;
         }
-        let last = epoch + 1 == stop_at;
+        let last = epoch + 1 == params.epochs;
         if (epoch + 1) % params.checkpoint_every == 0 || last {
-            checkpoint::save_latest(&job.resume_dir, &vs, &sgd, &state)?;
+            checkpoint::save_latest(&job.resume_dir, &self.vs, &self.sgd, state)?;
         }
-        plot(&state, &job.out_dir)?;
-        report_progress(job, &state, stop_at);
+        plot(state, &job.out_dir)?;
+        report_progress(job, state, params.epochs);
         if let (Some(patience), Some(best_epoch)) = (params.early_stopping, state.best_epoch) {
             if epoch >= best_epoch + patience && !last {
-                log.line(&format!("early stopping: no improvement for {patience} epochs"));
-                checkpoint::save_latest(&job.resume_dir, &vs, &sgd, &state)?;
-                break;
+                self.log
+                    .line(&format!("early stopping: no improvement for {patience} epochs"));
+                checkpoint::save_latest(&job.resume_dir, &self.vs, &self.sgd, state)?;
+                return Ok(ControlFlow::Break(()));
             }
         }
+        Ok(ControlFlow::Continue(()))
     }
-    drop(batches);
-    finish(job, &vs, &state, &mut log)?;
-    net.set_deep_supervision(false);
-    let predictor = Predictor {
-        net: &net,
-        device,
-        window: SlidingWindow {
-            step_size: params.validation_step_size,
-            ..SlidingWindow::new(as_3d(&setup.patch_size))
-        },
-        mirror_axes: if params.validation_mirroring {
-            (0..arch.spatial_dims).collect()
-        } else {
-            Vec::new()
-        },
-        amp,
-    };
-    validate_held_out(job, &setup, &predictor, &mut log)
+
+    /// Writes the stage's outputs: final and best weights, the trainer state, and the logs.
+    fn finish(&mut self, state: &TrainerState) -> Result<(), String> {
+        let job = self.job;
+        checkpoint::save(&job.out_dir, "checkpoint_final", &self.vs, None, state)?;
+        let best = checkpoint::paths(&job.resume_dir, "checkpoint_best");
+        if best.weights.exists() {
+            std::fs::copy(&best.weights, job.out_dir.join("checkpoint_best.safetensors"))
+                .map_err(|e| format!("{}: {e}", best.weights.display()))?;
+        }
+        nnflow::atomic_file::write_json(&job.out_dir.join("training_history.json"), &state.logs)?;
+        self.log
+            .line(&format!("training done after {} epochs", state.epochs_done));
+        Ok(())
+    }
+
+    /// The final weights predict the held-out cases whole, as inference will: one output (no deep
+    /// supervision), the validation step size and mirroring settings.
+    fn final_validation(mut self) -> Result<(), String> {
+        let params = &self.job.params;
+        self.net.set_deep_supervision(false);
+        let predictor = Predictor {
+            net: &self.net,
+            device: self.device,
+            window: SlidingWindow {
+                step_size: params.validation_step_size,
+                ..SlidingWindow::new(as_3d(&self.setup.patch_size))
+            },
+            mirror_axes: if params.validation_mirroring {
+                (0..self.setup.architecture.spatial_dims).collect()
+            } else {
+                Vec::new()
+            },
+            amp: self.amp,
+        };
+        validate_held_out(self.job, &self.setup, &predictor, &mut self.log)
+    }
 }
 
-/// nnU-Net's final validation: every held-out case predicted whole (sliding window, mirroring),
-/// exported to its original image (resampled back, un-cropped, un-transposed) as
-/// `validation/<case><ending>` with its probabilities (`<case>.npy`, classes x z x y x, for
-/// ensembling) and compared with the raw reference label: `validation/summary.json` in nnU-Net's
-/// layout, and `fold.json` naming the configuration, fold and validation cases.
-fn validate_held_out(
-    job: &TrainJob,
-    setup: &Setup,
-    predictor: &Predictor,
-    log: &mut Logger,
-) -> Result<(), String> {
-    let params = &job.params;
-    let dataset = Dataset::open(Path::new(&params.dataset)).map_err(|e| e.to_string())?;
-    let regions = RegionInfo::from_dataset(&dataset)?;
-    let targets = evaluation_targets(&dataset);
-    let ignore = dataset.ignore_label.map(|l| l as i32);
-    let out = job.out_dir.join("validation");
-    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
-    let mut results = Vec::new();
-    for id in &setup.split.val {
-        let started = Instant::now();
-        let case = read_case(Path::new(&params.preprocessed), id).map_err(|e| e.to_string())?;
-        let logits = match &setup.previous_stage {
-            Some(previous) => {
-                let seg = read_previous_stage(previous, id)?;
-                predictor.predict_logits(
-                    with_previous_stage(case.data.view(), seg.view(), &previous.labels).view(),
-                )?
-            }
-            None => predictor.predict_logits(case.data.view())?,
-        };
-        for next in &setup.next_stages {
-            // nnU-Net's `resample_and_save`: the cascade's input for this case
-            let shape = next_stage_shape(&case.properties, next).map_err(|e| format!("case {id}: {e}"))?;
-            let seg = segmentation_on_grid(logits.view(), shape, &setup.configuration, regions.as_ref())
-                .map_err(|e| format!("case {id}: {e}"))?;
-            let path = prediction_path(&job.out_dir, &next.configuration.name, id);
-            std::fs::create_dir_all(path.parent().expect("a folder")).map_err(|e| e.to_string())?;
-            npy::write(&path, seg.insert_axis(ndarray::Axis(0)).view())
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+/// nnU-Net's moving average of the mean pseudo Dice (0.9 old, 0.1 new), which picks the best
+/// checkpoint; it restarts from this epoch's value when there is no finite previous one.
+fn moving_average(previous: Option<&EpochRecord>, mean_dice: f64) -> f64 {
+    match previous {
+        Some(previous) if previous.ema_pseudo_dice.is_finite() => {
+            0.9 * previous.ema_pseudo_dice + 0.1 * mean_dice
         }
-        let exported = export_case(
-            logits.view(),
-            &case.properties,
-            &setup.configuration,
-            regions.as_ref(),
-            params.save_probabilities,
-        )
-        .map_err(|e| format!("case {id}: {e}"))?;
-        let file = format!("{id}{}", dataset.file_ending);
-        write_segmentation(&out.join(&file), &exported.segmentation, &case.properties)?;
-        if let Some(probabilities) = &exported.probabilities {
-            npy::write(&out.join(format!("{id}.npy")), probabilities.view())
-                .map_err(|e| format!("case {id}: {e}"))?;
-        }
-        let reference_path = dataset
-            .case(id)
-            .map(|c| c.label.clone())
-            .ok_or_else(|| format!("case {id} is not in the dataset's training cases"))?;
-        let (reference, _) = nifti::read_integer_labels(&reference_path).map_err(|e| e.to_string())?;
-        let result = evaluate_pair(
-            &file,
-            &reference,
-            &exported.segmentation.mapv(i32::from),
-            &targets,
-            ignore,
-        )?;
-        log.line(&format!(
-            "validation {id}: Dice {} ({:.1} s)",
-            result
-                .metrics
-                .iter()
-                .map(|(k, m)| format!("{k}={:.4}", m.dice))
-                .collect::<Vec<_>>()
-                .join(" "),
-            started.elapsed().as_secs_f64()
-        ));
-        results.push(result);
+        _ => mean_dice,
     }
-    let summary = summary_json(&results, &targets);
-    log.line(&format!(
-        "validation foreground mean Dice: {:.4}",
-        foreground_dice(&summary)
-    ));
-    nnflow::atomic_file::write_json(&out.join("summary.json"), &summary)?;
-    let fold = FoldInfo {
-        configuration: params.configuration.clone(),
-        fold: params.fold.text(),
-        validation_cases: setup.split.val.clone(),
-        file_ending: dataset.file_ending.clone(),
-        probabilities: params.save_probabilities,
-    };
-    nnflow::atomic_file::write_json(&job.out_dir.join("fold.json"), &fold)
 }
 
 /// One SGD step: forward (fp16 autocast on CUDA when `amp`), deep-supervision loss, backward
@@ -481,19 +537,6 @@ fn plot(state: &TrainerState, out_dir: &Path) -> Result<(), String> {
         })
         .collect();
     progress_plot::plot_progress(&logs, &out_dir.join("progress.png"))
-}
-
-/// Writes the stage's outputs: final and best weights, the trainer state, and the logs.
-fn finish(job: &TrainJob, vs: &VarStore, state: &TrainerState, log: &mut Logger) -> Result<(), String> {
-    checkpoint::save(&job.out_dir, "checkpoint_final", vs, None, state)?;
-    let best = checkpoint::paths(&job.resume_dir, "checkpoint_best");
-    if best.weights.exists() {
-        std::fs::copy(&best.weights, job.out_dir.join("checkpoint_best.safetensors"))
-            .map_err(|e| format!("{}: {e}", best.weights.display()))?;
-    }
-    nnflow::atomic_file::write_json(&job.out_dir.join("training_history.json"), &state.logs)?;
-    log.line(&format!("training done after {} epochs", state.epochs_done));
-    Ok(())
 }
 
 fn mean(values: &[f64]) -> f64 {

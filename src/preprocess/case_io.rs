@@ -1,0 +1,61 @@
+//! The file side of preprocessing one case: reading a raw case's NIfTI images and label, and
+//! reading plans.json to tell whether a configuration applies. Everything numeric is in
+//! `super::case_steps`; this module only reads and hands over arrays and plans.
+
+use std::path::Path;
+
+use ndarray::Array3;
+
+use super::case_steps::{self, RawCase};
+use crate::data::case_store::StoredCase;
+use crate::data::dataset::Case;
+use crate::data::nifti;
+use crate::plans::Plans;
+
+/// Reads a raw case (label optional), transposes it as planned and crops it to its nonzero region.
+pub fn load_raw(case: &Case, with_label: bool, transpose: [usize; 3]) -> Result<StoredCase, String> {
+    let raw = read_raw(case, with_label).map_err(|e| format!("case {}: {e}", case.id))?;
+    case_steps::crop_raw(raw, transpose).map_err(|e| format!("case {}: {e}", case.id))
+}
+
+/// Reads a raw case's image channels (and label) as they are in the files.
+fn read_raw(case: &Case, with_label: bool) -> Result<RawCase, String> {
+    let mut channels: Vec<Array3<f32>> = Vec::new();
+    let mut header = None;
+    let mut spacing = [1.0; 3];
+    for (channel, path) in case.images.iter().enumerate() {
+        let volume = nifti::read(path).map_err(|e| e.to_string())?;
+        if channel == 0 {
+            spacing = volume.spacing_zyx();
+            header = Some(volume.header.clone());
+        }
+        channels.push(volume.data);
+    }
+    let header = header.ok_or("no image channels")?;
+    let seg = if with_label {
+        let (label, _) = nifti::read_integer_labels(&case.label).map_err(|e| e.to_string())?;
+        Some(label)
+    } else {
+        None
+    };
+    Ok(RawCase {
+        channels,
+        seg,
+        header,
+        spacing,
+    })
+}
+
+/// Why a configuration does not apply: plans.json (already written) lacks it. `None` when it is
+/// planned, or when plans.json cannot be read (the stage then reports that itself).
+pub fn unplanned_configuration(plans_json: &Path, name: &str) -> Option<String> {
+    let plans = Plans::read(plans_json).ok()?;
+    case_steps::unplanned_reason(&plans, name)
+}
+
+/// Why a configuration needs no preprocessing of its own (see
+/// [`case_steps::shared_preprocessing_reason`]). `None` also when plans.json cannot be read.
+pub fn shared_preprocessing(plans_json: &Path, name: &str) -> Option<String> {
+    let plans = Plans::read(plans_json).ok()?;
+    case_steps::shared_preprocessing_reason(&plans, name)
+}
