@@ -97,7 +97,7 @@ fn digest_inputs(
 
 /// Declared paths or globs (relative to `root`) as existing relative paths. A literal path that
 /// does not exist is an error; a glob may match nothing.
-pub fn expand_patterns(root: &Path, patterns: &[String], what: &str) -> Result<Vec<PathBuf>, String> {
+fn expand_patterns(root: &Path, patterns: &[String], what: &str) -> Result<Vec<PathBuf>, String> {
     let mut paths = Vec::new();
     for pattern in patterns {
         if is_glob(pattern) {

@@ -9,6 +9,7 @@ use petgraph::algo::tarjan_scc;
 use petgraph::graph::{DiGraph, NodeIndex};
 
 use super::config::{Diagnostic, Pipeline};
+use super::evaluate::is_glob;
 use super::paths;
 
 pub struct Dag {
@@ -169,10 +170,6 @@ fn components_compatible(x: &str, y: &str) -> bool {
         (false, true) => matches(y, x),
         (true, true) => true,
     }
-}
-
-fn is_glob(component: &str) -> bool {
-    component.contains(['*', '?', '['])
 }
 
 #[cfg(test)]

@@ -33,8 +33,9 @@ pub(crate) struct Done {
 pub(super) enum Upstream {
     /// Those this run produced or restored (a local run).
     Expected(BTreeMap<usize, Done>),
-    /// Whatever the upstream instances' records say now (a Slurm job, whose upstream jobs ended).
-    Current,
+    /// Whatever the records of these upstream instances say now (a Slurm job, whose upstream
+    /// jobs ended).
+    Current(Vec<usize>),
 }
 
 /// Tries at holding a stage's upstream outputs before giving up on a run that keeps replacing them.
@@ -65,18 +66,29 @@ pub fn run_alone(
             error: clear_not_applicable(engine, index).err().or(Some(reason)),
         };
     }
-    for dep in engine.dag.dependencies(index) {
-        let dep_instance = &pipeline.instances[dep];
-        let applies = dep_instance
-            .implementation
-            .not_applicable(&pipeline.root)
-            .is_none();
-        if applies && engine.records.get(&dep_instance.id).is_none() {
-            return Alone {
-                outcome: Outcome::Skipped,
-                error: Some(format!("upstream `{}` has not completed", dep_instance.id)),
-            };
-        }
+    // upstream instances that did not apply left no outputs: the stage reads the others
+    let applicable: Vec<usize> = engine
+        .dag
+        .dependencies(index)
+        .into_iter()
+        .filter(|&dep| {
+            pipeline.instances[dep]
+                .implementation
+                .not_applicable(&pipeline.root)
+                .is_none()
+        })
+        .collect();
+    if let Some(&dep) = applicable
+        .iter()
+        .find(|&&dep| engine.records.get(&pipeline.instances[dep].id).is_none())
+    {
+        return Alone {
+            outcome: Outcome::Skipped,
+            error: Some(format!(
+                "upstream `{}` has not completed",
+                pipeline.instances[dep].id
+            )),
+        };
     }
     let status = StatusLine::default();
     let slot = Slot {
@@ -85,7 +97,7 @@ pub fn run_alone(
         cancel,
         status: &status,
     };
-    let result = execute(engine, index, &Upstream::Current, force, &slot);
+    let result = execute(engine, index, &Upstream::Current(applicable), force, &slot);
     if let Err(e) = engine.hasher.save() {
         crate::errln!("warning: cannot save the stat cache: {e}");
     }
@@ -120,7 +132,7 @@ pub(super) fn execute(
     // What the stage reads stays as its key says until its result is stored; then one writer per
     // instance, so a concurrent run of the same pipeline waits for this instance only and then
     // finds the result in place or in the cache.
-    let (_reading, upstream) = hold_upstream(engine, index, upstream)?;
+    let (_reading, upstream) = hold_upstream(engine, upstream)?;
     let _writing = lock_outputs(&pipeline.state_dir, &instance.id, LockMode::Exclusive)?;
     let key = stage_key(pipeline, instance, upstream.clone(), &engine.hasher)?;
     let digest = key.digest();
@@ -197,23 +209,12 @@ pub(super) fn execute(
 /// digests that enter the stage's key.
 fn hold_upstream(
     engine: &Engine,
-    index: usize,
     upstream: &Upstream,
 ) -> Result<(Vec<fs::File>, BTreeMap<String, Digest>), String> {
     let pipeline = &engine.pipeline;
     let deps: Vec<usize> = match upstream {
         Upstream::Expected(expected) => expected.keys().copied().collect(),
-        Upstream::Current => engine
-            .dag
-            .dependencies(index)
-            .into_iter()
-            .filter(|&d| {
-                pipeline.instances[d]
-                    .implementation
-                    .not_applicable(&pipeline.root)
-                    .is_none()
-            })
-            .collect(),
+        Upstream::Current(deps) => deps.clone(),
     };
     for _ in 0..HOLD_ATTEMPTS {
         let mut locks = Vec::new();
@@ -238,10 +239,10 @@ fn hold_upstream(
                         replaced.push(dep);
                     }
                 }
-                (Upstream::Current, Some(current)) => {
+                (Upstream::Current(_), Some(current)) => {
                     digests.insert(id.clone(), current);
                 }
-                (Upstream::Current, None) => return Err(format!("upstream `{id}` has not completed")),
+                (Upstream::Current(_), None) => return Err(format!("upstream `{id}` has not completed")),
             }
         }
         if replaced.is_empty() {
