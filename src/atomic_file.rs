@@ -5,6 +5,8 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use crate::file_error::FileError;
+
 /// Writes via a temporary file in the same folder and a rename, so readers never see half a file.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
@@ -27,14 +29,14 @@ pub fn temporary_path(path: &Path) -> PathBuf {
     ))
 }
 
-/// Writes `value` as pretty JSON, atomically; errors name the file.
-pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), String> {
-    let bytes = serde_json::to_vec_pretty(value).map_err(|e| format!("{}: {e}", path.display()))?;
-    write_atomically(path, &bytes).map_err(|e| format!("{}: {e}", path.display()))
+/// Writes `value` as pretty JSON, atomically.
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), FileError> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(FileError::json(path))?;
+    write_atomically(path, &bytes).map_err(FileError::io(path))
 }
 
-/// Reads a JSON file; errors name the file.
-pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
-    let text = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+/// Reads a JSON file.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, FileError> {
+    let text = fs::read_to_string(path).map_err(FileError::io(path))?;
+    serde_json::from_str(&text).map_err(FileError::json(path))
 }

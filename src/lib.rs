@@ -1,7 +1,8 @@
 //! nnflow: nnU-Net as a declarative pipeline engine with a content-addressed cache. The layers,
 //! from the bottom up; each uses only the layers below it (README, "How the code is organised").
 //!
-//! - [`atomic_file`], [`errln!`]: writing files whole; printing that survives a closed pipe.
+//! - [`atomic_file`], [`file_error`], [`errln!`]: writing files whole; the error naming the file;
+//!   printing that survives a closed pipe.
 //! - [`engine`]: pipeline format, DAG, cache keys, cache, local and Slurm execution, and the
 //!   [`engine::stage::Stage`] trait stages plug in through. It knows nothing of images, nnU-Net or
 //!   libtorch (`tests/layers.rs` checks its imports).
@@ -37,6 +38,7 @@ pub mod cli;
 pub mod data;
 pub mod engine;
 pub mod evaluate;
+pub mod file_error;
 pub mod inference;
 pub mod json_numbers;
 pub mod kernels;

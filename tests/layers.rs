@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 /// What the engine may use of the crate outside itself: bottom utilities that know no stage.
-const ALLOWED: &[&str] = &["engine", "atomic_file", "errln"];
+const ALLOWED: &[&str] = &["engine", "atomic_file", "file_error", "errln"];
 
 /// External crates of the image and network layers; the engine needs neither.
 const FORBIDDEN_CRATES: &[&str] = &["tch", "ndarray"];

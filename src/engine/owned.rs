@@ -196,7 +196,7 @@ impl<'a> ProjectOutputs<'a> {
         if self.slots.is_empty() && journal.files.is_empty() && !self.journal.exists() {
             return Ok(()); // a stage without project outputs needs no journal
         }
-        crate::atomic_file::write_json(&self.journal, journal)
+        crate::atomic_file::write_json(&self.journal, journal).map_err(|e| e.to_string())
     }
 }
 

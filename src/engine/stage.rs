@@ -89,8 +89,12 @@ pub trait Stage: Send + Sync + std::fmt::Debug {
     fn not_applicable(&self, _root: &Path) -> Option<String> {
         None
     }
-    fn run(&self, ctx: &StageContext) -> Result<(), String>;
+    fn run(&self, ctx: &StageContext) -> Result<(), StageError>;
 }
+
+/// Why a stage failed. The engine runs stages of any kind, so it takes their errors as they come
+/// (each kind has its own typed error) and adds which instance failed when it reports one.
+pub type StageError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A parameter problem: the path of keys to the offending value, and what is wrong.
 #[derive(Debug)]
@@ -214,7 +218,7 @@ mod tests {
         fn params_json(&self) -> serde_json::Value {
             to_json(self)
         }
-        fn run(&self, _ctx: &StageContext) -> Result<(), String> {
+        fn run(&self, _ctx: &StageContext) -> Result<(), StageError> {
             Ok(())
         }
     }

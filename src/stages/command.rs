@@ -8,7 +8,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::process::run_logged;
-use super::{to_json, Kind, Stage, StageContext, StageInput};
+use super::{to_json, Kind, Stage, StageContext, StageError, StageInput};
 
 pub const KIND: Kind = Kind {
     name: "command",
@@ -59,7 +59,7 @@ impl Stage for CommandStage {
         to_json(self)
     }
 
-    fn run(&self, ctx: &StageContext) -> Result<(), String> {
+    fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
         let mut command = Command::new("sh");
         command
             .arg("-c")
@@ -73,7 +73,7 @@ impl Stage for CommandStage {
         for (name, value) in &self.params {
             command.env(format!("NNFLOW_PARAM_{}", name.to_uppercase()), param_text(value));
         }
-        run_logged(command, ctx, "command")
+        Ok(run_logged(command, ctx, "command")?)
     }
 }
 

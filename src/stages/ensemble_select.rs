@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{reference_inputs, thread_pool, to_json, Kind, Stage, StageContext, StageInput};
+use super::{reference_inputs, thread_pool, to_json, Kind, Stage, StageContext, StageError, StageInput};
 use crate::data::dataset::Dataset;
 use crate::data::{nifti, npy};
 use crate::evaluate::ensemble::{candidates, hard_vote, select_best, soft_vote, Candidate};
@@ -87,7 +87,7 @@ impl Stage for EnsembleSelectStage {
         to_json(self)
     }
 
-    fn run(&self, ctx: &StageContext) -> Result<(), String> {
+    fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
         let dataset = Dataset::open(&ctx.root.join(&self.dataset)).map_err(|e| e.to_string())?;
         let models = cross_validations(
             &self
@@ -192,7 +192,7 @@ impl Stage for EnsembleSelectStage {
             .map(|c| models.iter().find(|m| &m.configuration == c).unwrap())
             .collect();
         let crossval = ctx.out_dir.join("crossval");
-        pool.install(|| {
+        Ok(pool.install(|| {
             case_ids.par_iter().try_for_each(|id| {
                 let file = format!("{id}{}", dataset.file_ending);
                 let (_, header) =
@@ -201,7 +201,7 @@ impl Stage for EnsembleSelectStage {
                 let labels = prediction.mapv(|v| v as i16);
                 write_label_map(&crossval.join(file), &labels, &header)
             })
-        })
+        })?)
     }
 }
 
@@ -212,7 +212,8 @@ fn cross_validations(trainings: &[PathBuf]) -> Result<Vec<CrossValidation>, Stri
         if !training.exists() {
             continue; // a training that did not apply (its configuration is not planned)
         }
-        let fold: FoldInfo = crate::atomic_file::read_json(&training.join("fold.json"))?;
+        let fold: FoldInfo =
+            crate::atomic_file::read_json(&training.join("fold.json")).map_err(|e| e.to_string())?;
         let entry = by_configuration
             .entry(fold.configuration.clone())
             .or_insert_with(|| CrossValidation {

@@ -5,7 +5,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{thread_pool, to_json, Kind, Stage, StageContext, StageInput};
+use super::{thread_pool, to_json, Kind, Stage, StageContext, StageError, StageInput};
 use crate::data::dataset::Dataset;
 use crate::evaluate::folder::{evaluate_folder, evaluation_targets, foreground_dice, summary_json};
 
@@ -54,7 +54,7 @@ impl Stage for EvaluateStage {
         to_json(self)
     }
 
-    fn run(&self, ctx: &StageContext) -> Result<(), String> {
+    fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
         let dataset = Dataset::open(&ctx.root.join(&self.dataset)).map_err(|e| e.to_string())?;
         let targets = evaluation_targets(&dataset);
         let ignore = dataset.ignore_label.map(|l| l as i32);

@@ -5,7 +5,7 @@ use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{dataset_inputs, thread_pool, Kind, Stage, StageContext, StageInput};
+use super::{dataset_inputs, thread_pool, Kind, Stage, StageContext, StageError, StageInput};
 use crate::data::dataset::Dataset;
 use crate::data::integrity::{check_case, load_case, Report};
 use crate::preprocess::fingerprint::{
@@ -59,7 +59,7 @@ impl Stage for FingerprintStage {
         super::to_json(self)
     }
 
-    fn run(&self, ctx: &StageContext) -> Result<(), String> {
+    fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
         let dataset = Dataset::open(&ctx.root.join(&self.dataset)).map_err(|e| e.to_string())?;
         let fingerprint = if self.check_integrity {
             let pool = thread_pool(ctx)?;
@@ -76,10 +76,11 @@ impl Stage for FingerprintStage {
                 "dataset {}: the fingerprint's `{path}` is not a finite number; \
                  dataset_fingerprint.json is not written",
                 dataset.root.display()
-            ));
+            )
+            .into());
         }
         let text = serde_json::to_vec_pretty(&value).map_err(|e| e.to_string())?;
-        std::fs::write(ctx.out_dir.join("dataset_fingerprint.json"), text).map_err(|e| e.to_string())
+        Ok(std::fs::write(ctx.out_dir.join("dataset_fingerprint.json"), text).map_err(|e| e.to_string())?)
     }
 }
 

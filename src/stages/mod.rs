@@ -17,7 +17,7 @@ pub mod train;
 
 // The engine's plug-in interface, re-exported for the kind modules (`use super::{Kind, Stage, ...}`).
 pub use crate::engine::stage::{
-    build_typed, to_json, Kind, ParamError, Registry, Stage, StageContext, StageInput,
+    build_typed, to_json, Kind, ParamError, Registry, Stage, StageContext, StageError, StageInput,
 };
 use crate::torch_env::LIBTORCH_VERSION;
 

@@ -8,7 +8,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{Kind, Stage, StageContext, StageInput};
+use super::{Kind, Stage, StageContext, StageError, StageInput};
 use crate::data::dataset::Dataset;
 use crate::plans::Plans;
 use crate::preprocess::fingerprint_format::Fingerprint;
@@ -87,7 +87,7 @@ impl Stage for PlanStage {
         super::to_json(self)
     }
 
-    fn run(&self, ctx: &StageContext) -> Result<(), String> {
+    fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
         let dataset_root = ctx.root.join(&self.dataset);
         let dataset = Dataset::open(&dataset_root).map_err(|e| e.to_string())?;
         let dataset_json: Value = read_json(&dataset_root.join("dataset.json"))?;

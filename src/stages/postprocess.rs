@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{reference_inputs, thread_pool, to_json, Kind, Stage, StageContext, StageInput};
+use super::{reference_inputs, thread_pool, to_json, Kind, Stage, StageContext, StageError, StageInput};
 use crate::data::dataset::{Dataset, LabelValue};
 use crate::data::nifti;
 use crate::evaluate::folder::evaluation_targets;
@@ -43,7 +43,7 @@ impl Stage for PostprocessStage {
         to_json(self)
     }
 
-    fn run(&self, ctx: &StageContext) -> Result<(), String> {
+    fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
         let dataset = Dataset::open(&ctx.root.join(&self.dataset)).map_err(|e| e.to_string())?;
         let crossval = ctx.root.join(&self.selection).join("crossval");
         let mut files: Vec<String> = std::fs::read_dir(&crossval)
@@ -89,6 +89,6 @@ impl Stage for PostprocessStage {
             decision.postprocessed.foreground_mean_dice
         ));
         let path = ctx.out_dir.join("postprocessing.json");
-        crate::atomic_file::write_json(&path, &decision)
+        Ok(crate::atomic_file::write_json(&path, &decision)?)
     }
 }

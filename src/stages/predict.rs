@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ensemble_select::Decision;
 use super::process::run_logged;
-use super::{to_json, Kind, Stage, StageContext, StageInput};
+use super::{to_json, Kind, Stage, StageContext, StageError, StageInput};
 use crate::data::dataset::Dataset;
 use crate::inference::cases::image_cases;
 use crate::inference::job::{ModelJob, PredictJob};
@@ -94,7 +94,8 @@ impl PredictStage {
             if !folder.exists() {
                 continue; // a training that did not apply (its configuration is not planned)
             }
-            let fold: FoldInfo = crate::atomic_file::read_json(&folder.join("fold.json"))?;
+            let fold: FoldInfo =
+                crate::atomic_file::read_json(&folder.join("fold.json")).map_err(|e| e.to_string())?;
             if fold.configuration == configuration {
                 checkpoints.push(folder.join("checkpoint_final.safetensors"));
             }
@@ -143,9 +144,9 @@ impl Stage for PredictStage {
         to_json(self)
     }
 
-    fn run(&self, ctx: &StageContext) -> Result<(), String> {
+    fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
         if !(self.step_size > 0.0 && self.step_size <= 1.0) {
-            return Err(format!("step_size must lie in (0, 1], got {}", self.step_size));
+            return Err(format!("step_size must lie in (0, 1], got {}", self.step_size).into());
         }
         let root = ctx.root;
         let dataset = Dataset::open(&root.join(&self.dataset)).map_err(|e| e.to_string())?;
@@ -204,6 +205,6 @@ impl Stage for PredictStage {
         crate::atomic_file::write_json(&job_file, &job)?;
         let mut command = Command::new(crate::torch_env::worker_path());
         command.arg("predict").arg(&job_file).current_dir(root);
-        run_logged(command, ctx, "prediction")
+        Ok(run_logged(command, ctx, "prediction")?)
     }
 }

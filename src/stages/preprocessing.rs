@@ -9,7 +9,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{dataset_inputs, thread_pool, Kind, Stage, StageContext, StageInput};
+use super::{dataset_inputs, thread_pool, Kind, Stage, StageContext, StageError, StageInput};
 use crate::data::case_store::{
     list_cases, read_case, read_properties, read_seg, write_case, write_case_linked, CaseProperties,
     StoredCase,
@@ -153,8 +153,8 @@ impl Stage for NormalizeStage {
         super::to_json(self)
     }
 
-    fn run(&self, ctx: &StageContext) -> Result<(), String> {
-        self.0.process(
+    fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
+        Ok(self.0.process(
             ctx,
             |_, _, _, _| Ok(None),
             |mut case, plan, _| {
@@ -164,7 +164,7 @@ impl Stage for NormalizeStage {
                 case_steps::normalize(&mut case, plan)?;
                 Ok(case)
             },
-        )
+        )?)
     }
 }
 
@@ -181,15 +181,15 @@ impl Stage for ResampleStage {
         super::to_json(self)
     }
 
-    fn run(&self, ctx: &StageContext) -> Result<(), String> {
-        self.0.process(ctx, unchanged_grid, |case, plan, dataset| {
+    fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
+        Ok(self.0.process(ctx, unchanged_grid, |case, plan, dataset| {
             if case.properties.resampled {
                 return Err("is already resampled (two resample stages in a row?)".into());
             }
             let mut case = case_steps::resample(case, plan)?;
             case_steps::add_class_locations(&mut case, &case_steps::location_targets(dataset));
             Ok(case)
-        })
+        })?)
     }
 }
 

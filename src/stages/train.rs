@@ -13,7 +13,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::process::run_logged_polling;
-use super::{to_json, Kind, Stage, StageContext, StageInput};
+use super::{to_json, Kind, Stage, StageContext, StageError, StageInput};
 use crate::train::job::TrainJob;
 use crate::train::params::TrainParams;
 
@@ -64,7 +64,7 @@ impl Stage for TrainStage {
         )
     }
 
-    fn run(&self, ctx: &StageContext) -> Result<(), String> {
+    fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
         self.0.validate()?;
         let absolute = |p: &str| -> String { ctx.root.join(p).to_string_lossy().into_owned() };
         let mut params = self.0.clone();
@@ -91,7 +91,7 @@ impl Stage for TrainStage {
         command.arg("train").arg(&job_file).current_dir(ctx.root);
         let progress_file = ctx.resume_dir.join("progress.json");
         let mut shown = None;
-        run_logged_polling(command, ctx, "training", || {
+        Ok(run_logged_polling(command, ctx, "training", || {
             let Ok(text) = std::fs::read_to_string(&progress_file) else {
                 return;
             };
@@ -101,7 +101,7 @@ impl Stage for TrainStage {
                 }
                 shown = Some(text);
             }
-        })
+        })?)
     }
 }
 

@@ -41,7 +41,8 @@ pub fn collect_predictions(
     }
     let mut found = BTreeMap::new();
     for training in trainings {
-        let info: FoldInfo = crate::atomic_file::read_json(&training.join("fold.json"))?;
+        let info: FoldInfo =
+            crate::atomic_file::read_json(&training.join("fold.json")).map_err(|e| e.to_string())?;
         if info.configuration != previous {
             return Err(format!(
                 "{}: a training of {}, but the previous stage of {configuration} is {previous}",

@@ -110,7 +110,7 @@ impl Slot {
             let (bytes, blake3) = digest(file).map_err(|e| format!("{}: {e}", file.display()))?;
             record.insert(role.to_string(), FileChecksum { bytes, blake3 });
         }
-        atomic_file::write_json(&self.record, &record)
+        atomic_file::write_json(&self.record, &record).map_err(|e| e.to_string())
     }
 
     /// Removes the checksum record: the slot no longer counts while its files change.

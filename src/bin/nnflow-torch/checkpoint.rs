@@ -89,7 +89,7 @@ pub fn save(
             .collect();
         write_tensors(&p.optimizer, &buffers)?;
     }
-    atomic_file::write_json(&p.state, state)
+    atomic_file::write_json(&p.state, state).map_err(|e| e.to_string())
 }
 
 /// Saves the resume checkpoint (`checkpoint_latest` in the resume folder): the intact one before it
@@ -104,7 +104,7 @@ pub fn save_latest(dir: &Path, vs: &VarStore, sgd: &Sgd, state: &TrainerState) -
 /// The trainer state of a resume checkpoint, without its tensors (to check what it belongs to
 /// before loading anything).
 pub fn read_state(slot: &Slot) -> Result<TrainerState, String> {
-    atomic_file::read_json(&slot.files.state)
+    atomic_file::read_json(&slot.files.state).map_err(|e| e.to_string())
 }
 
 /// Loads a resume checkpoint's weights into `vs` and momentum into `sgd`, all or nothing: both

@@ -100,7 +100,7 @@ pub fn validate_held_out(
         "validation foreground mean Dice: {:.4}",
         foreground_dice(&summary)
     ));
-    nnflow::atomic_file::write_json(&out.join("summary.json"), &summary)?;
+    nnflow::atomic_file::write_json(&out.join("summary.json"), &summary).map_err(|e| e.to_string())?;
     let fold = FoldInfo {
         configuration: params.configuration.clone(),
         fold: params.fold.text(),
@@ -108,5 +108,5 @@ pub fn validate_held_out(
         file_ending: dataset.file_ending.clone(),
         probabilities: params.save_probabilities,
     };
-    nnflow::atomic_file::write_json(&job.out_dir.join("fold.json"), &fold)
+    nnflow::atomic_file::write_json(&job.out_dir.join("fold.json"), &fold).map_err(|e| e.to_string())
 }

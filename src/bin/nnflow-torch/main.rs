@@ -94,11 +94,13 @@ fn doctor() -> Doctor {
 }
 
 fn train(job_file: &str) -> Result<(), String> {
-    let job: nnflow::train::job::TrainJob = nnflow::atomic_file::read_json(Path::new(job_file))?;
+    let job: nnflow::train::job::TrainJob =
+        nnflow::atomic_file::read_json(Path::new(job_file)).map_err(|e| e.to_string())?;
     trainer::train(&job)
 }
 
 fn run_predict(job_file: &str) -> Result<(), String> {
-    let job: nnflow::inference::job::PredictJob = nnflow::atomic_file::read_json(Path::new(job_file))?;
+    let job: nnflow::inference::job::PredictJob =
+        nnflow::atomic_file::read_json(Path::new(job_file)).map_err(|e| e.to_string())?;
     predict::predict(&job)
 }

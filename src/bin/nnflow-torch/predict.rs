@@ -46,7 +46,11 @@ pub fn predict(job: &PredictJob) -> Result<(), String> {
     let regions = RegionInfo::from_dataset(&dataset)?;
     let plans = Plans::read(&job.plans).map_err(|e| e.to_string())?;
     let rules = match &job.postprocessing {
-        Some(path) => nnflow::atomic_file::read_json::<Postprocessing>(path)?.rules,
+        Some(path) => {
+            nnflow::atomic_file::read_json::<Postprocessing>(path)
+                .map_err(|e| e.to_string())?
+                .rules
+        }
         None => Vec::new(),
     };
     let num_classes = dataset.num_segmentation_heads();

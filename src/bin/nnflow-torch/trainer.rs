@@ -404,7 +404,8 @@ impl<'a> Trainer<'a> {
             std::fs::copy(&best.weights, job.out_dir.join("checkpoint_best.safetensors"))
                 .map_err(|e| format!("{}: {e}", best.weights.display()))?;
         }
-        nnflow::atomic_file::write_json(&job.out_dir.join("training_history.json"), &state.logs)?;
+        nnflow::atomic_file::write_json(&job.out_dir.join("training_history.json"), &state.logs)
+            .map_err(|e| e.to_string())?;
         self.log
             .line(&format!("training done after {} epochs", state.epochs_done));
         Ok(())

@@ -100,7 +100,7 @@ impl RunDir {
     }
 
     pub fn save(&self, state_dir: &Path, run: &SlurmRun) -> Result<(), String> {
-        crate::atomic_file::write_json(&self.0.join("run.json"), run)?;
+        crate::atomic_file::write_json(&self.0.join("run.json"), run).map_err(|e| e.to_string())?;
         crate::atomic_file::write_atomically(&state_dir.join("slurm").join("latest"), run.run_id.as_bytes())
             .map_err(|e| format!("{}: {e}", state_dir.display()))
     }
@@ -117,7 +117,7 @@ impl RunDir {
         let path = self.receipt_path(&receipt.id);
         std::fs::create_dir_all(path.parent().expect("a folder"))
             .map_err(|e| format!("{}: {e}", path.display()))?;
-        crate::atomic_file::write_json(&path, receipt)
+        crate::atomic_file::write_json(&path, receipt).map_err(|e| e.to_string())
     }
 
     /// Instances to run even when fresh (`--force`), one per line.
