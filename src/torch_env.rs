@@ -43,20 +43,37 @@ pub fn worker_path() -> std::path::PathBuf {
     exe.with_file_name("nnflow-torch")
 }
 
+/// Why the worker could not tell the libtorch facts; each names the worker binary.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("cannot start {}: {source}", worker.display())]
+    Start {
+        worker: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// The worker ran and failed; `stderr` is what it printed.
+    #[error("{} failed: {stderr}", worker.display())]
+    Failed {
+        worker: std::path::PathBuf,
+        stderr: String,
+    },
+    #[error("unreadable answer from {}: {source}", worker.display())]
+    Answer {
+        worker: std::path::PathBuf,
+        source: serde_json::Error,
+    },
+}
+
 /// Asks the worker for the libtorch facts (CUDA, GPU count, threads).
-pub fn query_worker() -> Result<Doctor, String> {
+pub fn query_worker() -> Result<Doctor, WorkerError> {
     let worker = worker_path();
-    let output = std::process::Command::new(&worker)
-        .arg("doctor")
-        .output()
-        .map_err(|e| format!("cannot start {}: {e}", worker.display()))?;
+    let output = match std::process::Command::new(&worker).arg("doctor").output() {
+        Ok(output) => output,
+        Err(source) => return Err(WorkerError::Start { worker, source }),
+    };
     if !output.status.success() {
-        return Err(format!(
-            "{} failed: {}",
-            worker.display(),
-            String::from_utf8_lossy(&output.stderr)
-        ));
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        return Err(WorkerError::Failed { worker, stderr });
     }
-    serde_json::from_slice(&output.stdout)
-        .map_err(|e| format!("unreadable answer from {}: {e}", worker.display()))
+    serde_json::from_slice(&output.stdout).map_err(|source| WorkerError::Answer { worker, source })
 }

@@ -49,6 +49,10 @@ pub struct Sample {
 /// Everything that can go wrong when configuring or applying augmentation.
 #[derive(Debug, thiserror::Error)]
 pub enum AugmentError {
+    /// The pipeline is not the JSON of a transform list.
+    #[error("invalid augmentation config: {0}")]
+    Json(#[source] serde_json::Error),
+    /// Every problem of the config, joined.
     #[error("invalid augmentation config: {0}")]
     Config(String),
     #[error("transform `{transform}`: {message}")]

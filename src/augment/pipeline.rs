@@ -255,7 +255,7 @@ impl Pipeline {
 
     /// Parses a JSON list of transforms and validates it.
     pub fn from_json(text: &str) -> Result<Self, AugmentError> {
-        let pipeline: Self = serde_json::from_str(text).map_err(|e| AugmentError::Config(e.to_string()))?;
+        let pipeline: Self = serde_json::from_str(text).map_err(AugmentError::Json)?;
         pipeline.validate()?;
         Ok(pipeline)
     }

@@ -171,8 +171,8 @@ fn run(
                 }
                 EXIT_OK
             }
-            Err(message) => {
-                crate::errln!("error: {message}");
+            Err(error) => {
+                crate::errln!("error: {error}");
                 EXIT_FAILED
             }
         };
@@ -196,8 +196,8 @@ fn detect_gpus(engine: &Engine) -> Vec<usize> {
     }
     match torch_env::query_worker() {
         Ok(facts) => (0..facts.gpu_count).collect(),
-        Err(message) => {
-            crate::errln!("warning: cannot detect GPUs ({message}); use --gpus");
+        Err(error) => {
+            crate::errln!("warning: cannot detect GPUs ({error}); use --gpus");
             Vec::new()
         }
     }
@@ -206,8 +206,8 @@ fn detect_gpus(engine: &Engine) -> Vec<usize> {
 fn run_engine(engine: &Engine, options: &RunOptions, json: bool, cancel: &AtomicBool) -> i32 {
     match executor::run(engine, options, cancel) {
         Ok(report) => print_report(report, json),
-        Err(message) => {
-            crate::errln!("error: {message}");
+        Err(error) => {
+            crate::errln!("error: {error}");
             EXIT_INVALID
         }
     }
@@ -247,8 +247,8 @@ fn print_status(args: &PipelineArgs, stages: &[String], json: bool, dry_run: boo
     };
     let report = match status::status(&engine, stages) {
         Ok(report) => report,
-        Err(message) => {
-            crate::errln!("error: {message}");
+        Err(error) => {
+            crate::errln!("error: {error}");
             return EXIT_INVALID;
         }
     };
@@ -312,8 +312,8 @@ fn cancel_slurm_run(args: &PipelineArgs) -> i32 {
             crate::errln!("cancelled {} ({})", run.job_name, ids.join(", "));
             EXIT_OK
         }
-        Err(message) => {
-            crate::errln!("error: {message}");
+        Err(error) => {
+            crate::errln!("error: {error}");
             EXIT_FAILED
         }
     }
@@ -426,8 +426,8 @@ fn watch_pipeline(args: &PipelineArgs, jobs: Option<usize>, debounce_ms: u64) ->
     );
     match result {
         Ok(()) => EXIT_OK,
-        Err(message) => {
-            crate::errln!("error: {message}");
+        Err(error) => {
+            crate::errln!("error: {error}");
             EXIT_FAILED
         }
     }
@@ -449,8 +449,8 @@ fn collect_garbage(args: &PipelineArgs, keep_last: usize) -> i32 {
             );
             EXIT_OK
         }
-        Err(message) => {
-            crate::errln!("error: {message}");
+        Err(error) => {
+            crate::errln!("error: {error}");
             EXIT_FAILED
         }
     }
@@ -466,7 +466,7 @@ fn doctor(json: bool) -> i32 {
             "cpu_cores": cores,
             "rayon_threads": rayon_threads,
             "torch": torch.as_ref().ok(),
-            "torch_error": torch.as_ref().err(),
+            "torch_error": torch.as_ref().err().map(ToString::to_string),
         });
         outln!(
             "{}",
@@ -496,8 +496,8 @@ fn doctor(json: bool) -> i32 {
             );
             EXIT_OK
         }
-        Err(message) => {
-            outln!("libtorch          unavailable: {message}");
+        Err(error) => {
+            outln!("libtorch          unavailable: {error}");
             EXIT_FAILED
         }
     }

@@ -9,6 +9,7 @@ use crate::data::dataset::Dataset;
 use crate::data::import::{self, ImportError, ImportSpec};
 use crate::data::integrity::check_dataset;
 use crate::data::synthetic::{write_dataset, SyntheticSpec};
+use crate::file_error::FileError;
 
 /// The optional `--config` file of `nnflow import`.
 #[derive(serde::Deserialize, Default)]
@@ -18,6 +19,23 @@ struct ImportConfig {
     channels: Vec<String>,
     #[serde(default)]
     labels: BTreeMap<String, i64>,
+}
+
+/// An `--config` file that cannot be read or is not a valid import configuration.
+#[derive(Debug, thiserror::Error)]
+enum ImportConfigError {
+    #[error(transparent)]
+    Read(#[from] FileError),
+    #[error("{}: {source}", path.display())]
+    Parse { path: PathBuf, source: toml::de::Error },
+}
+
+fn read_import_config(path: &Path) -> Result<ImportConfig, ImportConfigError> {
+    let text = std::fs::read_to_string(path).map_err(FileError::io(path))?;
+    toml::from_str(&text).map_err(|source| ImportConfigError::Parse {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 pub fn import(
@@ -30,18 +48,15 @@ pub fn import(
 ) -> i32 {
     let mut label_map = BTreeMap::new();
     if let Some(path) = config {
-        let parsed = std::fs::read_to_string(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|text| toml::from_str::<ImportConfig>(&text).map_err(|e| e.to_string()));
-        match parsed {
+        match read_import_config(&path) {
             Ok(config) => {
                 if channels.is_empty() {
                     channels = config.channels;
                 }
                 label_map = config.labels;
             }
-            Err(message) => {
-                crate::errln!("error: {}: {message}", path.display());
+            Err(error) => {
+                crate::errln!("error: {error}");
                 return EXIT_INVALID;
             }
         }

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::geometry::Header;
 use super::npy;
+use crate::file_error::FileError;
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct CaseProperties {
@@ -49,10 +50,21 @@ pub struct StoredCase {
 pub enum CaseStoreError {
     #[error(transparent)]
     Npy(#[from] npy::NpyError),
-    #[error("{path}: {message}")]
-    Properties { path: PathBuf, message: String },
-    #[error("case {case}: {message}")]
-    Shape { case: String, message: String },
+    /// The properties file (`<id>.json`).
+    #[error(transparent)]
+    Properties(#[from] FileError),
+    #[error("case {case}: {source}")]
+    Dimensions {
+        case: String,
+        #[source]
+        source: ndarray::ShapeError,
+    },
+    #[error("case {case}: segmentation {seg:?} and image {data:?} differ")]
+    SegShape {
+        case: String,
+        seg: Vec<usize>,
+        data: Vec<usize>,
+    },
 }
 
 fn paths(folder: &Path, id: &str) -> (PathBuf, PathBuf, PathBuf) {
@@ -66,11 +78,7 @@ fn paths(folder: &Path, id: &str) -> (PathBuf, PathBuf, PathBuf) {
 /// Writes a case; the properties file is written last, and marks the case as present.
 pub fn write_case(folder: &Path, id: &str, case: &StoredCase) -> Result<(), CaseStoreError> {
     let (data_path, seg_path, properties_path) = paths(folder, id);
-    let properties_error = |message: String| CaseStoreError::Properties {
-        path: properties_path.clone(),
-        message,
-    };
-    std::fs::create_dir_all(folder).map_err(|e| properties_error(e.to_string()))?;
+    std::fs::create_dir_all(folder).map_err(FileError::io(&properties_path))?;
     write_renamed(&data_path, |tmp| npy::write(tmp, case.data.view()))?;
     if let Some(seg) = &case.seg {
         // int8 when the labels fit, as nnU-Net stores them: half the bytes to write and read.
@@ -82,8 +90,12 @@ pub fn write_case(folder: &Path, id: &str, case: &StoredCase) -> Result<(), Case
         }
     }
     // Compact: class locations are ten thousand coordinates per class.
-    let text = serde_json::to_vec(&case.properties).map_err(|e| properties_error(e.to_string()))?;
-    crate::atomic_file::write_atomically(&properties_path, &text).map_err(|e| properties_error(e.to_string()))
+    write_properties(&properties_path, &case.properties)
+}
+
+fn write_properties(path: &Path, properties: &CaseProperties) -> Result<(), CaseStoreError> {
+    let text = serde_json::to_vec(properties).map_err(FileError::json(path))?;
+    Ok(crate::atomic_file::write_atomically(path, &text).map_err(FileError::io(path))?)
 }
 
 fn write_renamed(
@@ -102,12 +114,8 @@ fn write_renamed(
 
 pub fn read_properties(folder: &Path, id: &str) -> Result<CaseProperties, CaseStoreError> {
     let (_, _, properties_path) = paths(folder, id);
-    let error = |message: String| CaseStoreError::Properties {
-        path: properties_path.clone(),
-        message,
-    };
-    let text = std::fs::read(&properties_path).map_err(|e| error(e.to_string()))?;
-    serde_json::from_slice(&text).map_err(|e| error(e.to_string()))
+    let text = std::fs::read(&properties_path).map_err(FileError::io(&properties_path))?;
+    Ok(serde_json::from_slice(&text).map_err(FileError::json(&properties_path))?)
 }
 
 /// A case's segmentation alone, if it has one.
@@ -118,9 +126,9 @@ pub fn read_seg(folder: &Path, id: &str) -> Result<Option<Array4<i16>>, CaseStor
     }
     let seg = npy::read_labels(&seg_path)?
         .into_dimensionality::<Ix4>()
-        .map_err(|e| CaseStoreError::Shape {
+        .map_err(|source| CaseStoreError::Dimensions {
             case: id.to_string(),
-            message: e.to_string(),
+            source,
         })?;
     Ok(Some(seg))
 }
@@ -147,36 +155,29 @@ pub fn write_case_linked(
             std::fs::copy(&from, &to).map_err(|e| io(&to, e))?;
         }
     }
-    let text = serde_json::to_vec(properties).map_err(|e| CaseStoreError::Properties {
-        path: properties_path.clone(),
-        message: e.to_string(),
-    })?;
-    crate::atomic_file::write_atomically(&properties_path, &text).map_err(|e| CaseStoreError::Properties {
-        path: properties_path.clone(),
-        message: e.to_string(),
-    })
+    write_properties(&properties_path, properties)
 }
 
 pub fn read_case(folder: &Path, id: &str) -> Result<StoredCase, CaseStoreError> {
     let (data_path, seg_path, _) = paths(folder, id);
     let properties = read_properties(folder, id)?;
-    let shape = |message: String| CaseStoreError::Shape {
+    let dimensions = |source| CaseStoreError::Dimensions {
         case: id.to_string(),
-        message,
+        source,
     };
     let data = npy::read::<f32>(&data_path)?
         .into_dimensionality::<Ix4>()
-        .map_err(|e| shape(e.to_string()))?;
+        .map_err(dimensions)?;
     let seg = if seg_path.exists() {
         let seg = npy::read_labels(&seg_path)?
             .into_dimensionality::<Ix4>()
-            .map_err(|e| shape(e.to_string()))?;
+            .map_err(dimensions)?;
         if seg.shape()[1..] != data.shape()[1..] {
-            return Err(shape(format!(
-                "segmentation {:?} and image {:?} differ",
-                seg.shape(),
-                data.shape()
-            )));
+            return Err(CaseStoreError::SegShape {
+                case: id.to_string(),
+                seg: seg.shape().to_vec(),
+                data: data.shape().to_vec(),
+            });
         }
         Some(seg)
     } else {

@@ -49,8 +49,33 @@ pub struct Dataset {
 pub enum DatasetError {
     #[error("{path}: cannot read: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("{path}: invalid dataset.json: {message}")]
-    Invalid { path: PathBuf, message: String },
+    #[error("{path}: invalid dataset.json: {source}")]
+    Invalid {
+        path: PathBuf,
+        #[source]
+        source: InvalidDatasetJson,
+    },
+}
+
+/// What is wrong inside a dataset.json.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidDatasetJson {
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error("neither `channel_names` nor `modality` is present")]
+    NoChannels,
+    #[error("channel keys must be \"0\", \"1\", ...")]
+    ChannelKey,
+    #[error("channel keys must be consecutive from \"0\"")]
+    ChannelGap,
+    #[error("label `{name}` must be an integer or a list of integers")]
+    LabelValue { name: String },
+    #[error("the ignore label must be one integer")]
+    IgnoreRegion,
+    #[error("v1 label key `{key}` is not an integer")]
+    V1LabelKey { key: String },
+    #[error("v1 label {value} must have a name")]
+    V1LabelName { value: i64 },
 }
 
 /// dataset.json as written by nnU-Net v2, or v1 (keys of both accepted; unknown keys ignored, as
@@ -81,13 +106,12 @@ impl Dataset {
             path: path.clone(),
             source,
         })?;
-        let invalid = |message: String| DatasetError::Invalid {
+        let invalid = |source: InvalidDatasetJson| DatasetError::Invalid {
             path: path.clone(),
-            message,
+            source,
         };
-        let raw: RawDatasetJson = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
-        let channels = channel_list(raw.channel_names.as_ref().or(raw.modality.as_ref()))
-            .map_err(|m| invalid(m.to_string()))?;
+        let raw: RawDatasetJson = serde_json::from_str(&text).map_err(|e| invalid(e.into()))?;
+        let channels = channel_list(raw.channel_names.as_ref().or(raw.modality.as_ref())).map_err(invalid)?;
         let (labels, ignore_label) = if raw.modality.is_some() && raw.channel_names.is_none() {
             (v1_labels(&raw.labels).map_err(invalid)?, None)
         } else {
@@ -224,32 +248,34 @@ impl Dataset {
     }
 }
 
-fn channel_list(names: Option<&BTreeMap<String, String>>) -> Result<Vec<String>, &'static str> {
-    let names = names.ok_or("neither `channel_names` nor `modality` is present")?;
+fn channel_list(names: Option<&BTreeMap<String, String>>) -> Result<Vec<String>, InvalidDatasetJson> {
+    let names = names.ok_or(InvalidDatasetJson::NoChannels)?;
     let mut indexed: Vec<(usize, &String)> = Vec::new();
     for (index, name) in names {
         let index = index
             .parse::<usize>()
-            .map_err(|_| "channel keys must be \"0\", \"1\", ...")?;
+            .map_err(|_| InvalidDatasetJson::ChannelKey)?;
         indexed.push((index, name));
     }
     indexed.sort();
     if indexed.iter().enumerate().any(|(i, (index, _))| i != *index) {
-        return Err("channel keys must be consecutive from \"0\"");
+        return Err(InvalidDatasetJson::ChannelGap);
     }
     Ok(indexed.into_iter().map(|(_, name)| name.clone()).collect())
 }
 
 /// v2: `name -> value`; `"ignore"` names the ignore label.
-fn v2_labels(labels: &BTreeMap<String, serde_json::Value>) -> Result<(Vec<Label>, Option<i64>), String> {
+fn v2_labels(
+    labels: &BTreeMap<String, serde_json::Value>,
+) -> Result<(Vec<Label>, Option<i64>), InvalidDatasetJson> {
     let mut list = Vec::new();
     let mut ignore = None;
     for (name, value) in labels {
         let value: LabelValue = serde_json::from_value(value.clone())
-            .map_err(|_| format!("label `{name}` must be an integer or a list of integers"))?;
+            .map_err(|_| InvalidDatasetJson::LabelValue { name: name.clone() })?;
         match (name.as_str(), &value) {
             ("ignore", LabelValue::Single(v)) => ignore = Some(*v),
-            ("ignore", LabelValue::Region(_)) => return Err("the ignore label must be one integer".into()),
+            ("ignore", LabelValue::Region(_)) => return Err(InvalidDatasetJson::IgnoreRegion),
             _ => list.push(Label {
                 name: name.clone(),
                 value,
@@ -264,15 +290,13 @@ fn v2_labels(labels: &BTreeMap<String, serde_json::Value>) -> Result<(Vec<Label>
 }
 
 /// v1: `"value" -> name`.
-fn v1_labels(labels: &BTreeMap<String, serde_json::Value>) -> Result<Vec<Label>, String> {
+fn v1_labels(labels: &BTreeMap<String, serde_json::Value>) -> Result<Vec<Label>, InvalidDatasetJson> {
     let mut list = Vec::new();
     for (value, name) in labels {
         let value = value
             .parse::<i64>()
-            .map_err(|_| format!("v1 label key `{value}` is not an integer"))?;
-        let name = name
-            .as_str()
-            .ok_or_else(|| format!("v1 label {value} must have a name"))?;
+            .map_err(|_| InvalidDatasetJson::V1LabelKey { key: value.clone() })?;
+        let name = name.as_str().ok_or(InvalidDatasetJson::V1LabelName { value })?;
         list.push(Label {
             name: name.to_string(),
             value: LabelValue::Single(value),

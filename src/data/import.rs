@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::dataset::Dataset;
+use super::dataset::{Dataset, DatasetError};
 use super::integrity::{check_dataset, Report};
 use super::nifti;
 
@@ -24,8 +24,31 @@ pub struct ImportSpec {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
-    #[error("{0}")]
-    Input(String),
+    #[error("cannot read folder {}: {source}", folder.display())]
+    ReadFolder { folder: PathBuf, source: std::io::Error },
+    #[error("give one channel name per image folder ({folders} folders, {names} names)")]
+    ChannelNames { folders: usize, names: usize },
+    #[error("{} already exists; nothing was written", output.display())]
+    OutputExists { output: PathBuf },
+    /// Writing the staging folder the dataset is assembled in.
+    #[error("cannot write {}: {source}", staging.display())]
+    Staging {
+        staging: PathBuf,
+        source: std::io::Error,
+    },
+    /// Renaming the assembled dataset into place.
+    #[error("cannot create {}: {source}", output.display())]
+    Rename { output: PathBuf, source: std::io::Error },
+    #[error("case {case}: mixes .nii and .nii.gz files; use one")]
+    MixedEndings { case: String },
+    #[error("case {case}: {source}")]
+    Label {
+        case: String,
+        #[source]
+        source: nifti::NiftiError,
+    },
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
     #[error("the imported dataset is not valid:\n{}", .0.render())]
     Invalid(Report),
 }
@@ -40,8 +63,10 @@ fn case_name(file: &str) -> Option<(&str, &str)> {
 
 /// Case name -> file, for every NIfTI file in a folder.
 fn nifti_files(folder: &Path) -> Result<BTreeMap<String, PathBuf>, ImportError> {
-    let entries = std::fs::read_dir(folder)
-        .map_err(|e| ImportError::Input(format!("cannot read folder {}: {e}", folder.display())))?;
+    let entries = std::fs::read_dir(folder).map_err(|source| ImportError::ReadFolder {
+        folder: folder.to_path_buf(),
+        source,
+    })?;
     Ok(entries
         .flatten()
         .filter_map(|entry| {
@@ -54,17 +79,15 @@ fn nifti_files(folder: &Path) -> Result<BTreeMap<String, PathBuf>, ImportError> 
 
 pub fn import(spec: &ImportSpec) -> Result<Dataset, ImportError> {
     if spec.image_folders.is_empty() || spec.image_folders.len() != spec.channel_names.len() {
-        return Err(ImportError::Input(format!(
-            "give one channel name per image folder ({} folders, {} names)",
-            spec.image_folders.len(),
-            spec.channel_names.len()
-        )));
+        return Err(ImportError::ChannelNames {
+            folders: spec.image_folders.len(),
+            names: spec.channel_names.len(),
+        });
     }
     if spec.output.exists() {
-        return Err(ImportError::Input(format!(
-            "{} already exists; nothing was written",
-            spec.output.display()
-        )));
+        return Err(ImportError::OutputExists {
+            output: spec.output.clone(),
+        });
     }
     let labels = nifti_files(&spec.label_folder)?;
     let channels: Vec<BTreeMap<String, PathBuf>> = spec
@@ -100,9 +123,11 @@ pub fn import(spec: &ImportSpec) -> Result<Dataset, ImportError> {
     let result = assemble(spec, &labels, &channels, &staging);
     match result {
         Ok(()) => {
-            std::fs::rename(&staging, &spec.output)
-                .map_err(|e| ImportError::Input(format!("cannot create {}: {e}", spec.output.display())))?;
-            Dataset::open(&spec.output).map_err(|e| ImportError::Input(e.to_string()))
+            std::fs::rename(&staging, &spec.output).map_err(|source| ImportError::Rename {
+                output: spec.output.clone(),
+                source,
+            })?;
+            Ok(Dataset::open(&spec.output)?)
         }
         Err(error) => {
             let _ = std::fs::remove_dir_all(&staging);
@@ -117,7 +142,10 @@ fn assemble(
     channels: &[BTreeMap<String, PathBuf>],
     staging: &Path,
 ) -> Result<(), ImportError> {
-    let io = |e: std::io::Error| ImportError::Input(format!("cannot write {}: {e}", staging.display()));
+    let io = |source| ImportError::Staging {
+        staging: staging.to_path_buf(),
+        source,
+    };
     std::fs::create_dir_all(staging.join("imagesTr")).map_err(io)?;
     std::fs::create_dir_all(staging.join("labelsTr")).map_err(io)?;
     // Keep each file's own encoding: copy as is, naming it as nnU-Net expects.
@@ -131,9 +159,7 @@ fn assemble(
     let file_ending = labels.values().next().map_or(".nii.gz", |p| ending(p));
     for (case, label) in labels {
         if ending(label) != file_ending {
-            return Err(ImportError::Input(format!(
-                "case {case}: mixes .nii and .nii.gz files; use one"
-            )));
+            return Err(ImportError::MixedEndings { case: case.clone() });
         }
         std::fs::copy(label, staging.join(format!("labelsTr/{case}{file_ending}"))).map_err(io)?;
         for (channel, files) in channels.iter().enumerate() {
@@ -163,7 +189,7 @@ fn assemble(
         serde_json::to_vec_pretty(&json).expect("json"),
     )
     .map_err(io)?;
-    let dataset = Dataset::open(staging).map_err(|e| ImportError::Input(e.to_string()))?;
+    let dataset = Dataset::open(staging)?;
     let report = check_dataset(&dataset);
     if report.is_ok() {
         Ok(())
@@ -176,8 +202,10 @@ fn assemble(
 fn discovered_labels(labels: &BTreeMap<String, PathBuf>) -> Result<BTreeMap<String, i64>, ImportError> {
     let mut values = std::collections::BTreeSet::new();
     for (case, path) in labels {
-        let (label, _) =
-            nifti::read_integer_labels(path).map_err(|e| ImportError::Input(format!("case {case}: {e}")))?;
+        let (label, _) = nifti::read_integer_labels(path).map_err(|source| ImportError::Label {
+            case: case.clone(),
+            source,
+        })?;
         values.extend(label.iter().map(|&v| v as i64));
     }
     Ok(values

@@ -48,20 +48,34 @@ impl Report {
     }
 }
 
+/// A case file that cannot be read: one problem of the integrity report.
+#[derive(Debug, thiserror::Error)]
+#[error("case {case}: {source}")]
+pub struct UnreadableFile {
+    pub case: String,
+    /// Names the file.
+    #[source]
+    pub source: nifti::NiftiError,
+}
+
 /// Reads a case's files; a file that cannot be read is a problem naming the case and the file.
-pub fn load_case(case: &Case) -> Result<LoadedCase, Vec<String>> {
+pub fn load_case(case: &Case) -> Result<LoadedCase, Vec<UnreadableFile>> {
+    let unreadable = |source| UnreadableFile {
+        case: case.id.clone(),
+        source,
+    };
     let mut problems = Vec::new();
     let mut images = Vec::new();
     for path in &case.images {
         match nifti::read(path) {
             Ok(volume) => images.push(volume),
-            Err(e) => problems.push(format!("case {}: {e}", case.id)),
+            Err(e) => problems.push(unreadable(e)),
         }
     }
     let label = match nifti::read_integer_labels(&case.label) {
         Ok(label) => Some(label),
         Err(e) => {
-            problems.push(format!("case {}: {e}", case.id));
+            problems.push(unreadable(e));
             None
         }
     };
@@ -229,8 +243,8 @@ pub fn check_dataset(dataset: &Dataset) -> Report {
         .filter(|case| case.images.iter().all(|p| p.is_file()) && case.label.is_file())
         .map(|case| match load_case(case) {
             Ok(loaded) => check_case(&loaded, &allowed),
-            Err(problems) => Report {
-                problems,
+            Err(unreadable) => Report {
+                problems: unreadable.iter().map(ToString::to_string).collect(),
                 warnings: Vec::new(),
             },
         })

@@ -43,8 +43,41 @@ npy_element!(i64, "<i8");
 pub enum NpyError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("{path}: not a .npy file this reader supports: {reason}")]
-    Format { path: PathBuf, reason: String },
+    #[error("{path}: not a .npy file this reader supports: {source}")]
+    Header {
+        path: PathBuf,
+        #[source]
+        source: HeaderError,
+    },
+    #[error(
+        "{path}: not a .npy file this reader supports: truncated: {got} bytes of data for shape {shape:?}"
+    )]
+    Truncated {
+        path: PathBuf,
+        got: usize,
+        shape: Vec<usize>,
+    },
+}
+
+/// A .npy header this reader does not accept.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum HeaderError {
+    #[error("missing the \\x93NUMPY magic")]
+    NoMagic,
+    #[error("unsupported version {0}")]
+    Version(u8),
+    #[error("truncated header")]
+    Truncated,
+    #[error("header is not text")]
+    NotText,
+    #[error("expected dtype {expected}, header is {header}")]
+    Dtype { expected: String, header: String },
+    #[error("Fortran order is not supported")]
+    FortranOrder,
+    #[error("no shape in header")]
+    NoShape,
+    #[error("bad shape {0}")]
+    BadShape(String),
 }
 
 /// Writes an array (any dimension, standard or not: it is written in logical C order).
@@ -112,15 +145,14 @@ pub fn read<T: NpyElement>(path: &Path) -> Result<ArrayD<T>, NpyError> {
         path: path.to_path_buf(),
         source,
     };
-    let format = |reason: String| NpyError::Format {
-        path: path.to_path_buf(),
-        reason,
-    };
     let mut file = File::open(path).map_err(io)?;
     let mut head = vec![0u8; 4096];
     let read = read_up_to(&mut file, &mut head).map_err(io)?;
     head.truncate(read);
-    let (shape, offset) = parse_header(&head, T::DESCR).map_err(format)?;
+    let (shape, offset) = parse_header(&head, T::DESCR).map_err(|source| NpyError::Header {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let count: usize = shape.iter().product();
     // Read the data straight into the typed buffer (no intermediate byte copy).
     let mut values = vec![T::default(); count];
@@ -129,16 +161,19 @@ pub fn read<T: NpyElement>(path: &Path) -> Result<ArrayD<T>, NpyError> {
     target[..already].copy_from_slice(&head[offset..offset + already]);
     let got = already + read_up_to(&mut file, &mut target[already..]).map_err(io)?;
     if got < target.len() {
-        return Err(format(format!(
-            "truncated: {got} bytes of data for shape {shape:?}"
-        )));
+        return Err(NpyError::Truncated {
+            path: path.to_path_buf(),
+            got,
+            shape,
+        });
     }
     if cfg!(target_endian = "big") {
         values
             .iter_mut()
             .for_each(|v| *v = T::read_le(bytemuck::bytes_of(v)));
     }
-    ArrayD::from_shape_vec(IxDyn(&shape), values).map_err(|e| format(e.to_string()))
+    // `values` holds exactly the shape's element count.
+    Ok(ArrayD::from_shape_vec(IxDyn(&shape), values).expect("one value per element"))
 }
 
 /// Reads until `buffer` is full or the file ends; returns how many bytes were read.
@@ -154,9 +189,9 @@ fn read_up_to(file: &mut File, buffer: &mut [u8]) -> std::io::Result<usize> {
 }
 
 /// Parses the header: the shape and the offset of the data.
-pub fn parse_header(bytes: &[u8], descr: &str) -> Result<(Vec<usize>, usize), String> {
+pub fn parse_header(bytes: &[u8], descr: &str) -> Result<(Vec<usize>, usize), HeaderError> {
     if bytes.len() < 10 || &bytes[..6] != MAGIC {
-        return Err("missing the \\x93NUMPY magic".into());
+        return Err(HeaderError::NoMagic);
     }
     let (length, start) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
@@ -164,27 +199,33 @@ pub fn parse_header(bytes: &[u8], descr: &str) -> Result<(Vec<usize>, usize), St
             u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
             12,
         ),
-        version => return Err(format!("unsupported version {version}")),
+        version => return Err(HeaderError::Version(version)),
     };
-    let header = bytes.get(start..start + length).ok_or("truncated header")?;
-    let header = std::str::from_utf8(header).map_err(|_| "header is not text")?;
+    let header = bytes.get(start..start + length).ok_or(HeaderError::Truncated)?;
+    let header = std::str::from_utf8(header).map_err(|_| HeaderError::NotText)?;
     if !header.contains(&format!("'descr': '{descr}'")) {
-        return Err(format!("expected dtype {descr}, header is {}", header.trim()));
+        return Err(HeaderError::Dtype {
+            expected: descr.to_string(),
+            header: header.trim().to_string(),
+        });
     }
     if header.contains("'fortran_order': True") {
-        return Err("Fortran order is not supported".into());
+        return Err(HeaderError::FortranOrder);
     }
     let shape_text = header
         .split("'shape':")
         .nth(1)
         .and_then(|rest| rest.split('(').nth(1))
         .and_then(|rest| rest.split(')').next())
-        .ok_or("no shape in header")?;
+        .ok_or(HeaderError::NoShape)?;
     let shape = shape_text
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>().map_err(|_| format!("bad shape {shape_text}")))
+        .map(|s| {
+            s.parse::<usize>()
+                .map_err(|_| HeaderError::BadShape(shape_text.to_string()))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     Ok((shape, start + length))
 }

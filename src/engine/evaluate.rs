@@ -5,11 +5,37 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::config::{Instance, Pipeline};
-use super::hashing::{Digest, FileHasher};
+use super::hashing::{Digest, FileHasher, HashError};
 use super::key::{StageKey, CACHE_LAYOUT};
 use super::owned::ProjectOutputs;
 use super::paths::declared_outputs;
 use super::record::Record;
+use super::{FsError, Operation};
+
+/// Why a stage's inputs could not be found or hashed (so its key cannot be computed).
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    /// A named input (a dataset folder, say).
+    #[error("input `{name}` ({}) does not exist", path.display())]
+    Missing { name: String, path: PathBuf },
+    /// An input named by its own path (a command's), relative to the project folder `root`.
+    #[error("input `{pattern}` does not exist (in {})", root.display())]
+    NotFound { pattern: String, root: PathBuf },
+    #[error("bad input glob `{pattern}`: {source}")]
+    BadGlob {
+        pattern: String,
+        source: glob::PatternError,
+    },
+    #[error("cannot read input `{pattern}`: {source}")]
+    Unreadable {
+        pattern: String,
+        source: glob::GlobError,
+    },
+    #[error(transparent)]
+    Hash(#[from] HashError),
+    #[error(transparent)]
+    Fs(#[from] FsError),
+}
 
 /// The key of an instance given the output digests of its upstream instances.
 pub fn stage_key(
@@ -17,7 +43,7 @@ pub fn stage_key(
     instance: &Instance,
     upstream: BTreeMap<String, Digest>,
     hasher: &FileHasher,
-) -> Result<StageKey, String> {
+) -> Result<StageKey, InputError> {
     let inputs = digest_inputs(pipeline, instance, hasher)?;
     let env = instance
         .implementation
@@ -52,69 +78,64 @@ fn digest_inputs(
     pipeline: &Pipeline,
     instance: &Instance,
     hasher: &FileHasher,
-) -> Result<BTreeMap<String, Digest>, String> {
+) -> Result<BTreeMap<String, Digest>, InputError> {
     let mut digests = BTreeMap::new();
     for input in instance.implementation.inputs() {
         if input.name == input.path {
-            let paths = expand_patterns(&pipeline.root, std::slice::from_ref(&input.path), "input")?;
-            digests.extend(
-                hasher
-                    .digest_tree(&pipeline.root, &paths)
-                    .map_err(|e| e.to_string())?,
-            );
+            let paths = expand_patterns(&pipeline.root, std::slice::from_ref(&input.path))?;
+            digests.extend(hasher.digest_tree(&pipeline.root, &paths)?);
             continue;
         }
         let location = pipeline.root.join(&input.path);
         if location.is_dir() {
             let mut entries: Vec<PathBuf> = std::fs::read_dir(&location)
-                .map_err(|e| format!("cannot list {}: {e}", location.display()))?
+                .map_err(FsError::on(Operation::List, &location))?
                 .filter_map(|entry| entry.ok().map(|e| PathBuf::from(e.file_name())))
                 .collect();
             entries.sort();
-            let inside = hasher
-                .digest_tree(&location, &entries)
-                .map_err(|e| e.to_string())?;
+            let inside = hasher.digest_tree(&location, &entries)?;
             digests.extend(
                 inside
                     .into_iter()
                     .map(|(path, digest)| (format!("{}/{path}", input.name), digest)),
             );
         } else if location.is_file() {
-            digests.insert(
-                input.name.clone(),
-                hasher.digest_file(&location).map_err(|e| e.to_string())?,
-            );
+            digests.insert(input.name.clone(), hasher.digest_file(&location)?);
         } else {
-            return Err(format!(
-                "input `{}` ({}) does not exist",
-                input.name,
-                location.display()
-            ));
+            return Err(InputError::Missing {
+                name: input.name.clone(),
+                path: location,
+            });
         }
     }
     Ok(digests)
 }
 
-/// Declared paths or globs (relative to `root`) as existing relative paths. A literal path that
-/// does not exist is an error; a glob may match nothing.
-fn expand_patterns(root: &Path, patterns: &[String], what: &str) -> Result<Vec<PathBuf>, String> {
+/// Declared input paths or globs (relative to `root`) as existing relative paths. A literal path
+/// that does not exist is an error; a glob may match nothing.
+fn expand_patterns(root: &Path, patterns: &[String]) -> Result<Vec<PathBuf>, InputError> {
     let mut paths = Vec::new();
     for pattern in patterns {
         if is_glob(pattern) {
             let full = root.join(pattern);
-            let matches = glob::glob(&full.to_string_lossy())
-                .map_err(|e| format!("bad {what} glob `{pattern}`: {e}"))?;
+            let matches = glob::glob(&full.to_string_lossy()).map_err(|source| InputError::BadGlob {
+                pattern: pattern.clone(),
+                source,
+            })?;
             for entry in matches {
-                let path = entry.map_err(|e| format!("cannot read {what} `{pattern}`: {e}"))?;
+                let path = entry.map_err(|source| InputError::Unreadable {
+                    pattern: pattern.clone(),
+                    source,
+                })?;
                 paths.push(path.strip_prefix(root).unwrap_or(&path).to_path_buf());
             }
         } else if root.join(pattern).exists() {
             paths.push(PathBuf::from(pattern));
         } else {
-            return Err(format!(
-                "{what} `{pattern}` does not exist (in {})",
-                root.display()
-            ));
+            return Err(InputError::NotFound {
+                pattern: pattern.clone(),
+                root: root.to_path_buf(),
+            });
         }
     }
     paths.sort();

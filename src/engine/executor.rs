@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use super::instance::{clear_not_applicable, execute, Slot, Upstream};
 use super::run_record::{Finished, Ledger};
-use super::Engine;
+use super::{Engine, RunError};
 
 // what `gc` needs to find staging folders left by killed runs
 
@@ -67,7 +67,7 @@ pub struct RunReport {
     pub stages: Vec<StageReport>,
 }
 
-pub fn run(engine: &Engine, options: &RunOptions, cancel: &AtomicBool) -> Result<RunReport, String> {
+pub fn run(engine: &Engine, options: &RunOptions, cancel: &AtomicBool) -> Result<RunReport, RunError> {
     let (selected, forced) = selection(engine, options)?;
     check_gpu_requests(engine, &selected, options)?;
     let mut scheduler = Scheduler {
@@ -98,7 +98,7 @@ pub fn run(engine: &Engine, options: &RunOptions, cancel: &AtomicBool) -> Result
 pub(crate) fn selection(
     engine: &Engine,
     options: &RunOptions,
-) -> Result<(Vec<usize>, HashSet<usize>), String> {
+) -> Result<(Vec<usize>, HashSet<usize>), RunError> {
     let targets = engine.select(&options.targets)?;
     let forced: HashSet<usize> = if options.force.is_empty() {
         HashSet::new()
@@ -251,21 +251,20 @@ fn attempt(engine: &Engine, index: usize, upstream: &Upstream, force: bool, slot
             outcome: Outcome::Failed,
             done: None,
             seconds,
-            error: Some(error),
+            error: Some(error.to_string()),
         },
     }
 }
 
-fn check_gpu_requests(engine: &Engine, selected: &[usize], options: &RunOptions) -> Result<(), String> {
+fn check_gpu_requests(engine: &Engine, selected: &[usize], options: &RunOptions) -> Result<(), RunError> {
     for &index in selected {
         let instance = &engine.pipeline.instances[index];
         if instance.gpus as usize > options.gpus.len() {
-            return Err(format!(
-                "stage `{}` needs {} GPU(s) but {} are available (use --gpus to name them)",
-                instance.id,
-                instance.gpus,
-                options.gpus.len()
-            ));
+            return Err(RunError::NotEnoughGpus {
+                id: instance.id.clone(),
+                needs: instance.gpus,
+                available: options.gpus.len(),
+            });
         }
     }
     Ok(())

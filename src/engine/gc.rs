@@ -7,12 +7,12 @@ use std::time::Duration;
 use super::cache::GcReport;
 use super::locks::{lock_path, remove_staging, staging_parts};
 use super::record::file_safe;
-use super::Engine;
+use super::{Engine, RunError};
 
 /// Staging folders of ids the pipeline no longer has are removed after this long.
 const UNKNOWN_STAGING_AGE: Duration = Duration::from_secs(24 * 60 * 60);
 
-pub fn collect(engine: &Engine, keep_last_runs: usize) -> Result<GcReport, String> {
+pub fn collect(engine: &Engine, keep_last_runs: usize) -> Result<GcReport, RunError> {
     let mut keep: HashSet<String> = engine
         .dag
         .order
@@ -31,10 +31,10 @@ pub fn collect(engine: &Engine, keep_last_runs: usize) -> Result<GcReport, Strin
             keep.extend(keys.filter_map(|k| k.as_str().map(str::to_string)));
         }
     }
-    let mut report = engine
-        .cache
-        .gc(&keep)
-        .map_err(|e| format!("cache {}: {e}", engine.cache.root().display()))?;
+    let mut report = engine.cache.gc(&keep).map_err(|source| RunError::Collect {
+        cache: engine.cache.root().to_path_buf(),
+        source,
+    })?;
     report.staging_folders_removed = remove_killed_staging(engine);
     Ok(report)
 }

@@ -18,7 +18,7 @@ use super::outputs::{remove_path, restore, resume_dir, run_instance};
 use super::progress::StatusLine;
 use super::record::Record;
 use super::run_record::now_unix;
-use super::Engine;
+use super::{Engine, RunError};
 
 /// A completed instance as this run saw it: the digest of its outputs and the key they were
 /// stored under, so a dependent can restore exactly those outputs if another run replaced them.
@@ -45,6 +45,7 @@ const HOLD_ATTEMPTS: usize = 5;
 /// their records give the output digests its key needs.
 pub struct Alone {
     pub outcome: Outcome,
+    /// Why it failed, or why it was skipped (written to the job's receipt).
     pub error: Option<String>,
 }
 
@@ -63,7 +64,10 @@ pub fn run_alone(
     if let Some(reason) = instance.implementation.not_applicable(&pipeline.root) {
         return Alone {
             outcome: Outcome::NotApplicable,
-            error: clear_not_applicable(engine, index).err().or(Some(reason)),
+            error: Some(match clear_not_applicable(engine, index) {
+                Ok(()) => reason,
+                Err(error) => error.to_string(),
+            }),
         };
     }
     // upstream instances that did not apply left no outputs: the stage reads the others
@@ -84,10 +88,12 @@ pub fn run_alone(
     {
         return Alone {
             outcome: Outcome::Skipped,
-            error: Some(format!(
-                "upstream `{}` has not completed",
-                pipeline.instances[dep].id
-            )),
+            error: Some(
+                RunError::UpstreamNotCompleted {
+                    upstream: pipeline.instances[dep].id.clone(),
+                }
+                .to_string(),
+            ),
         };
     }
     let status = StatusLine::default();
@@ -105,7 +111,7 @@ pub fn run_alone(
         Ok((outcome, _)) => Alone { outcome, error: None },
         Err(error) => Alone {
             outcome: Outcome::Failed,
-            error: Some(error),
+            error: Some(error.to_string()),
         },
     }
 }
@@ -125,14 +131,14 @@ pub(super) fn execute(
     upstream: &Upstream,
     force: bool,
     slot: &Slot,
-) -> Result<(Outcome, Done), String> {
+) -> Result<(Outcome, Done), RunError> {
     let pipeline = &engine.pipeline;
     let instance = &pipeline.instances[index];
     let started = Instant::now();
     // What the stage reads stays as its key says until its result is stored; then one writer per
     // instance, so a concurrent run of the same pipeline waits for this instance only and then
     // finds the result in place or in the cache.
-    let (_reading, upstream) = hold_upstream(engine, upstream)?;
+    let (_reading, upstream) = hold_upstream(engine, &instance.id, upstream)?;
     let _writing = lock_outputs(&pipeline.state_dir, &instance.id, LockMode::Exclusive)?;
     let key = stage_key(pipeline, instance, upstream.clone(), &engine.hasher)?;
     let digest = key.digest();
@@ -147,11 +153,7 @@ pub(super) fn execute(
                 return Ok((Outcome::Cached, done));
             }
         }
-        match engine
-            .cache
-            .lookup(&digest, &engine.hasher)
-            .map_err(|e| e.to_string())?
-        {
+        match engine.cache.lookup(&digest, &engine.hasher)? {
             Lookup::Hit(manifest) => {
                 let outputs_digest = restore_and_remember(engine, index, &manifest, &key, started)?;
                 let done = Done {
@@ -177,10 +179,10 @@ pub(super) fn execute(
     // The key must describe exactly what the stage read: inputs edited while it ran are refused.
     let after = stage_key(pipeline, instance, upstream, &engine.hasher)?;
     if after.digest() != digest {
-        return Err(format!(
-            "inputs changed while the stage ran ({}); its result is not stored",
-            after.differences(&key).join("; ")
-        ));
+        return Err(RunError::InputsChanged {
+            id: instance.id.clone(),
+            changes: after.differences(&key),
+        });
     }
     engine
         .cache
@@ -193,7 +195,10 @@ pub(super) fn execute(
                 LinkMode::Copy
             }
         })
-        .map_err(|e| format!("cannot store outputs in the cache: {e}"))?;
+        .map_err(|source| RunError::Store {
+            id: instance.id.clone(),
+            source,
+        })?;
     let outputs = files.into_iter().map(|(p, (_, d))| (p, d)).collect();
     let outputs_digest = remember(engine, index, digest.clone(), key.clone(), outputs, started)?;
     let done = Done {
@@ -209,8 +214,9 @@ pub(super) fn execute(
 /// digests that enter the stage's key.
 fn hold_upstream(
     engine: &Engine,
+    id: &str,
     upstream: &Upstream,
-) -> Result<(Vec<fs::File>, BTreeMap<String, Digest>), String> {
+) -> Result<(Vec<fs::File>, BTreeMap<String, Digest>), RunError> {
     let pipeline = &engine.pipeline;
     let deps: Vec<usize> = match upstream {
         Upstream::Expected(expected) => expected.keys().copied().collect(),
@@ -228,21 +234,25 @@ fn hold_upstream(
         let mut digests = BTreeMap::new();
         let mut replaced = Vec::new();
         for &dep in &deps {
-            let id = &pipeline.instances[dep].id;
-            let current = engine.records.get(id).map(|r| r.outputs_digest);
+            let dep_id = &pipeline.instances[dep].id;
+            let current = engine.records.get(dep_id).map(|r| r.outputs_digest);
             match (upstream, current) {
                 (Upstream::Expected(expected), current) => {
                     let wanted = expected[&dep].outputs_digest;
                     if current == Some(wanted) {
-                        digests.insert(id.clone(), wanted);
+                        digests.insert(dep_id.clone(), wanted);
                     } else {
                         replaced.push(dep);
                     }
                 }
                 (Upstream::Current(_), Some(current)) => {
-                    digests.insert(id.clone(), current);
+                    digests.insert(dep_id.clone(), current);
                 }
-                (Upstream::Current(_), None) => return Err(format!("upstream `{id}` has not completed")),
+                (Upstream::Current(_), None) => {
+                    return Err(RunError::UpstreamNotCompleted {
+                        upstream: dep_id.clone(),
+                    })
+                }
             }
         }
         if replaced.is_empty() {
@@ -255,15 +265,12 @@ fn hold_upstream(
             }
         }
     }
-    Err(
-        "another run of this pipeline keeps replacing this stage's inputs; run again when it has finished"
-            .into(),
-    )
+    Err(RunError::InputsKeepChanging { id: id.to_string() })
 }
 
 /// Puts back the outputs this run's `done` describes, which another run (with other parameters)
 /// replaced, from the cache entry they were stored under.
-fn bring_back(engine: &Engine, index: usize, done: &Done) -> Result<(), String> {
+fn bring_back(engine: &Engine, index: usize, done: &Done) -> Result<(), RunError> {
     let instance = &engine.pipeline.instances[index];
     let _writing = lock_outputs(&engine.pipeline.state_dir, &instance.id, LockMode::Exclusive)?;
     if engine
@@ -273,19 +280,14 @@ fn bring_back(engine: &Engine, index: usize, done: &Done) -> Result<(), String> 
     {
         return Ok(());
     }
-    match engine
-        .cache
-        .lookup(&done.key, &engine.hasher)
-        .map_err(|e| e.to_string())?
-    {
+    match engine.cache.lookup(&done.key, &engine.hasher)? {
         Lookup::Hit(manifest) => {
             restore_and_remember(engine, index, &manifest, &done.components, Instant::now())?;
             Ok(())
         }
-        _ => Err(format!(
-            "another run replaced the outputs of upstream `{}`, and this run's are no longer in the cache",
-            instance.id
-        )),
+        _ => Err(RunError::UpstreamReplaced {
+            upstream: instance.id.clone(),
+        }),
     }
 }
 
@@ -296,7 +298,7 @@ fn restore_and_remember(
     manifest: &Manifest,
     key: &StageKey,
     started: Instant,
-) -> Result<Digest, String> {
+) -> Result<Digest, RunError> {
     restore(engine, index, manifest)?;
     let outputs = manifest
         .files
@@ -308,10 +310,10 @@ fn restore_and_remember(
 
 /// An instance that does not apply leaves no outputs: an earlier run's, when it did apply, must
 /// not pass for this run's.
-pub(super) fn clear_not_applicable(engine: &Engine, index: usize) -> Result<(), String> {
+pub(super) fn clear_not_applicable(engine: &Engine, index: usize) -> Result<(), RunError> {
     let instance = &engine.pipeline.instances[index];
     let _writing = lock_outputs(&engine.pipeline.state_dir, &instance.id, LockMode::Exclusive)?;
-    remove_path(&instance.out_dir)
+    Ok(remove_path(&instance.out_dir)?)
 }
 
 /// Records what the instance's outputs are for this key; returns the digest of those outputs.
@@ -322,7 +324,7 @@ fn remember(
     key: StageKey,
     outputs: BTreeMap<String, Digest>,
     started: Instant,
-) -> Result<Digest, String> {
+) -> Result<Digest, RunError> {
     let outputs_digest = digest_of_map(&outputs);
     let record = Record {
         id: engine.pipeline.instances[index].id.clone(),
@@ -333,9 +335,9 @@ fn remember(
         finished_unix: now_unix(),
         seconds: started.elapsed().as_secs_f64(),
     };
-    engine
-        .records
-        .put(&record)
-        .map_err(|e| format!("cannot write record: {e}"))?;
+    engine.records.put(&record).map_err(|source| RunError::Record {
+        id: record.id.clone(),
+        source,
+    })?;
     Ok(outputs_digest)
 }

@@ -9,6 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::outputs::remove_path;
 use super::record::file_safe;
+use super::{FsError, Operation};
 
 #[derive(Clone, Copy, PartialEq)]
 pub(super) enum LockMode {
@@ -20,21 +21,21 @@ pub(super) enum LockMode {
 
 /// The lock on one instance's outputs (its outputs folder, its declared project outputs, its
 /// record), held until the returned file is dropped.
-pub(super) fn lock_outputs(state_dir: &Path, id: &str, mode: LockMode) -> Result<fs::File, String> {
+pub(super) fn lock_outputs(state_dir: &Path, id: &str, mode: LockMode) -> Result<fs::File, FsError> {
     let path = lock_path(state_dir, id);
     let folder = path.parent().unwrap_or(state_dir);
-    fs::create_dir_all(folder).map_err(|e| format!("cannot create {}: {e}", folder.display()))?;
+    fs::create_dir_all(folder).map_err(FsError::on(Operation::Create, folder))?;
     let file = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&path)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        .map_err(FsError::on(Operation::Open, &path))?;
     let locked = match mode {
         LockMode::Shared => file.lock_shared(),
         LockMode::Exclusive => file.lock(),
     };
-    locked.map_err(|e| format!("cannot lock {}: {e}", path.display()))?;
+    locked.map_err(FsError::on(Operation::Lock, &path))?;
     Ok(file)
 }
 

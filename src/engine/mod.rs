@@ -1,11 +1,13 @@
 //! The pipeline engine: pipeline format, DAG, cache keys, content-addressed cache and execution.
 //! It is the bottom layer: it knows nothing of images, nnU-Net or libtorch, and uses nothing of the
-//! crate outside itself but the bottom utilities `atomic_file` and `errln!` (`tests/layers.rs`
-//! checks this). Stages plug in through its [`stage::Stage`] trait; the kinds a pipeline may name
-//! come in as a [`stage::Registry`] from the caller (the command line passes nnU-Net's).
+//! crate outside itself but the bottom utilities `atomic_file`, `file_error` and `errln!`
+//! (`tests/layers.rs` checks this). Stages plug in through its [`stage::Stage`] trait; the kinds a
+//! pipeline may name come in as a [`stage::Registry`] from the caller (the command line passes
+//! nnU-Net's).
 
 pub mod cache;
 pub mod config;
+mod error;
 pub mod evaluate;
 pub mod executor;
 pub mod gc;
@@ -27,12 +29,14 @@ pub mod watch;
 
 use std::path::PathBuf;
 
-use cache::Cache;
+use cache::{Cache, CacheError};
 use config::{Diagnostics, Pipeline};
 use graph::Dag;
 use hashing::FileHasher;
 use record::Records;
 use stage::Registry;
+
+pub use error::{FsError, Operation, RunError};
 
 /// A loaded, validated pipeline with its DAG, cache and records: what every command works on.
 pub struct Engine {
@@ -48,8 +52,8 @@ pub struct Engine {
 pub enum OpenError {
     #[error("{0}")]
     Invalid(Diagnostics),
-    #[error("cannot open cache {path}: {message}")]
-    Cache { path: PathBuf, message: String },
+    #[error("cannot open cache {path}: {source}")]
+    Cache { path: PathBuf, source: CacheError },
 }
 
 impl Engine {
@@ -57,9 +61,9 @@ impl Engine {
     pub fn open(path: &std::path::Path, sets: &[String], kinds: Registry) -> Result<Engine, OpenError> {
         let pipeline = load_checked(path, sets, kinds).map_err(OpenError::Invalid)?;
         let dag = graph::build(&pipeline).expect("load_checked validated the DAG");
-        let cache = Cache::open(&pipeline.cache_dir).map_err(|e| OpenError::Cache {
+        let cache = Cache::open(&pipeline.cache_dir).map_err(|source| OpenError::Cache {
             path: pipeline.cache_dir.clone(),
-            message: e.to_string(),
+            source,
         })?;
         let hasher = FileHasher::open(&pipeline.work_dir.join("state").join("stat-cache"));
         let records = Records::new(&pipeline.state_dir);
@@ -73,7 +77,7 @@ impl Engine {
     }
 
     /// Instance indices named by stage names or instance ids; all instances when `names` is empty.
-    pub fn select(&self, names: &[String]) -> Result<Vec<usize>, String> {
+    pub fn select(&self, names: &[String]) -> Result<Vec<usize>, RunError> {
         if names.is_empty() {
             return Ok(self.dag.order.clone());
         }
@@ -88,10 +92,10 @@ impl Engine {
                 .map(|(i, _)| i)
                 .collect();
             if matching.is_empty() {
-                return Err(format!(
-                    "no stage or stage instance named `{name}` in {}",
-                    self.pipeline.file.display()
-                ));
+                return Err(RunError::UnknownStage {
+                    name: name.clone(),
+                    pipeline: self.pipeline.file.clone(),
+                });
             }
             selected.extend(matching);
         }

@@ -16,7 +16,7 @@ use super::owned::ProjectOutputs;
 use super::paths::declared_outputs;
 use super::record::file_safe;
 use super::stage::StageContext;
-use super::Engine;
+use super::{Engine, FsError, Operation, RunError};
 
 /// Runs the stage into a fresh temporary folder, moves it into place, and returns every output
 /// file (`output/<n>/<path>` for declared project outputs, `out/<path>`) with its place and digest.
@@ -24,7 +24,7 @@ pub(super) fn run_instance(
     engine: &Engine,
     index: usize,
     slot: &Slot,
-) -> Result<BTreeMap<String, (PathBuf, Digest)>, String> {
+) -> Result<BTreeMap<String, (PathBuf, Digest)>, RunError> {
     let Slot {
         gpus,
         threads,
@@ -43,9 +43,9 @@ pub(super) fn run_instance(
     // This run holds the instance's lock: staging folders of its id are left by killed runs.
     remove_staging(&pipeline.state_dir, &safe_id, |_| true);
     let temporary = staging_folder(&pipeline.state_dir, &safe_id);
-    fs::create_dir_all(&temporary).map_err(|e| format!("cannot create {}: {e}", temporary.display()))?;
+    fs::create_dir_all(&temporary).map_err(FsError::on(Operation::Create, &temporary))?;
     let logs = pipeline.state_dir.join("logs");
-    fs::create_dir_all(&logs).map_err(|e| format!("cannot create {}: {e}", logs.display()))?;
+    fs::create_dir_all(&logs).map_err(FsError::on(Operation::Create, &logs))?;
     let log_file = logs.join(format!("{safe_id}.log"));
     // the log shows this run only: an error must not come with an older run's lines
     remove_path(&log_file)?;
@@ -66,37 +66,38 @@ pub(super) fn run_instance(
         env: &env,
         cancel,
     };
-    if let Err(error) = stage.run(&context) {
+    if let Err(source) = stage.run(&context) {
         project.failed();
         let _ = fs::remove_dir_all(&temporary);
-        return Err(format!("{error}{}", log_tail(&log_file)));
+        return Err(RunError::Stage {
+            id: instance.id.clone(),
+            source,
+            log_tail: log_tail(&log_file),
+        });
     }
     let project_files = match project.files(true) {
         Ok(files) => files,
         Err(error) => {
             project.failed();
             let _ = fs::remove_dir_all(&temporary);
-            return Err(error);
+            return Err(error.into());
         }
     };
     project.written(project_files.values().cloned())?;
     remove_path(&instance.out_dir)?;
     if let Some(parent) = instance.out_dir.parent() {
-        fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        fs::create_dir_all(parent).map_err(FsError::on(Operation::Create, parent))?;
     }
     fs::rename(&temporary, &instance.out_dir)
-        .map_err(|e| format!("cannot move outputs into {}: {e}", instance.out_dir.display()))?;
+        .map_err(FsError::on(Operation::MoveOutputsInto, &instance.out_dir))?;
 
     let mut files = BTreeMap::new();
     for (name, path) in project_files {
-        let digest = engine.hasher.digest_file(&path).map_err(|e| e.to_string())?;
+        let digest = engine.hasher.digest_file(&path)?;
         files.insert(name, (path, digest));
     }
     let out_entries = list_folder(&instance.out_dir)?;
-    let out = engine
-        .hasher
-        .digest_tree(&instance.out_dir, &out_entries)
-        .map_err(|e| e.to_string())?;
+    let out = engine.hasher.digest_tree(&instance.out_dir, &out_entries)?;
     for (path, digest) in out {
         files.insert(format!("out/{path}"), (instance.out_dir.join(&path), digest));
     }
@@ -112,7 +113,7 @@ fn in_cache(engine: &Engine, path: &Path) -> bool {
 }
 
 /// The instance's declared project outputs, checked again to lie inside the project.
-fn project_outputs<'a>(engine: &'a Engine, index: usize) -> Result<ProjectOutputs<'a>, String> {
+fn project_outputs<'a>(engine: &'a Engine, index: usize) -> Result<ProjectOutputs<'a>, RunError> {
     let pipeline = &engine.pipeline;
     let instance = &pipeline.instances[index];
     let slots = declared_outputs(pipeline, instance)?;
@@ -130,15 +131,14 @@ pub(super) fn resume_dir(pipeline: &Pipeline, id: &str) -> PathBuf {
 }
 
 /// Puts a cache entry's files into place: hard links in the outputs folder, copies in the project.
-pub(super) fn restore(engine: &Engine, index: usize, manifest: &Manifest) -> Result<(), String> {
+pub(super) fn restore(engine: &Engine, index: usize, manifest: &Manifest) -> Result<(), RunError> {
     let instance = &engine.pipeline.instances[index];
     let project = project_outputs(engine, index)?;
     project.clear(engine.records.get(&instance.id).as_ref(), |path| {
         in_cache(engine, path)
     })?;
     remove_path(&instance.out_dir)?;
-    fs::create_dir_all(&instance.out_dir)
-        .map_err(|e| format!("cannot create {}: {e}", instance.out_dir.display()))?;
+    fs::create_dir_all(&instance.out_dir).map_err(FsError::on(Operation::Create, &instance.out_dir))?;
     let mut project_files = Vec::new();
     for (path, file) in &manifest.files {
         let destination = output_location(&engine.pipeline, instance, path);
@@ -152,13 +152,16 @@ pub(super) fn restore(engine: &Engine, index: usize, manifest: &Manifest) -> Res
         engine
             .cache
             .restore_file(file, &destination, mode, &engine.hasher)
-            .map_err(|e| format!("cannot restore {path} from the cache: {e}"))?;
+            .map_err(|source| RunError::Restore {
+                path: path.clone(),
+                source,
+            })?;
     }
-    project.written(project_files)
+    Ok(project.written(project_files)?)
 }
 
-fn list_folder(folder: &Path) -> Result<Vec<PathBuf>, String> {
-    let entries = fs::read_dir(folder).map_err(|e| format!("cannot list {}: {e}", folder.display()))?;
+fn list_folder(folder: &Path) -> Result<Vec<PathBuf>, FsError> {
+    let entries = fs::read_dir(folder).map_err(FsError::on(Operation::List, folder))?;
     let mut names: Vec<PathBuf> = entries
         .filter_map(|e| e.ok())
         .map(|e| PathBuf::from(e.file_name()))
@@ -167,15 +170,16 @@ fn list_folder(folder: &Path) -> Result<Vec<PathBuf>, String> {
     Ok(names)
 }
 
-pub(super) fn remove_path(path: &Path) -> Result<(), String> {
+pub(super) fn remove_path(path: &Path) -> Result<(), FsError> {
     let result = match fs::symlink_metadata(path) {
         Ok(meta) if meta.is_dir() => fs::remove_dir_all(path),
         Ok(_) => fs::remove_file(path),
         Err(_) => Ok(()),
     };
-    result.map_err(|e| format!("cannot remove {}: {e}", path.display()))
+    result.map_err(FsError::on(Operation::Remove, path))
 }
 
+/// What follows a stage's error: the last lines of its log, or where its (empty) log is.
 fn log_tail(log_file: &Path) -> String {
     let Ok(text) = fs::read_to_string(log_file) else {
         return String::new();

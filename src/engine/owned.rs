@@ -18,9 +18,54 @@ use serde::{Deserialize, Serialize};
 
 use super::evaluate::is_glob;
 use super::record::{file_safe, Record};
+use super::{FsError, Operation};
+use crate::file_error::FileError;
 
 /// Foreign files named in an error before "and N more".
 const FOREIGN_SHOWN: usize = 8;
+
+/// Why a stage's declared project outputs cannot be listed, cleared or taken over.
+#[derive(Debug, thiserror::Error)]
+pub enum OwnedError {
+    #[error("bad output glob `{declared}`: {source}")]
+    BadGlob {
+        declared: String,
+        source: glob::PatternError,
+    },
+    #[error("declared output `{declared}` does not exist: the stage did not produce it")]
+    NotProduced { declared: String },
+    /// `files` are project-relative; the message names the first few.
+    #[error(
+        "the declared output {} holds files nnflow did not write: {}; nnflow never deletes or \
+         overwrites them: move them away or choose another output",
+        quoted(outputs),
+        first_few(files)
+    )]
+    ForeignFiles {
+        outputs: Vec<String>,
+        files: Vec<String>,
+    },
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error(transparent)]
+    Journal(#[from] FileError),
+}
+
+fn quoted(outputs: &[String]) -> String {
+    outputs
+        .iter()
+        .map(|s| format!("`{s}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn first_few(files: &[String]) -> String {
+    let shown = files[..files.len().min(FOREIGN_SHOWN)].join(", ");
+    match files.len().saturating_sub(FOREIGN_SHOWN) {
+        0 => shown,
+        more => format!("{shown} and {more} more"),
+    }
+}
 
 /// One instance's declared project outputs (project-relative, see `paths::declared_outputs`).
 pub struct ProjectOutputs<'a> {
@@ -56,23 +101,26 @@ impl<'a> ProjectOutputs<'a> {
 
     /// Every file the declared outputs hold now, by manifest name, with its place. A literal output
     /// that does not exist is an error when `required` (after a run: the stage did not write it).
-    pub fn files(&self, required: bool) -> Result<BTreeMap<String, PathBuf>, String> {
+    pub fn files(&self, required: bool) -> Result<BTreeMap<String, PathBuf>, OwnedError> {
         let mut found = BTreeMap::new();
         for (slot, declared) in self.slots.iter().enumerate() {
             let base = literal_base(declared);
             let matches = if is_glob(declared) {
                 let pattern = self.root.join(declared);
                 glob::glob(&pattern.to_string_lossy())
-                    .map_err(|e| format!("bad output glob `{declared}`: {e}"))?
+                    .map_err(|source| OwnedError::BadGlob {
+                        declared: declared.clone(),
+                        source,
+                    })?
                     .filter_map(Result::ok)
                     .collect()
             } else {
                 let path = self.root.join(declared);
                 if fs::symlink_metadata(&path).is_err() {
                     if required {
-                        return Err(format!(
-                            "declared output `{declared}` does not exist: the stage did not produce it"
-                        ));
+                        return Err(OwnedError::NotProduced {
+                            declared: declared.clone(),
+                        });
                     }
                     continue;
                 }
@@ -102,7 +150,7 @@ impl<'a> ProjectOutputs<'a> {
     /// last record, which says what it owns when no journal exists yet; `stored(path)` says
     /// whether a file's exact contents are kept in the cache as an output, so that replacing it
     /// loses nothing (results of nnflow whose work directory was deleted).
-    pub fn clear(&self, last: Option<&Record>, stored: impl Fn(&Path) -> bool) -> Result<(), String> {
+    pub fn clear(&self, last: Option<&Record>, stored: impl Fn(&Path) -> bool) -> Result<(), OwnedError> {
         let mut journal = self.journal(last);
         let present: Vec<PathBuf> = self.files(false)?.into_values().collect();
         let relative = |path: &Path| self.relative(path);
@@ -116,41 +164,28 @@ impl<'a> ProjectOutputs<'a> {
             .map(|p| relative(p))
             .collect();
         if !foreign.is_empty() {
-            let shown: Vec<&str> = foreign.iter().take(FOREIGN_SHOWN).map(String::as_str).collect();
-            let more = foreign.len().saturating_sub(FOREIGN_SHOWN);
-            return Err(format!(
-                "the declared output {} holds files nnflow did not write: {}{}; nnflow never deletes \
-                 or overwrites them: move them away or choose another output",
-                self.slots
-                    .iter()
-                    .map(|s| format!("`{s}`"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                shown.join(", "),
-                if more > 0 {
-                    format!(" and {more} more")
-                } else {
-                    String::new()
-                }
-            ));
+            return Err(OwnedError::ForeignFiles {
+                outputs: self.slots.clone(),
+                files: foreign,
+            });
         }
         for path in &present {
-            fs::remove_file(path).map_err(|e| format!("cannot remove {}: {e}", path.display()))?;
+            fs::remove_file(path).map_err(FsError::on(Operation::Remove, path))?;
         }
         for declared in &self.slots {
             remove_empty_folders(&self.root.join(literal_base(declared)));
         }
         journal.running = true;
-        self.save(&journal)
+        Ok(self.save(&journal)?)
     }
 
     /// After a successful run or restore: the instance owns exactly these project files.
-    pub fn written(&self, files: impl IntoIterator<Item = PathBuf>) -> Result<(), String> {
+    pub fn written(&self, files: impl IntoIterator<Item = PathBuf>) -> Result<(), OwnedError> {
         let files = files.into_iter().map(|p| self.relative(&p)).collect();
-        self.save(&Journal {
+        Ok(self.save(&Journal {
             files,
             running: false,
-        })
+        })?)
     }
 
     /// After a failed run: whatever the declared outputs hold now was written by it.
@@ -192,11 +227,11 @@ impl<'a> ProjectOutputs<'a> {
         }
     }
 
-    fn save(&self, journal: &Journal) -> Result<(), String> {
+    fn save(&self, journal: &Journal) -> Result<(), FileError> {
         if self.slots.is_empty() && journal.files.is_empty() && !self.journal.exists() {
             return Ok(()); // a stage without project outputs needs no journal
         }
-        crate::atomic_file::write_json(&self.journal, journal).map_err(|e| e.to_string())
+        crate::atomic_file::write_json(&self.journal, journal)
     }
 }
 
@@ -213,15 +248,15 @@ fn literal_base(declared: &str) -> &str {
 }
 
 /// `path` itself when it is not a folder (symlinks are not followed), else every such entry below.
-fn walk_files(path: &Path) -> Result<Vec<PathBuf>, String> {
-    let meta = fs::symlink_metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+fn walk_files(path: &Path) -> Result<Vec<PathBuf>, FsError> {
+    let meta = fs::symlink_metadata(path).map_err(FsError::on(Operation::Read, path))?;
     if !meta.is_dir() {
         return Ok(vec![path.to_path_buf()]);
     }
     let mut files = Vec::new();
-    let entries = fs::read_dir(path).map_err(|e| format!("cannot list {}: {e}", path.display()))?;
+    let entries = fs::read_dir(path).map_err(FsError::on(Operation::List, path))?;
     for entry in entries {
-        let entry = entry.map_err(|e| format!("cannot list {}: {e}", path.display()))?;
+        let entry = entry.map_err(FsError::on(Operation::List, path))?;
         files.extend(walk_files(&entry.path())?);
     }
     files.sort();
@@ -268,7 +303,7 @@ mod tests {
         fs::create_dir_all(root.join("preds")).unwrap();
         fs::write(root.join("preds/mine.txt"), "user").unwrap();
         let outputs = outputs(root, &["preds"]);
-        let error = outputs.clear(None, |_| false).unwrap_err();
+        let error = outputs.clear(None, |_| false).unwrap_err().to_string();
         assert!(error.contains("preds/mine.txt"), "{error}");
         assert_eq!(fs::read_to_string(root.join("preds/mine.txt")).unwrap(), "user");
     }
@@ -290,7 +325,7 @@ mod tests {
             .written(outputs.files(true).unwrap().into_values())
             .unwrap();
         fs::write(root.join("preds/user.txt"), "u").unwrap();
-        let error = outputs.clear(None, |_| false).unwrap_err();
+        let error = outputs.clear(None, |_| false).unwrap_err().to_string();
         assert!(
             error.contains("preds/user.txt") && !error.contains("b.txt"),
             "{error}"

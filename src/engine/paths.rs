@@ -8,6 +8,7 @@ use std::path::{Component, Path, PathBuf};
 use super::config::{Diagnostic, Instance, Location, Pipeline};
 use super::evaluate::is_glob;
 use super::graph::paths_overlap;
+use super::RunError;
 
 /// Symlinks followed in one path before giving up (a loop).
 const MAX_LINKS: u32 = 40;
@@ -39,9 +40,24 @@ fn resolve(absolute: &Path, depth: u32) -> PathBuf {
     real
 }
 
+/// Why a declared path may not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum PathError {
+    #[error("`{declared}` has `..` after a wildcard; write the folder it names")]
+    ParentAfterWildcard { declared: String },
+    #[error("`{declared}` resolves to {}, outside the project folder {}", real.display(), root.display())]
+    OutsideProject {
+        declared: String,
+        real: PathBuf,
+        root: PathBuf,
+    },
+    #[error("`{declared}` is the project folder itself")]
+    ProjectFolder { declared: String },
+}
+
 /// A declared output as a path relative to the project folder (`/`-separated, wildcards kept), or
 /// why it may not be written.
-pub fn project_relative(root: &Path, declared: &str) -> Result<String, String> {
+pub fn project_relative(root: &Path, declared: &str) -> Result<String, PathError> {
     let components: Vec<&str> = declared.split('/').collect();
     let first_glob = components
         .iter()
@@ -49,19 +65,19 @@ pub fn project_relative(root: &Path, declared: &str) -> Result<String, String> {
         .unwrap_or(components.len());
     let (literal, pattern) = components.split_at(first_glob);
     if pattern.contains(&"..") {
-        return Err(format!(
-            "`{declared}` has `..` after a wildcard; write the folder it names"
-        ));
+        return Err(PathError::ParentAfterWildcard {
+            declared: declared.to_string(),
+        });
     }
     let literal = literal.join("/");
     let real = real_path(root, Path::new(if literal.is_empty() { "." } else { &literal }));
     let real_root = real_path(root, Path::new("."));
     let Ok(inside) = real.strip_prefix(&real_root) else {
-        return Err(format!(
-            "`{declared}` resolves to {}, outside the project folder {}",
-            real.display(),
-            real_root.display()
-        ));
+        return Err(PathError::OutsideProject {
+            declared: declared.to_string(),
+            real,
+            root: real_root,
+        });
     };
     let mut parts: Vec<String> = inside
         .components()
@@ -74,7 +90,9 @@ pub fn project_relative(root: &Path, declared: &str) -> Result<String, String> {
             .map(|p| p.to_string()),
     );
     if parts.is_empty() {
-        return Err(format!("`{declared}` is the project folder itself"));
+        return Err(PathError::ProjectFolder {
+            declared: declared.to_string(),
+        });
     }
     Ok(parts.join("/"))
 }
@@ -82,14 +100,16 @@ pub fn project_relative(root: &Path, declared: &str) -> Result<String, String> {
 /// An instance's declared project outputs, relative to the project folder. `load_checked` has
 /// refused a pipeline where this fails; it is asked again before anything is deleted, in case a
 /// symlink changed since.
-pub fn declared_outputs(pipeline: &Pipeline, instance: &Instance) -> Result<Vec<String>, String> {
+pub fn declared_outputs(pipeline: &Pipeline, instance: &Instance) -> Result<Vec<String>, RunError> {
     instance
         .implementation
         .project_outputs()
         .iter()
         .map(|declared| {
-            project_relative(&pipeline.root, declared)
-                .map_err(|e| format!("stage `{}`: output {e}", instance.id))
+            project_relative(&pipeline.root, declared).map_err(|source| RunError::OutputPath {
+                id: instance.id.clone(),
+                source,
+            })
         })
         .collect()
 }
@@ -142,7 +162,7 @@ pub fn check(pipeline: &Pipeline) -> Vec<Diagnostic> {
             let output = match project_relative(root, &declared) {
                 Ok(output) => output,
                 Err(problem) => {
-                    errors.push(fail(problem));
+                    errors.push(fail(problem.to_string()));
                     continue;
                 }
             };

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::evaluate::{damaged_output, stage_key};
 use super::hashing::Digest;
-use super::Engine;
+use super::{Engine, RunError};
 
 #[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -34,7 +34,7 @@ pub struct StageStatus {
     pub outputs: PathBuf,
 }
 
-pub fn status(engine: &Engine, targets: &[String]) -> Result<Vec<StageStatus>, String> {
+pub fn status(engine: &Engine, targets: &[String]) -> Result<Vec<StageStatus>, RunError> {
     let selected = engine.dag.with_ancestors(&engine.select(targets)?);
     let mut known_outputs: HashMap<usize, Digest> = HashMap::new();
     let mut states: HashMap<usize, State> = HashMap::new();
@@ -76,7 +76,7 @@ pub fn status(engine: &Engine, targets: &[String]) -> Result<Vec<StageStatus>, S
                 .collect();
             match stage_key(&engine.pipeline, instance, upstream, &engine.hasher) {
                 Err(error) => {
-                    reasons.push(error);
+                    reasons.push(error.to_string());
                     if record.is_some() {
                         State::Stale
                     } else {

@@ -12,6 +12,17 @@ use notify::{RecursiveMode, Watcher};
 use super::graph::paths_overlap;
 use super::Engine;
 
+/// Why watching could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("cannot watch {}: {source}", folder.display())]
+    Folder { folder: PathBuf, source: std::io::Error },
+    #[error("cannot start watching: {0}")]
+    Start(#[source] notify::Error),
+    #[error("cannot watch {}: {source}", folder.display())]
+    Notify { folder: PathBuf, source: notify::Error },
+}
+
 /// Calls `on_change` once at start and after every relevant change until `stop` is set.
 /// `on_change` loads and runs the pipeline; it returns the engine it loaded (None when invalid)
 /// so the watcher knows which inputs to follow.
@@ -20,15 +31,16 @@ pub fn watch(
     debounce: Duration,
     stop: &AtomicBool,
     mut on_change: impl FnMut() -> Option<Engine>,
-) -> Result<(), String> {
+) -> Result<(), WatchError> {
     let root = pipeline_file
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
         .to_path_buf();
-    let root = root
-        .canonicalize()
-        .map_err(|e| format!("cannot watch {}: {e}", root.display()))?;
+    let root = root.canonicalize().map_err(|source| WatchError::Folder {
+        folder: root.clone(),
+        source,
+    })?;
     let (sender, receiver) = mpsc::channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         // Reads (our own hashing of inputs among them) are not changes.
@@ -36,10 +48,13 @@ pub fn watch(
             let _ = sender.send(event.paths);
         }
     })
-    .map_err(|e| format!("cannot start watching: {e}"))?;
+    .map_err(WatchError::Start)?;
     watcher
         .watch(&root, RecursiveMode::Recursive)
-        .map_err(|e| format!("cannot watch {}: {e}", root.display()))?;
+        .map_err(|source| WatchError::Notify {
+            folder: root.clone(),
+            source,
+        })?;
 
     let mut engine = on_change();
     while !stop.load(Ordering::SeqCst) {

@@ -9,8 +9,10 @@ use rayon::prelude::*;
 use serde_json::{json, Value};
 
 use super::metrics::{case_metrics, summarize, Metrics, Target};
+use super::EvaluateError;
 use crate::data::dataset::{Dataset, LabelValue};
 use crate::data::nifti;
+use crate::file_error::FileError;
 
 /// What nnU-Net evaluates for a dataset: its foreground labels (without the ignore label), or its
 /// regions (the label entries other than background and `ignore`).
@@ -55,13 +57,13 @@ pub fn evaluate_pair(
     prediction: &Array3<i32>,
     targets: &[Target],
     ignore_label: Option<i32>,
-) -> Result<CaseResult, String> {
+) -> Result<CaseResult, EvaluateError> {
     if reference.shape() != prediction.shape() {
-        return Err(format!(
-            "{file}: prediction shape {:?} differs from the reference's {:?}",
-            prediction.shape(),
-            reference.shape()
-        ));
+        return Err(EvaluateError::ShapeMismatch {
+            file: file.to_string(),
+            prediction: prediction.shape().to_vec(),
+            reference: reference.shape().to_vec(),
+        });
     }
     Ok(CaseResult {
         file: file.to_string(),
@@ -76,37 +78,35 @@ pub fn evaluate_folder(
     file_ending: &str,
     targets: &[Target],
     ignore_label: Option<i32>,
-) -> Result<Vec<CaseResult>, String> {
+) -> Result<Vec<CaseResult>, EvaluateError> {
     let mut files: Vec<String> = std::fs::read_dir(predictions)
-        .map_err(|e| format!("{}: {e}", predictions.display()))?
+        .map_err(FileError::io(predictions))?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|name| name.ends_with(file_ending) && !name.starts_with('.'))
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(format!(
-            "{}: no predictions (*{file_ending})",
-            predictions.display()
-        ));
+        return Err(EvaluateError::NoPredictions {
+            folder: predictions.to_path_buf(),
+            file_ending: file_ending.to_string(),
+        });
     }
-    let missing: Vec<&String> = files.iter().filter(|f| !references.join(f).is_file()).collect();
+    let missing: Vec<String> = files
+        .iter()
+        .filter(|f| !references.join(f).is_file())
+        .cloned()
+        .collect();
     if !missing.is_empty() {
-        return Err(format!(
-            "{}: no reference for {} prediction(s): {}",
-            references.display(),
-            missing.len(),
-            missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
-        ));
+        return Err(EvaluateError::MissingReferences {
+            references: references.to_path_buf(),
+            missing,
+        });
     }
     files
         .par_iter()
         .map(|file| {
-            let read = |folder: &Path| {
-                nifti::read_integer_labels(folder.join(file))
-                    .map(|(a, _)| a)
-                    .map_err(|e| e.to_string())
-            };
+            let read = |folder: &Path| nifti::read_integer_labels(folder.join(file)).map(|(a, _)| a);
             evaluate_pair(
                 file,
                 &read(references)?,

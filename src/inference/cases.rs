@@ -3,11 +3,13 @@
 
 use std::path::Path;
 
+use super::InferenceError;
 use crate::data::dataset::Case;
+use crate::file_error::FileError;
 
-pub fn image_cases(folder: &Path, channels: usize, ending: &str) -> Result<Vec<Case>, String> {
+pub fn image_cases(folder: &Path, channels: usize, ending: &str) -> Result<Vec<Case>, InferenceError> {
     let mut names: Vec<String> = std::fs::read_dir(folder)
-        .map_err(|e| format!("{}: {e}", folder.display()))?
+        .map_err(FileError::io(folder))?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.ends_with(ending) && !n.starts_with('.'))
@@ -27,7 +29,10 @@ pub fn image_cases(folder: &Path, channels: usize, ending: &str) -> Result<Vec<C
             .map(|c| folder.join(format!("{id}_{c:04}{ending}")))
             .collect();
         if let Some(missing) = images.iter().find(|p| !p.is_file()) {
-            return Err(format!("case {id}: {} is missing", missing.display()));
+            return Err(InferenceError::MissingImage {
+                case: id,
+                image: missing.clone(),
+            });
         }
         cases.push(Case {
             id,
@@ -47,7 +52,10 @@ pub fn image_cases(folder: &Path, channels: usize, ending: &str) -> Result<Vec<C
         }
     }
     if cases.is_empty() {
-        return Err(format!("{}: no images (*{ending})", folder.display()));
+        return Err(InferenceError::NoImages {
+            folder: folder.to_path_buf(),
+            ending: ending.to_string(),
+        });
     }
     cases.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(cases)
@@ -68,6 +76,7 @@ mod tests {
         assert_eq!(ids, ["a", "b"]);
         assert!(image_cases(dir.path(), 2, ".nii.gz")
             .unwrap_err()
+            .to_string()
             .contains("a_0001"));
     }
 }

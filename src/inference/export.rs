@@ -13,6 +13,8 @@ use crate::data::case_store::CaseProperties;
 use crate::data::dataset::Dataset;
 use crate::data::geometry::Header;
 use crate::data::nifti;
+use crate::file_error::FileError;
+use crate::inference::InferenceError;
 use crate::plans::ResolvedConfiguration;
 use crate::preprocess::resample::resample_data_to_shape;
 
@@ -25,14 +27,14 @@ pub struct RegionInfo {
 
 impl RegionInfo {
     /// The dataset's regions, or `None` for an ordinary (softmax) label dataset.
-    pub fn from_dataset(dataset: &Dataset) -> Result<Option<RegionInfo>, String> {
+    pub fn from_dataset(dataset: &Dataset) -> Result<Option<RegionInfo>, InferenceError> {
         if !dataset.has_regions() {
             return Ok(None);
         }
         let order = dataset
             .regions_class_order
             .clone()
-            .ok_or("dataset.json: region-based labels need `regions_class_order`")?;
+            .ok_or(InferenceError::NoRegionOrder)?;
         Ok(Some(RegionInfo {
             regions_class_order: order,
         }))
@@ -64,7 +66,7 @@ pub fn export_case(
     configuration: &ResolvedConfiguration,
     regions: Option<&RegionInfo>,
     want_probabilities: bool,
-) -> Result<Exported, String> {
+) -> Result<Exported, InferenceError> {
     check_inputs(logits, properties, regions)?;
     let resampled = resample_to_cropped_grid(logits, properties, configuration)?;
     let logits = resampled.as_ref().map_or(logits, |r| r.view());
@@ -88,10 +90,10 @@ pub fn export_case(
     });
     let expected = properties.header.shape_zyx();
     if segmentation.shape() != expected {
-        return Err(format!(
-            "exported segmentation has shape {:?} but the raw image header says (z, y, x) {expected:?}",
-            segmentation.shape()
-        ));
+        return Err(InferenceError::ExportedShape {
+            found: segmentation.shape().to_vec(),
+            expected,
+        });
     }
     Ok(Exported {
         segmentation,
@@ -109,7 +111,7 @@ pub fn segmentation_on_grid(
     target_shape: [usize; 3],
     configuration: &ResolvedConfiguration,
     regions: Option<&RegionInfo>,
-) -> Result<Array3<i16>, String> {
+) -> Result<Array3<i16>, InferenceError> {
     let spacing = current_spacing(configuration, [1.0; 3])?;
     let resampled = if logits.shape()[1..] == target_shape {
         None
@@ -117,7 +119,7 @@ pub fn segmentation_on_grid(
         let options = configuration.probabilities_resampling();
         Some(
             resample_data_to_shape(logits, target_shape, spacing, spacing, &options)
-                .map_err(|e| format!("resampling the logits: {e}"))?,
+                .map_err(InferenceError::Resample)?,
         )
     };
     let logits = resampled.as_ref().map_or(logits, |r| r.view());
@@ -134,15 +136,19 @@ pub fn write_segmentation(
     path: &Path,
     segmentation: &Array3<i16>,
     properties: &CaseProperties,
-) -> Result<(), String> {
+) -> Result<(), InferenceError> {
     write_label_map(path, segmentation, &properties.header)
 }
 
 /// Writes a label map with the geometry of `header` (uint8 when every label is below 255, as
 /// nnU-Net writes it, int16 otherwise), creating the folder, atomically.
-pub fn write_label_map(path: &Path, segmentation: &Array3<i16>, header: &Header) -> Result<(), String> {
+pub fn write_label_map(
+    path: &Path,
+    segmentation: &Array3<i16>,
+    header: &Header,
+) -> Result<(), InferenceError> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+        std::fs::create_dir_all(parent).map_err(FileError::io(parent))?;
     }
     let fits_u8 = segmentation.iter().all(|&v| (0..255).contains(&v));
     let written = if fits_u8 {
@@ -150,34 +156,40 @@ pub fn write_label_map(path: &Path, segmentation: &Array3<i16>, header: &Header)
     } else {
         nifti::write(path, segmentation, header)
     };
-    written.map_err(|e| format!("{}: {e}", path.display()))
+    written.map_err(|source| InferenceError::WriteLabelMap {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn check_inputs(
     logits: ArrayView4<f32>,
     properties: &CaseProperties,
     regions: Option<&RegionInfo>,
-) -> Result<(), String> {
+) -> Result<(), InferenceError> {
     let channels = logits.len_of(Axis(0));
     if logits.is_empty() {
-        return Err(format!("logits of shape {:?} are empty", logits.shape()));
+        return Err(InferenceError::EmptyLogits {
+            shape: logits.shape().to_vec(),
+        });
     }
     match regions {
-        Some(r) if r.regions_class_order.len() != channels => Err(format!(
-            "{channels} logit channels but regions_class_order has {} regions",
-            r.regions_class_order.len()
-        )),
-        Some(r) if r.regions_class_order.iter().any(|&l| i16::try_from(l).is_err()) => Err(format!(
-            "regions_class_order {:?} has labels outside int16",
-            r.regions_class_order
-        )),
-        None if i16::try_from(channels).is_err() => Err(format!("{channels} classes do not fit int16")),
+        Some(r) if r.regions_class_order.len() != channels => Err(InferenceError::RegionCount {
+            channels,
+            regions: r.regions_class_order.len(),
+        }),
+        Some(r) if r.regions_class_order.iter().any(|&l| i16::try_from(l).is_err()) => {
+            Err(InferenceError::RegionOrderRange {
+                order: r.regions_class_order.clone(),
+            })
+        }
+        None if i16::try_from(channels).is_err() => Err(InferenceError::TooManyClasses { classes: channels }),
         _ => check_crop(properties),
     }
 }
 
 /// The crop must lie inside the uncropped shape and match the cropped shape.
-fn check_crop(properties: &CaseProperties) -> Result<(), String> {
+fn check_crop(properties: &CaseProperties) -> Result<(), InferenceError> {
     let bbox = properties.bbox_used_for_cropping;
     let fits = (0..3).all(|a| {
         bbox[a][0] <= bbox[a][1]
@@ -192,13 +204,9 @@ fn check_crop(properties: &CaseProperties) -> Result<(), String> {
     if fits && permutation {
         return Ok(());
     }
-    Err(format!(
-        "inconsistent case properties: bbox {bbox:?}, shape before cropping {:?}, after {:?}, \
-         transpose_forward {:?}",
-        properties.shape_before_cropping,
-        properties.shape_after_cropping_and_before_resampling,
-        properties.transpose_forward
-    ))
+    Err(InferenceError::InconsistentProperties {
+        properties: Box::new(properties.clone()),
+    })
 }
 
 /// Resamples the logits (not probabilities: nnU-Net interpolates before the nonlinearity) to the
@@ -208,7 +216,7 @@ fn resample_to_cropped_grid(
     logits: ArrayView4<f32>,
     properties: &CaseProperties,
     configuration: &ResolvedConfiguration,
-) -> Result<Option<Array4<f32>>, String> {
+) -> Result<Option<Array4<f32>>, InferenceError> {
     let target_shape = properties.shape_after_cropping_and_before_resampling;
     if logits.shape()[1..] == target_shape {
         return Ok(None);
@@ -222,7 +230,7 @@ fn resample_to_cropped_grid(
     let options = configuration.probabilities_resampling();
     resample_data_to_shape(logits, target_shape, current, original, &options)
         .map(Some)
-        .map_err(|e| format!("resampling the logits: {e}"))
+        .map_err(InferenceError::Resample)
 }
 
 /// The spacing of the preprocessed grid as nnU-Net's export builds it: the configuration's spacing,
@@ -231,14 +239,14 @@ fn resample_to_cropped_grid(
 fn current_spacing(
     configuration: &ResolvedConfiguration,
     original_transposed: [f64; 3],
-) -> Result<[f64; 3], String> {
-    match configuration.spacing().map_err(|e| e.to_string())? {
+) -> Result<[f64; 3], InferenceError> {
+    match configuration.spacing()? {
         [z, y, x] => Ok([*z, *y, *x]),
         [y, x] => Ok([original_transposed[0], *y, *x]),
-        other => Err(format!(
-            "configuration {}: spacing {other:?} is neither 2D nor 3D",
-            configuration.name
-        )),
+        other => Err(InferenceError::SpacingDimensions {
+            configuration: configuration.name.clone(),
+            spacing: other.to_vec(),
+        }),
     }
 }
 
@@ -286,11 +294,14 @@ fn argmax(values: ArrayView4<f32>) -> Array3<i16> {
 
 /// nnU-Net's region painting: each region whose probability exceeds 0.5 paints its label, in
 /// `regions_class_order`, so later regions win.
-fn paint_regions(probabilities: ArrayView4<f32>, regions: &RegionInfo) -> Result<Array3<i16>, String> {
+fn paint_regions(
+    probabilities: ArrayView4<f32>,
+    regions: &RegionInfo,
+) -> Result<Array3<i16>, InferenceError> {
     let (_, z, y, x) = probabilities.dim();
     let mut out = Array3::<i16>::zeros((z, y, x));
     for (channel, &label) in probabilities.outer_iter().zip(&regions.regions_class_order) {
-        let label = i16::try_from(label).map_err(|_| format!("region label {label} does not fit int16"))?;
+        let label = i16::try_from(label).map_err(|_| InferenceError::RegionLabelRange { label })?;
         Zip::from(&mut out).and(&channel).for_each(|o, &p| {
             if p > 0.5 {
                 *o = label;

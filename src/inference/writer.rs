@@ -12,6 +12,7 @@ use crate::data::npy;
 use crate::evaluate::ensemble::{average_probabilities, probabilities_to_segmentation};
 use crate::evaluate::postprocess::{apply_postprocessing, Rule};
 use crate::inference::export::{export_case, write_segmentation, RegionInfo};
+use crate::inference::InferenceError;
 use crate::plans::ResolvedConfiguration;
 
 /// A case's logits per configuration of the model, with what export needs.
@@ -31,7 +32,7 @@ pub struct Writer {
 impl Writer {
     /// Exports every configuration's logits to the input's grid, averages the probabilities of an
     /// ensemble, postprocesses, and writes the NIfTI (and the probabilities on request).
-    pub fn write(&self, predicted: Predicted) -> Result<(), String> {
+    pub fn write(&self, predicted: Predicted) -> Result<(), InferenceError> {
         let Predicted { id, outputs } = predicted;
         let ensemble = outputs.len() > 1;
         let want_probabilities = ensemble || self.save_probabilities;
@@ -46,12 +47,12 @@ impl Writer {
                 self.regions.as_ref(),
                 want_probabilities,
             )
-            .map_err(|e| format!("case {id}: {e}"))?;
+            .map_err(InferenceError::in_case(&id))?;
             segmentation = Some(exported.segmentation);
             probabilities.extend(exported.probabilities);
             properties = Some(case_properties);
         }
-        let properties = properties.ok_or("no model")?;
+        let properties = properties.ok_or(InferenceError::NoModel)?;
         let mut labels = match (ensemble, segmentation) {
             (false, Some(seg)) => seg.mapv(i32::from),
             _ => {
@@ -60,9 +61,9 @@ impl Writer {
                     .regions
                     .as_ref()
                     .map(|r| r.regions_class_order.iter().map(|&v| v as i32).collect());
-                let averaged = average_probabilities(&views).map_err(|e| format!("case {id}: {e}"))?;
+                let averaged = average_probabilities(&views).map_err(InferenceError::in_case(&id))?;
                 let seg = probabilities_to_segmentation(averaged.view(), order.as_deref())
-                    .map_err(|e| format!("case {id}: {e}"))?;
+                    .map_err(InferenceError::in_case(&id))?;
                 probabilities = vec![averaged];
                 seg
             }
@@ -74,7 +75,7 @@ impl Writer {
         write_segmentation(&file, &labels.mapv(|v| v as i16), &properties)?;
         if self.save_probabilities {
             if let Some(p) = probabilities.first() {
-                npy::write(&self.output.join(format!("{id}.npy")), p.view()).map_err(|e| e.to_string())?;
+                npy::write(&self.output.join(format!("{id}.npy")), p.view())?;
             }
         }
         println!("{id}: written to {}", file.display());

@@ -8,6 +8,23 @@
 
 use crate::plans::{ArchitecturePlan, NetworkKwargs};
 
+/// An `architecture` block nnflow cannot build, naming what was found.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ArchitectureError {
+    #[error("network class {0} is not supported (only PlainConvUNet)")]
+    NetworkClass(String),
+    #[error("conv_op {0} is not Conv2d or Conv3d")]
+    ConvOp(String),
+    #[error("norm_op {0} is not supported (only InstanceNorm)")]
+    NormOp(String),
+    #[error("dropout_op {0} is not supported")]
+    DropoutOp(String),
+    #[error("nonlin {0} is not supported (only LeakyReLU)")]
+    Nonlin(String),
+    #[error("architecture lists do not match n_stages = {n_stages} and {spatial_dims} spatial axes")]
+    StageLists { n_stages: usize, spatial_dims: usize },
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Architecture {
     /// 2 or 3.
@@ -34,29 +51,28 @@ impl Architecture {
         input_channels: usize,
         num_classes: usize,
         deep_supervision: bool,
-    ) -> Result<Architecture, String> {
+    ) -> Result<Architecture, ArchitectureError> {
         let NetworkKwargs::PlainConvUNet(kw) = &architecture.arch_kwargs else {
-            return Err(format!(
-                "network class {} is not supported (only PlainConvUNet)",
-                architecture.network_class_name
+            return Err(ArchitectureError::NetworkClass(
+                architecture.network_class_name.clone(),
             ));
         };
         let spatial_dims = match kw.conv_op.rsplit('.').next() {
             Some("Conv2d") => 2,
             Some("Conv3d") => 3,
-            _ => return Err(format!("conv_op {} is not Conv2d or Conv3d", kw.conv_op)),
+            _ => return Err(ArchitectureError::ConvOp(kw.conv_op.clone())),
         };
         if let Some(norm) = &kw.norm_op {
             if !norm.contains("InstanceNorm") {
-                return Err(format!("norm_op {norm} is not supported (only InstanceNorm)"));
+                return Err(ArchitectureError::NormOp(norm.clone()));
             }
         }
         if let Some(dropout) = &kw.dropout_op {
-            return Err(format!("dropout_op {dropout} is not supported"));
+            return Err(ArchitectureError::DropoutOp(dropout.clone()));
         }
         if let Some(nonlin) = &kw.nonlin {
             if !nonlin.ends_with("LeakyReLU") {
-                return Err(format!("nonlin {nonlin} is not supported (only LeakyReLU)"));
+                return Err(ArchitectureError::Nonlin(nonlin.clone()));
             }
         }
         let n = kw.n_stages;
@@ -71,9 +87,10 @@ impl Architecture {
                 .chain(&kw.strides)
                 .all(|v| v.len() == spatial_dims);
         if n < 2 || !lengths_ok {
-            return Err(format!(
-                "architecture lists do not match n_stages = {n} and {spatial_dims} spatial axes"
-            ));
+            return Err(ArchitectureError::StageLists {
+                n_stages: n,
+                spatial_dims,
+            });
         }
         Ok(Architecture {
             spatial_dims,
@@ -188,6 +205,7 @@ mod tests {
         let residual: ArchitecturePlan = serde_json::from_value(v).unwrap();
         assert!(Architecture::from_plan(&residual, 1, 2, true)
             .unwrap_err()
+            .to_string()
             .contains("ResidualEncoderUNet"));
     }
 }

@@ -154,19 +154,24 @@ struct RawArchitecture {
     extra: Map<String, Value>,
 }
 
-impl TryFrom<RawArchitecture> for ArchitecturePlan {
-    type Error = String;
+/// `arch_kwargs` that do not fit the network class, naming the key.
+#[derive(Debug, thiserror::Error)]
+#[error("arch_kwargs{}: {source}", if field == "." { String::new() } else { format!(".{field}") })]
+pub struct ArchKwargsError {
+    /// serde_path_to_error's path to the key (`features_per_stage[1]`), `.` for the whole object.
+    pub field: String,
+    #[source]
+    pub source: serde_json::Error,
+}
 
-    fn try_from(raw: RawArchitecture) -> Result<Self, String> {
-        fn typed<T: serde::de::DeserializeOwned>(kwargs: &Value) -> Result<T, String> {
-            serde_path_to_error::deserialize(kwargs).map_err(|e| {
-                let path = e.path().to_string();
-                let at = if path == "." {
-                    String::new()
-                } else {
-                    format!(".{path}")
-                };
-                format!("arch_kwargs{at}: {}", e.inner())
+impl TryFrom<RawArchitecture> for ArchitecturePlan {
+    type Error = ArchKwargsError;
+
+    fn try_from(raw: RawArchitecture) -> Result<Self, ArchKwargsError> {
+        fn typed<T: serde::de::DeserializeOwned>(kwargs: &Value) -> Result<T, ArchKwargsError> {
+            serde_path_to_error::deserialize(kwargs).map_err(|e| ArchKwargsError {
+                field: e.path().to_string(),
+                source: e.into_inner(),
             })
         }
         let arch_kwargs = match class_name(&raw.network_class_name) {

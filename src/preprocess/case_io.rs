@@ -7,33 +7,36 @@ use std::path::Path;
 use ndarray::Array3;
 
 use super::case_steps::{self, RawCase};
+use super::PreprocessError;
 use crate::data::case_store::StoredCase;
 use crate::data::dataset::Case;
 use crate::data::nifti;
 use crate::plans::Plans;
 
 /// Reads a raw case (label optional), transposes it as planned and crops it to its nonzero region.
-pub fn load_raw(case: &Case, with_label: bool, transpose: [usize; 3]) -> Result<StoredCase, String> {
-    let raw = read_raw(case, with_label).map_err(|e| format!("case {}: {e}", case.id))?;
-    case_steps::crop_raw(raw, transpose).map_err(|e| format!("case {}: {e}", case.id))
+/// Errors name the case.
+pub fn load_raw(case: &Case, with_label: bool, transpose: [usize; 3]) -> Result<StoredCase, PreprocessError> {
+    read_raw(case, with_label)
+        .and_then(|raw| case_steps::crop_raw(raw, transpose))
+        .map_err(PreprocessError::in_case(&case.id))
 }
 
 /// Reads a raw case's image channels (and label) as they are in the files.
-fn read_raw(case: &Case, with_label: bool) -> Result<RawCase, String> {
+fn read_raw(case: &Case, with_label: bool) -> Result<RawCase, PreprocessError> {
     let mut channels: Vec<Array3<f32>> = Vec::new();
     let mut header = None;
     let mut spacing = [1.0; 3];
     for (channel, path) in case.images.iter().enumerate() {
-        let volume = nifti::read(path).map_err(|e| e.to_string())?;
+        let volume = nifti::read(path)?;
         if channel == 0 {
             spacing = volume.spacing_zyx();
             header = Some(volume.header.clone());
         }
         channels.push(volume.data);
     }
-    let header = header.ok_or("no image channels")?;
+    let header = header.ok_or(PreprocessError::NoChannels)?;
     let seg = if with_label {
-        let (label, _) = nifti::read_integer_labels(&case.label).map_err(|e| e.to_string())?;
+        let (label, _) = nifti::read_integer_labels(&case.label)?;
         Some(label)
     } else {
         None

@@ -11,6 +11,7 @@ use super::crop::crop_to_nonzero;
 use super::fingerprint_format::IntensityStats;
 use super::normalize::{normalize_in_place, Scheme};
 use super::resample::{compute_new_shape, resample_data_to_shape, resample_seg_to_shape};
+use super::PreprocessError;
 use crate::data::case_store::{CaseProperties, StoredCase};
 use crate::data::dataset::{Dataset, LabelValue};
 use crate::data::geometry::Header;
@@ -24,23 +25,23 @@ pub struct PlanView {
 }
 
 impl PlanView {
-    pub fn new(plans: &Plans, configuration: &str) -> Result<PlanView, String> {
+    pub fn new(plans: &Plans, configuration: &str) -> Result<PlanView, PreprocessError> {
         Ok(PlanView {
             transpose_forward: plans.transpose_forward,
             intensity_properties: plans.intensity_properties(),
-            configuration: plans.configuration(configuration).map_err(|e| e.to_string())?,
+            configuration: plans.configuration(configuration)?,
         })
     }
 
     /// Target spacing for the case's current spacing: 2D configurations keep the slice spacing.
-    pub fn target_spacing(&self, current: [f64; 3]) -> Result<[f64; 3], String> {
-        match self.configuration.spacing().map_err(|e| e.to_string())? {
+    pub fn target_spacing(&self, current: [f64; 3]) -> Result<[f64; 3], PreprocessError> {
+        match self.configuration.spacing()? {
             [z, y, x] => Ok([*z, *y, *x]),
             [y, x] => Ok([current[0], *y, *x]),
-            other => Err(format!(
-                "configuration {}: spacing {other:?} is neither 2D nor 3D",
-                self.configuration.name
-            )),
+            other => Err(PreprocessError::SpacingDimensions {
+                configuration: self.configuration.name.clone(),
+                spacing: other.to_vec(),
+            }),
         }
     }
 }
@@ -82,7 +83,7 @@ pub struct RawCase {
 
 /// Transposes a raw case as planned and crops it to its nonzero region. Errors name what does not
 /// fit; the caller adds which case.
-pub fn crop_raw(raw: RawCase, transpose: [usize; 3]) -> Result<StoredCase, String> {
+pub fn crop_raw(raw: RawCase, transpose: [usize; 3]) -> Result<StoredCase, PreprocessError> {
     let RawCase {
         channels,
         seg,
@@ -90,18 +91,17 @@ pub fn crop_raw(raw: RawCase, transpose: [usize; 3]) -> Result<StoredCase, Strin
         spacing,
     } = raw;
     let Some(first) = channels.first() else {
-        return Err("no image channels".into());
+        return Err(PreprocessError::NoChannels);
     };
     if let Some(channel) = channels.iter().position(|c| c.shape() != first.shape()) {
-        return Err(format!("channel {channel} differs in shape from channel 0"));
+        return Err(PreprocessError::ChannelShape { channel });
     }
     let seg = match seg {
         Some(label) if label.shape() != first.shape() => {
-            return Err(format!(
-                "label shape {:?} differs from image shape {:?}",
-                label.shape(),
-                first.shape()
-            ));
+            return Err(PreprocessError::LabelShape {
+                label: label.shape().to_vec(),
+                image: first.shape().to_vec(),
+            });
         }
         Some(label) => Some(transposed(label, transpose)),
         None => None,
@@ -114,7 +114,8 @@ pub fn crop_raw(raw: RawCase, transpose: [usize; 3]) -> Result<StoredCase, Strin
         Ok([channel]) => channel.insert_axis(Axis(0)),
         Err(channels) => {
             let views: Vec<_> = channels.iter().map(|c| c.view()).collect();
-            ndarray::stack(Axis(0), &views).map_err(|e| e.to_string())?
+            // The shapes were checked above, so stacking cannot fail.
+            ndarray::stack(Axis(0), &views).expect("channels of one shape")
         }
     };
     let bbox = cropped.bbox;
@@ -152,25 +153,21 @@ fn shape3(shape: &[usize]) -> [usize; 3] {
 /// Normalizes every channel with its planned scheme (masked z-score where planned). nnU-Net
 /// normalizes before resampling, because a resampled nonzero mask no longer fits the image exactly;
 /// resampling first is allowed here as an explicit choice of the pipeline.
-pub fn normalize(case: &mut StoredCase, plan: &PlanView) -> Result<(), String> {
-    let schemes = plan
-        .configuration
-        .normalization_schemes()
-        .map_err(|e| e.to_string())?;
+pub fn normalize(case: &mut StoredCase, plan: &PlanView) -> Result<(), PreprocessError> {
+    let schemes = plan.configuration.normalization_schemes()?;
     let use_mask = plan.configuration.use_mask_for_norm();
     if schemes.len() != case.data.shape()[0] {
-        return Err(format!(
-            "the plan names {} channel schemes, the case has {} channels",
-            schemes.len(),
-            case.data.shape()[0]
-        ));
+        return Err(PreprocessError::ChannelCount {
+            schemes: schemes.len(),
+            channels: case.data.shape()[0],
+        });
     }
     let seg = case
         .seg
         .as_ref()
         .map(|s| s.index_axis(Axis(0), 0).mapv(i32::from));
     for (channel, scheme_name) in schemes.iter().enumerate() {
-        let scheme = Scheme::from_class_name(scheme_name).map_err(|e| e.to_string())?;
+        let scheme = Scheme::from_class_name(scheme_name).map_err(PreprocessError::Scheme)?;
         let stats = plan.intensity_properties.get(channel).and_then(Option::as_ref);
         let mask = use_mask.get(channel).copied().unwrap_or(false);
         normalize_in_place(
@@ -180,7 +177,7 @@ pub fn normalize(case: &mut StoredCase, plan: &PlanView) -> Result<(), String> {
             mask,
             stats,
         )
-        .map_err(|e| format!("channel {channel}: {e}"))?;
+        .map_err(|source| PreprocessError::Normalize { channel, source })?;
     }
     case.properties.normalized = true;
     Ok(())
@@ -191,7 +188,7 @@ pub fn resampled_shape(
     properties: &CaseProperties,
     shape: [usize; 3],
     plan: &PlanView,
-) -> Result<[usize; 3], String> {
+) -> Result<[usize; 3], PreprocessError> {
     Ok(compute_new_shape(
         shape,
         properties.spacing,
@@ -200,7 +197,7 @@ pub fn resampled_shape(
 }
 
 /// Resamples data and segmentation to the configuration's spacing.
-pub fn resample(case: StoredCase, plan: &PlanView) -> Result<StoredCase, String> {
+pub fn resample(case: StoredCase, plan: &PlanView) -> Result<StoredCase, PreprocessError> {
     let current = case.properties.spacing;
     let target = plan.target_spacing(current)?;
     let shape = shape3(&case.data.shape()[1..]);
@@ -218,13 +215,11 @@ pub fn resample(case: StoredCase, plan: &PlanView) -> Result<StoredCase, String>
     }
     let data_options = plan.configuration.data_resampling();
     let seg_options = plan.configuration.seg_resampling();
-    let data = resample_data_to_shape(case.data.view(), new_shape, current, target, &data_options)
-        .map_err(|e| e.to_string())?;
+    let data = resample_data_to_shape(case.data.view(), new_shape, current, target, &data_options)?;
     let seg = match &case.seg {
         Some(seg) => {
             let seg: Array4<i32> = seg.mapv(i32::from);
-            let resampled = resample_seg_to_shape(seg.view(), new_shape, current, target, &seg_options)
-                .map_err(|e| e.to_string())?;
+            let resampled = resample_seg_to_shape(seg.view(), new_shape, current, target, &seg_options)?;
             Some(resampled.mapv(|v| v as i16))
         }
         None => None,
@@ -248,13 +243,13 @@ pub fn segmentation_to_grid(
     seg: ArrayView3<i16>,
     properties: &CaseProperties,
     plan: &PlanView,
-) -> Result<Array3<i16>, String> {
+) -> Result<Array3<i16>, PreprocessError> {
     let expected = properties.header.shape_zyx();
     if seg.shape() != expected {
-        return Err(format!(
-            "segmentation of shape {:?} does not fit the image (z, y, x) {expected:?}",
-            seg.shape()
-        ));
+        return Err(PreprocessError::SegmentationShape {
+            found: seg.shape().to_vec(),
+            expected,
+        });
     }
     let transposed = seg.permuted_axes(properties.transpose_forward);
     let bbox = properties.bbox_used_for_cropping;
@@ -281,8 +276,7 @@ pub fn segmentation_to_grid(
         current,
         target,
         &options,
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     Ok(resampled.index_axis(Axis(0), 0).mapv(|v| v as i16))
 }
 
@@ -367,14 +361,21 @@ mod tests {
     #[test]
     fn crop_raw_names_what_does_not_fit() {
         let image = || Array3::<f32>::ones((2, 3, 4));
-        let no_channels = crop_raw(raw(vec![], None), [0, 1, 2]).err();
+        let message = |result: Result<StoredCase, PreprocessError>| result.err().map(|e| e.to_string());
+        let no_channels = message(crop_raw(raw(vec![], None), [0, 1, 2]));
         assert_eq!(no_channels.as_deref(), Some("no image channels"));
-        let channels = crop_raw(raw(vec![image(), Array3::ones((2, 3, 5))], None), [0, 1, 2]).err();
+        let channels = message(crop_raw(
+            raw(vec![image(), Array3::ones((2, 3, 5))], None),
+            [0, 1, 2],
+        ));
         assert_eq!(
             channels.as_deref(),
             Some("channel 1 differs in shape from channel 0")
         );
-        let label = crop_raw(raw(vec![image()], Some(Array3::zeros((2, 3, 5)))), [0, 1, 2]).err();
+        let label = message(crop_raw(
+            raw(vec![image()], Some(Array3::zeros((2, 3, 5)))),
+            [0, 1, 2],
+        ));
         assert_eq!(
             label.as_deref(),
             Some("label shape [2, 3, 5] differs from image shape [2, 3, 4]")

@@ -7,6 +7,7 @@ pub mod case_io;
 pub mod case_steps;
 pub mod class_locations;
 pub mod crop;
+mod error;
 pub mod fingerprint;
 pub mod fingerprint_format;
 pub mod normalize;
@@ -14,3 +15,5 @@ pub mod numpy_random;
 pub mod plan;
 pub mod resample;
 pub mod topology;
+
+pub use error::PreprocessError;

@@ -16,10 +16,14 @@ use serde::{Deserialize, Serialize};
 
 use super::{reference_inputs, thread_pool, to_json, Kind, Stage, StageContext, StageError, StageInput};
 use crate::data::dataset::Dataset;
-use crate::data::{nifti, npy};
-use crate::evaluate::ensemble::{candidates, hard_vote, select_best, soft_vote, Candidate};
+use crate::data::nifti::{self, NiftiError};
+use crate::data::npy::{self, NpyError};
+use crate::evaluate::ensemble::{candidates, hard_vote, select_best, soft_vote, Candidate, EnsembleError};
 use crate::evaluate::folder::{evaluate_pair, evaluation_targets, foreground_dice, summary_json, CaseResult};
+use crate::evaluate::EvaluateError;
+use crate::file_error::FileError;
 use crate::inference::export::write_label_map;
+use crate::inference::InferenceError;
 use crate::train::job::FoldInfo;
 
 pub const KIND: Kind = Kind {
@@ -70,6 +74,38 @@ pub struct Scored {
     pub foreground_dice: Option<f64>,
 }
 
+/// Why the candidates could not be scored, or the chosen one's predictions not written.
+#[derive(Debug, thiserror::Error)]
+pub enum EnsembleSelectError {
+    #[error("no trainings to choose from")]
+    NoTrainings,
+    #[error("the configurations share no cross-validation case")]
+    NoSharedCase,
+    #[error("no candidate has a defined foreground Dice")]
+    NoScore,
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// A reference label map.
+    #[error(transparent)]
+    Reference(#[from] NiftiError),
+    /// A cross-validation prediction, named first as it always was (the NIfTI error names it too).
+    #[error("{}: {source}", path.display())]
+    Prediction { path: PathBuf, source: NiftiError },
+    #[error("{}: {source}", path.display())]
+    Probabilities { path: PathBuf, source: NpyError },
+    #[error("{}: {source}", path.display())]
+    ProbabilitiesShape {
+        path: PathBuf,
+        source: ndarray::ShapeError,
+    },
+    #[error("case {case}: {source}")]
+    Vote { case: String, source: EnsembleError },
+    #[error(transparent)]
+    Evaluate(#[from] EvaluateError),
+    #[error(transparent)]
+    Write(#[from] InferenceError),
+}
+
 /// A configuration's cross-validation predictions: case id -> the `validation` folder holding it.
 struct CrossValidation {
     configuration: String,
@@ -88,7 +124,7 @@ impl Stage for EnsembleSelectStage {
     }
 
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
-        let dataset = Dataset::open(&ctx.root.join(&self.dataset)).map_err(|e| e.to_string())?;
+        let dataset = Dataset::open(&ctx.root.join(&self.dataset))?;
         let models = cross_validations(
             &self
                 .trainings
@@ -103,7 +139,7 @@ impl Stage for EnsembleSelectStage {
             .cloned()
             .collect();
         if case_ids.is_empty() {
-            return Err("the configurations share no cross-validation case".into());
+            return Err(EnsembleSelectError::NoSharedCase.into());
         }
         let references: BTreeMap<&str, PathBuf> = dataset
             .cases
@@ -139,19 +175,18 @@ impl Stage for EnsembleSelectStage {
                     .map(|id| {
                         let reference_path = references
                             .get(id.as_str())
-                            .ok_or_else(|| format!("case {id} is not in the dataset"))?;
-                        let (reference, _) =
-                            nifti::read_integer_labels(reference_path).map_err(|e| e.to_string())?;
+                            .ok_or_else(|| EvaluateError::UnknownCase { case: id.clone() })?;
+                        let (reference, _) = nifti::read_integer_labels(reference_path)?;
                         let prediction = combine(&members, id, self.hard_voting, regions_order.as_deref())?;
-                        evaluate_pair(
+                        Ok(evaluate_pair(
                             &format!("{id}{}", dataset.file_ending),
                             &reference,
                             &prediction,
                             &targets,
                             ignore,
-                        )
+                        )?)
                     })
-                    .collect::<Result<_, String>>()
+                    .collect::<Result<_, EnsembleSelectError>>()
             })?;
             let summary = summary_json(&results, &targets);
             let dice = foreground_dice(&summary);
@@ -170,7 +205,7 @@ impl Stage for EnsembleSelectStage {
                 foreground_dice: dice.is_finite().then_some(dice),
             });
         }
-        let best = select_best(&scored).ok_or("no candidate has a defined foreground Dice")?;
+        let best = select_best(&scored).ok_or(EnsembleSelectError::NoScore)?;
         let best_index = scored
             .iter()
             .position(|(c, _)| *c == best)
@@ -195,25 +230,23 @@ impl Stage for EnsembleSelectStage {
         Ok(pool.install(|| {
             case_ids.par_iter().try_for_each(|id| {
                 let file = format!("{id}{}", dataset.file_ending);
-                let (_, header) =
-                    nifti::read_integer_labels(&references[id.as_str()]).map_err(|e| e.to_string())?;
+                let (_, header) = nifti::read_integer_labels(&references[id.as_str()])?;
                 let prediction = combine(&members, id, self.hard_voting, regions_order.as_deref())?;
                 let labels = prediction.mapv(|v| v as i16);
-                write_label_map(&crossval.join(file), &labels, &header)
+                Ok::<_, EnsembleSelectError>(write_label_map(&crossval.join(file), &labels, &header)?)
             })
         })?)
     }
 }
 
 /// Groups training outputs by configuration; every one must hold `fold.json` and `validation/`.
-fn cross_validations(trainings: &[PathBuf]) -> Result<Vec<CrossValidation>, String> {
+fn cross_validations(trainings: &[PathBuf]) -> Result<Vec<CrossValidation>, EnsembleSelectError> {
     let mut by_configuration: BTreeMap<String, CrossValidation> = BTreeMap::new();
     for training in trainings {
         if !training.exists() {
             continue; // a training that did not apply (its configuration is not planned)
         }
-        let fold: FoldInfo =
-            crate::atomic_file::read_json(&training.join("fold.json")).map_err(|e| e.to_string())?;
+        let fold: FoldInfo = crate::atomic_file::read_json(&training.join("fold.json"))?;
         let entry = by_configuration
             .entry(fold.configuration.clone())
             .or_insert_with(|| CrossValidation {
@@ -231,7 +264,7 @@ fn cross_validations(trainings: &[PathBuf]) -> Result<Vec<CrossValidation>, Stri
         }
     }
     if by_configuration.is_empty() {
-        return Err("no trainings to choose from".into());
+        return Err(EnsembleSelectError::NoTrainings);
     }
     let mut models: Vec<CrossValidation> = by_configuration.into_values().collect();
     models.sort_by_key(|m| candidate_rank(&m.configuration));
@@ -255,12 +288,16 @@ fn combine(
     id: &str,
     hard: bool,
     regions: Option<&[i32]>,
-) -> Result<Array3<i32>, String> {
-    let read_segmentation = |m: &CrossValidation| -> Result<Array3<i32>, String> {
+) -> Result<Array3<i32>, EnsembleSelectError> {
+    let read_segmentation = |m: &CrossValidation| {
         let path = m.cases[id].join(format!("{id}{}", m.file_ending));
         nifti::read_integer_labels(&path)
             .map(|(a, _)| a)
-            .map_err(|e| format!("{}: {e}", path.display()))
+            .map_err(|source| EnsembleSelectError::Prediction { path, source })
+    };
+    let vote_error = |source| EnsembleSelectError::Vote {
+        case: id.to_string(),
+        source,
     };
     if members.len() == 1 {
         return read_segmentation(members[0]);
@@ -271,21 +308,27 @@ fn combine(
             .map(|m| read_segmentation(m))
             .collect::<Result<Vec<_>, _>>()?;
         let views: Vec<_> = segmentations.iter().map(|s| s.view()).collect();
-        return hard_vote(&views).map_err(|e| format!("case {id}: {e}"));
+        return hard_vote(&views).map_err(vote_error);
     }
     let probabilities = members
         .iter()
         .map(|m| read_probabilities(&m.cases[id].join(format!("{id}.npy"))))
         .collect::<Result<Vec<_>, _>>()?;
     let views: Vec<_> = probabilities.iter().map(|p| p.view()).collect();
-    soft_vote(&views, regions).map_err(|e| format!("case {id}: {e}"))
+    soft_vote(&views, regions).map_err(vote_error)
 }
 
-fn read_probabilities(path: &Path) -> Result<Array4<f32>, String> {
+fn read_probabilities(path: &Path) -> Result<Array4<f32>, EnsembleSelectError> {
     npy::read::<f32>(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?
+        .map_err(|source| EnsembleSelectError::Probabilities {
+            path: path.to_path_buf(),
+            source,
+        })?
         .into_dimensionality::<Ix4>()
-        .map_err(|e| format!("{}: {e}", path.display()))
+        .map_err(|source| EnsembleSelectError::ProbabilitiesShape {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 #[cfg(test)]

@@ -55,7 +55,7 @@ impl Stage for EvaluateStage {
     }
 
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
-        let dataset = Dataset::open(&ctx.root.join(&self.dataset)).map_err(|e| e.to_string())?;
+        let dataset = Dataset::open(&ctx.root.join(&self.dataset))?;
         let targets = evaluation_targets(&dataset);
         let ignore = dataset.ignore_label.map(|l| l as i32);
         let predictions = ctx.root.join(&self.predictions);

@@ -1,17 +1,21 @@
 //! The `fingerprint` stage: checks a dataset's integrity and extracts nnU-Net's dataset
 //! fingerprint (`dataset_fingerprint.json`).
 
+use std::path::PathBuf;
+
 use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{dataset_inputs, thread_pool, Kind, Stage, StageContext, StageError, StageInput};
-use crate::data::dataset::Dataset;
+use crate::data::dataset::{Dataset, DatasetError};
 use crate::data::integrity::{check_case, load_case, Report};
+use crate::file_error::FileError;
 use crate::preprocess::fingerprint::{
-    aggregate, case_fingerprint, dataset_fingerprint_with_budget, CaseFingerprint, FOREGROUND_SAMPLES_TOTAL,
-    SAMPLING_SEED,
+    aggregate, case_fingerprint, dataset_fingerprint_with_budget, CaseFingerprint, FingerprintError,
+    FOREGROUND_SAMPLES_TOTAL, SAMPLING_SEED,
 };
+use crate::preprocess::fingerprint_format::Fingerprint;
 
 pub const KIND: Kind = Kind {
     name: "fingerprint",
@@ -42,6 +46,25 @@ pub struct FingerprintStage {
     pub foreground_samples: usize,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum FingerprintStageError {
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    /// The integrity check found problems (every one of every case is in the report).
+    #[error("dataset {}:\n{}", root.display(), report.render())]
+    Integrity { root: PathBuf, report: Report },
+    #[error(transparent)]
+    Fingerprint(#[from] FingerprintError),
+    #[error(
+        "dataset {}: the fingerprint's `{field}` is not a finite number; \
+         dataset_fingerprint.json is not written",
+        root.display()
+    )]
+    NonFinite { root: PathBuf, field: String },
+    #[error(transparent)]
+    File(#[from] FileError),
+}
+
 fn yes() -> bool {
     true
 }
@@ -60,27 +83,27 @@ impl Stage for FingerprintStage {
     }
 
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
-        let dataset = Dataset::open(&ctx.root.join(&self.dataset)).map_err(|e| e.to_string())?;
+        let dataset = Dataset::open(&ctx.root.join(&self.dataset)).map_err(FingerprintStageError::from)?;
         let fingerprint = if self.check_integrity {
             let pool = thread_pool(ctx)?;
             pool.install(|| checked_fingerprint(&dataset, self.foreground_samples))?
         } else {
             dataset_fingerprint_with_budget(&dataset, ctx.threads as usize, self.foreground_samples)
-                .map_err(|e| e.to_string())?
+                .map_err(FingerprintStageError::from)?
         };
+        let path = ctx.out_dir.join("dataset_fingerprint.json");
         // Every number the plan reads must be finite (serde_json would write `null`); the checks
         // above make this so, and nothing is written if they ever miss a case.
-        let value = serde_json::to_value(&fingerprint).map_err(|e| e.to_string())?;
-        if let Some(path) = crate::json_numbers::first_null(&value) {
-            return Err(format!(
-                "dataset {}: the fingerprint's `{path}` is not a finite number; \
-                 dataset_fingerprint.json is not written",
-                dataset.root.display()
-            )
+        let value = serde_json::to_value(&fingerprint).map_err(FileError::json(&path))?;
+        if let Some(field) = crate::json_numbers::first_null(&value) {
+            return Err(FingerprintStageError::NonFinite {
+                root: dataset.root.clone(),
+                field,
+            }
             .into());
         }
-        let text = serde_json::to_vec_pretty(&value).map_err(|e| e.to_string())?;
-        Ok(std::fs::write(ctx.out_dir.join("dataset_fingerprint.json"), text).map_err(|e| e.to_string())?)
+        let text = serde_json::to_vec_pretty(&value).map_err(FileError::json(&path))?;
+        Ok(std::fs::write(&path, text).map_err(FileError::io(&path))?)
     }
 }
 
@@ -89,17 +112,17 @@ impl Stage for FingerprintStage {
 fn checked_fingerprint(
     dataset: &Dataset,
     samples_total: usize,
-) -> Result<crate::preprocess::fingerprint_format::Fingerprint, String> {
+) -> Result<Fingerprint, FingerprintStageError> {
     let mut report = Report {
         problems: dataset.layout_problems(),
         warnings: Vec::new(),
     };
+    let integrity = |report| FingerprintStageError::Integrity {
+        root: dataset.root.clone(),
+        report,
+    };
     if !report.is_ok() {
-        return Err(format!(
-            "dataset {}:\n{}",
-            dataset.root.display(),
-            report.render()
-        ));
+        return Err(integrity(report));
     }
     let allowed = dataset.allowed_label_values();
     let samples_per_case = samples_total / dataset.cases.len().max(1);
@@ -107,9 +130,9 @@ fn checked_fingerprint(
         .cases
         .par_iter()
         .map(|case| match load_case(case) {
-            Err(problems) => (
+            Err(unreadable) => (
                 Report {
-                    problems,
+                    problems: unreadable.iter().map(ToString::to_string).collect(),
                     warnings: Vec::new(),
                 },
                 None,
@@ -134,11 +157,7 @@ fn checked_fingerprint(
         fingerprints.extend(fingerprint);
     }
     if !report.is_ok() {
-        return Err(format!(
-            "dataset {}:\n{}",
-            dataset.root.display(),
-            report.render()
-        ));
+        return Err(integrity(report));
     }
-    aggregate(fingerprints, dataset.channels.len()).map_err(|e| e.to_string())
+    Ok(aggregate(fingerprints, dataset.channels.len())?)
 }

@@ -66,11 +66,21 @@ pub fn reference_inputs(dataset: &str) -> Vec<StageInput> {
 }
 
 /// A rayon pool of the stage's thread count, so stages running side by side share the cores.
-pub fn thread_pool(ctx: &StageContext) -> Result<rayon::ThreadPool, String> {
+pub fn thread_pool(ctx: &StageContext) -> Result<rayon::ThreadPool, ThreadPoolError> {
     rayon::ThreadPoolBuilder::new()
         .num_threads(ctx.threads.max(1) as usize)
         .build()
-        .map_err(|e| format!("cannot start {} threads: {e}", ctx.threads))
+        .map_err(|source| ThreadPoolError {
+            threads: ctx.threads,
+            source,
+        })
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start {threads} threads: {source}")]
+pub struct ThreadPoolError {
+    threads: u32,
+    source: rayon::ThreadPoolBuildError,
 }
 
 #[cfg(test)]

@@ -2,17 +2,18 @@
 //! (with dataset.json and dataset_fingerprint.json beside it, as nnU-Net's preprocessed folder has).
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{Kind, Stage, StageContext, StageError, StageInput};
-use crate::data::dataset::Dataset;
-use crate::plans::Plans;
+use crate::data::dataset::{Dataset, DatasetError};
+use crate::file_error::FileError;
+use crate::plans::{Plans, PlansError};
 use crate::preprocess::fingerprint_format::Fingerprint;
-use crate::preprocess::plan::{check_configuration_name, plan, PlanInputs, PlanSettings};
+use crate::preprocess::plan::{check_configuration_name, plan, PlanError, PlanInputs, PlanSettings};
 
 pub const KIND: Kind = Kind {
     name: "plan",
@@ -61,6 +62,32 @@ where
     Ok(overrides)
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum PlanStageError {
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot write {}: {source}", path.display())]
+    Write { path: PathBuf, source: std::io::Error },
+    /// Not JSON, or not the expected JSON.
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error(
+        "{}: `{field}` is null, not a number (a NaN or infinite value: check the dataset's images \
+         with `nnflow check` and fingerprint it again)",
+        path.display()
+    )]
+    NullInFingerprint { path: PathBuf, field: String },
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("overrides: the plan has no configuration `{configuration}`")]
+    UnplannedOverride { configuration: String },
+    /// An override that makes plans.json unreadable (a value of the wrong type).
+    #[error("overrides: {0}")]
+    InvalidOverride(#[source] PlansError),
+}
+
 fn eight() -> f64 {
     8.0
 }
@@ -89,7 +116,7 @@ impl Stage for PlanStage {
 
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
         let dataset_root = ctx.root.join(&self.dataset);
-        let dataset = Dataset::open(&dataset_root).map_err(|e| e.to_string())?;
+        let dataset = Dataset::open(&dataset_root).map_err(PlanStageError::from)?;
         let dataset_json: Value = read_json(&dataset_root.join("dataset.json"))?;
         let fingerprint_path = ctx.root.join(&self.fingerprint).join("dataset_fingerprint.json");
         let fingerprint = read_fingerprint(&fingerprint_path)?;
@@ -111,16 +138,16 @@ impl Stage for PlanStage {
             overwrite_target_spacing: self.overwrite_target_spacing,
             ..PlanSettings::default()
         };
-        let mut plans = plan(&inputs, &settings).map_err(|e| e.to_string())?;
+        let mut plans = plan(&inputs, &settings).map_err(PlanStageError::from)?;
         apply_overrides(&mut plans, &self.overrides)?;
         // Every later stage reads the plan through `Plans`: refuse one it could not read (an
         // override of the wrong type) here, naming the key. The JSON is written as it is, so the
         // file keeps the planner's (and the overrides') numbers exactly.
-        Plans::from_json(&plans, "plans.json").map_err(|e| format!("overrides: {e}"))?;
+        Plans::from_json(&plans, "plans.json").map_err(PlanStageError::InvalidOverride)?;
         write_json(&ctx.out_dir.join("plans.json"), &plans)?;
         write_json(&ctx.out_dir.join("dataset.json"), &dataset_json)?;
         std::fs::copy(&fingerprint_path, ctx.out_dir.join("dataset_fingerprint.json"))
-            .map_err(|e| e.to_string())?;
+            .map_err(FileError::io(&fingerprint_path))?;
         Ok(())
     }
 }
@@ -130,15 +157,15 @@ impl Stage for PlanStage {
 fn apply_overrides(
     plans: &mut Value,
     overrides: &BTreeMap<String, BTreeMap<String, Value>>,
-) -> Result<(), String> {
+) -> Result<(), PlanStageError> {
     for (configuration, values) in overrides {
         let Some(target) = plans["configurations"]
             .get_mut(configuration)
             .and_then(Value::as_object_mut)
         else {
-            return Err(format!(
-                "overrides: the plan has no configuration `{configuration}`"
-            ));
+            return Err(PlanStageError::UnplannedOverride {
+                configuration: configuration.clone(),
+            });
         };
         for (key, value) in values {
             target.insert(key.clone(), value.clone());
@@ -149,25 +176,30 @@ fn apply_overrides(
 
 /// Reads dataset_fingerprint.json; a `null` where a number belongs (a non-finite value written
 /// by an older nnflow, or a hand-made file) is named rather than reported as a type error.
-fn read_fingerprint(path: &Path) -> Result<Fingerprint, String> {
+fn read_fingerprint(path: &Path) -> Result<Fingerprint, PlanStageError> {
     let value = read_json(path)?;
-    if let Some(at) = crate::json_numbers::first_null(&value) {
-        return Err(format!(
-            "{}: `{at}` is null, not a number (a NaN or infinite value: check the dataset's images \
-             with `nnflow check` and fingerprint it again)",
-            path.display()
-        ));
+    if let Some(field) = crate::json_numbers::first_null(&value) {
+        return Err(PlanStageError::NullInFingerprint {
+            path: path.to_path_buf(),
+            field,
+        });
     }
-    serde_json::from_value(value).map_err(|e| format!("{}: {e}", path.display()))
+    Ok(serde_json::from_value(value).map_err(FileError::json(path))?)
 }
 
-fn read_json(path: &Path) -> Result<Value, String> {
-    let text = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))
+fn read_json(path: &Path) -> Result<Value, PlanStageError> {
+    let text = std::fs::read(path).map_err(|source| PlanStageError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(serde_json::from_slice(&text).map_err(FileError::json(path))?)
 }
 
-fn write_json(path: &Path, value: &Value) -> Result<(), String> {
-    let mut text = serde_json::to_vec_pretty(value).map_err(|e| e.to_string())?;
+fn write_json(path: &Path, value: &Value) -> Result<(), PlanStageError> {
+    let mut text = serde_json::to_vec_pretty(value).map_err(FileError::json(path))?;
     text.push(b'\n');
-    std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    std::fs::write(path, text).map_err(|source| PlanStageError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
 }

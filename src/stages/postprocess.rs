@@ -13,6 +13,8 @@ use crate::data::dataset::{Dataset, LabelValue};
 use crate::data::nifti;
 use crate::evaluate::folder::evaluation_targets;
 use crate::evaluate::postprocess::determine_postprocessing;
+use crate::evaluate::EvaluateError;
+use crate::file_error::FileError;
 
 pub const KIND: Kind = Kind {
     name: "postprocess",
@@ -44,10 +46,10 @@ impl Stage for PostprocessStage {
     }
 
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
-        let dataset = Dataset::open(&ctx.root.join(&self.dataset)).map_err(|e| e.to_string())?;
+        let dataset = Dataset::open(&ctx.root.join(&self.dataset))?;
         let crossval = ctx.root.join(&self.selection).join("crossval");
         let mut files: Vec<String> = std::fs::read_dir(&crossval)
-            .map_err(|e| format!("{}: {e}", crossval.display()))?
+            .map_err(FileError::io(&crossval))?
             .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
             .filter(|n| n.ends_with(&dataset.file_ending) && !n.starts_with('.'))
             .collect();
@@ -59,7 +61,7 @@ impl Stage for PostprocessStage {
                 dataset
                     .case(id)
                     .map(|c| c.label.clone())
-                    .ok_or_else(|| format!("case {id} is not in the dataset"))
+                    .ok_or_else(|| EvaluateError::UnknownCase { case: id.to_string() })
             })
             .collect::<Result<_, _>>()?;
         let targets = evaluation_targets(&dataset);
@@ -72,12 +74,8 @@ impl Stage for PostprocessStage {
                 _ => None,
             })
             .collect();
-        let load = |i: usize| -> Result<_, String> {
-            let read = |p: &PathBuf| {
-                nifti::read_integer_labels(p)
-                    .map(|(a, _)| a)
-                    .map_err(|e| e.to_string())
-            };
+        let load = |i: usize| -> Result<_, EvaluateError> {
+            let read = |p: &PathBuf| nifti::read_integer_labels(p).map(|(a, _)| a);
             Ok((read(&references[i])?, read(&crossval.join(&files[i]))?))
         };
         let decision = thread_pool(ctx)?

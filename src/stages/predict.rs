@@ -11,6 +11,7 @@ use super::ensemble_select::Decision;
 use super::process::run_logged;
 use super::{to_json, Kind, Stage, StageContext, StageError, StageInput};
 use crate::data::dataset::Dataset;
+use crate::file_error::FileError;
 use crate::inference::cases::image_cases;
 use crate::inference::job::{ModelJob, PredictJob};
 use crate::plans::Plans;
@@ -77,6 +78,25 @@ pub struct PredictStage {
     pub save_probabilities: bool,
 }
 
+/// What is wrong with the stage's parameters or the trainings they name.
+#[derive(Debug, thiserror::Error)]
+pub enum PredictStageError {
+    #[error("step_size must lie in (0, 1], got {0}")]
+    StepSize(f64),
+    #[error("`configuration` is an empty list")]
+    NoConfigurations,
+    #[error("give `selection` (${{select.outputs}}) or `configuration`")]
+    NoModelChoice,
+    /// `member`: a configuration to predict with, not only the previous stage of a cascade.
+    #[error(
+        "no training of configuration {configuration} among `trainings`{}",
+        if *member { "" } else { " (the previous stage of a cascade to predict with)" }
+    )]
+    NoTraining { configuration: String, member: bool },
+    #[error(transparent)]
+    File(#[from] FileError),
+}
+
 /// One configuration, or several predicted as an ensemble.
 #[derive(Deserialize, Serialize, JsonSchema, Debug, Clone)]
 #[serde(untagged)]
@@ -87,28 +107,28 @@ pub enum Configurations {
 
 impl PredictStage {
     /// The trained folds of a configuration among `trainings`.
-    fn model(&self, root: &std::path::Path, configuration: &str, member: bool) -> Result<ModelJob, String> {
+    fn model(
+        &self,
+        root: &std::path::Path,
+        configuration: &str,
+        member: bool,
+    ) -> Result<ModelJob, PredictStageError> {
         let mut checkpoints = Vec::new();
         for training in &self.trainings {
             let folder = root.join(training);
             if !folder.exists() {
                 continue; // a training that did not apply (its configuration is not planned)
             }
-            let fold: FoldInfo =
-                crate::atomic_file::read_json(&folder.join("fold.json")).map_err(|e| e.to_string())?;
+            let fold: FoldInfo = crate::atomic_file::read_json(&folder.join("fold.json"))?;
             if fold.configuration == configuration {
                 checkpoints.push(folder.join("checkpoint_final.safetensors"));
             }
         }
         if checkpoints.is_empty() {
-            return Err(format!(
-                "no training of configuration {configuration} among `trainings`{}",
-                if member {
-                    ""
-                } else {
-                    " (the previous stage of a cascade to predict with)"
-                }
-            ));
+            return Err(PredictStageError::NoTraining {
+                configuration: configuration.to_string(),
+                member,
+            });
         }
         Ok(ModelJob {
             configuration: configuration.to_string(),
@@ -146,28 +166,28 @@ impl Stage for PredictStage {
 
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
         if !(self.step_size > 0.0 && self.step_size <= 1.0) {
-            return Err(format!("step_size must lie in (0, 1], got {}", self.step_size).into());
+            return Err(PredictStageError::StepSize(self.step_size).into());
         }
         let root = ctx.root;
-        let dataset = Dataset::open(&root.join(&self.dataset)).map_err(|e| e.to_string())?;
+        let dataset = Dataset::open(&root.join(&self.dataset))?;
         let configurations = match (&self.configuration, &self.selection) {
             (Some(Configurations::One(configuration)), _) => vec![configuration.clone()],
             (Some(Configurations::Ensemble(configurations)), _) if !configurations.is_empty() => {
                 configurations.clone()
             }
-            (Some(Configurations::Ensemble(_)), _) => return Err("`configuration` is an empty list".into()),
+            (Some(Configurations::Ensemble(_)), _) => return Err(PredictStageError::NoConfigurations.into()),
             (None, Some(selection)) => {
                 let decision: Decision =
                     crate::atomic_file::read_json(&root.join(selection).join("decision.json"))?;
                 decision.best.configurations
             }
-            (None, None) => return Err("give `selection` (${select.outputs}) or `configuration`".into()),
+            (None, None) => return Err(PredictStageError::NoModelChoice.into()),
         };
-        let plans = Plans::read(&root.join(&self.plan).join("plans.json")).map_err(|e| e.to_string())?;
+        let plans = Plans::read(&root.join(&self.plan).join("plans.json"))?;
         let mut models: Vec<ModelJob> = Vec::new();
         for configuration in configurations {
             // a cascade needs its previous stage's prediction first
-            let resolved = plans.configuration(&configuration).map_err(|e| e.to_string())?;
+            let resolved = plans.configuration(&configuration)?;
             if let Some(previous) = resolved.previous_stage_name() {
                 if !models.iter().any(|m| m.configuration == previous) {
                     models.push(self.model(root, previous, false)?);

@@ -19,6 +19,7 @@ use crate::plans::Plans;
 use crate::preprocess::case_io;
 use crate::preprocess::case_steps::{self, PlanView};
 use crate::preprocess::class_locations;
+use crate::preprocess::PreprocessError;
 
 pub const NORMALIZE: Kind = Kind {
     name: "normalize",
@@ -98,13 +99,14 @@ impl PreprocessParams {
     fn process(
         &self,
         ctx: &StageContext,
-        pass_through: impl Fn(&std::path::Path, &str, &PlanView, &Dataset) -> Result<Option<CaseProperties>, String>
+        pool: &rayon::ThreadPool,
+        pass_through: impl Fn(&std::path::Path, &str, &PlanView, &Dataset) -> Result<Option<CaseProperties>, PreprocessError>
             + Sync,
-        step: impl Fn(StoredCase, &PlanView, &Dataset) -> Result<StoredCase, String> + Sync,
-    ) -> Result<(), String> {
-        let dataset = Dataset::open(&ctx.root.join(&self.dataset)).map_err(|e| e.to_string())?;
+        step: impl Fn(StoredCase, &PlanView, &Dataset) -> Result<StoredCase, PreprocessError> + Sync,
+    ) -> Result<(), PreprocessError> {
+        let dataset = Dataset::open(&ctx.root.join(&self.dataset))?;
         let plans_path = ctx.root.join(&self.plan).join("plans.json");
-        let plans = Plans::read(&plans_path).map_err(|e| e.to_string())?;
+        let plans = Plans::read(&plans_path)?;
         let plan = PlanView::new(&plans, &self.configuration)?;
         let source = self.source.as_ref().map(|s| ctx.root.join(s));
         let ids: Vec<String> = match &source {
@@ -112,29 +114,27 @@ impl PreprocessParams {
             None => dataset.cases.iter().map(|c| c.id.clone()).collect(),
         };
         if ids.is_empty() {
-            return Err("no cases to preprocess".into());
+            return Err(PreprocessError::NoCases);
         }
-        let pool = thread_pool(ctx)?;
         pool.install(|| {
             ids.par_iter().try_for_each(|id| {
                 if ctx.cancel.load(std::sync::atomic::Ordering::SeqCst) {
-                    return Err("interrupted".to_string());
+                    return Err(PreprocessError::Interrupted);
                 }
                 if let Some(folder) = &source {
                     if let Some(properties) = pass_through(folder, id, &plan, &dataset)? {
-                        return write_case_linked(folder, ctx.out_dir, id, &properties)
-                            .map_err(|e| e.to_string());
+                        return Ok(write_case_linked(folder, ctx.out_dir, id, &properties)?);
                     }
                 }
                 let case = match &source {
-                    Some(folder) => read_case(folder, id).map_err(|e| e.to_string())?,
+                    Some(folder) => read_case(folder, id)?,
                     None => {
                         let raw = dataset.case(id).expect("listed case");
                         case_io::load_raw(raw, true, plan.transpose_forward)?
                     }
                 };
-                let case = step(case, &plan, &dataset).map_err(|e| format!("case {id}: {e}"))?;
-                write_case(ctx.out_dir, id, &case).map_err(|e| e.to_string())
+                let case = step(case, &plan, &dataset).map_err(PreprocessError::in_case(id))?;
+                Ok(write_case(ctx.out_dir, id, &case)?)
             })
         })
     }
@@ -154,12 +154,14 @@ impl Stage for NormalizeStage {
     }
 
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
+        let pool = thread_pool(ctx)?;
         Ok(self.0.process(
             ctx,
+            &pool,
             |_, _, _, _| Ok(None),
             |mut case, plan, _| {
                 if case.properties.normalized {
-                    return Err("is already normalized (two normalize stages in a row?)".into());
+                    return Err(PreprocessError::AlreadyNormalized);
                 }
                 case_steps::normalize(&mut case, plan)?;
                 Ok(case)
@@ -182,14 +184,17 @@ impl Stage for ResampleStage {
     }
 
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
-        Ok(self.0.process(ctx, unchanged_grid, |case, plan, dataset| {
-            if case.properties.resampled {
-                return Err("is already resampled (two resample stages in a row?)".into());
-            }
-            let mut case = case_steps::resample(case, plan)?;
-            case_steps::add_class_locations(&mut case, &case_steps::location_targets(dataset));
-            Ok(case)
-        })?)
+        let pool = thread_pool(ctx)?;
+        Ok(self
+            .0
+            .process(ctx, &pool, unchanged_grid, |case, plan, dataset| {
+                if case.properties.resampled {
+                    return Err(PreprocessError::AlreadyResampled);
+                }
+                let mut case = case_steps::resample(case, plan)?;
+                case_steps::add_class_locations(&mut case, &case_steps::location_targets(dataset));
+                Ok(case)
+            })?)
     }
 }
 
@@ -200,12 +205,12 @@ fn unchanged_grid(
     id: &str,
     plan: &PlanView,
     dataset: &Dataset,
-) -> Result<Option<CaseProperties>, String> {
-    let mut properties = read_properties(folder, id).map_err(|e| e.to_string())?;
+) -> Result<Option<CaseProperties>, PreprocessError> {
+    let mut properties = read_properties(folder, id)?;
     if properties.resampled {
         return Ok(None); // the step reports this
     }
-    let seg = read_seg(folder, id).map_err(|e| e.to_string())?;
+    let seg = read_seg(folder, id)?;
     let Some(seg) = seg else { return Ok(None) };
     let shape = [seg.shape()[1], seg.shape()[2], seg.shape()[3]];
     if case_steps::resampled_shape(&properties, shape, plan)? != shape {

@@ -2,16 +2,36 @@
 //! terminated (SIGTERM, then SIGKILL) when the run is interrupted.
 
 use std::fs::File;
+use std::io;
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::StageContext;
 
+/// Why a stage's child process did not run to success; `what` names it ("training", "command").
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("cannot create log {}: {source}", log.display())]
+    CreateLog { log: PathBuf, source: io::Error },
+    /// The log's second handle (for stderr).
+    #[error("{source}")]
+    ShareLog { log: PathBuf, source: io::Error },
+    #[error("cannot start {what}: {source}")]
+    Start { what: String, source: io::Error },
+    #[error("{source}")]
+    Wait { what: String, source: io::Error },
+    #[error("{what} failed ({status})")]
+    Failed { what: String, status: ExitStatus },
+    #[error("interrupted")]
+    Interrupted { what: String },
+}
+
 /// Sends the command's output to the stage log, sets the thread and GPU environment, and runs it
 /// to completion (or until the run is cancelled).
-pub fn run_logged(command: Command, ctx: &StageContext, what: &str) -> Result<(), String> {
+pub fn run_logged(command: Command, ctx: &StageContext, what: &str) -> Result<(), ProcessError> {
     run_logged_polling(command, ctx, what, || {})
 }
 
@@ -22,10 +42,15 @@ pub fn run_logged_polling(
     ctx: &StageContext,
     what: &str,
     poll: impl FnMut(),
-) -> Result<(), String> {
-    let log = File::create(ctx.log_file)
-        .map_err(|e| format!("cannot create log {}: {e}", ctx.log_file.display()))?;
-    let log_err = log.try_clone().map_err(|e| e.to_string())?;
+) -> Result<(), ProcessError> {
+    let log = File::create(ctx.log_file).map_err(|source| ProcessError::CreateLog {
+        log: ctx.log_file.to_path_buf(),
+        source,
+    })?;
+    let log_err = log.try_clone().map_err(|source| ProcessError::ShareLog {
+        log: ctx.log_file.to_path_buf(),
+        source,
+    })?;
     command
         .stdin(Stdio::null())
         .stdout(log)
@@ -45,7 +70,10 @@ pub fn run_logged_polling(
             Ok(())
         });
     }
-    let child = command.spawn().map_err(|e| format!("cannot start {what}: {e}"))?;
+    let child = command.spawn().map_err(|source| ProcessError::Start {
+        what: what.to_string(),
+        source,
+    })?;
     wait_or_cancel(child, ctx, what, poll)
 }
 
@@ -56,7 +84,7 @@ fn wait_or_cancel(
     ctx: &StageContext,
     what: &str,
     mut poll: impl FnMut(),
-) -> Result<(), String> {
+) -> Result<(), ProcessError> {
     let mut pause = Duration::from_millis(1);
     let mut last_poll = std::time::Instant::now();
     loop {
@@ -64,11 +92,18 @@ fn wait_or_cancel(
             poll();
             last_poll = std::time::Instant::now();
         }
-        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+        let finished = child.try_wait().map_err(|source| ProcessError::Wait {
+            what: what.to_string(),
+            source,
+        })?;
+        if let Some(status) = finished {
             return if status.success() {
                 Ok(())
             } else {
-                Err(format!("{what} failed ({status})"))
+                Err(ProcessError::Failed {
+                    what: what.to_string(),
+                    status,
+                })
             };
         }
         if ctx.cancel.load(Ordering::SeqCst) {
@@ -78,7 +113,9 @@ fn wait_or_cancel(
             std::thread::sleep(Duration::from_millis(200));
             unsafe { libc::kill(-group, libc::SIGKILL) };
             let _ = child.wait();
-            return Err("interrupted".to_string());
+            return Err(ProcessError::Interrupted {
+                what: what.to_string(),
+            });
         }
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(20));

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::process::run_logged_polling;
 use super::{to_json, Kind, Stage, StageContext, StageError, StageInput};
+use crate::file_error::FileError;
 use crate::train::job::TrainJob;
 use crate::train::params::TrainParams;
 
@@ -77,7 +78,7 @@ impl Stage for TrainStage {
             "params": params.resume_identity(),
             "inputs": inputs_digest(&params)?,
         });
-        std::fs::create_dir_all(ctx.resume_dir).map_err(|e| format!("{}: {e}", ctx.resume_dir.display()))?;
+        std::fs::create_dir_all(ctx.resume_dir).map_err(FileError::io(ctx.resume_dir))?;
         let job = TrainJob {
             params,
             identity,
@@ -135,7 +136,7 @@ impl Progress {
 
 /// blake3 over every file the training reads (sorted relative paths and contents), so a
 /// checkpoint is never resumed on changed data.
-fn inputs_digest(params: &TrainParams) -> Result<String, String> {
+fn inputs_digest(params: &TrainParams) -> Result<String, FileError> {
     let mut files: Vec<(String, PathBuf)> = vec![
         (
             "dataset.json".into(),
@@ -148,7 +149,7 @@ fn inputs_digest(params: &TrainParams) -> Result<String, String> {
     }
     let folder = Path::new(&params.preprocessed);
     let mut cases: Vec<PathBuf> = std::fs::read_dir(folder)
-        .map_err(|e| format!("{}: {e}", folder.display()))?
+        .map_err(FileError::io(folder))?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .filter(|p| p.is_file())
         .collect();
@@ -181,9 +182,7 @@ fn inputs_digest(params: &TrainParams) -> Result<String, String> {
     let mut total = blake3::Hasher::new();
     for (name, path) in files {
         let mut file_hash = blake3::Hasher::new();
-        file_hash
-            .update_mmap_rayon(&path)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        file_hash.update_mmap_rayon(&path).map_err(FileError::io(&path))?;
         total.update(name.as_bytes());
         total.update(file_hash.finalize().as_bytes());
     }

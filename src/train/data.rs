@@ -12,6 +12,7 @@ use crate::augment::cascade::move_previous_stage_to_data;
 use crate::augment::seg::downsample_seg;
 use crate::augment::spatial::center_crop;
 use crate::augment::{Pipeline, Sample, SampleRng};
+use crate::train::TrainError;
 
 /// A batch as plain arrays (tensors are made on the model's thread).
 pub struct Batch {
@@ -51,7 +52,7 @@ pub struct BatchMaker {
 }
 
 impl BatchMaker {
-    pub fn make(&self, phase: Phase, epoch: usize, iteration: usize) -> Result<Batch, String> {
+    pub fn make(&self, phase: Phase, epoch: usize, iteration: usize) -> Result<Batch, TrainError> {
         let (sampler, pipeline, seed) = match phase {
             Phase::Train => (&self.train, &self.augment, self.seed),
             Phase::Validation => (
@@ -74,8 +75,7 @@ impl BatchMaker {
                     None => Ok(patch),
                 }
             })
-            .collect::<Result<_, _>>()
-            .map_err(|e| e.to_string())?;
+            .collect::<Result<_, _>>()?;
         Ok(assemble(&samples, &self.scales, self.regions.as_deref()))
     }
 }
@@ -142,7 +142,7 @@ pub fn spawn_producer(
     val_iterations: usize,
     threads: usize,
     prefetch: usize,
-) -> Receiver<Result<Batch, String>> {
+) -> Receiver<Result<Batch, TrainError>> {
     let (sender, receiver) = sync_channel(prefetch);
     std::thread::spawn(move || {
         let pool = match rayon::ThreadPoolBuilder::new()
@@ -151,7 +151,7 @@ pub fn spawn_producer(
         {
             Ok(pool) => pool,
             Err(e) => {
-                let _ = sender.send(Err(format!("cannot start augmentation threads: {e}")));
+                let _ = sender.send(Err(TrainError::AugmentationThreads(e)));
                 return;
             }
         };

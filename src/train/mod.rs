@@ -4,6 +4,7 @@
 //! the `nnflow-torch` worker binary.
 
 pub mod data;
+mod error;
 pub mod job;
 pub mod params;
 pub mod previous_stage;
@@ -12,3 +13,5 @@ pub mod resume;
 pub mod sampler;
 pub mod setup;
 pub mod splits;
+
+pub use error::TrainError;

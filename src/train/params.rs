@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::augment::Pipeline;
 use crate::torch_env::DeviceChoice;
+use crate::train::TrainError;
 
 fn default_epochs() -> usize {
     1000
@@ -170,7 +171,7 @@ pub struct TrainParams {
 }
 
 impl TrainParams {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), TrainError> {
         let mut problems = Vec::new();
         if self.epochs == 0 || self.iterations_per_epoch == 0 {
             problems.push("`epochs` and `iterations_per_epoch` must be positive".to_string());
@@ -207,7 +208,7 @@ impl TrainParams {
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(problems.join("; "))
+            Err(TrainError::InvalidParams { problems })
         }
     }
 

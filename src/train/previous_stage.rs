@@ -14,7 +14,9 @@ use crate::augment::cascade::previous_stage_one_hot;
 use crate::data::case_store::CaseProperties;
 use crate::preprocess::case_steps::PlanView;
 use crate::preprocess::resample::compute_new_shape;
+use crate::preprocess::PreprocessError;
 use crate::train::job::FoldInfo;
+use crate::train::TrainError;
 
 /// The folder of a training's outputs holding its predictions for next stages.
 pub const FOLDER: &str = "next_stage";
@@ -32,23 +34,23 @@ pub fn collect_predictions(
     configuration: &str,
     previous: &str,
     cases: &[String],
-) -> Result<BTreeMap<String, PathBuf>, String> {
+) -> Result<BTreeMap<String, PathBuf>, TrainError> {
     if trainings.is_empty() {
-        return Err(format!(
-            "{configuration} is the second stage of a cascade: `previous_stage` must name the \
-             {previous} trainings (e.g. \"${{train[configuration={previous}].outputs}}\")"
-        ));
+        return Err(TrainError::NoPreviousStage {
+            configuration: configuration.into(),
+            previous: previous.into(),
+        });
     }
     let mut found = BTreeMap::new();
     for training in trainings {
-        let info: FoldInfo =
-            crate::atomic_file::read_json(&training.join("fold.json")).map_err(|e| e.to_string())?;
+        let info: FoldInfo = crate::atomic_file::read_json(&training.join("fold.json"))?;
         if info.configuration != previous {
-            return Err(format!(
-                "{}: a training of {}, but the previous stage of {configuration} is {previous}",
-                training.display(),
-                info.configuration
-            ));
+            return Err(TrainError::WrongPreviousStage {
+                training: training.clone(),
+                trained: info.configuration,
+                configuration: configuration.into(),
+                previous: previous.into(),
+            });
         }
         for case in info.validation_cases {
             let path = prediction_path(training, configuration, &case);
@@ -57,18 +59,18 @@ pub fn collect_predictions(
             }
         }
     }
-    let missing: Vec<&String> = cases.iter().filter(|c| !found.contains_key(*c)).collect();
+    let missing: Vec<String> = cases
+        .iter()
+        .filter(|c| !found.contains_key(*c))
+        .cloned()
+        .collect();
     if !missing.is_empty() {
-        let shown: Vec<&str> = missing.iter().take(5).map(|c| c.as_str()).collect();
-        return Err(format!(
-            "the previous stage {previous} predicted {} of the {} cases {configuration} needs \
-             (missing {}{}): every case must be held out by one of its trainings, so train all \
-             folds of {previous}",
-            cases.len() - missing.len(),
-            cases.len(),
-            shown.join(", "),
-            if missing.len() > shown.len() { ", ..." } else { "" }
-        ));
+        return Err(TrainError::PreviousStageIncomplete {
+            previous: previous.into(),
+            configuration: configuration.into(),
+            cases: cases.len(),
+            missing,
+        });
     }
     Ok(cases.iter().map(|c| (c.clone(), found[c].clone())).collect())
 }
@@ -81,7 +83,7 @@ pub fn with_previous_stage(data: ArrayView4<f32>, seg: ArrayView3<i16>, labels: 
 
 /// The grid a case has in the next stage's preprocessing: its cropped grid (at the original
 /// spacing, transposed) resampled to that configuration's spacing, as the resample stage computes it.
-pub fn next_stage_shape(properties: &CaseProperties, next: &PlanView) -> Result<[usize; 3], String> {
+pub fn next_stage_shape(properties: &CaseProperties, next: &PlanView) -> Result<[usize; 3], PreprocessError> {
     let cropped_spacing = properties
         .transpose_forward
         .map(|a| properties.original_spacing[a]);
@@ -140,15 +142,19 @@ mod tests {
             "3d_lowres",
             &more,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(
             err.contains("predicted 1 of the 2 cases") && err.contains("missing b"),
             "{err}"
         );
-        let err = collect_predictions(&[training], "3d_cascade_fullres", "2d", &cases).unwrap_err();
+        let err = collect_predictions(&[training], "3d_cascade_fullres", "2d", &cases)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("a training of 3d_lowres"), "{err}");
         assert!(collect_predictions(&[], "c", "p", &cases)
             .unwrap_err()
+            .to_string()
             .contains("previous_stage"));
     }
 }

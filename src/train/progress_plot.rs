@@ -41,6 +41,8 @@ use plotters::style::text_anchor::{HPos, VPos};
 use plotters::style::{register_font, FontStyle};
 use plotters_backend::{BackendColor, BackendCoord, BackendTextStyle, DrawingErrorKind};
 
+use crate::train::TrainError;
+
 /// What the progress figure needs from one finished epoch.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EpochLog {
@@ -83,7 +85,9 @@ pub enum PlotError {
     #[error("no epochs to plot")]
     NoEpochs,
     #[error("rendering the progress plot failed: {0}")]
-    Render(String),
+    Render(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the bundled DejaVu Sans font could not be loaded")]
+    Font,
     #[error("encoding the progress plot as PNG failed: {0}")]
     Encode(#[from] png::EncodingError),
     #[error("writing the progress plot failed: {0}")]
@@ -96,13 +100,16 @@ pub const HEIGHT: u32 = 2700;
 
 /// Renders the progress figure for `logs` (in the order given; nnU-Net passes epochs 0..=current)
 /// and writes it to `path` as a PNG, atomically (temporary file in the same folder, then rename).
-/// Empty `logs` is an error and leaves `path` untouched. The message names `path`; see
-/// [`try_plot_progress`] for the typed error.
-pub fn plot_progress(logs: &[EpochLog], path: &Path) -> Result<(), String> {
-    try_plot_progress(logs, path).map_err(|e| format!("{}: {e}", path.display()))
+/// Empty `logs` is an error and leaves `path` untouched. The error names `path`; see
+/// [`try_plot_progress`] for the bare [`PlotError`].
+pub fn plot_progress(logs: &[EpochLog], path: &Path) -> Result<(), TrainError> {
+    try_plot_progress(logs, path).map_err(|source| TrainError::Plot {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
-/// [`plot_progress`] with a typed error; empty `logs` gives [`PlotError::NoEpochs`].
+/// [`plot_progress`] without the path; empty `logs` gives [`PlotError::NoEpochs`].
 pub fn try_plot_progress(logs: &[EpochLog], path: &Path) -> Result<(), PlotError> {
     let png = render_progress_png(logs)?;
     crate::atomic_file::write_atomically(path, &png)?;
@@ -115,7 +122,7 @@ pub fn render_progress_png(logs: &[EpochLog]) -> Result<Vec<u8>, PlotError> {
         return Err(PlotError::NoEpochs);
     }
     let mut rgb = vec![0u8; WIDTH as usize * HEIGHT as usize * 3];
-    draw_figure(logs, &mut rgb).map_err(|e| PlotError::Render(e.to_string()))?;
+    draw_figure(logs, &mut rgb).map_err(PlotError::Render)?;
     encode_png(&rgb, WIDTH, HEIGHT)
 }
 
@@ -177,7 +184,7 @@ struct Face {
 
 /// The bundled font, registered (once per process) as plotters' "sans-serif", so that nothing
 /// plotters draws looks for system fonts.
-fn bundled_face() -> Result<&'static Face, String> {
+fn bundled_face() -> Result<&'static Face, PlotError> {
     static FACE: OnceLock<Option<Face>> = OnceLock::new();
     FACE.get_or_init(|| {
         register_font("sans-serif", FontStyle::Normal, FONT_BYTES).ok()?;
@@ -189,7 +196,7 @@ fn bundled_face() -> Result<&'static Face, String> {
         })
     })
     .as_ref()
-    .ok_or_else(|| "the bundled DejaVu Sans font could not be loaded".to_string())
+    .ok_or(PlotError::Font)
 }
 
 /// plotters' bitmap backend, except that it rasterises text itself.
@@ -527,7 +534,7 @@ impl Ranged for TickedRange {
 // Drawing.
 
 type Area<'a> = DrawingArea<Canvas<'a>, plotters::coord::Shift>;
-type DrawResult<T> = Result<T, Box<dyn std::error::Error>>;
+type DrawResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 type LegendChart<'a, 'b> = ChartContext<'a, Canvas<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
 
 fn draw_figure(logs: &[EpochLog], rgb: &mut [u8]) -> DrawResult<()> {
@@ -978,7 +985,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("progress.png");
         assert!(matches!(try_plot_progress(&[], &path), Err(PlotError::NoEpochs)));
-        assert!(plot_progress(&[], &path).unwrap_err().contains("no epochs"));
+        assert!(plot_progress(&[], &path)
+            .unwrap_err()
+            .to_string()
+            .contains("no epochs"));
         assert!(!path.exists());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }

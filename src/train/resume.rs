@@ -24,6 +24,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::atomic_file;
+use crate::file_error::FileError;
+use crate::train::TrainError;
 
 /// The checkpoint a run continues from when it is intact.
 pub const LATEST: &str = "checkpoint_latest";
@@ -104,17 +106,17 @@ impl Slot {
     }
 
     /// Records the size and blake3 of every file: from now on the slot counts.
-    pub fn seal(&self) -> Result<(), String> {
+    pub fn seal(&self) -> Result<(), FileError> {
         let mut record = BTreeMap::new();
         for (role, file) in self.files.by_role() {
-            let (bytes, blake3) = digest(file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let (bytes, blake3) = digest(file).map_err(FileError::io(file))?;
             record.insert(role.to_string(), FileChecksum { bytes, blake3 });
         }
-        atomic_file::write_json(&self.record, &record).map_err(|e| e.to_string())
+        atomic_file::write_json(&self.record, &record)
     }
 
     /// Removes the checksum record: the slot no longer counts while its files change.
-    pub fn unseal(&self) -> Result<(), String> {
+    pub fn unseal(&self) -> Result<(), FileError> {
         remove_if_present(&self.record)
     }
 
@@ -168,31 +170,34 @@ impl Slot {
     /// Makes `to` a sealed copy of this (intact) slot; `to` is unsealed while its files change.
     /// Real copies, not hard links: two slots never share a file, so no single damaged file can
     /// take both.
-    fn copy_into(&self, to: &Slot) -> Result<(), String> {
+    fn copy_into(&self, to: &Slot) -> Result<(), TrainError> {
         to.unseal()?;
         for ((_, from), (_, dest)) in self.files.by_role().into_iter().zip(to.files.by_role()) {
-            fs::copy(from, dest)
-                .map_err(|e| format!("copying {} to {}: {e}", from.display(), dest.display()))?;
+            fs::copy(from, dest).map_err(|source| TrainError::CopyCheckpoint {
+                from: from.to_path_buf(),
+                to: dest.to_path_buf(),
+                source,
+            })?;
         }
-        let record = fs::read(&self.record).map_err(|e| format!("{}: {e}", self.record.display()))?;
-        atomic_file::write_atomically(&to.record, &record)
-            .map_err(|e| format!("{}: {e}", to.record.display()))
+        let record = fs::read(&self.record).map_err(FileError::io(&self.record))?;
+        atomic_file::write_atomically(&to.record, &record).map_err(FileError::io(&to.record))?;
+        Ok(())
     }
 }
 
 /// Call before writing a new latest checkpoint into `dir`. Keeps an intact latest as the previous
 /// one (a damaged latest never replaces a good previous), then unseals the latest, so a save that
 /// is interrupted leaves it visibly incomplete rather than mismatched.
-pub fn begin_saving_latest(dir: &Path) -> Result<(), String> {
+pub fn begin_saving_latest(dir: &Path) -> Result<(), TrainError> {
     let latest = Slot::new(dir, LATEST);
     if latest.verify().is_ok() {
         latest.copy_into(&Slot::new(dir, PREVIOUS))?;
     }
-    latest.unseal()
+    Ok(latest.unseal()?)
 }
 
 /// Call once every file of the new latest checkpoint is in place: seals it.
-pub fn finish_saving_latest(dir: &Path) -> Result<(), String> {
+pub fn finish_saving_latest(dir: &Path) -> Result<(), FileError> {
     Slot::new(dir, LATEST).seal()
 }
 
@@ -201,10 +206,10 @@ pub fn finish_saving_latest(dir: &Path) -> Result<(), String> {
 /// belongs to other parameters or inputs (training starts over, as it should), or an error naming
 /// the file when it cannot be used after all. Every slot passed over gets one line through `log`
 /// naming the file, why, and what happens instead. Never an error: a damaged checkpoint costs
-/// epochs, not the run.
-pub fn resume<T>(
+/// epochs, not the run (so `load`'s error only needs to explain itself in that line).
+pub fn resume<T, E: fmt::Display>(
     dir: &Path,
-    mut load: impl FnMut(&Slot) -> Result<Option<T>, String>,
+    mut load: impl FnMut(&Slot) -> Result<Option<T>, E>,
     mut log: impl FnMut(&str),
 ) -> Option<(T, &'static str)> {
     let slots = [Slot::new(dir, LATEST), Slot::new(dir, PREVIOUS)];
@@ -216,7 +221,7 @@ pub fn resume<T>(
             Err(damage) => damage.to_string(),
             Ok(()) => match load(slot) {
                 Ok(loaded) => return loaded.map(|value| (value, slot.name)),
-                Err(error) => error,
+                Err(error) => error.to_string(),
             },
         };
         let action = match slots[i + 1..].iter().find(|s| s.is_present()) {
@@ -239,9 +244,9 @@ fn digest(path: &Path) -> std::io::Result<(u64, String)> {
     Ok((bytes, hasher.finalize().to_hex().to_string()))
 }
 
-fn remove_if_present(path: &Path) -> Result<(), String> {
+fn remove_if_present(path: &Path) -> Result<(), FileError> {
     match fs::remove_file(path) {
-        Err(e) if e.kind() != ErrorKind::NotFound => Err(format!("{}: {e}", path.display())),
+        Err(e) if e.kind() != ErrorKind::NotFound => Err(FileError::io(path)(e)),
         _ => Ok(()),
     }
 }
@@ -272,7 +277,7 @@ mod tests {
         let mut lines = Vec::new();
         let chosen = resume(
             dir,
-            |slot| Ok(Some(tag_of(slot))),
+            |slot| Ok::<_, String>(Some(tag_of(slot))),
             |line| lines.push(line.to_string()),
         );
         (chosen, lines)
@@ -443,7 +448,7 @@ mod tests {
             dir.path(),
             |slot| {
                 asked.push(slot.name);
-                Ok(None)
+                Ok::<_, String>(None)
             },
             |line| panic!("unexpected log line {line}"),
         );

@@ -11,14 +11,16 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 use ndarray::Array4;
 
 use crate::augment::{Sample, SampleRng};
 use crate::data::case_store::read_properties;
-use crate::data::npy::parse_header;
+use crate::data::npy::{parse_header, HeaderError};
+use crate::file_error::FileError;
+use crate::train::TrainError;
 
 /// One preprocessed case: its arrays mapped from disk, its class locations in memory.
 pub struct MappedCase {
@@ -34,11 +36,44 @@ pub struct MappedCase {
     class_locations: Vec<(String, Vec<[usize; 4]>)>,
 }
 
-fn map(path: &Path) -> Result<Mmap, String> {
-    let file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+/// What is wrong with one memory-mapped `.npy` array of a preprocessed case; each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum MappedArrayError {
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("{}: {source}", .path.display())]
+    Header {
+        path: PathBuf,
+        #[source]
+        source: HeaderError,
+    },
+    #[error("{}: expected 4 axes, got {shape:?}", .path.display())]
+    Axes { path: PathBuf, shape: Vec<usize> },
+    #[error("{}: labels of shape {shape:?} do not match the image's (z, y, x) {spatial:?}", .path.display())]
+    LabelShape {
+        path: PathBuf,
+        shape: Vec<usize>,
+        spatial: Vec<usize>,
+    },
+    #[error("{}: truncated", .path.display())]
+    Truncated { path: PathBuf },
+    #[error("{}: truncated or misaligned", .path.display())]
+    TruncatedOrMisaligned { path: PathBuf },
+}
+
+fn map(path: &Path) -> Result<Mmap, MappedArrayError> {
+    let file = File::open(path).map_err(FileError::io(path))?;
     // SAFETY: preprocessed outputs are written once and renamed into place, never modified after;
     // the mapping is read-only.
-    unsafe { Mmap::map(&file) }.map_err(|e| format!("{}: {e}", path.display()))
+    Ok(unsafe { Mmap::map(&file) }.map_err(FileError::io(path))?)
+}
+
+/// For `map_err`: `parse_header`'s error, with the file.
+fn header(path: &Path) -> impl FnOnce(HeaderError) -> MappedArrayError + '_ {
+    move |source| MappedArrayError::Header {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// A `(1, z, y, x)` label array (int8 or int16 `.npy`) mapped from disk.
@@ -50,24 +85,27 @@ struct MappedLabels {
 
 impl MappedLabels {
     /// Maps `path`, checking it holds `(1, z, y, x)` labels of this spatial shape.
-    fn open(path: &Path, spatial: &[usize]) -> Result<MappedLabels, String> {
+    fn open(path: &Path, spatial: &[usize]) -> Result<MappedLabels, MappedArrayError> {
         let map = map(path)?;
         let (shape, offset, is_i8) = match parse_header(&map, "|i1") {
             Ok((s, o)) => (s, o, true),
             Err(_) => {
-                let (s, o) = parse_header(&map, "<i2").map_err(|e| format!("{}: {e}", path.display()))?;
+                let (s, o) = parse_header(&map, "<i2").map_err(header(path))?;
                 (s, o, false)
             }
         };
         if shape.len() != 4 || shape[0] != 1 || shape[1..] != *spatial {
-            return Err(format!(
-                "{}: labels of shape {shape:?} do not match the image's (z, y, x) {spatial:?}",
-                path.display()
-            ));
+            return Err(MappedArrayError::LabelShape {
+                path: path.to_path_buf(),
+                shape,
+                spatial: spatial.to_vec(),
+            });
         }
         let bytes = if is_i8 { 1 } else { 2 };
         if map.len() < offset + spatial.iter().product::<usize>() * bytes {
-            return Err(format!("{}: truncated", path.display()));
+            return Err(MappedArrayError::Truncated {
+                path: path.to_path_buf(),
+            });
         }
         Ok(MappedLabels { map, offset, is_i8 })
     }
@@ -82,22 +120,33 @@ impl MappedLabels {
     }
 }
 
+/// Maps a case's `(channels, z, y, x)` float32 image; returns it with its shape and data offset.
+fn map_data(path: &Path) -> Result<(Mmap, [usize; 4], usize), MappedArrayError> {
+    let data = map(path)?;
+    let (shape, offset) = parse_header(&data, "<f4").map_err(header(path))?;
+    let shape: [usize; 4] = shape.try_into().map_err(|shape| MappedArrayError::Axes {
+        path: path.to_path_buf(),
+        shape,
+    })?;
+    let expected = offset + shape.iter().product::<usize>() * 4;
+    if data.len() < expected || offset % 4 != 0 {
+        return Err(MappedArrayError::TruncatedOrMisaligned {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok((data, shape, offset))
+}
+
 impl MappedCase {
-    pub fn open(folder: &Path, id: &str) -> Result<MappedCase, String> {
+    pub fn open(folder: &Path, id: &str) -> Result<MappedCase, TrainError> {
         let data_path = folder.join(format!("{id}_data.npy"));
         let seg_path = folder.join(format!("{id}_seg.npy"));
-        let data = map(&data_path)?;
-        let (shape, data_offset) =
-            parse_header(&data, "<f4").map_err(|e| format!("{}: {e}", data_path.display()))?;
-        let shape: [usize; 4] = shape
-            .try_into()
-            .map_err(|s| format!("{}: expected 4 axes, got {s:?}", data_path.display()))?;
-        let seg = MappedLabels::open(&seg_path, &shape[1..]).map_err(|e| format!("case {id}: {e}"))?;
-        let expected = data_offset + shape.iter().product::<usize>() * 4;
-        if data.len() < expected || data_offset % 4 != 0 {
-            return Err(format!("{}: truncated or misaligned", data_path.display()));
-        }
-        let properties = read_properties(folder, id).map_err(|e| e.to_string())?;
+        let (data, shape, data_offset) = map_data(&data_path).map_err(TrainError::CaseData)?;
+        let seg = MappedLabels::open(&seg_path, &shape[1..]).map_err(|source| TrainError::CaseLabels {
+            case: id.to_string(),
+            source,
+        })?;
+        let properties = read_properties(folder, id)?;
         let class_locations = properties
             .class_locations
             .unwrap_or_default()
@@ -116,9 +165,12 @@ impl MappedCase {
     }
 
     /// Adds the cascade's previous-stage segmentation of this case (on the same grid).
-    pub fn with_previous_stage(mut self, path: &Path) -> Result<MappedCase, String> {
-        let labels = MappedLabels::open(path, &self.shape[1..])
-            .map_err(|e| format!("case {}: previous stage: {e}", self.id))?;
+    pub fn with_previous_stage(mut self, path: &Path) -> Result<MappedCase, TrainError> {
+        let labels =
+            MappedLabels::open(path, &self.shape[1..]).map_err(|source| TrainError::PreviousStageLabels {
+                case: self.id.clone(),
+                source,
+            })?;
         self.previous_stage = Some(labels);
         Ok(self)
     }

@@ -19,6 +19,7 @@ use crate::train::params::TrainParams;
 use crate::train::previous_stage::collect_predictions;
 use crate::train::sampler::{MappedCase, PatchSampler};
 use crate::train::splits::{fold_cases, Fold, Split};
+use crate::train::TrainError;
 
 /// What training needs from plans.json and dataset.json.
 pub struct Setup {
@@ -48,13 +49,11 @@ pub struct PreviousStage {
 }
 
 impl Setup {
-    pub fn read(params: &TrainParams) -> Result<Setup, String> {
-        let dataset = Dataset::open(Path::new(&params.dataset)).map_err(|e| e.to_string())?;
+    pub fn read(params: &TrainParams) -> Result<Setup, TrainError> {
+        let dataset = Dataset::open(Path::new(&params.dataset))?;
         let plans_path = Path::new(&params.plan).join("plans.json");
-        let plans = Plans::read(&plans_path).map_err(|e| e.to_string())?;
-        let configuration = plans
-            .configuration(&params.configuration)
-            .map_err(|e| e.to_string())?;
+        let plans = Plans::read(&plans_path)?;
+        let configuration = plans.configuration(&params.configuration)?;
         // the regions nnU-Net trains and evaluates, as label lists
         let regions = dataset.has_regions().then(|| {
             let targets = evaluation_targets(&dataset);
@@ -67,7 +66,9 @@ impl Setup {
         let preprocessed = Path::new(&params.preprocessed);
         let ids = list_cases(preprocessed);
         if ids.is_empty() {
-            return Err(format!("{}: no preprocessed cases", preprocessed.display()));
+            return Err(TrainError::NoPreprocessedCases {
+                folder: preprocessed.to_path_buf(),
+            });
         }
         let previous_stage = match configuration.previous_stage_name() {
             Some(previous) => {
@@ -78,10 +79,9 @@ impl Setup {
                 })
             }
             None if !params.previous_stage.is_empty() => {
-                return Err(format!(
-                    "`previous_stage` is given but the plan's {} is not the second stage of a cascade",
-                    params.configuration
-                ))
+                return Err(TrainError::NotACascade {
+                    configuration: params.configuration.clone(),
+                })
             }
             None => None,
         };
@@ -92,50 +92,50 @@ impl Setup {
             .collect::<Result<_, _>>()?;
         let extra_channels = previous_stage.as_ref().map_or(0, |p| p.labels.len());
         if regions.is_some() && dataset.regions_class_order.as_ref().map(Vec::len) != Some(num_classes) {
-            return Err(format!(
-                "dataset.json: region training needs `regions_class_order` with one entry per region ({num_classes})"
-            ));
+            return Err(TrainError::RegionsClassOrder { regions: num_classes });
         }
         let architecture = Architecture::from_plan(
-            configuration.architecture().map_err(|e| e.to_string())?,
+            configuration.architecture()?,
             dataset.channels.len() + extra_channels,
             num_classes,
             params.deep_supervision,
         )
-        .map_err(|e| format!("plans.json configuration {}: {e}", params.configuration))?;
+        .map_err(|source| TrainError::Architecture {
+            configuration: params.configuration.clone(),
+            source,
+        })?;
         let patch_size = match &params.patch_size {
             Some(patch_size) => patch_size.clone(),
             None => configuration
                 .patch_size()
-                .map_err(|e| format!("plans.json: {e}"))?
+                .map_err(TrainError::PlanEntry)?
                 .to_vec(),
         };
         if patch_size.len() != architecture.spatial_dims {
-            return Err(format!(
-                "patch_size {patch_size:?} does not fit the {}D network of configuration {}",
-                architecture.spatial_dims, params.configuration
-            ));
+            return Err(TrainError::PatchDimensions {
+                patch_size,
+                spatial_dims: architecture.spatial_dims,
+                configuration: params.configuration.clone(),
+            });
         }
         let divisor = cumulative_strides(&architecture);
         if let Some(axis) = (0..patch_size.len()).find(|&a| !patch_size[a].is_multiple_of(divisor[a])) {
-            return Err(format!(
-                "patch_size {patch_size:?}: axis {axis} must be a multiple of {} (the network's total stride)",
-                divisor[axis]
-            ));
+            return Err(TrainError::PatchStride {
+                patch_size,
+                axis,
+                stride: divisor[axis],
+            });
         }
         let batch_size = match params.batch_size {
             Some(b) => b,
-            None => configuration
-                .batch_size()
-                .map_err(|e| format!("plans.json: {e}"))?,
+            None => configuration.batch_size().map_err(TrainError::PlanEntry)?,
         };
         let fold = Fold::parse(&params.fold.text())?;
         let split = fold_cases(&ids, &fold, params.splits.as_deref().map(Path::new))?;
         if split.train.is_empty() || split.val.is_empty() {
-            return Err(format!(
-                "fold {}: no training or no validation cases",
-                params.fold.text()
-            ));
+            return Err(TrainError::EmptyFold {
+                fold: params.fold.text(),
+            });
         }
         Ok(Setup {
             architecture,
@@ -172,22 +172,25 @@ pub fn as_3d(patch: &[usize]) -> [usize; 3] {
 }
 
 /// The previous stage's `(z, y, x)` segmentation of a case.
-pub fn read_previous_stage(previous: &PreviousStage, id: &str) -> Result<ndarray::Array3<i16>, String> {
+pub fn read_previous_stage(previous: &PreviousStage, id: &str) -> Result<ndarray::Array3<i16>, TrainError> {
     let path = &previous.predictions[id];
-    let labels = npy::read_labels(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let labels = npy::read_labels(path).map_err(TrainError::PreviousStageRead)?;
     let shape = labels.shape().to_vec();
     labels
         .into_dimensionality::<ndarray::Ix4>()
         .ok()
         .filter(|labels| labels.shape()[0] == 1)
         .map(|labels| labels.index_axis_move(ndarray::Axis(0), 0))
-        .ok_or_else(|| format!("{}: expected (1, z, y, x) labels, got {shape:?}", path.display()))
+        .ok_or_else(|| TrainError::PreviousStageShape {
+            path: path.clone(),
+            shape,
+        })
 }
 
 /// The batches of a run: training patches (enlarged crops for the spatial transform) with the
 /// augmentation pipeline, validation patches with only the label clean-up.
-pub fn batch_maker(params: &TrainParams, setup: &Setup) -> Result<BatchMaker, String> {
-    let da = DaConfig::from_patch_size(&setup.patch_size).map_err(|e| e.to_string())?;
+pub fn batch_maker(params: &TrainParams, setup: &Setup) -> Result<BatchMaker, TrainError> {
+    let da = DaConfig::from_patch_size(&setup.patch_size)?;
     let mut augment = match &params.augment {
         Some(pipeline) => pipeline.clone(),
         None => Pipeline::nnunet_default(&da).with_mask_for_norm(&setup.use_mask_for_norm),
@@ -197,7 +200,7 @@ pub fn batch_maker(params: &TrainParams, setup: &Setup) -> Result<BatchMaker, St
         // lists them itself (then with the labels filled in)
         augment = augment.with_previous_stage(&previous.labels);
     }
-    let open = |ids: &[String]| -> Result<Vec<MappedCase>, String> {
+    let open = |ids: &[String]| -> Result<Vec<MappedCase>, TrainError> {
         ids.iter()
             .map(|id| {
                 let case = MappedCase::open(Path::new(&params.preprocessed), id)?;

@@ -7,7 +7,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::file_error::FileError;
 use crate::preprocess::numpy_random::RandomState;
+use crate::train::TrainError;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Split {
@@ -24,25 +26,25 @@ pub enum Fold {
 }
 
 impl Fold {
-    pub fn parse(text: &str) -> Result<Fold, String> {
+    pub fn parse(text: &str) -> Result<Fold, TrainError> {
         if text == "all" {
             return Ok(Fold::All);
         }
         text.parse()
             .map(Fold::Index)
-            .map_err(|_| format!("fold `{text}` is neither a number nor `all`"))
+            .map_err(|_| TrainError::InvalidFold { text: text.into() })
     }
 }
 
 /// KFold with shuffling: the shuffled indices are cut into `n_splits` consecutive chunks (the first
 /// `n % n_splits` one longer); each chunk validates once. Both lists come back in id order, as
 /// scikit-learn's boolean masks return them.
-pub fn crossval_splits(ids: &[String], seed: u32, n_splits: usize) -> Result<Vec<Split>, String> {
+pub fn crossval_splits(ids: &[String], seed: u32, n_splits: usize) -> Result<Vec<Split>, TrainError> {
     if ids.len() < n_splits {
-        return Err(format!(
-            "{} cases cannot be split into {n_splits} folds",
-            ids.len()
-        ));
+        return Err(TrainError::TooFewCases {
+            cases: ids.len(),
+            folds: n_splits,
+        });
     }
     let mut sorted = ids.to_vec();
     sorted.sort();
@@ -73,7 +75,7 @@ pub fn crossval_splits(ids: &[String], seed: u32, n_splits: usize) -> Result<Vec
 
 /// The training and validation cases of `fold`: from `splits_file` when given (nnU-Net's
 /// `splits_final.json` format), else nnU-Net's default 5-fold split.
-pub fn fold_cases(ids: &[String], fold: &Fold, splits_file: Option<&Path>) -> Result<Split, String> {
+pub fn fold_cases(ids: &[String], fold: &Fold, splits_file: Option<&Path>) -> Result<Split, TrainError> {
     let index = match fold {
         Fold::All => {
             let mut all = ids.to_vec();
@@ -87,19 +89,18 @@ pub fn fold_cases(ids: &[String], fold: &Fold, splits_file: Option<&Path>) -> Re
     };
     let splits = match splits_file {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let splits: Vec<Split> =
-                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            let text = std::fs::read_to_string(path).map_err(FileError::io(path))?;
+            let splits: Vec<Split> = serde_json::from_str(&text).map_err(FileError::json(path))?;
             let unknown: Vec<&String> = splits
                 .iter()
                 .flat_map(|s| s.train.iter().chain(&s.val))
                 .filter(|c| !ids.contains(c))
                 .collect();
             if let Some(case) = unknown.first() {
-                return Err(format!(
-                    "{}: case `{case}` is not in the preprocessed data",
-                    path.display()
-                ));
+                return Err(TrainError::UnknownSplitCase {
+                    splits_file: path.to_path_buf(),
+                    case: case.to_string(),
+                });
             }
             splits
         }
@@ -109,7 +110,7 @@ pub fn fold_cases(ids: &[String], fold: &Fold, splits_file: Option<&Path>) -> Re
     splits
         .into_iter()
         .nth(index)
-        .ok_or_else(|| format!("fold {index} does not exist: the splits have {count} folds"))
+        .ok_or(TrainError::NoSuchFold { index, count })
 }
 
 #[cfg(test)]

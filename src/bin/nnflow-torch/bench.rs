@@ -7,14 +7,39 @@
 
 use std::time::Instant;
 
+use nnflow::network::architecture::ArchitectureError;
 use nnflow::network::Architecture;
-use nnflow::plans::{ArchitecturePlan, Plans};
+use nnflow::plans::{ArchitecturePlan, Plans, PlansError};
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::sorted_variables;
 use crate::loss::LossConfig;
 use crate::optim::{LossScaler, Sgd};
 use crate::trainer::{build_network, Step};
+
+/// Why the benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("{flag} needs a value")]
+    MissingValue { flag: String },
+    #[error("{flag}: {source}")]
+    InvalidNumber {
+        flag: String,
+        #[source]
+        source: std::num::ParseIntError,
+    },
+    #[error("unknown option {0}")]
+    UnknownOption(String),
+    #[error(transparent)]
+    Plans(#[from] PlansError),
+    /// The configuration's network cannot be built.
+    #[error(transparent)]
+    Architecture(#[from] ArchitectureError),
+    #[error("device {0} is not available")]
+    DeviceUnavailable(String),
+    #[error("loss became {0}")]
+    Diverged(f64),
+}
 
 struct Options {
     plan: Option<String>,
@@ -27,7 +52,7 @@ struct Options {
     classes: usize,
 }
 
-fn parse(args: &[String]) -> Result<Options, String> {
+fn parse(args: &[String]) -> Result<Options, BenchError> {
     let mut o = Options {
         plan: None,
         configuration: "3d_fullres".into(),
@@ -40,8 +65,17 @@ fn parse(args: &[String]) -> Result<Options, String> {
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
-        let mut value = || it.next().cloned().ok_or(format!("{flag} needs a value"));
-        let number = |v: String| v.parse::<usize>().map_err(|e| format!("{flag}: {e}"));
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| BenchError::MissingValue { flag: flag.clone() })
+        };
+        let number = |v: String| {
+            v.parse::<usize>().map_err(|source| BenchError::InvalidNumber {
+                flag: flag.clone(),
+                source,
+            })
+        };
         match flag.as_str() {
             "--plan" => o.plan = Some(value()?),
             "--configuration" => o.configuration = value()?,
@@ -52,7 +86,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--steps" => o.steps = number(value()?)?,
             "--warmup" => o.warmup = number(value()?)?,
             "--classes" => o.classes = number(value()?)?,
-            other => return Err(format!("unknown option {other}")),
+            other => return Err(BenchError::UnknownOption(other.to_string())),
         }
     }
     Ok(o)
@@ -78,16 +112,15 @@ fn fullres128(classes: usize) -> (Architecture, Vec<usize>, usize) {
     (arch, vec![128, 128, 128], 2)
 }
 
-pub fn bench_step(args: &[String]) -> Result<(), String> {
+pub fn bench_step(args: &[String]) -> Result<(), BenchError> {
     let o = parse(args)?;
     let (arch, patch, planned_batch) = match &o.plan {
         None => fullres128(o.classes),
         Some(path) => {
-            let plans = Plans::read(std::path::Path::new(path)).map_err(|e| e.to_string())?;
-            let c = plans.configuration(&o.configuration).map_err(|e| e.to_string())?;
-            let arch =
-                Architecture::from_plan(c.architecture().map_err(|e| e.to_string())?, 1, o.classes, true)?;
-            let patch = c.patch_size().map_err(|e| e.to_string())?.to_vec();
+            let plans = Plans::read(std::path::Path::new(path))?;
+            let c = plans.configuration(&o.configuration)?;
+            let arch = Architecture::from_plan(c.architecture()?, 1, o.classes, true)?;
+            let patch = c.patch_size()?.to_vec();
             (arch, patch, c.values.batch_size.unwrap_or(2))
         }
     };
@@ -95,7 +128,7 @@ pub fn bench_step(args: &[String]) -> Result<(), String> {
     let device = match o.device.as_str() {
         "cpu" => Device::Cpu,
         "cuda" if tch::Cuda::is_available() => Device::Cuda(0),
-        other => return Err(format!("device {other} is not available")),
+        other => return Err(BenchError::DeviceUnavailable(other.to_string())),
     };
     let amp = o.amp && device.is_cuda();
     if device.is_cuda() {
@@ -148,7 +181,7 @@ pub fn bench_step(args: &[String]) -> Result<(), String> {
             times.push(started.elapsed().as_secs_f64() * 1e3);
         }
         if !value.is_finite() && !amp {
-            return Err(format!("loss became {value}"));
+            return Err(BenchError::Diverged(value));
         }
     }
     times.sort_by(f64::total_cmp);

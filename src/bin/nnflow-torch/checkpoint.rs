@@ -4,17 +4,52 @@
 //! checkpoints are also checksummed and kept in two generations (`nnflow::train::resume`).
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use tch::{nn::VarStore, Device, Tensor};
 
 use nnflow::atomic_file;
+use nnflow::file_error::FileError;
 pub use nnflow::train::resume::paths;
 use nnflow::train::resume::{self, Slot};
+use nnflow::train::TrainError;
 
 use crate::optim::{LossScaler, Sgd};
 use nnflow::json_numbers::{nan_as_null, nan_as_null_vec};
+
+/// Why a checkpoint cannot be written or loaded; each names its file.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// Keeping the previous checkpoint while the latest is replaced.
+    #[error(transparent)]
+    Resume(#[from] TrainError),
+    #[error("{}: {source}", .path.display())]
+    Tensors {
+        path: PathBuf,
+        #[source]
+        source: tch::TchError,
+    },
+    #[error("{}: no tensor {name}", .file.display())]
+    MissingTensor { file: PathBuf, name: String },
+    #[error("{}: {name} has shape {stored:?}, the network's is {expected:?}", .file.display())]
+    TensorShape {
+        file: PathBuf,
+        name: String,
+        stored: Vec<i64>,
+        expected: Vec<i64>,
+    },
+}
+
+/// For `map_err`: a safetensors error on `path`.
+fn tensors(path: &Path) -> impl FnOnce(tch::TchError) -> CheckpointError + '_ {
+    move |source| CheckpointError::Tensors {
+        path: path.to_path_buf(),
+        source,
+    }
+}
 
 /// Everything besides tensors that a resumed run needs to continue exactly.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -55,18 +90,19 @@ pub fn sorted_variables(vs: &VarStore) -> Vec<(String, Tensor)> {
     sorted.into_iter().collect()
 }
 
-fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<(), String> {
+fn write_tensors(path: &Path, variables: &[(String, Tensor)]) -> Result<(), CheckpointError> {
     let temporary = atomic_file::temporary_path(path);
-    let on_cpu: Vec<(String, Tensor)> = tensors
+    let on_cpu: Vec<(String, Tensor)> = variables
         .iter()
         .map(|(n, t)| (n.clone(), t.to_device(Device::Cpu).contiguous()))
         .collect();
-    Tensor::write_safetensors(&on_cpu, &temporary).map_err(|e| format!("{}: {e}", path.display()))?;
+    Tensor::write_safetensors(&on_cpu, &temporary).map_err(tensors(path))?;
     // on disk before the rename, so a power cut leaves the old file or the new one, not a hole
     std::fs::File::open(&temporary)
         .and_then(|file| file.sync_all())
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    std::fs::rename(&temporary, path).map_err(|e| format!("{}: {e}", path.display()))
+        .map_err(FileError::io(path))?;
+    std::fs::rename(&temporary, path).map_err(FileError::io(path))?;
+    Ok(())
 }
 
 /// Saves weights (and, when `sgd` is given, momentum) plus the state.
@@ -76,8 +112,8 @@ pub fn save(
     vs: &VarStore,
     sgd: Option<&Sgd>,
     state: &TrainerState,
-) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+) -> Result<(), CheckpointError> {
+    std::fs::create_dir_all(dir).map_err(FileError::io(dir))?;
     let p = paths(dir, name);
     let variables = sorted_variables(vs);
     write_tensors(&p.weights, &variables)?;
@@ -89,32 +125,37 @@ pub fn save(
             .collect();
         write_tensors(&p.optimizer, &buffers)?;
     }
-    atomic_file::write_json(&p.state, state).map_err(|e| e.to_string())
+    Ok(atomic_file::write_json(&p.state, state)?)
 }
 
 /// Saves the resume checkpoint (`checkpoint_latest` in the resume folder): the intact one before it
 /// becomes `checkpoint_previous`, and the new one is sealed with checksums once complete.
-pub fn save_latest(dir: &Path, vs: &VarStore, sgd: &Sgd, state: &TrainerState) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+pub fn save_latest(
+    dir: &Path,
+    vs: &VarStore,
+    sgd: &Sgd,
+    state: &TrainerState,
+) -> Result<(), CheckpointError> {
+    std::fs::create_dir_all(dir).map_err(FileError::io(dir))?;
     resume::begin_saving_latest(dir)?;
     save(dir, resume::LATEST, vs, Some(sgd), state)?;
-    resume::finish_saving_latest(dir)
+    Ok(resume::finish_saving_latest(dir)?)
 }
 
 /// The trainer state of a resume checkpoint, without its tensors (to check what it belongs to
 /// before loading anything).
-pub fn read_state(slot: &Slot) -> Result<TrainerState, String> {
-    atomic_file::read_json(&slot.files.state).map_err(|e| e.to_string())
+pub fn read_state(slot: &Slot) -> Result<TrainerState, FileError> {
+    atomic_file::read_json(&slot.files.state)
 }
 
 /// Loads a resume checkpoint's weights into `vs` and momentum into `sgd`, all or nothing: both
 /// files are read and checked against the network before anything is copied, so after a failed
 /// load the network is still the freshly initialised one and falling back (or starting over) is
 /// exact.
-pub fn load(slot: &Slot, vs: &mut VarStore, sgd: &mut Sgd) -> Result<(), String> {
-    let read = |path: &Path| -> Result<BTreeMap<String, Tensor>, String> {
+pub fn load(slot: &Slot, vs: &mut VarStore, sgd: &mut Sgd) -> Result<(), CheckpointError> {
+    let read = |path: &Path| -> Result<BTreeMap<String, Tensor>, CheckpointError> {
         Ok(Tensor::read_safetensors(path)
-            .map_err(|e| format!("{}: {e}", path.display()))?
+            .map_err(tensors(path))?
             .into_iter()
             .collect())
     };
@@ -123,13 +164,16 @@ pub fn load(slot: &Slot, vs: &mut VarStore, sgd: &mut Sgd) -> Result<(), String>
     let variables = sorted_variables(vs);
     for (name, variable) in &variables {
         let fits = |file: &Path, stored: Option<&Tensor>, required: bool| match stored {
-            None if required => Err(format!("{}: no tensor {name}", file.display())),
-            Some(t) if t.size() != variable.size() => Err(format!(
-                "{}: {name} has shape {:?}, the network's is {:?}",
-                file.display(),
-                t.size(),
-                variable.size()
-            )),
+            None if required => Err(CheckpointError::MissingTensor {
+                file: file.to_path_buf(),
+                name: name.clone(),
+            }),
+            Some(t) if t.size() != variable.size() => Err(CheckpointError::TensorShape {
+                file: file.to_path_buf(),
+                name: name.clone(),
+                stored: t.size(),
+                expected: variable.size(),
+            }),
             _ => Ok(()),
         };
         fits(&slot.files.weights, weights.get(name), true)?;
@@ -247,7 +291,7 @@ mod tests {
             |slot| {
                 let state = read_state(slot)?;
                 load(slot, &mut loaded, &mut sgd)?;
-                Ok(Some(state))
+                Ok::<_, CheckpointError>(Some(state))
             },
             |line| log.push(line.to_string()),
         )
@@ -270,7 +314,9 @@ mod tests {
 
         let mut vs = tiny(7.0);
         let mut sgd = sgd_with_momentum(&vs, 0.25);
-        let error = load(&Slot::new(dir.path(), resume::LATEST), &mut vs, &mut sgd).unwrap_err();
+        let error = load(&Slot::new(dir.path(), resume::LATEST), &mut vs, &mut sgd)
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("a.weight has shape [3, 2]"), "{error}");
         assert_eq!(values(&vs), values(&tiny(7.0)));
         assert!(sgd.buffers[0].is_some());

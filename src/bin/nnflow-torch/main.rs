@@ -93,14 +93,15 @@ fn doctor() -> Doctor {
     }
 }
 
-fn train(job_file: &str) -> Result<(), String> {
-    let job: nnflow::train::job::TrainJob =
-        nnflow::atomic_file::read_json(Path::new(job_file)).map_err(|e| e.to_string())?;
-    trainer::train(&job)
+// The edge: any error of a job is printed (its Display) and ends the worker with status 1.
+type EdgeResult = Result<(), Box<dyn std::error::Error>>;
+
+fn train(job_file: &str) -> EdgeResult {
+    let job: nnflow::train::job::TrainJob = nnflow::atomic_file::read_json(Path::new(job_file))?;
+    Ok(trainer::train(&job)?)
 }
 
-fn run_predict(job_file: &str) -> Result<(), String> {
-    let job: nnflow::inference::job::PredictJob =
-        nnflow::atomic_file::read_json(Path::new(job_file)).map_err(|e| e.to_string())?;
-    predict::predict(&job)
+fn run_predict(job_file: &str) -> EdgeResult {
+    let job: nnflow::inference::job::PredictJob = nnflow::atomic_file::read_json(Path::new(job_file))?;
+    Ok(predict::predict(&job)?)
 }

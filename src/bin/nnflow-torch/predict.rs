@@ -5,27 +5,81 @@
 //! NIfTI with exactly the input's geometry. Reading and preprocessing the next case runs on its own
 //! thread while the network works on the current one.
 
+use std::path::PathBuf;
 use std::sync::mpsc::sync_channel;
 
 use ndarray::{Array4, ArrayView4};
 use nnflow::data::case_store::StoredCase;
-use nnflow::data::dataset::{Case, Dataset};
+use nnflow::data::dataset::{Case, Dataset, DatasetError};
 use nnflow::evaluate::postprocess::Postprocessing;
+use nnflow::file_error::FileError;
 use nnflow::inference::export::{export_case, RegionInfo};
 use nnflow::inference::job::PredictJob;
 use nnflow::inference::sliding_window::SlidingWindow;
 use nnflow::inference::writer::{Predicted, Writer};
+use nnflow::inference::InferenceError;
+use nnflow::network::architecture::ArchitectureError;
 use nnflow::network::Architecture;
-use nnflow::plans::Plans;
+use nnflow::plans::{Plans, PlansError};
 use nnflow::preprocess::case_io::load_raw;
 use nnflow::preprocess::case_steps::{normalize, resample, segmentation_to_grid, PlanView};
+use nnflow::preprocess::PreprocessError;
 use nnflow::train::previous_stage::with_previous_stage;
 use nnflow::train::setup::as_3d;
 use tch::nn::VarStore;
 
-use crate::predictor::Predictor;
-use crate::trainer::{build_network, select_device};
+use crate::predictor::{Predictor, PredictorError};
+use crate::trainer::{build_network, select_device, NoCudaDevice};
 use crate::unet::PlainConvUNet;
+
+/// Why the worker's prediction failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PredictError {
+    /// Anything that went wrong with one case, named by its id.
+    #[error("case {case}: {source}")]
+    Case {
+        case: String,
+        #[source]
+        source: Box<PredictError>,
+    },
+    #[error(transparent)]
+    Device(#[from] NoCudaDevice),
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    #[error(transparent)]
+    Plans(#[from] PlansError),
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// The network the plan describes cannot be built.
+    #[error(transparent)]
+    Architecture(#[from] ArchitectureError),
+    #[error("{}: {source}", path.display())]
+    Checkpoint { path: PathBuf, source: tch::TchError },
+    #[error("{configuration} needs its previous stage {previous} first")]
+    PreviousStageOrder { configuration: String, previous: String },
+    #[error("a configuration without folds")]
+    NoFolds { configuration: String },
+    #[error(transparent)]
+    Preprocess(#[from] PreprocessError),
+    #[error(transparent)]
+    Predictor(#[from] PredictorError),
+    #[error(transparent)]
+    Inference(#[from] InferenceError),
+    #[error("the reading thread stopped")]
+    ReaderStopped,
+    #[error("the writing thread panicked")]
+    WriterPanicked,
+}
+
+impl PredictError {
+    /// For `map_err`: the error of case `id`.
+    fn in_case<E: Into<PredictError>>(id: &str) -> impl FnOnce(E) -> PredictError + '_ {
+        move |source| PredictError::Case {
+            case: id.to_string(),
+            source: Box::new(source.into()),
+        }
+    }
+}
 
 /// One configuration: its plan and the networks of its folds.
 struct Model {
@@ -38,19 +92,15 @@ struct Model {
     previous: Option<(usize, Vec<i16>)>,
 }
 
-pub fn predict(job: &PredictJob) -> Result<(), String> {
+pub fn predict(job: &PredictJob) -> Result<(), PredictError> {
     tch::set_num_threads(job.threads.max(1) as i32);
     let device = select_device(job.device)?;
     let amp = job.amp && device.is_cuda();
-    let dataset = Dataset::open(&job.dataset).map_err(|e| e.to_string())?;
+    let dataset = Dataset::open(&job.dataset)?;
     let regions = RegionInfo::from_dataset(&dataset)?;
-    let plans = Plans::read(&job.plans).map_err(|e| e.to_string())?;
+    let plans = Plans::read(&job.plans)?;
     let rules = match &job.postprocessing {
-        Some(path) => {
-            nnflow::atomic_file::read_json::<Postprocessing>(path)
-                .map_err(|e| e.to_string())?
-                .rules
-        }
+        Some(path) => nnflow::atomic_file::read_json::<Postprocessing>(path)?.rules,
         None => Vec::new(),
     };
     let num_classes = dataset.num_segmentation_heads();
@@ -62,8 +112,9 @@ pub fn predict(job: &PredictJob) -> Result<(), String> {
                 let index = models
                     .iter()
                     .position(|m: &Model| m.plan.configuration.name == name)
-                    .ok_or_else(|| {
-                        format!("{} needs its previous stage {name} first", model.configuration)
+                    .ok_or_else(|| PredictError::PreviousStageOrder {
+                        configuration: model.configuration.clone(),
+                        previous: name.to_string(),
                     })?;
                 Some((index, dataset.foreground_labels()))
             }
@@ -71,7 +122,7 @@ pub fn predict(job: &PredictJob) -> Result<(), String> {
         };
         let extra_channels = previous.as_ref().map_or(0, |(_, labels)| labels.len());
         let arch = Architecture::from_plan(
-            plan.configuration.architecture().map_err(|e| e.to_string())?,
+            plan.configuration.architecture()?,
             dataset.channels.len() + extra_channels,
             num_classes,
             false,
@@ -79,8 +130,10 @@ pub fn predict(job: &PredictJob) -> Result<(), String> {
         let mut nets = Vec::new();
         for checkpoint in &model.checkpoints {
             let (mut vs, net) = build_network(&arch, device, 0);
-            vs.load(checkpoint)
-                .map_err(|e| format!("{}: {e}", checkpoint.display()))?;
+            vs.load(checkpoint).map_err(|source| PredictError::Checkpoint {
+                path: checkpoint.clone(),
+                source,
+            })?;
             nets.push((vs, net));
         }
         models.push(Model {
@@ -90,10 +143,10 @@ pub fn predict(job: &PredictJob) -> Result<(), String> {
             previous,
         });
     }
-    std::fs::create_dir_all(&job.output).map_err(|e| format!("{}: {e}", job.output.display()))?;
+    std::fs::create_dir_all(&job.output).map_err(FileError::io(&job.output))?;
 
     // cases are read and preprocessed (for every configuration) one ahead of the network
-    let (sender, receiver) = sync_channel::<Result<(String, Vec<StoredCase>), String>>(1);
+    let (sender, receiver) = sync_channel::<Result<(String, Vec<StoredCase>), PredictError>>(1);
     let cases = job.cases.clone();
     let plans_for_reader: Vec<PlanView> = job
         .models
@@ -116,7 +169,7 @@ pub fn predict(job: &PredictJob) -> Result<(), String> {
                 })
                 .collect::<Result<Vec<_>, _>>()
                 .map(|stored| (id.clone(), stored))
-                .map_err(|e| format!("case {id}: {e}"));
+                .map_err(PredictError::in_case(&id));
             if sender.send(prepared).is_err() {
                 return;
             }
@@ -132,7 +185,7 @@ pub fn predict(job: &PredictJob) -> Result<(), String> {
             file_ending: dataset.file_ending.clone(),
             save_probabilities: job.save_probabilities,
         };
-        std::thread::spawn(move || -> Result<(), String> {
+        std::thread::spawn(move || -> Result<(), InferenceError> {
             for predicted in writer_queue {
                 settings.write(predicted)?;
             }
@@ -143,7 +196,7 @@ pub fn predict(job: &PredictJob) -> Result<(), String> {
     for _ in 0..job.cases.len() {
         let next = receiver
             .recv()
-            .map_err(|_| "the reading thread stopped".to_string())
+            .map_err(|_| PredictError::ReaderStopped)
             .and_then(|r| r);
         let (id, prepared) = match next {
             Ok(case) => case,
@@ -156,7 +209,7 @@ pub fn predict(job: &PredictJob) -> Result<(), String> {
         let logits = match predict_case(&models, &prepared, job, device, amp, regions.as_ref()) {
             Ok(logits) => logits,
             Err(e) => {
-                network_result = Err(format!("case {id}: {e}"));
+                network_result = Err(PredictError::in_case(&id)(e));
                 break;
             }
         };
@@ -173,10 +226,8 @@ pub fn predict(job: &PredictJob) -> Result<(), String> {
         }
     }
     drop(to_writer);
-    let written = writer
-        .join()
-        .map_err(|_| "the writing thread panicked".to_string())?;
-    network_result.and(written)
+    let written = writer.join().map_err(|_| PredictError::WriterPanicked)?;
+    network_result.and(written.map_err(PredictError::from))
 }
 
 /// Every model's logits for one case, in order; a cascade's second stage gets its previous
@@ -189,7 +240,7 @@ fn predict_case(
     device: tch::Device,
     amp: bool,
     regions: Option<&RegionInfo>,
-) -> Result<Vec<Array4<f32>>, String> {
+) -> Result<Vec<Array4<f32>>, PredictError> {
     let mut all: Vec<Array4<f32>> = Vec::with_capacity(models.len());
     for (model, case) in models.iter().zip(prepared) {
         let logits = match &model.previous {
@@ -221,8 +272,8 @@ fn fold_average(
     job: &PredictJob,
     device: tch::Device,
     amp: bool,
-) -> Result<Array4<f32>, String> {
-    let patch = model.plan.configuration.patch_size().map_err(|e| e.to_string())?;
+) -> Result<Array4<f32>, PredictError> {
+    let patch = model.plan.configuration.patch_size()?;
     let mut sum: Option<Array4<f32>> = None;
     for (_, net) in &model.nets {
         let predictor = Predictor {
@@ -245,6 +296,8 @@ fn fold_average(
             None => logits,
         });
     }
-    let total = sum.ok_or("a configuration without folds")?;
+    let total = sum.ok_or_else(|| PredictError::NoFolds {
+        configuration: model.plan.configuration.name.clone(),
+    })?;
     Ok(total / model.nets.len() as f32)
 }

@@ -9,11 +9,25 @@ use ndarray::{Array4, ArrayView4};
 use tch::{Device, Kind, Tensor};
 
 use nnflow::inference::sliding_window::{
-    gaussian_importance_map, is_2d_patch, pad_to_patch, sliding_window_slicers, SlidingWindow, SIGMA_SCALE,
-    VALUE_SCALING_FACTOR,
+    gaussian_importance_map, is_2d_patch, pad_to_patch, sliding_window_slicers, SlidingWindow,
+    SlidingWindowError, SIGMA_SCALE, VALUE_SCALING_FACTOR,
 };
 
 use crate::unet::PlainConvUNet;
+
+/// Why a whole-image prediction failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PredictorError {
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+    /// The network's output does not have the shape of the logits.
+    #[error(transparent)]
+    Shape(#[from] ndarray::ShapeError),
+    #[error("infinite logits")]
+    InfiniteLogits,
+    #[error(transparent)]
+    SlidingWindow(#[from] SlidingWindowError<ndarray::ShapeError>),
+}
 
 pub struct Predictor<'a> {
     /// With deep supervision switched off (one output).
@@ -28,7 +42,7 @@ pub struct Predictor<'a> {
 
 impl Predictor<'_> {
     /// Averaged logits `(classes, z, y, x)` for a `(channels, z, y, x)` image.
-    pub fn predict_logits(&self, image: ArrayView4<f32>) -> Result<Array4<f32>, String> {
+    pub fn predict_logits(&self, image: ArrayView4<f32>) -> Result<Array4<f32>, PredictorError> {
         if self.device.is_cuda() {
             match self.predict_on_device(image) {
                 Ok(logits) => return Ok(logits),
@@ -39,8 +53,7 @@ impl Predictor<'_> {
     }
 
     /// The sliding window with the sums kept on `self.device` (fp16 on CUDA, float32 elsewhere).
-    pub fn predict_on_device(&self, image: ArrayView4<f32>) -> Result<Array4<f32>, String> {
-        let torch = |e: tch::TchError| e.to_string();
+    pub fn predict_on_device(&self, image: ArrayView4<f32>) -> Result<Array4<f32>, PredictorError> {
         let patch = self.window.patch;
         let classes = self.net.architecture.num_classes as i64;
         let two_d = self.net.architecture.spatial_dims == 2;
@@ -67,17 +80,16 @@ impl Predictor<'_> {
             vec![1.0; patch.iter().product()]
         };
         let p = patch.map(|d| d as i64);
-        tch::no_grad(|| -> Result<Array4<f32>, String> {
+        tch::no_grad(|| -> Result<Array4<f32>, PredictorError> {
             let g = Tensor::from_slice(&gaussian)
                 .view([1, p[0], p[1], p[2]])
                 .to_device(self.device)
                 .to_kind(kind);
             let image = Tensor::from_slice(padded.as_slice().expect("standard layout"))
                 .view([c, sz, sy, sx])
-                .f_to_device(self.device)
-                .map_err(torch)?;
-            let mut sums = Tensor::f_zeros([classes, sz, sy, sx], (kind, self.device)).map_err(torch)?;
-            let counts = Tensor::f_zeros([1, sz, sy, sx], (kind, self.device)).map_err(torch)?;
+                .f_to_device(self.device)?;
+            let mut sums = Tensor::f_zeros([classes, sz, sy, sx], (kind, self.device))?;
+            let counts = Tensor::f_zeros([1, sz, sy, sx], (kind, self.device))?;
             let spatial = [sz as usize, sy as usize, sx as usize];
             for s in sliding_window_slicers(spatial, patch, self.window.step_size) {
                 let window = |t: &Tensor| {
@@ -94,17 +106,16 @@ impl Predictor<'_> {
                     prediction = prediction.unsqueeze(2);
                 }
                 let weighted = (prediction.squeeze_dim(0) * &g).to_kind(kind);
-                let _ = window(&sums).f_add_(&weighted).map_err(torch)?;
-                let _ = window(&counts).f_add_(&g).map_err(torch)?;
+                let _ = window(&sums).f_add_(&weighted)?;
+                let _ = window(&counts).f_add_(&g)?;
             }
             sums /= &counts;
             let logits = sums.to_kind(Kind::Float).to_device(Device::Cpu).contiguous();
             let mut out = vec![0f32; logits.numel()];
             logits.copy_data(&mut out, logits.numel());
-            let full = Array4::from_shape_vec((classes as usize, spatial[0], spatial[1], spatial[2]), out)
-                .map_err(|e| e.to_string())?;
+            let full = Array4::from_shape_vec((classes as usize, spatial[0], spatial[1], spatial[2]), out)?;
             if full.iter().any(|v| v.is_infinite()) {
-                return Err("infinite logits".into());
+                return Err(PredictorError::InfiniteLogits);
             }
             Ok(if padding.is_none() {
                 full
@@ -116,7 +127,7 @@ impl Predictor<'_> {
 
     /// The sliding window with the sums kept on the host in float32 (nnflow's checked reference
     /// implementation of nnU-Net's accumulation).
-    pub fn predict_on_host(&self, image: ArrayView4<f32>) -> Result<Array4<f32>, String> {
+    pub fn predict_on_host(&self, image: ArrayView4<f32>) -> Result<Array4<f32>, PredictorError> {
         let classes = self.net.architecture.num_classes;
         let two_d = self.net.architecture.spatial_dims == 2;
         tch::no_grad(|| {
@@ -124,7 +135,7 @@ impl Predictor<'_> {
                 .predict(
                     image,
                     classes,
-                    |patch: ArrayView4<f32>| -> Result<Array4<f32>, String> {
+                    |patch: ArrayView4<f32>| -> Result<Array4<f32>, ndarray::ShapeError> {
                         let shape = patch.shape().to_vec();
                         let data: Vec<f32> = patch.iter().copied().collect();
                         let mut dims: Vec<i64> = std::iter::once(1)
@@ -144,10 +155,9 @@ impl Predictor<'_> {
                         let mut out = vec![0f32; logits.numel()];
                         logits.copy_data(&mut out, logits.numel());
                         Array4::from_shape_vec((classes, shape[1], shape[2], shape[3]), out)
-                            .map_err(|e| e.to_string())
                     },
                 )
-                .map_err(|e| e.to_string())
+                .map_err(PredictorError::from)
         })
     }
 

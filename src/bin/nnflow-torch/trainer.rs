@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
+use nnflow::file_error::FileError;
 use nnflow::inference::sliding_window::SlidingWindow;
 use nnflow::network::Architecture;
 use nnflow::torch_env::DeviceChoice;
@@ -26,24 +27,50 @@ use nnflow::train::data::{spawn_producer, Batch, BatchMaker};
 use nnflow::train::job::TrainJob;
 use nnflow::train::progress_plot;
 use nnflow::train::setup::{as_3d, batch_maker, Setup};
+use nnflow::train::TrainError;
 
-use crate::checkpoint::{self, EpochRecord, TrainerState};
-use crate::held_out::validate_held_out;
+use crate::checkpoint::{self, CheckpointError, EpochRecord, TrainerState};
+use crate::held_out::{validate_held_out, HeldOutError};
 use crate::loss::{deep_supervision_loss, pseudo_dice_counts, LossConfig};
 use crate::optim::{clip_grad_norm, poly_lr, zero_grad, LossScaler, Sgd};
 use crate::predictor::Predictor;
 use crate::unet::PlainConvUNet;
 
+/// Why the worker's training failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainerError {
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error(transparent)]
+    Device(#[from] NoCudaDevice),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    HeldOut(#[from] HeldOutError),
+    #[error("the augmentation threads stopped")]
+    AugmentationStopped,
+    #[error("epoch {epoch}: the training loss is {loss}; training diverged")]
+    Diverged { epoch: usize, loss: f64 },
+}
+
+/// `device = "cuda"` without a usable GPU.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "device = \"cuda\" was requested but no CUDA device is usable \
+     (check `nnflow doctor`: libtorch_cuda must load and a GPU must be visible)"
+)]
+pub struct NoCudaDevice;
+
 /// Chooses the device; `cuda` without a usable GPU is an error rather than a silent CPU run.
-pub fn select_device(choice: DeviceChoice) -> Result<Device, String> {
+pub fn select_device(choice: DeviceChoice) -> Result<Device, NoCudaDevice> {
     let cuda = tch::Cuda::is_available();
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),
         DeviceChoice::Auto => Ok(if cuda { Device::Cuda(0) } else { Device::Cpu }),
         DeviceChoice::Cuda if cuda => Ok(Device::Cuda(0)),
-        DeviceChoice::Cuda => Err("device = \"cuda\" was requested but no CUDA device is usable \
-             (check `nnflow doctor`: libtorch_cuda must load and a GPU must be visible)"
-            .into()),
+        DeviceChoice::Cuda => Err(NoCudaDevice),
     }
 }
 
@@ -86,9 +113,10 @@ pub struct Logger {
 
 impl Logger {
     /// Creates the output folder and a fresh `training_log.txt` in it.
-    fn create(out_dir: &Path) -> Result<Logger, String> {
-        std::fs::create_dir_all(out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
-        let file = std::fs::File::create(out_dir.join("training_log.txt")).map_err(|e| e.to_string())?;
+    fn create(out_dir: &Path) -> Result<Logger, FileError> {
+        std::fs::create_dir_all(out_dir).map_err(FileError::io(out_dir))?;
+        let path = out_dir.join("training_log.txt");
+        let file = std::fs::File::create(&path).map_err(FileError::io(&path))?;
         Ok(Logger { file })
     }
 
@@ -99,7 +127,7 @@ impl Logger {
 }
 
 /// Runs one training job from start (or the latest resume checkpoint) to the final validation.
-pub fn train(job: &TrainJob) -> Result<(), String> {
+pub fn train(job: &TrainJob) -> Result<(), TrainerError> {
     let mut trainer = Trainer::set_up(job)?;
     let mut state = trainer.resume_or_start();
     let mut feed = trainer.start_batches(state.epochs_done);
@@ -110,7 +138,7 @@ pub fn train(job: &TrainJob) -> Result<(), String> {
     }
     drop(feed); // stops the augmentation threads
     trainer.finish(&state)?;
-    trainer.final_validation()
+    Ok(trainer.final_validation()?)
 }
 
 /// What one training run holds from set-up to the final validation, so each step of `train` is
@@ -134,21 +162,21 @@ struct Trainer<'a> {
 /// The augmented batches, in the order the producer makes them (per epoch the training
 /// iterations, then the validation ones).
 struct BatchFeed {
-    batches: Receiver<Result<Batch, String>>,
+    batches: Receiver<Result<Batch, TrainError>>,
     /// Seconds spent waiting for batches in this epoch: nonzero means the data pipeline, not the
     /// network, limits the speed.
     waited: f64,
 }
 
 impl BatchFeed {
-    fn next(&mut self) -> Result<Batch, String> {
+    fn next(&mut self) -> Result<Batch, TrainerError> {
         let started = Instant::now();
         let batch = self
             .batches
             .recv()
-            .map_err(|_| "the augmentation threads stopped".to_string())?;
+            .map_err(|_| TrainerError::AugmentationStopped)?;
         self.waited += started.elapsed().as_secs_f64();
-        batch
+        Ok(batch?)
     }
 }
 
@@ -157,7 +185,7 @@ impl<'a> Trainer<'a> {
     /// its header line, the batch maker, the network (seeded, so a fresh run is reproducible),
     /// the optimiser and the loss. `build_network` seeds torch's generator, so a fresh run starts
     /// from the same weights every time.
-    fn set_up(job: &'a TrainJob) -> Result<Self, String> {
+    fn set_up(job: &'a TrainJob) -> Result<Self, TrainerError> {
         let params = &job.params;
         params.validate()?;
         tch::set_num_threads(job.threads.max(1) as i32);
@@ -265,7 +293,7 @@ impl<'a> Trainer<'a> {
         epoch: usize,
         state: &mut TrainerState,
         feed: &mut BatchFeed,
-    ) -> Result<ControlFlow<()>, String> {
+    ) -> Result<ControlFlow<()>, TrainerError> {
         let started = Instant::now();
         feed.waited = 0.0;
         let params = &self.job.params;
@@ -294,7 +322,7 @@ impl<'a> Trainer<'a> {
         lr: f64,
         feed: &mut BatchFeed,
         scaler: &mut LossScaler,
-    ) -> Result<f64, String> {
+    ) -> Result<f64, TrainerError> {
         let params = &self.job.params;
         self.net.set_deep_supervision(params.deep_supervision);
         let step = Step {
@@ -311,9 +339,7 @@ impl<'a> Trainer<'a> {
             let loss = step.run(&x, &targets, &mut self.sgd, scaler, lr);
             let value = loss.double_value(&[]);
             if !value.is_finite() && !self.amp {
-                return Err(format!(
-                    "epoch {epoch}: the training loss is {value}; training diverged"
-                ));
+                return Err(TrainerError::Diverged { epoch, loss: value });
             }
             losses.push(value);
         }
@@ -322,7 +348,7 @@ impl<'a> Trainer<'a> {
 
     /// `val_iterations` patches without gradients: the mean loss and nnU-Net's pseudo Dice per
     /// class, from true/false positive and false negative counts summed over all patches.
-    fn validation_iterations(&self, feed: &mut BatchFeed) -> Result<(f64, Vec<f64>), String> {
+    fn validation_iterations(&self, feed: &mut BatchFeed) -> Result<(f64, Vec<f64>), TrainerError> {
         tch::no_grad(|| {
             let mut losses = Vec::new();
             let mut totals: Option<[Vec<f64>; 3]> = None;
@@ -356,7 +382,7 @@ impl<'a> Trainer<'a> {
         state: &mut TrainerState,
         record: EpochRecord,
         waited: f64,
-    ) -> Result<ControlFlow<()>, String> {
+    ) -> Result<ControlFlow<()>, TrainerError> {
         let job = self.job;
         let params = &job.params;
         let (epoch, lr, ema) = (record.epoch, record.learning_rate, record.ema_pseudo_dice);
@@ -396,16 +422,15 @@ impl<'a> Trainer<'a> {
     }
 
     /// Writes the stage's outputs: final and best weights, the trainer state, and the logs.
-    fn finish(&mut self, state: &TrainerState) -> Result<(), String> {
+    fn finish(&mut self, state: &TrainerState) -> Result<(), TrainerError> {
         let job = self.job;
         checkpoint::save(&job.out_dir, "checkpoint_final", &self.vs, None, state)?;
         let best = checkpoint::paths(&job.resume_dir, "checkpoint_best");
         if best.weights.exists() {
             std::fs::copy(&best.weights, job.out_dir.join("checkpoint_best.safetensors"))
-                .map_err(|e| format!("{}: {e}", best.weights.display()))?;
+                .map_err(FileError::io(&best.weights))?;
         }
-        nnflow::atomic_file::write_json(&job.out_dir.join("training_history.json"), &state.logs)
-            .map_err(|e| e.to_string())?;
+        nnflow::atomic_file::write_json(&job.out_dir.join("training_history.json"), &state.logs)?;
         self.log
             .line(&format!("training done after {} epochs", state.epochs_done));
         Ok(())
@@ -413,7 +438,7 @@ impl<'a> Trainer<'a> {
 
     /// The final weights predict the held-out cases whole, as inference will: one output (no deep
     /// supervision), the validation step size and mirroring settings.
-    fn final_validation(mut self) -> Result<(), String> {
+    fn final_validation(mut self) -> Result<(), HeldOutError> {
         let params = &self.job.params;
         self.net.set_deep_supervision(false);
         let predictor = Predictor {
@@ -503,7 +528,7 @@ fn resume(
                 return Ok(None); // other parameters or inputs: train anew
             }
             checkpoint::load(slot, vs, sgd)?;
-            Ok(Some(state))
+            Ok::<_, CheckpointError>(Some(state))
         },
         |line| log.line(line),
     )
@@ -523,7 +548,7 @@ fn report_progress(job: &TrainJob, state: &TrainerState, epochs: usize) {
     let _ = nnflow::atomic_file::write_atomically(&job.resume_dir.join("progress.json"), &json);
 }
 
-fn plot(state: &TrainerState, out_dir: &Path) -> Result<(), String> {
+fn plot(state: &TrainerState, out_dir: &Path) -> Result<(), TrainError> {
     let logs: Vec<progress_plot::EpochLog> = state
         .logs
         .iter()

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use toml::de::DeTable;
 
 use super::diagnostics::{nearest, Diagnostic, Location, Sources};
-use super::node::{Node, NodeValue};
+use super::node::{Node, NodeValue, SetPathError};
 use super::raw::COMMON_STAGE_KEYS;
 use crate::engine::stage::{Kind, Registry};
 
@@ -76,39 +76,63 @@ fn read_file(
     Some(Node::from_document(&document, file, errors))
 }
 
+/// A `--set` argument that cannot be applied; reported at the argument.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum SetError {
+    #[error("expected NAME=VALUE or STAGE.PARAM=VALUE")]
+    NotAnAssignment,
+    #[error("`{name}` is not a variable or STAGE.PARAM name")]
+    BadName { name: String },
+    #[error("`{text}` is not a valid TOML value: {}", .source.message().trim())]
+    InvalidValue { text: String, source: toml::de::Error },
+    /// `hint`: the nearest name, or the valid names.
+    #[error("unknown variable `{name}` {hint}")]
+    UnknownVariable { name: String, hint: String },
+    #[error("no stage named `{stage}` {hint}")]
+    UnknownStage { stage: String, hint: String },
+    #[error("stage `{stage}` has no parameter `{key}` ({hint})")]
+    UnknownParameter {
+        stage: String,
+        key: String,
+        hint: String,
+    },
+    #[error(transparent)]
+    Path(#[from] SetPathError),
+}
+
 /// Applies one `--set NAME=VALUE` (a variable) or `--set STAGE.PARAM=VALUE` (a stage parameter,
 /// for every matrix instance). VALUE is read as a TOML value, else taken as a string. The variable,
 /// stage and parameter must exist: a typo is an error naming the nearest valid name, not a value
 /// silently ignored; `kinds` tell a stage's parameters.
 pub fn apply_set(root: &mut Node, arg: &str, kinds: Registry) -> Result<(), Diagnostic> {
     let location = Location::CommandLine { arg: arg.to_string() };
-    let fail = |message: String| Diagnostic::new(Some(location.clone()), message);
-    let (name, text) = arg
-        .split_once('=')
-        .ok_or_else(|| fail("expected NAME=VALUE or STAGE.PARAM=VALUE".into()))?;
-    let value = Node::scalar(
-        absolute_if_existing_path(parse_value(text).map_err(fail)?),
-        location.clone(),
-    );
+    set(root, arg, &location, kinds).map_err(|error| Diagnostic::new(Some(location), error.to_string()))
+}
+
+fn set(root: &mut Node, arg: &str, location: &Location, kinds: Registry) -> Result<(), SetError> {
+    let (name, text) = arg.split_once('=').ok_or(SetError::NotAnAssignment)?;
+    let value = Node::scalar(absolute_if_existing_path(parse_value(text)?), location.clone());
     let path: Vec<&str> = name.trim().split('.').collect();
     if path.iter().any(|segment| segment.is_empty()) {
-        return Err(fail(format!("`{name}` is not a variable or STAGE.PARAM name")));
+        return Err(SetError::BadName {
+            name: name.to_string(),
+        });
     }
     let target: Vec<&str> = if path.len() == 1 {
-        check_variable(root, path[0]).map_err(fail)?;
+        check_variable(root, path[0])?;
         vec!["vars", path[0]]
     } else {
-        check_stage_key(root, path[0], path[1], kinds).map_err(fail)?;
+        check_stage_key(root, path[0], path[1], kinds)?;
         ["stages"].into_iter().chain(path.iter().copied()).collect()
     };
     if root.as_table().is_none() {
         root.value = NodeValue::Table(Default::default());
     }
-    root.set_path(&target, value).map_err(fail)
+    Ok(root.set_path(&target, value)?)
 }
 
 /// `--set NAME=...` replaces a variable of `[vars]`; it cannot add one (nothing would read it).
-fn check_variable(root: &Node, name: &str) -> Result<(), String> {
+fn check_variable(root: &Node, name: &str) -> Result<(), SetError> {
     let vars: Vec<&str> = root
         .get("vars")
         .and_then(Node::as_table)
@@ -119,15 +143,15 @@ fn check_variable(root: &Node, name: &str) -> Result<(), String> {
     if vars.contains(&name) {
         return Ok(());
     }
-    Err(format!(
-        "unknown variable `{name}` {}",
-        hint(name, &vars, "variables")
-    ))
+    Err(SetError::UnknownVariable {
+        name: name.to_string(),
+        hint: hint(name, &vars, "variables"),
+    })
 }
 
 /// `--set STAGE.PARAM=...`: the stage must exist, and PARAM be a key the stage sets, a parameter
 /// of its kind (one left at its default too) or a key every stage has (`threads`, `gpus`, ...).
-fn check_stage_key(root: &Node, stage: &str, key: &str, kinds: Registry) -> Result<(), String> {
+fn check_stage_key(root: &Node, stage: &str, key: &str, kinds: Registry) -> Result<(), SetError> {
     let stages: Vec<&str> = root
         .get("stages")
         .and_then(Node::as_table)
@@ -136,10 +160,10 @@ fn check_stage_key(root: &Node, stage: &str, key: &str, kinds: Registry) -> Resu
         .map(|(name, _)| name.as_str())
         .collect();
     let Some(node) = root.get("stages").and_then(|s| s.get(stage)) else {
-        return Err(format!(
-            "no stage named `{stage}` {}",
-            hint(stage, &stages, "stages")
-        ));
+        return Err(SetError::UnknownStage {
+            stage: stage.to_string(),
+            hint: hint(stage, &stages, "stages"),
+        });
     };
     let written: Vec<&str> = node
         .as_table()
@@ -164,7 +188,7 @@ fn check_stage_key(root: &Node, stage: &str, key: &str, kinds: Registry) -> Resu
             known.push(key);
         }
     }
-    let message = match nearest(key, known.iter().chain(COMMON_STAGE_KEYS).copied()) {
+    let hint = match nearest(key, known.iter().chain(COMMON_STAGE_KEYS).copied()) {
         Some(near) => format!("did you mean `{near}`?"),
         None => format!(
             "parameters of kind `{}`: {}; keys of every stage: {}",
@@ -173,7 +197,11 @@ fn check_stage_key(root: &Node, stage: &str, key: &str, kinds: Registry) -> Resu
             COMMON_STAGE_KEYS.join(", ")
         ),
     };
-    Err(format!("stage `{stage}` has no parameter `{key}` ({message})"))
+    Err(SetError::UnknownParameter {
+        stage: stage.to_string(),
+        key: key.to_string(),
+        hint,
+    })
 }
 
 /// The stage's kind, when it is written as a kind's name or as a `${var}` holding one.
@@ -214,16 +242,15 @@ fn absolute_if_existing_path(value: toml::Value) -> toml::Value {
 
 /// VALUE of `--set`: a TOML value, else the text as a string. Text that starts like a TOML array,
 /// table or quoted string but does not parse is an error, not a string.
-fn parse_value(text: &str) -> Result<toml::Value, String> {
+fn parse_value(text: &str) -> Result<toml::Value, SetError> {
     match toml::from_str::<toml::Table>(&format!("value = {text}")) {
         Ok(mut table) => Ok(table
             .remove("value")
             .unwrap_or_else(|| toml::Value::String(text.to_string()))),
-        Err(error) if text.trim_start().starts_with(['[', '{', '"', '\'']) => Err(format!(
-            "`{}` is not a valid TOML value: {}",
-            text.trim(),
-            error.message().trim()
-        )),
+        Err(source) if text.trim_start().starts_with(['[', '{', '"', '\'']) => Err(SetError::InvalidValue {
+            text: text.trim().to_string(),
+            source,
+        }),
         Err(_) => Ok(toml::Value::String(text.to_string())),
     }
 }
@@ -254,7 +281,7 @@ mod tests {
         assert_eq!(parse_value(""), Ok(toml::Value::String(String::new())));
         assert_eq!(parse_value("a b"), Ok(toml::Value::String("a b".into())));
         for bad in ["[0,", "[0, x]", "{ a = }", "\"open"] {
-            let error = parse_value(bad).unwrap_err();
+            let error = parse_value(bad).unwrap_err().to_string();
             assert!(
                 error.starts_with(&format!("`{bad}` is not a valid TOML value: ")),
                 "{error}"

@@ -161,13 +161,15 @@ impl Node {
     }
 
     /// Sets the value at a dotted path, creating tables on the way.
-    pub fn set_path(&mut self, path: &[&str], value: Node) -> Result<(), String> {
+    pub fn set_path(&mut self, path: &[&str], value: Node) -> Result<(), SetPathError> {
         let Some((first, rest)) = path.split_first() else {
             *self = value;
             return Ok(());
         };
         let NodeValue::Table(table) = &mut self.value else {
-            return Err(format!("`{first}` is inside a value that is not a table"));
+            return Err(SetPathError {
+                key: first.to_string(),
+            });
         };
         if rest.is_empty() {
             let key_location = Some(value.location.clone());
@@ -188,6 +190,13 @@ impl Node {
         });
         child.set_path(rest, value)
     }
+}
+
+/// A dotted path that goes through a value that is not a table.
+#[derive(Debug, PartialEq, thiserror::Error)]
+#[error("`{key}` is inside a value that is not a table")]
+pub struct SetPathError {
+    pub key: String,
 }
 
 fn convert_table(table: &DeTable<'_>, file: FileId, errors: &mut Vec<Diagnostic>) -> BTreeMap<String, Node> {

@@ -4,10 +4,37 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::diagnostics::{Diagnostic, Location};
+use super::diagnostics::{list_or_none, Diagnostic, Location};
 use super::matrix::{plain_text, Expanded};
 use super::substitute::Scope;
 use super::template::Select;
+
+/// A reference to another stage that names no instance, or not exactly the instances it needs.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ReferenceError {
+    #[error("unknown stage `{stage}` (stages: {})", .known.join(", "))]
+    UnknownStage { stage: String, known: Vec<String> },
+    #[error("`{key}` is not a matrix key of stage `{stage}` (its keys: {})", list_or_none(.keys))]
+    NotAMatrixKey {
+        key: String,
+        stage: String,
+        keys: Vec<String>,
+    },
+    #[error("`${{{stage}.outputs}}` cannot be used here (only in stage parameters)")]
+    NotInStageParameters { stage: String },
+    #[error("no instance of `{stage}` matches this instance's matrix values")]
+    NoMatchingInstance { stage: String },
+    #[error("no instance of `{stage}` has {filter} (instances: {instances})")]
+    NoInstanceWith {
+        stage: String,
+        filter: String,
+        instances: String,
+    },
+    #[error(
+        "`${{{stage}.outputs}}` matches {count} instances; write `${{{stage}[*].outputs}}` for the list of all"
+    )]
+    SeveralInstances { stage: String, count: usize },
+}
 
 pub(super) struct RefTargets<'a, 'b> {
     pub(super) expanded: &'a [Expanded<'b>],
@@ -38,7 +65,11 @@ impl RefTargets<'_, '_> {
 
     /// Instances of `stage` whose matrix values equal `filter`'s (compared as text, so `fold=0`
     /// matches the integer 0). Every filter key must be one of the stage's matrix keys.
-    fn filtered(&self, stage: &str, filter: &[(String, String)]) -> Result<Option<Vec<usize>>, String> {
+    fn filtered(
+        &self,
+        stage: &str,
+        filter: &[(String, String)],
+    ) -> Result<Option<Vec<usize>>, ReferenceError> {
         let Some(candidates) = self.by_stage.get(stage) else {
             return Ok(None);
         };
@@ -47,15 +78,11 @@ impl RefTargets<'_, '_> {
             .map(|&c| self.expanded[c].matrix.keys().collect())
             .unwrap_or_default();
         if let Some((key, _)) = filter.iter().find(|(k, _)| !keys.contains(&k)) {
-            let keys: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
-            return Err(format!(
-                "`{key}` is not a matrix key of stage `{stage}` (its keys: {})",
-                if keys.is_empty() {
-                    "none".into()
-                } else {
-                    keys.join(", ")
-                }
-            ));
+            return Err(ReferenceError::NotAMatrixKey {
+                key: key.clone(),
+                stage: stage.to_string(),
+                keys: keys.into_iter().cloned().collect(),
+            });
         }
         Ok(Some(
             candidates
@@ -94,10 +121,13 @@ impl RefTargets<'_, '_> {
         ids.join(", ")
     }
 
-    fn unknown_stage(&self, stage: &str) -> String {
-        let mut known: Vec<&str> = self.by_stage.keys().copied().collect();
+    fn unknown_stage(&self, stage: &str) -> ReferenceError {
+        let mut known: Vec<String> = self.by_stage.keys().map(|k| k.to_string()).collect();
         known.sort_unstable();
-        format!("unknown stage `{stage}` (stages: {})", known.join(", "))
+        ReferenceError::UnknownStage {
+            stage: stage.to_string(),
+            known,
+        }
     }
 
     pub(super) fn resolve_after(
@@ -119,13 +149,16 @@ impl RefTargets<'_, '_> {
         match found {
             Some(found) if !found.is_empty() => found,
             Some(_) => {
-                let message = format!("no instance of `{stage}` matches this instance's matrix values");
-                errors.push(Diagnostic::new(Some(location.clone()), message));
+                let error = ReferenceError::NoMatchingInstance {
+                    stage: stage.to_string(),
+                };
+                errors.push(Diagnostic::new(Some(location.clone()), error.to_string()));
                 Vec::new()
             }
             None if self.failed.contains(stage) => Vec::new(),
             None => {
-                errors.push(Diagnostic::new(Some(location.clone()), self.unknown_stage(stage)));
+                let error = self.unknown_stage(stage);
+                errors.push(Diagnostic::new(Some(location.clone()), error.to_string()));
                 Vec::new()
             }
         }
@@ -137,11 +170,11 @@ pub(super) fn outputs_reference(
     select: &Select,
     scope: &Scope,
     dependencies: &mut Vec<usize>,
-) -> Result<(toml::Value, toml::Value), String> {
+) -> Result<(toml::Value, toml::Value), ReferenceError> {
     let Some((targets, from)) = scope.refs else {
-        return Err(format!(
-            "`${{{stage}.outputs}}` cannot be used here (only in stage parameters)"
-        ));
+        return Err(ReferenceError::NotInStageParameters {
+            stage: stage.to_string(),
+        });
     };
     let found = match select {
         Select::Matching => targets.matching(stage, from),
@@ -175,17 +208,19 @@ pub(super) fn outputs_reference(
     match found.as_slice() {
         [one] => Ok((folder(*one), symbol(*one))),
         [] => Err(match select {
-            Select::Filter(filter) => format!(
-                "no instance of `{stage}` has {} (instances: {})",
-                filter_text(filter),
-                targets.instance_names(stage)
-            ),
-            _ => format!("no instance of `{stage}` matches this instance's matrix values"),
+            Select::Filter(filter) => ReferenceError::NoInstanceWith {
+                stage: stage.to_string(),
+                filter: filter_text(filter),
+                instances: targets.instance_names(stage),
+            },
+            _ => ReferenceError::NoMatchingInstance {
+                stage: stage.to_string(),
+            },
         }),
-        many => Err(format!(
-            "`${{{stage}.outputs}}` matches {} instances; write `${{{stage}[*].outputs}}` for the list of all",
-            many.len()
-        )),
+        many => Err(ReferenceError::SeveralInstances {
+            stage: stage.to_string(),
+            count: many.len(),
+        }),
     }
 }
 

@@ -3,12 +3,19 @@
 
 use super::matrix::plain_text;
 
+/// A table substituted into a string: it has no text form.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot splice a table ({table}) into a string")]
+pub(super) struct SpliceError {
+    table: toml::Value,
+}
+
 /// Joins substituted values into one string (`written[i]`: whether `values[i]` is text written
 /// in the template rather than a substituted value). A list becomes space-separated words, and
 /// the written text attached to it in the same word (see [`ends_word`]) goes with every item, as
 /// in shell brace expansion: `cat ${fit[*].outputs}/model.txt` -> `cat A/model.txt B/model.txt`.
 /// Two lists in one word give every combination; an empty list removes its word.
-pub(super) fn splice(written: &[bool], values: &[toml::Value]) -> Result<String, String> {
+pub(super) fn splice(written: &[bool], values: &[toml::Value]) -> Result<String, SpliceError> {
     let mut text = String::new();
     let mut word = Vec::new();
     for (&is_written, value) in written.iter().zip(values) {
@@ -30,7 +37,7 @@ pub(super) fn splice(written: &[bool], values: &[toml::Value]) -> Result<String,
                 let items = items.iter().map(item_text).collect::<Result<_, _>>()?;
                 word.push(WordPart::Choice(items));
             }
-            toml::Value::Table(_) => return Err(format!("cannot splice a table ({value}) into a string")),
+            toml::Value::Table(_) => return Err(SpliceError { table: value.clone() }),
             scalar => {
                 let scalar = plain_text(scalar);
                 match word.last_mut() {
@@ -72,14 +79,14 @@ fn expand_word(word: &mut Vec<WordPart>) -> String {
 }
 
 /// A list item as text (a nested list as space-separated words).
-fn item_text(item: &toml::Value) -> Result<String, String> {
+fn item_text(item: &toml::Value) -> Result<String, SpliceError> {
     match item {
         toml::Value::Array(items) => Ok(items
             .iter()
             .map(item_text)
             .collect::<Result<Vec<_>, _>>()?
             .join(" ")),
-        toml::Value::Table(_) => Err(format!("cannot splice a table ({item}) into a string")),
+        toml::Value::Table(_) => Err(SpliceError { table: item.clone() }),
         scalar => Ok(plain_text(scalar)),
     }
 }
@@ -153,6 +160,7 @@ mod tests {
         let table = toml::Value::Table(toml::Table::new());
         assert!(splice(&[true, false], &[text("x"), table])
             .unwrap_err()
+            .to_string()
             .contains("cannot splice a table"));
     }
 }

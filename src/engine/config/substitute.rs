@@ -3,12 +3,33 @@
 
 use std::collections::BTreeMap;
 
-use super::diagnostics::{Diagnostic, Location};
+use super::diagnostics::{list_or_none, Diagnostic, Location};
 use super::node::{Node, NodeValue};
-use super::references::{outputs_reference, RefTargets};
-use super::splice::splice;
-use super::template::{self, Piece};
+use super::references::{outputs_reference, RefTargets, ReferenceError};
+use super::splice::{splice, SpliceError};
+use super::template::{self, Piece, TemplateError};
 use super::vars::Vars;
+
+/// A string whose `${...}` cannot be substituted; reported as a diagnostic at the string.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum SubstituteError {
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    #[error(transparent)]
+    Reference(#[from] ReferenceError),
+    #[error(transparent)]
+    Splice(#[from] SpliceError),
+    #[error(
+        "unknown variable `${{{name}}}` (known: {}; write `$${{` for a literal `${{`)",
+        list_or_none(.known)
+    )]
+    UnknownVariable { name: String, known: Vec<String> },
+    #[error(
+        "substitution expands to more than {SUBSTITUTION_BUDGET} characters here \
+         (variables that repeat each other grow exponentially)"
+    )]
+    OverBudget,
+}
 
 pub(super) struct Scope<'a, 'b, 'c> {
     pub(super) vars: &'a Vars,
@@ -47,13 +68,10 @@ impl<'a, 'b, 'c> Scope<'a, 'b, 'c> {
 
 impl Scope<'_, '_, '_> {
     /// Takes `size` from the budget; an error once it is spent.
-    fn spend(&self, size: usize) -> Result<(), String> {
+    fn spend(&self, size: usize) -> Result<(), SubstituteError> {
         let left = self.budget.get();
         if size > left {
-            return Err(format!(
-                "substitution expands to more than {SUBSTITUTION_BUDGET} characters here \
-                 (variables that repeat each other grow exponentially)"
-            ));
+            return Err(SubstituteError::OverBudget);
         }
         self.budget.set(left - size);
         Ok(())
@@ -114,8 +132,8 @@ fn substitute_node(
                     },
                 )
             }
-            Err(message) => {
-                errors.push(Diagnostic::new(Some(node.location.clone()), message));
+            Err(error) => {
+                errors.push(Diagnostic::new(Some(node.location.clone()), error.to_string()));
                 (node.clone(), node.clone())
             }
         },
@@ -152,7 +170,7 @@ fn substitute_string(
     text: &str,
     scope: &Scope,
     dependencies: &mut Vec<usize>,
-) -> Result<(toml::Value, toml::Value), String> {
+) -> Result<(toml::Value, toml::Value), SubstituteError> {
     let pieces = template::parse(text)?;
     let mut resolved = Vec::new();
     let mut key = Vec::new();
@@ -195,26 +213,17 @@ fn set_on_command_line(text: &str, scope: &Scope) -> Option<Location> {
     matches!(location, Location::CommandLine { .. }).then(|| location.clone())
 }
 
-fn lookup_name(name: &str, scope: &Scope) -> Result<toml::Value, String> {
+fn lookup_name(name: &str, scope: &Scope) -> Result<toml::Value, SubstituteError> {
     if let Some(value) = scope.matrix.get(name) {
         return Ok(value.clone());
     }
     if let Some(node) = scope.vars.get(name) {
         return Ok(node.to_toml());
     }
-    let mut known: Vec<&str> = scope
-        .vars
-        .keys()
-        .chain(scope.matrix.keys())
-        .map(String::as_str)
-        .collect();
+    let mut known: Vec<String> = scope.vars.keys().chain(scope.matrix.keys()).cloned().collect();
     known.sort_unstable();
-    Err(format!(
-        "unknown variable `${{{name}}}` (known: {}; write `$${{` for a literal `${{`)",
-        if known.is_empty() {
-            "none".to_string()
-        } else {
-            known.join(", ")
-        }
-    ))
+    Err(SubstituteError::UnknownVariable {
+        name: name.to_string(),
+        known,
+    })
 }

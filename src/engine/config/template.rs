@@ -26,8 +26,24 @@ pub enum Select {
     Filter(Vec<(String, String)>),
 }
 
+/// A `${...}` that cannot be parsed; `whole` is the text between the braces.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum TemplateError {
+    #[error("unclosed `${{` in {text:?} (write `$${{` for a literal `${{`)")]
+    Unclosed { text: String },
+    #[error("`${{{whole}}}`: write `[*]` or `[key=value,...]` after the stage name")]
+    BadFilter { whole: String },
+    #[error("`${{{whole}}}`: `{key}=` needs a value")]
+    EmptyFilterValue { whole: String, key: String },
+    #[error(
+        "`${{{whole}}}` is not a variable, matrix value or `${{stage.outputs}}` reference \
+         (write `$${{` for a literal `${{`, e.g. for shell syntax)"
+    )]
+    InvalidName { whole: String },
+}
+
 /// Splits a string into literal text and substitutions.
-pub fn parse(text: &str) -> Result<Vec<Piece>, String> {
+pub fn parse(text: &str) -> Result<Vec<Piece>, TemplateError> {
     let mut pieces = Vec::new();
     let mut literal = String::new();
     let mut rest = text;
@@ -38,9 +54,9 @@ pub fn parse(text: &str) -> Result<Vec<Piece>, String> {
             literal.push_str("${");
             rest = escaped;
         } else if let Some(inner) = after.strip_prefix('{') {
-            let end = inner
-                .find('}')
-                .ok_or_else(|| format!("unclosed `${{` in {text:?} (write `$${{` for a literal `${{`)"))?;
+            let end = inner.find('}').ok_or_else(|| TemplateError::Unclosed {
+                text: text.to_string(),
+            })?;
             if !literal.is_empty() {
                 pieces.push(Piece::Text(std::mem::take(&mut literal)));
             }
@@ -58,7 +74,7 @@ pub fn parse(text: &str) -> Result<Vec<Piece>, String> {
     Ok(pieces)
 }
 
-fn parse_substitution(inner: &str) -> Result<Piece, String> {
+fn parse_substitution(inner: &str) -> Result<Piece, TemplateError> {
     if let Some(stage) = inner.strip_suffix(".outputs") {
         let (stage, select) = match stage.strip_suffix(']').and_then(|s| s.split_once('[')) {
             Some((stage, "*")) => (stage, Select::All),
@@ -76,24 +92,27 @@ fn parse_substitution(inner: &str) -> Result<Piece, String> {
 }
 
 /// `key=value,key=value` inside a reference's brackets.
-fn parse_filter(filter: &str, whole: &str) -> Result<Vec<(String, String)>, String> {
+fn parse_filter(filter: &str, whole: &str) -> Result<Vec<(String, String)>, TemplateError> {
     filter
         .split(',')
         .map(|pair| {
-            let (key, value) = pair.split_once('=').ok_or_else(|| {
-                format!("`${{{whole}}}`: write `[*]` or `[key=value,...]` after the stage name")
+            let (key, value) = pair.split_once('=').ok_or_else(|| TemplateError::BadFilter {
+                whole: whole.to_string(),
             })?;
             let (key, value) = (key.trim(), value.trim());
             check_name(key, whole)?;
             if value.is_empty() {
-                return Err(format!("`${{{whole}}}`: `{key}=` needs a value"));
+                return Err(TemplateError::EmptyFilterValue {
+                    whole: whole.to_string(),
+                    key: key.to_string(),
+                });
             }
             Ok((key.to_string(), value.to_string()))
         })
         .collect()
 }
 
-fn check_name(name: &str, whole: &str) -> Result<(), String> {
+fn check_name(name: &str, whole: &str) -> Result<(), TemplateError> {
     let valid = !name.is_empty()
         && name
             .chars()
@@ -101,10 +120,9 @@ fn check_name(name: &str, whole: &str) -> Result<(), String> {
     if valid {
         Ok(())
     } else {
-        Err(format!(
-            "`${{{whole}}}` is not a variable, matrix value or `${{stage.outputs}}` reference \
-             (write `$${{` for a literal `${{`, e.g. for shell syntax)"
-        ))
+        Err(TemplateError::InvalidName {
+            whole: whole.to_string(),
+        })
     }
 }
 
@@ -147,11 +165,18 @@ mod tests {
 
     #[test]
     fn rejects_unclosed_and_bad_names() {
-        assert!(parse("${x").unwrap_err().contains("unclosed"));
-        assert!(parse("${a b}").unwrap_err().contains("not a variable"));
-        assert!(parse("${t[fold].outputs}").unwrap_err().contains("key=value"));
+        assert!(parse("${x").unwrap_err().to_string().contains("unclosed"));
+        assert!(parse("${a b}")
+            .unwrap_err()
+            .to_string()
+            .contains("not a variable"));
+        assert!(parse("${t[fold].outputs}")
+            .unwrap_err()
+            .to_string()
+            .contains("key=value"));
         assert!(parse("${t[fold=].outputs}")
             .unwrap_err()
+            .to_string()
             .contains("needs a value"));
     }
 }

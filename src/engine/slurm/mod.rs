@@ -9,6 +9,7 @@
 //! local run; `--detach` returns after submission, and `nnflow status` / `nnflow cancel` find the
 //! run again.
 
+mod error;
 pub mod job;
 pub mod options;
 pub mod scheduler;
@@ -19,12 +20,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+pub use self::error::{SlurmError, SubmitError};
 use self::scheduler::{is_finished, sbatch, scancel, squeue, with_retries, JobState};
 use self::state::{RunDir, SlurmRun, Submitted};
 use super::executor::{selection, Outcome, RunOptions, RunReport};
 use super::run_record::{Finished, Ledger};
 use super::status::{self, State};
-use super::Engine;
+use super::{Engine, FsError, Operation};
+use crate::file_error::FileError;
 
 /// What `nnflow run --executor slurm` needs besides the local options.
 pub struct SlurmRunOptions {
@@ -48,7 +51,7 @@ pub fn run(
     options: &RunOptions,
     slurm: &SlurmRunOptions,
     cancel: &AtomicBool,
-) -> Result<SlurmOutcome, String> {
+) -> Result<SlurmOutcome, SlurmError> {
     let (selected, forced) = selection(engine, options)?;
     let mut ledger = Ledger::new(engine, selected.len(), options.quiet);
     // What is up to date needs no job; its descendants' jobs read its records.
@@ -82,7 +85,7 @@ pub fn run(
     let run_id = format!("{}-{}", job::now_unix(), std::process::id());
     let run_dir = RunDir::new(&engine.pipeline.state_dir, &run_id);
     for folder in [run_dir.logs(), run_dir.scripts(), run_dir.0.join("receipts")] {
-        std::fs::create_dir_all(&folder).map_err(|e| format!("cannot create {}: {e}", folder.display()))?;
+        std::fs::create_dir_all(&folder).map_err(FsError::on(Operation::Create, &folder))?;
     }
     let forced_ids: Vec<&str> = pending
         .iter()
@@ -90,7 +93,7 @@ pub fn run(
         .map(|&i| engine.pipeline.instances[i].id.as_str())
         .collect();
     std::fs::write(run_dir.forced_list(), forced_ids.join("\n"))
-        .map_err(|e| format!("{}: {e}", run_dir.forced_list().display()))?;
+        .map_err(FileError::io(&run_dir.forced_list()))?;
     let job_name = format!("nnflow.{}.{run_id}", engine.pipeline.name);
     check_shared_filesystem(engine, &run_dir, &job_name)?;
     let run = submit(engine, &pending, &run_dir, &job_name, &run_id, &slurm.sets)?;
@@ -118,7 +121,7 @@ fn submit(
     job_name: &str,
     run_id: &str,
     sets: &[String],
-) -> Result<SlurmRun, String> {
+) -> Result<SlurmRun, SlurmError> {
     let instances = &engine.pipeline.instances;
     // level: the longest chain of pending upstream instances; arrays of one level never wait on
     // each other, so the groups can be submitted level by level
@@ -138,7 +141,7 @@ fn submit(
         let key = (level[&index], instances[index].stage.as_str());
         groups.entry(key).or_default().push(index);
     }
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find the nnflow binary: {e}"))?;
+    let exe = std::env::current_exe().map_err(SlurmError::NoBinary)?;
     let pipeline_file = absolute(&engine.pipeline.file);
     let mut job_of: HashMap<usize, String> = HashMap::new();
     let mut jobs = Vec::new();
@@ -146,8 +149,7 @@ fn submit(
         let first = &instances[members[0]];
         let ids: Vec<String> = members.iter().map(|&i| instances[i].id.clone()).collect();
         let ids_file = run_dir.scripts().join(format!("{number}-{}.ids", first.stage));
-        std::fs::write(&ids_file, ids.join("\n") + "\n")
-            .map_err(|e| format!("{}: {e}", ids_file.display()))?;
+        std::fs::write(&ids_file, ids.join("\n") + "\n").map_err(FileError::io(&ids_file))?;
         let script = run_dir.scripts().join(format!("{number}-{}.sh", first.stage));
         let mut command = vec![
             exe.to_string_lossy().into_owned(),
@@ -173,7 +175,7 @@ fn submit(
                 .collect::<Vec<_>>()
                 .join(" ")
         );
-        std::fs::write(&script, text).map_err(|e| format!("{}: {e}", script.display()))?;
+        std::fs::write(&script, text).map_err(FileError::io(&script))?;
         let mut upstream: Vec<String> = members
             .iter()
             .flat_map(|&i| engine.dag.dependencies(i))
@@ -199,8 +201,13 @@ fn submit(
         }
         args.extend(settings.sbatch_args(first.threads, first.gpus));
         args.push(script.to_string_lossy().into_owned());
-        let job_id = with_retries(SUBMIT_ATTEMPTS, || sbatch(&args), std::thread::sleep)
-            .map_err(|e| format!("submitting stage `{}`: {e}", first.stage))?;
+        let job_id =
+            with_retries(SUBMIT_ATTEMPTS, || sbatch(&args), std::thread::sleep).map_err(|source| {
+                SlurmError::Submit {
+                    stage: first.stage.clone(),
+                    source,
+                }
+            })?;
         for &i in members {
             job_of.insert(i, job_id.clone());
         }
@@ -227,7 +234,7 @@ fn wait(
     pending: &[usize],
     ledger: &mut Ledger,
     cancel: &AtomicBool,
-) -> Result<bool, String> {
+) -> Result<bool, SlurmError> {
     let task_of: HashMap<usize, String> = pending
         .iter()
         .map(|&i| {
@@ -329,14 +336,14 @@ fn without_receipt(job: Option<&JobState>, misses: &mut usize) -> Option<String>
 
 /// Makes sure the compute nodes see the work directory, the cache and the nnflow binary: a
 /// one-second job looks for a token written here.
-fn check_shared_filesystem(engine: &Engine, run_dir: &RunDir, job_name: &str) -> Result<(), String> {
+fn check_shared_filesystem(engine: &Engine, run_dir: &RunDir, job_name: &str) -> Result<(), SlurmError> {
     let token = run_dir.0.join("probe-token");
-    std::fs::write(&token, job_name).map_err(|e| format!("{}: {e}", token.display()))?;
+    std::fs::write(&token, job_name).map_err(FileError::io(&token))?;
     let cache_token = engine.pipeline.cache_dir.join(format!(".probe-{job_name}"));
     std::fs::create_dir_all(&engine.pipeline.cache_dir)
         .and_then(|()| std::fs::write(&cache_token, job_name))
-        .map_err(|e| format!("{}: {e}", cache_token.display()))?;
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        .map_err(FileError::io(&cache_token))?;
+    let exe = std::env::current_exe().map_err(SlurmError::NoBinary)?;
     let script = format!(
         "test -f {t} || {{ echo 'work directory {w} not visible'; exit 1; }}; \
          test -f {c} || {{ echo 'cache {cd} not visible'; exit 1; }}; \
@@ -358,20 +365,19 @@ fn check_shared_filesystem(engine: &Engine, run_dir: &RunDir, job_name: &str) ->
     args.push(format!("--wrap={script}"));
     let result = with_retries(SUBMIT_ATTEMPTS, || sbatch(&args), std::thread::sleep);
     let _ = std::fs::remove_file(&cache_token);
-    result.map(|_| ()).map_err(|e| {
+    result.map(|_| ()).map_err(|source| {
         let said = std::fs::read_to_string(&output).unwrap_or_default();
         let said = if said.trim().is_empty() {
             String::new()
         } else {
             format!("{}; ", said.trim())
         };
-        format!(
-            "the Slurm jobs cannot use this work directory ({said}{e}): the work directory {}, the \
-             cache {} and the nnflow binary must be on a filesystem the compute nodes share and can \
-             write. Nothing was submitted.",
-            engine.pipeline.work_dir.display(),
-            engine.pipeline.cache_dir.display()
-        )
+        SlurmError::NotShared {
+            said,
+            source,
+            work_dir: engine.pipeline.work_dir.clone(),
+            cache_dir: engine.pipeline.cache_dir.clone(),
+        }
     })
 }
 
@@ -411,9 +417,10 @@ pub fn reconcile(engine: &Engine) -> Option<(SlurmRun, Vec<InstanceState>)> {
 }
 
 /// Cancels every job of the latest Slurm run; returns the run.
-pub fn cancel(engine: &Engine) -> Result<SlurmRun, String> {
-    let (_, run) = RunDir::latest(&engine.pipeline.state_dir)
-        .ok_or_else(|| format!("no Slurm run of {} to cancel", engine.pipeline.name))?;
+pub fn cancel(engine: &Engine) -> Result<SlurmRun, SlurmError> {
+    let (_, run) = RunDir::latest(&engine.pipeline.state_dir).ok_or_else(|| SlurmError::NoRunToCancel {
+        pipeline: engine.pipeline.name.clone(),
+    })?;
     let ids: Vec<String> = run.jobs.iter().map(|j| j.job_id.clone()).collect();
     scancel(&ids)?;
     Ok(run)

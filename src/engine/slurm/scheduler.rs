@@ -6,12 +6,8 @@ use std::collections::HashMap;
 use std::process::Command;
 use std::time::Duration;
 
-/// An `sbatch` failure, and whether trying again may help.
-#[derive(Debug)]
-pub struct SubmitError {
-    pub message: String,
-    pub transient: bool,
-}
+use super::error::SlurmError;
+pub use super::error::SubmitError;
 
 /// What `sbatch` says when the controller is busy or briefly unreachable.
 const TRANSIENT: [&str; 6] = [
@@ -29,29 +25,21 @@ pub fn sbatch(args: &[String]) -> Result<String, SubmitError> {
         .arg("--parsable")
         .args(args)
         .output()
-        .map_err(|e| SubmitError {
-            message: format!("cannot run sbatch: {e} (is Slurm installed here?)"),
-            transient: false,
-        })?;
+        .map_err(SubmitError::CannotRun)?;
     let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
     if !output.status.success() {
-        let transient = TRANSIENT.iter().any(|t| stderr.contains(t));
-        let message = if stderr.is_empty() {
-            // `--wait` passes on the job's failure without a message
-            format!("sbatch: the job failed ({})", output.status)
+        return Err(if stderr.is_empty() {
+            SubmitError::JobFailed(output.status)
         } else {
-            format!("sbatch failed: {stderr}")
-        };
-        return Err(SubmitError { message, transient });
+            let transient = TRANSIENT.iter().any(|t| stderr.contains(t));
+            SubmitError::Rejected { stderr, transient }
+        });
     }
     // `--parsable` prints `id` or `id;cluster`
     let stdout = String::from_utf8_lossy(&output.stdout);
     let id = stdout.trim().split(';').next().unwrap_or_default().to_string();
     if id.is_empty() {
-        return Err(SubmitError {
-            message: format!("sbatch printed no job id ({stderr})"),
-            transient: false,
-        });
+        return Err(SubmitError::NoJobId { stderr });
     }
     Ok(id)
 }
@@ -62,19 +50,19 @@ pub fn with_retries<T>(
     attempts: usize,
     mut submit: impl FnMut() -> Result<T, SubmitError>,
     mut wait: impl FnMut(Duration),
-) -> Result<T, String> {
+) -> Result<T, SubmitError> {
     let mut delay = Duration::from_secs(1);
     let mut tried = 0;
     loop {
         tried += 1;
         match submit() {
             Ok(value) => return Ok(value),
-            Err(e) if e.transient && tried < attempts => {
-                crate::errln!("warning: {} (retrying in {} s)", e.message, delay.as_secs());
+            Err(e) if e.is_transient() && tried < attempts => {
+                crate::errln!("warning: {e} (retrying in {} s)", delay.as_secs());
                 wait(delay);
                 delay *= 2;
             }
-            Err(e) => return Err(e.message),
+            Err(e) => return Err(e),
         }
     }
 }
@@ -88,18 +76,11 @@ pub struct JobState {
 
 /// Every job and array task named `name`, finished ones included (for `MinJobAge`), by id
 /// (`123` or `123_4`).
-pub fn squeue(name: &str) -> Result<HashMap<String, JobState>, String> {
-    let output = Command::new("squeue")
-        .args(["-h", "-r", "-t", "all", "--name", name, "-o", "%i|%T|%r"])
-        .output()
-        .map_err(|e| format!("cannot run squeue: {e}"))?;
-    if !output.status.success() {
-        return Err(format!(
-            "squeue failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
-    }
-    Ok(parse_squeue(&String::from_utf8_lossy(&output.stdout)))
+pub fn squeue(name: &str) -> Result<HashMap<String, JobState>, SlurmError> {
+    let mut command = Command::new("squeue");
+    command.args(["-h", "-r", "-t", "all", "--name", name, "-o", "%i|%T|%r"]);
+    let stdout = run_command("squeue", command)?;
+    Ok(parse_squeue(&stdout))
 }
 
 fn parse_squeue(text: &str) -> HashMap<String, JobState> {
@@ -115,22 +96,28 @@ fn parse_squeue(text: &str) -> HashMap<String, JobState> {
 }
 
 /// `scancel` of these jobs.
-pub fn scancel(job_ids: &[String]) -> Result<(), String> {
+pub fn scancel(job_ids: &[String]) -> Result<(), SlurmError> {
     if job_ids.is_empty() {
         return Ok(());
     }
-    let output = Command::new("scancel")
-        .args(job_ids)
-        .output()
-        .map_err(|e| format!("cannot run scancel: {e}"))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "scancel failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        ))
+    let mut command = Command::new("scancel");
+    command.args(job_ids);
+    run_command("scancel", command).map(drop)
+}
+
+/// Runs `command` (named `name`); its standard output, or what it said on standard error.
+fn run_command(name: &'static str, mut command: Command) -> Result<String, SlurmError> {
+    let output = command.output().map_err(|source| SlurmError::CannotRun {
+        command: name,
+        source,
+    })?;
+    if !output.status.success() {
+        return Err(SlurmError::CommandFailed {
+            command: name,
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        });
     }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// Whether a job in this state will not run (any more).
@@ -170,8 +157,8 @@ mod tests {
             || {
                 calls += 1;
                 if calls < 3 {
-                    Err(SubmitError {
-                        message: "sbatch failed: Socket timed out".into(),
+                    Err(SubmitError::Rejected {
+                        stderr: "Socket timed out".into(),
                         transient: true,
                     })
                 } else {
@@ -184,27 +171,27 @@ mod tests {
         assert_eq!(waits, [1, 2]);
 
         let mut calls = 0;
-        let result: Result<(), String> = with_retries(
+        let result: Result<(), SubmitError> = with_retries(
             5,
             || {
                 calls += 1;
-                Err(SubmitError {
-                    message: "sbatch failed: invalid partition".into(),
+                Err(SubmitError::Rejected {
+                    stderr: "invalid partition".into(),
                     transient: false,
                 })
             },
             |_| {},
         );
         assert_eq!(calls, 1);
-        assert!(result.unwrap_err().contains("invalid partition"));
+        assert!(result.unwrap_err().to_string().contains("invalid partition"));
 
         let mut calls = 0;
-        let result: Result<(), String> = with_retries(
+        let result: Result<(), SubmitError> = with_retries(
             3,
             || {
                 calls += 1;
-                Err(SubmitError {
-                    message: "busy".into(),
+                Err(SubmitError::Rejected {
+                    stderr: "busy".into(),
                     transient: true,
                 })
             },

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::executor::Outcome;
 use crate::engine::record::file_safe;
+use crate::file_error::FileError;
 
 /// One `sbatch` submission: a job array whose task `i` runs `instances[i]`.
 #[derive(Serialize, Deserialize, Clone, Debug)]
@@ -99,10 +100,10 @@ impl RunDir {
         Some((dir, run))
     }
 
-    pub fn save(&self, state_dir: &Path, run: &SlurmRun) -> Result<(), String> {
-        crate::atomic_file::write_json(&self.0.join("run.json"), run).map_err(|e| e.to_string())?;
+    pub fn save(&self, state_dir: &Path, run: &SlurmRun) -> Result<(), FileError> {
+        crate::atomic_file::write_json(&self.0.join("run.json"), run)?;
         crate::atomic_file::write_atomically(&state_dir.join("slurm").join("latest"), run.run_id.as_bytes())
-            .map_err(|e| format!("{}: {e}", state_dir.display()))
+            .map_err(FileError::io(state_dir))
     }
 
     pub fn receipt_path(&self, id: &str) -> PathBuf {
@@ -113,11 +114,10 @@ impl RunDir {
         crate::atomic_file::read_json(&self.receipt_path(id)).ok()
     }
 
-    pub fn write_receipt(&self, receipt: &Receipt) -> Result<(), String> {
+    pub fn write_receipt(&self, receipt: &Receipt) -> Result<(), FileError> {
         let path = self.receipt_path(&receipt.id);
-        std::fs::create_dir_all(path.parent().expect("a folder"))
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        crate::atomic_file::write_json(&path, receipt).map_err(|e| e.to_string())
+        std::fs::create_dir_all(path.parent().expect("a folder")).map_err(FileError::io(&path))?;
+        crate::atomic_file::write_json(&path, receipt)
     }
 
     /// Instances to run even when fresh (`--force`), one per line.
