@@ -4,68 +4,13 @@
 //! so a non-finite number must never reach it by accident:
 //!
 //! - stage parameters are finite: TOML's `nan` and `inf` are refused when the pipeline is loaded
-//!   ([`build_finite`]), with the path to the value;
+//!   (`stages::finite::build_finite`), with the path to the value;
 //! - values that are NaN on purpose (nnU-Net's Dice when reference and prediction are both empty,
 //!   the pseudo Dice of a class absent from every validation patch) are written as `null` and
 //!   read back as NaN ([`nan_as_null`], [`nan_as_null_vec`], [`nan_as_null_map`]);
 //! - files that must hold only numbers can be checked before they are written ([`first_null`]).
 
-use serde::de::DeserializeOwned;
 use serde_json::Value;
-
-use crate::stages::{build_typed, ParamError, Stage};
-
-/// Reads a kind's parameters like [`build_typed`], then refuses a non-finite float anywhere in
-/// them: serde_json would write it as `null`, so `nan`, `inf` and `-inf` would share one cache key
-/// and reach a worker's job file as `null`.
-pub fn build_finite<P>(params: toml::Value) -> Result<Box<dyn Stage>, ParamError>
-where
-    P: DeserializeOwned + Stage + 'static,
-{
-    let stage = build_typed::<P>(params.clone())?;
-    match non_finite_float(&params) {
-        None => Ok(stage),
-        Some((path, value)) => Err(ParamError {
-            path,
-            message: format!(
-                "{} is not a finite number (cache keys and the files stages pass on are JSON, which \
-                 has no NaN or infinity)",
-                toml_float(value)
-            ),
-        }),
-    }
-}
-
-/// The path (keys, and list indices as `[i]`) and value of the first NaN or infinite float.
-pub fn non_finite_float(value: &toml::Value) -> Option<(Vec<String>, f64)> {
-    match value {
-        toml::Value::Float(f) if !f.is_finite() => Some((Vec::new(), *f)),
-        toml::Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
-            non_finite_float(item).map(|(mut path, f)| {
-                path.insert(0, format!("[{i}]"));
-                (path, f)
-            })
-        }),
-        toml::Value::Table(table) => table.iter().find_map(|(key, item)| {
-            non_finite_float(item).map(|(mut path, f)| {
-                path.insert(0, key.clone());
-                (path, f)
-            })
-        }),
-        _ => None,
-    }
-}
-
-/// A float as TOML writes it: `nan`, `inf`, `-inf`, or the number.
-fn toml_float(value: f64) -> String {
-    if value.is_nan() {
-        "`nan`".into()
-    } else if value.is_infinite() {
-        format!("`{}inf`", if value < 0.0 { "-" } else { "" })
-    } else {
-        format!("`{value}`")
-    }
-}
 
 /// The dotted path (`a.b.0`) of the first `null` in `value`, if any.
 pub fn first_null(value: &Value) -> Option<String> {
@@ -157,19 +102,6 @@ mod tests {
     use serde::{Deserialize, Serialize};
 
     use super::*;
-
-    #[test]
-    fn the_first_non_finite_float_is_found_with_its_path() {
-        let params: toml::Value =
-            toml::from_str("a = 1.5\nb = [1.0, 2.0]\n[c]\nd = [0.5, -inf]\n[e]\nf = nan").unwrap();
-        let (path, value) = non_finite_float(&params).unwrap();
-        assert_eq!(path, ["c", "d", "[1]"]);
-        assert_eq!(value, f64::NEG_INFINITY);
-        let finite: toml::Value = toml::from_str("a = 1.5\nb = [1.0, 1e308]").unwrap();
-        assert_eq!(non_finite_float(&finite), None);
-        assert_eq!(toml_float(f64::NAN), "`nan`");
-        assert_eq!(toml_float(f64::INFINITY), "`inf`");
-    }
 
     #[test]
     fn first_null_names_the_path() {

@@ -3,6 +3,7 @@
 
 pub mod case_store;
 pub mod dataset;
+pub mod fingerprint_format;
 pub mod geometry;
 pub mod import;
 pub mod integrity;

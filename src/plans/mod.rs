@@ -10,6 +10,7 @@
 //! the same JSON value.
 
 pub mod architecture;
+mod resampling;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,8 +24,8 @@ pub use architecture::{
     ResidualEncoderUNetKwargs,
 };
 
-use crate::preprocess::fingerprint_format::IntensityStats;
-use crate::preprocess::resample::ResampleOptions;
+use crate::data::fingerprint_format::IntensityStats;
+pub use resampling::{ResampleOptions, ResamplingKwargs, ANISO_THRESHOLD};
 
 #[derive(Debug, Error)]
 pub enum PlansError {
@@ -167,48 +168,6 @@ pub struct Configuration {
 pub enum StageNames {
     One(String),
     Many(Vec<String>),
-}
-
-/// The keyword arguments of `resample_data_or_seg_to_shape` (`resampling_fn_*_kwargs`). The
-/// function names beside them (`resampling_fn_data`, ...) are kept but not checked: nnflow
-/// implements only that function.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct ResamplingKwargs {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub is_seg: Option<bool>,
-    /// Spline order in-plane (or in 3D when z is not resampled separately).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub order: Option<usize>,
-    /// Spline order along the low-resolution axis when it is resampled separately.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub order_z: Option<usize>,
-    /// `null` (nnU-Net writes it) decides from the spacings; absent means the same and is written
-    /// back as `null`.
-    #[serde(default)]
-    pub force_separate_z: Option<bool>,
-    /// Spacing ratio above which a case counts as anisotropic (nnU-Net's default 3).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub separate_z_anisotropy_threshold: Option<f64>,
-    #[serde(flatten)]
-    pub extra: Map<String, Value>,
-}
-
-impl ResamplingKwargs {
-    /// The resampling these arguments ask for; `default` (nnU-Net's function defaults for this
-    /// use) where one is absent.
-    pub fn options(kwargs: Option<&ResamplingKwargs>, default: ResampleOptions) -> ResampleOptions {
-        let Some(kwargs) = kwargs else {
-            return default;
-        };
-        ResampleOptions {
-            order: kwargs.order.unwrap_or(default.order),
-            order_z: kwargs.order_z.unwrap_or(default.order_z),
-            force_separate_z: kwargs.force_separate_z,
-            anisotropy_threshold: kwargs
-                .separate_z_anisotropy_threshold
-                .unwrap_or(default.anisotropy_threshold),
-        }
-    }
 }
 
 impl Plans {

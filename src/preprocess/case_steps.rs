@@ -8,12 +8,12 @@ use ndarray::{Array3, Array4, ArrayView3, Axis};
 
 use super::class_locations::{self, Target};
 use super::crop::crop_to_nonzero;
-use super::fingerprint_format::IntensityStats;
 use super::normalize::{normalize_in_place, Scheme};
 use super::resample::{compute_new_shape, resample_data_to_shape, resample_seg_to_shape};
 use super::PreprocessError;
 use crate::data::case_store::{CaseProperties, StoredCase};
 use crate::data::dataset::{Dataset, LabelValue};
+use crate::data::fingerprint_format::IntensityStats;
 use crate::data::geometry::Header;
 use crate::plans::{Plans, ResolvedConfiguration};
 

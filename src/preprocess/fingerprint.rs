@@ -17,10 +17,10 @@ use ndarray::{Array3, ArrayView3, Zip};
 use rayon::prelude::*;
 
 use crate::data::dataset::{Case, Dataset};
+use crate::data::fingerprint_format::{Fingerprint, IntensityStats};
 use crate::data::integrity::{non_finite, non_finite_problem, NonFinite};
 use crate::data::nifti::{self, NiftiError};
 use crate::preprocess::crop::nonzero_bounding_box;
-use crate::preprocess::fingerprint_format::{Fingerprint, IntensityStats};
 use crate::preprocess::numpy_random::RandomState;
 
 /// Foreground samples per channel over the whole dataset (nnU-Net's

@@ -9,7 +9,6 @@ pub mod class_locations;
 pub mod crop;
 mod error;
 pub mod fingerprint;
-pub mod fingerprint_format;
 pub mod normalize;
 pub mod numpy_random;
 pub mod plan;
@@ -17,3 +16,6 @@ pub mod resample;
 pub mod topology;
 
 pub use error::PreprocessError;
+
+// The fingerprint's file format lives with the other dataset files, below the plans that read it.
+pub use crate::data::fingerprint_format;

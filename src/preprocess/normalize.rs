@@ -8,7 +8,7 @@
 use ndarray::{Array3, ArrayView3, ArrayViewMut3, Zip};
 use thiserror::Error;
 
-use crate::preprocess::fingerprint_format::IntensityStats;
+use crate::data::fingerprint_format::IntensityStats;
 
 /// Smallest divisor for a standard deviation or range (nnU-Net's eps for float32 targets).
 const EPS: f32 = 1e-8;

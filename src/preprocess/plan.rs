@@ -12,7 +12,7 @@
 use serde_json::{json, Map, Value};
 use thiserror::Error;
 
-use crate::preprocess::fingerprint_format::Fingerprint;
+use crate::data::fingerprint_format::Fingerprint;
 use crate::preprocess::topology::{conv_feature_map_size, pool_and_conv_props, Topology};
 
 /// An axis is anisotropic when its spacing is more than this many times the others' (nnU-Net's

@@ -13,9 +13,8 @@ use ndarray::{Array2, Array3, Array4, ArrayView2, ArrayView3, ArrayView4, ArrayV
 use rayon::prelude::*;
 use thiserror::Error;
 
-/// A case is anisotropic when its largest spacing exceeds its smallest by more than this factor
-/// (nnU-Net's `ANISO_THRESHOLD`).
-pub const ANISO_THRESHOLD: f64 = 3.0;
+// The options are part of a plan (its `resampling_fn_*_kwargs`), so they are defined with it.
+pub use crate::plans::{ResampleOptions, ANISO_THRESHOLD};
 
 /// Highest spline order supported (nnU-Net uses 0, 1 and 3).
 pub const MAX_ORDER: usize = 3;
@@ -35,47 +34,6 @@ pub enum ResampleError {
     EmptyShape { from: Vec<usize>, to: Vec<usize> },
     #[error("spacing {0:?} must be finite and positive")]
     InvalidSpacing([f64; 3]),
-}
-
-/// How `resample_*_to_shape` interpolates; the constructors give nnU-Net's defaults from the plans.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ResampleOptions {
-    /// Spline order in-plane (or in 3D when not resampling z separately).
-    pub order: usize,
-    /// Spline order along the low-resolution axis when resampling it separately.
-    pub order_z: usize,
-    /// `Some(true)`/`Some(false)` forces the decision; `None` decides from the spacings.
-    pub force_separate_z: Option<bool>,
-    /// Spacing ratio above which a case counts as anisotropic.
-    pub anisotropy_threshold: f64,
-}
-
-impl ResampleOptions {
-    /// `resampling_fn_data_kwargs`: order 3, order_z 0.
-    pub fn data() -> Self {
-        Self {
-            order: 3,
-            order_z: 0,
-            force_separate_z: None,
-            anisotropy_threshold: ANISO_THRESHOLD,
-        }
-    }
-
-    /// `resampling_fn_seg_kwargs`: order 1, order_z 0.
-    pub fn seg() -> Self {
-        Self {
-            order: 1,
-            ..Self::data()
-        }
-    }
-
-    /// `resampling_fn_probabilities_kwargs` (logits at export): order 1, order_z 0.
-    pub fn probabilities() -> Self {
-        Self {
-            order: 1,
-            ..Self::data()
-        }
-    }
 }
 
 /// nnU-Net's `compute_new_shape`: `round(old_spacing / new_spacing * old_shape)` per axis.

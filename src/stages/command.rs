@@ -15,7 +15,7 @@ pub const KIND: Kind = Kind {
     version: 1,
     toolchain: &[],
     schema: |generator| generator.subschema_for::<CommandStage>(),
-    build: crate::json_numbers::build_finite::<CommandStage>,
+    build: super::finite::build_finite::<CommandStage>,
 };
 
 /// Runs `cmd` with `sh -c` in the pipeline file's folder.

@@ -31,7 +31,7 @@ pub const KIND: Kind = Kind {
     version: 1,
     toolchain: &[],
     schema: |generator| generator.subschema_for::<EnsembleSelectStage>(),
-    build: crate::json_numbers::build_finite::<EnsembleSelectStage>,
+    build: super::finite::build_finite::<EnsembleSelectStage>,
 };
 
 fn yes() -> bool {

@@ -14,7 +14,7 @@ pub const KIND: Kind = Kind {
     version: 1,
     toolchain: &[],
     schema: |generator| generator.subschema_for::<EvaluateStage>(),
-    build: crate::json_numbers::build_finite::<EvaluateStage>,
+    build: super::finite::build_finite::<EvaluateStage>,
 };
 
 /// Evaluates predictions against references (labels or regions, ignore label, from dataset.json).

@@ -9,13 +9,13 @@ use serde::{Deserialize, Serialize};
 
 use super::{dataset_inputs, thread_pool, Kind, Stage, StageContext, StageError, StageInput};
 use crate::data::dataset::{Dataset, DatasetError};
+use crate::data::fingerprint_format::Fingerprint;
 use crate::data::integrity::{check_case, load_case, Report};
 use crate::file_error::FileError;
 use crate::preprocess::fingerprint::{
     aggregate, case_fingerprint, dataset_fingerprint_with_budget, CaseFingerprint, FingerprintError,
     FOREGROUND_SAMPLES_TOTAL, SAMPLING_SEED,
 };
-use crate::preprocess::fingerprint_format::Fingerprint;
 
 pub const KIND: Kind = Kind {
     name: "fingerprint",
@@ -24,7 +24,7 @@ pub const KIND: Kind = Kind {
     version: 2,
     toolchain: &[],
     schema: |generator| generator.subschema_for::<FingerprintStage>(),
-    build: crate::json_numbers::build_finite::<FingerprintStage>,
+    build: super::finite::build_finite::<FingerprintStage>,
 };
 
 /// Extracts the dataset fingerprint: per case crop to the nonzero region, spacings, shapes after

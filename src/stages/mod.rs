@@ -8,6 +8,7 @@ pub mod command;
 pub mod ensemble_select;
 pub mod evaluate;
 pub mod fingerprint;
+pub mod finite;
 pub mod plan;
 pub mod postprocess;
 pub mod predict;

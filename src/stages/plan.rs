@@ -10,9 +10,9 @@ use serde_json::Value;
 
 use super::{Kind, Stage, StageContext, StageError, StageInput};
 use crate::data::dataset::{Dataset, DatasetError};
+use crate::data::fingerprint_format::Fingerprint;
 use crate::file_error::FileError;
 use crate::plans::{Plans, PlansError};
-use crate::preprocess::fingerprint_format::Fingerprint;
 use crate::preprocess::plan::{check_configuration_name, plan, PlanError, PlanInputs, PlanSettings};
 
 pub const KIND: Kind = Kind {
@@ -20,7 +20,7 @@ pub const KIND: Kind = Kind {
     version: 1,
     toolchain: &[],
     schema: |generator| generator.subschema_for::<PlanStage>(),
-    build: crate::json_numbers::build_finite::<PlanStage>,
+    build: super::finite::build_finite::<PlanStage>,
 };
 
 /// Plans the configurations (2d, 3d_fullres, 3d_lowres, 3d_cascade_fullres) as nnU-Net's default

@@ -21,7 +21,7 @@ pub const KIND: Kind = Kind {
     version: 1,
     toolchain: &[],
     schema: |generator| generator.subschema_for::<PostprocessStage>(),
-    build: crate::json_numbers::build_finite::<PostprocessStage>,
+    build: super::finite::build_finite::<PostprocessStage>,
 };
 
 /// Decides the connected-component postprocessing.

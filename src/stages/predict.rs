@@ -23,7 +23,7 @@ pub const KIND: Kind = Kind {
     version: 1,
     toolchain: super::LIBTORCH,
     schema: |generator| generator.subschema_for::<PredictStage>(),
-    build: crate::json_numbers::build_finite::<PredictStage>,
+    build: super::finite::build_finite::<PredictStage>,
 };
 
 fn half() -> f64 {

@@ -26,7 +26,7 @@ pub const NORMALIZE: Kind = Kind {
     version: 1,
     toolchain: &[],
     schema: |generator| generator.subschema_for::<NormalizeStage>(),
-    build: crate::json_numbers::build_finite::<NormalizeStage>,
+    build: super::finite::build_finite::<NormalizeStage>,
 };
 
 pub const RESAMPLE: Kind = Kind {
@@ -34,7 +34,7 @@ pub const RESAMPLE: Kind = Kind {
     version: 1,
     toolchain: &[],
     schema: |generator| generator.subschema_for::<ResampleStage>(),
-    build: crate::json_numbers::build_finite::<ResampleStage>,
+    build: super::finite::build_finite::<ResampleStage>,
 };
 
 /// Where the cases come from and which planned configuration to prepare.

@@ -1,5 +1,5 @@
 //! nnU-Net's trainer, the parts without libtorch: parameters, splits, patch sampling, batches,
-//! the job format, the run's setup, the progress plot and the resume checkpoints' bookkeeping.
+//! the job format, the run's setup, the progress it reports, the progress plot and the resume checkpoints' bookkeeping.
 //! The libtorch parts (network, loss, optimizer, checkpoints, the training loop) are modules of
 //! the `nnflow-torch` worker binary.
 
@@ -8,6 +8,7 @@ mod error;
 pub mod job;
 pub mod params;
 pub mod previous_stage;
+pub mod progress;
 pub mod progress_plot;
 pub mod resume;
 pub mod sampler;

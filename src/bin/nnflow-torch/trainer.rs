@@ -537,7 +537,7 @@ fn resume(
 /// Tells the `train` stage how far training is (shown next to the stage on the terminal).
 fn report_progress(job: &TrainJob, state: &TrainerState, epochs: usize) {
     let Some(last) = state.logs.last() else { return };
-    let progress = nnflow::stages::train::Progress {
+    let progress = nnflow::train::progress::Progress {
         epoch: state.epochs_done,
         epochs,
         train_loss: last.train_loss,
