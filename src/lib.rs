@@ -1,8 +1,8 @@
 //! nnflow: nnU-Net as a declarative pipeline engine with a content-addressed cache. The layers,
 //! from the bottom up; each uses only the layers below it (README, "How the code is organised").
 //!
-//! - [`atomic_file`], [`file_error`], [`errln!`]: writing files whole; the error naming the file;
-//!   printing that survives a closed pipe.
+//! - [`atomic_file`], [`file_error`], [`json_numbers`], [`errln!`]: writing files whole; the error
+//!   naming the file; NaN in the JSON files stages pass on; printing that survives a closed pipe.
 //! - [`engine`]: pipeline format, DAG, cache keys, cache, local and Slurm execution, and the
 //!   [`engine::stage::Stage`] trait stages plug in through. It knows nothing of images, nnU-Net or
 //!   libtorch (`tests/layers.rs` checks its imports).
@@ -17,8 +17,7 @@
 //!   plans, training jobs, sampling, splits, resume checkpoints and progress plots, prediction
 //!   jobs, sliding-window tiles and export. The libtorch code itself is the `nnflow-torch` worker
 //!   binary (`src/bin/nnflow-torch/`), so the `nnflow` binary never links libtorch.
-//! - [`stages`]: nnU-Net's stage kinds and their registry; [`json_numbers`]: finite parameters and
-//!   NaN in the JSON stages pass on.
+//! - [`stages`]: nnU-Net's stage kinds and their registry.
 //! - [`cli`], [`schema`]: the `nnflow` command line, which hands the engine the registry of stage
 //!   kinds; the JSON schema of pipeline files.
 

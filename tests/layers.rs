@@ -92,6 +92,30 @@ fn module_depth(relative: &Path) -> usize {
 /// Every path in `text` that leaves the engine, with its line (1-based). Plain `//` comments are
 /// skipped; doc comments are not (rustdoc resolves their links).
 fn outside_paths(text: &str, depth: usize) -> Vec<(usize, String)> {
+    paths_out_of_module(text, depth)
+        .into_iter()
+        // a `super::` chain out of the engine is always outside; a crate path may name a base
+        // module the engine is allowed
+        .filter(|path| match &path.module {
+            Some(module) if !path.written.starts_with("super::") => !ALLOWED.contains(&module.as_str()),
+            _ => true,
+        })
+        .map(|path| (path.line, path.written))
+        .collect()
+}
+
+/// A path in the source that leaves the module it is written in.
+struct PathOut {
+    line: usize,
+    /// As written up to the first module: `crate::stages`, `super::super::data`, `tch::`.
+    written: String,
+    /// The crate's top-level module it names; `None` for a forbidden external crate.
+    module: Option<String>,
+}
+
+/// The `crate::`/`nnflow::` paths (each item of a `{...}` group), the `super::` chains at least
+/// `depth` long, and the uses of [`FORBIDDEN_CRATES`] in `text`, with their lines (1-based).
+fn paths_out_of_module(text: &str, depth: usize) -> Vec<PathOut> {
     let code: String = text
         .lines()
         .map(|line| match line.find("//") {
@@ -112,9 +136,11 @@ fn outside_paths(text: &str, depth: usize) -> Vec<(usize, String)> {
         match root {
             "crate" | "nnflow" => {
                 for (offset, name) in first_segments(&after[2..], start + root.len() + 2) {
-                    if !ALLOWED.contains(&name) {
-                        found.push((line_of(offset), format!("{root}::{name}")));
-                    }
+                    found.push(PathOut {
+                        line: line_of(offset),
+                        written: format!("{root}::{name}"),
+                        module: Some(name.to_string()),
+                    });
                 }
             }
             "super" => {
@@ -124,10 +150,18 @@ fn outside_paths(text: &str, depth: usize) -> Vec<(usize, String)> {
                 }
                 if chain >= depth {
                     let name = identifier(&rest[chain * 7..]);
-                    found.push((line_of(start), format!("{}{name}", "super::".repeat(chain))));
+                    found.push(PathOut {
+                        line: line_of(start),
+                        written: format!("{}{name}", "super::".repeat(chain)),
+                        module: Some(name.to_string()),
+                    });
                 }
             }
-            _ if FORBIDDEN_CRATES.contains(&root) => found.push((line_of(start), format!("{root}::"))),
+            _ if FORBIDDEN_CRATES.contains(&root) => found.push(PathOut {
+                line: line_of(start),
+                written: format!("{root}::"),
+                module: None,
+            }),
             _ => {}
         }
     }
@@ -184,4 +218,122 @@ fn identifier(text: &str) -> &str {
         .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
         .unwrap_or(text.len());
     &text[..end]
+}
+
+/// The layers of the README's "How the code is organised", bottom up: what each top-level module
+/// uses directly. A module may use these and, transitively, what they may use; nothing beside or
+/// above it (shared pieces go to the layer below both).
+const MAY_USE: &[(&str, &[&str])] = &[
+    ("errln", &[]),
+    ("file_error", &[]),
+    ("json_numbers", &[]),
+    ("kernels", &[]),
+    ("torch_env", &[]),
+    ("atomic_file", &["file_error"]),
+    ("engine", &["atomic_file", "errln"]),
+    ("data", &["atomic_file", "json_numbers"]),
+    ("plans", &["data"]),
+    ("preprocess", &["plans", "kernels"]),
+    ("augment", &["kernels"]),
+    ("evaluate", &["data", "kernels"]),
+    ("network", &["plans"]),
+    ("inference", &["preprocess", "evaluate", "network", "torch_env"]),
+    (
+        "train",
+        &["preprocess", "augment", "evaluate", "network", "torch_env"],
+    ),
+    // the libtorch worker: the model layers, never the engine or the stages
+    ("bin/nnflow-torch", &["train", "inference"]),
+    ("stages", &["engine", "train", "inference"]),
+    ("schema", &["engine", "stages"]),
+];
+
+/// Everything `module` may use: its entries in [`MAY_USE`] and, transitively, theirs.
+fn may_use(module: &str) -> std::collections::BTreeSet<&'static str> {
+    let mut allowed = std::collections::BTreeSet::new();
+    let mut pending = vec![module];
+    while let Some(name) = pending.pop() {
+        let (_, direct) = MAY_USE.iter().find(|(n, _)| *n == name).expect("in MAY_USE");
+        for &used in *direct {
+            if allowed.insert(used) {
+                pending.push(used);
+            }
+        }
+    }
+    allowed
+}
+
+#[test]
+fn every_module_uses_only_the_layers_below_it() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut problems = Vec::new();
+    let mut checked = std::collections::BTreeSet::new();
+    for file in rust_files(&src) {
+        let relative = file.strip_prefix(&src).unwrap();
+        let module = top_module(relative);
+        if !MAY_USE.iter().any(|(name, _)| *name == module) {
+            continue; // the command line and the crate root may use everything
+        }
+        let allowed = may_use(&module);
+        checked.insert(module.clone());
+        let text = std::fs::read_to_string(&file).unwrap();
+        // in a binary, `crate::` is the binary's own modules; the library is `nnflow::`
+        let binary = module.starts_with("bin/");
+        let depth = module_depth(&Path::new("src").join(relative));
+        for (line, used) in crate_modules_used(&text, depth, binary) {
+            if used != module && !allowed.contains(used.as_str()) {
+                problems.push(format!("src/{}:{line}: {module} uses {used}", relative.display()));
+            }
+        }
+    }
+    let unchecked: Vec<&str> = MAY_USE
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| *name != "errln" && !checked.contains(*name))
+        .collect();
+    assert!(unchecked.is_empty(), "no sources found for {unchecked:?}");
+    assert!(
+        problems.is_empty(),
+        "modules reach past their layer (see MAY_USE and the README's \"How the code is organised\"):\n{}",
+        problems.join("\n")
+    );
+}
+
+/// The scanner sees `crate::`/`nnflow::` paths, their `{...}` groups and `super::` chains that
+/// leave the top module, but not plain comments.
+#[test]
+fn the_module_scanner_finds_crate_paths() {
+    let text = "use crate::{data::nifti, plans::Plans};\n\
+                // crate::stages in a comment is no dependency\n\
+                let p = nnflow::train::job::TrainJob::default();\n\
+                use super::super::engine::key;\n\
+                use super::sibling;\n";
+    let found = crate_modules_used(text, 2, false);
+    let names: Vec<(usize, &str)> = found.iter().map(|(l, n)| (*l, n.as_str())).collect();
+    assert_eq!(names, [(1, "data"), (1, "plans"), (3, "train"), (4, "engine")]);
+}
+
+/// `engine/key.rs` -> `engine`, `bin/nnflow-torch/trainer.rs` -> `bin/nnflow-torch`,
+/// `atomic_file.rs` -> `atomic_file`.
+fn top_module(relative: &Path) -> String {
+    let parts: Vec<String> = relative
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    if parts[0] == "bin" && parts.len() > 2 {
+        return format!("bin/{}", parts[1]);
+    }
+    parts[0].trim_end_matches(".rs").to_string()
+}
+
+/// The top-level modules of the crate that `text` names, with their lines (1-based).
+/// In a binary (`binary`), only the library's paths (`nnflow::`) count.
+fn crate_modules_used(text: &str, depth: usize, binary: bool) -> Vec<(usize, String)> {
+    paths_out_of_module(text, depth)
+        .into_iter()
+        .filter(|path| !binary || path.written.starts_with("nnflow::"))
+        .filter_map(|path| Some((path.line, path.module?)))
+        // `use super::*` in a file's inline `mod tests` is the file's own module
+        .filter(|(_, module)| !module.is_empty())
+        .collect()
 }

@@ -1,7 +1,7 @@
 //! nnU-Net's preprocessing as pure functions on arrays: cropping, the dataset fingerprint,
 //! experiment planning, normalization and resampling. Knows neither the engine nor tch; the
-//! stage kinds in `crate::stages` call these. The one exception is `case_io`, which reads a raw
-//! case and plans.json for the stages and hands the arrays to `case_steps`.
+//! stage kinds call these. The one exception is `case_io`, which reads a raw case and plans.json
+//! for the stages and hands the arrays to `case_steps`.
 
 pub mod case_io;
 pub mod case_steps;

@@ -21,25 +21,27 @@
 //! legends) on its bitmap backend. Text uses plotters' `ab_glyph` font support with a bundled
 //! DejaVu Sans subset (`assets/fonts/`, registered from `include_bytes!`), so nothing depends on
 //! system fonts, fontconfig or freetype. What stays here is what plotters has no stock option
-//! for: matplotlib-like ticks ([`TickedRange`]) and correct glyph placement ([`Canvas`], a
+//! for: matplotlib-like ticks (`ticks.rs`) and correct glyph placement (`text.rs`, a
 //! backend that rasterises the text plotters lays out).
 //!
 //! Missing values: non-finite values (NaN, inf) are skipped. As matplotlib does with NaN, a line is
 //! broken at them; unlike matplotlib, a point with no finite neighbour is drawn as a small dot, so
 //! that a single epoch (or an isolated value) is visible at all.
 
-use std::path::Path;
-use std::sync::OnceLock;
+mod text;
+mod ticks;
 
-use ab_glyph::{point, Font, FontRef, ScaleFont};
+use std::path::Path;
+
 use plotters::chart::SeriesLabelPosition;
-use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint, Ranged};
 use plotters::coord::types::RangedCoordf64;
 use plotters::element::{DashedPathElement, DynElement, MultiLineText};
 use plotters::prelude::*;
-use plotters::style::text_anchor::{HPos, VPos};
-use plotters::style::{register_font, FontStyle};
-use plotters_backend::{BackendColor, BackendCoord, BackendTextStyle, DrawingErrorKind};
+
+use text::{bundled_face, Canvas};
+#[cfg(test)]
+use ticks::nice_ticks;
+use ticks::{autoscale, tick_label, Axis};
 
 use crate::train::TrainError;
 
@@ -169,138 +171,6 @@ fn line_height(points: f64) -> f64 {
     font(points).font.get_size()
 }
 
-// ---------------------------------------------------------------------------------------------
-// Text. plotters lays out every text (tick labels, axis descriptions, legends) with its
-// `ab_glyph` font metrics and asks the backend to draw it; the font is the bundled one,
-// registered from bytes. Only the glyph rasterising is done here (see `Canvas`).
-
-static FONT_BYTES: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans-subset.ttf");
-
-struct Face {
-    font: FontRef<'static>,
-    /// Height of capitals and digits, in font units.
-    cap_height: f32,
-}
-
-/// The bundled font, registered (once per process) as plotters' "sans-serif", so that nothing
-/// plotters draws looks for system fonts.
-fn bundled_face() -> Result<&'static Face, PlotError> {
-    static FACE: OnceLock<Option<Face>> = OnceLock::new();
-    FACE.get_or_init(|| {
-        register_font("sans-serif", FontStyle::Normal, FONT_BYTES).ok()?;
-        let font = FontRef::try_from_slice(FONT_BYTES).ok()?;
-        let h = font.outline(font.glyph_id('H'))?.bounds;
-        Some(Face {
-            cap_height: (h.max.y - h.min.y).abs(),
-            font,
-        })
-    })
-    .as_ref()
-    .ok_or(PlotError::Font)
-}
-
-/// plotters' bitmap backend, except that it rasterises text itself.
-///
-/// plotters 0.3.7's own `ab_glyph` glyph drawing (`style/font/ab_glyph.rs`) drops each glyph's
-/// left side bearing and sub-pixel position, so digits drift by up to 2 px ("140" reads "1 40"),
-/// and puts the baseline half a font size below the anchor box's top, so labels centred on a
-/// tick sit ~4 px above it. A backend may draw text its own way (plotters' SVG and canvas
-/// backends do): this one draws the same glyphs at the positions plotters measured them at, with
-/// capitals centred in the box plotters anchors the text by. Everything else is the bitmap
-/// backend's.
-struct Canvas<'a> {
-    bitmap: BitMapBackend<'a>,
-    face: &'static Face,
-}
-
-type CanvasError = <BitMapBackend<'static> as DrawingBackend>::ErrorType;
-type CanvasResult = Result<(), DrawingErrorKind<CanvasError>>;
-
-impl DrawingBackend for Canvas<'_> {
-    type ErrorType = CanvasError;
-
-    fn get_size(&self) -> (u32, u32) {
-        self.bitmap.get_size()
-    }
-    fn ensure_prepared(&mut self) -> CanvasResult {
-        self.bitmap.ensure_prepared()
-    }
-    fn present(&mut self) -> CanvasResult {
-        self.bitmap.present()
-    }
-    fn draw_pixel(&mut self, point: BackendCoord, color: BackendColor) -> CanvasResult {
-        self.bitmap.draw_pixel(point, color)
-    }
-    fn draw_line<S: plotters_backend::BackendStyle>(
-        &mut self,
-        from: BackendCoord,
-        to: BackendCoord,
-        style: &S,
-    ) -> CanvasResult {
-        self.bitmap.draw_line(from, to, style)
-    }
-    fn draw_rect<S: plotters_backend::BackendStyle>(
-        &mut self,
-        upper_left: BackendCoord,
-        bottom_right: BackendCoord,
-        style: &S,
-        fill: bool,
-    ) -> CanvasResult {
-        self.bitmap.draw_rect(upper_left, bottom_right, style, fill)
-    }
-
-    fn draw_text<S: BackendTextStyle>(&mut self, text: &str, style: &S, pos: BackendCoord) -> CanvasResult {
-        let color = style.color();
-        let font = self.face.font.as_scaled(style.size() as f32);
-        // Glyph origins along the baseline, kerned, as plotters measures the text.
-        let mut caret = 0.0f32;
-        let mut previous = None;
-        let mut glyphs = Vec::with_capacity(text.len());
-        for c in text.chars() {
-            let id = font.glyph_id(c);
-            if let Some(p) = previous {
-                caret += font.kern(p, id);
-            }
-            glyphs.push((id, caret));
-            caret += font.h_advance(id);
-            previous = Some(id);
-        }
-        let anchor = style.anchor();
-        let dx = match anchor.h_pos {
-            HPos::Left => 0.0,
-            HPos::Center => -caret / 2.0,
-            HPos::Right => -caret,
-        };
-        let box_height = (style.size() / 1.24).floor() as f32;
-        let top = match anchor.v_pos {
-            VPos::Top => 0.0,
-            VPos::Center => -box_height / 2.0,
-            VPos::Bottom => -box_height,
-        };
-        let baseline = (top + (box_height + self.face.cap_height * font.v_scale_factor()) / 2.0).round();
-        let transform = style.transform();
-        let mut result = Ok(());
-        for (id, x) in glyphs {
-            let glyph = id.with_scale_and_position(font.scale(), point(dx + x, baseline));
-            let Some(outline) = self.face.font.outline_glyph(glyph) else {
-                continue;
-            };
-            let bounds = outline.px_bounds();
-            outline.draw(|gx, gy, coverage| {
-                let (x, y) =
-                    transform.transform(bounds.min.x as i32 + gx as i32, bounds.min.y as i32 + gy as i32);
-                let alpha = color.alpha * coverage.min(1.0) as f64;
-                if result.is_ok() && alpha > 0.0 {
-                    result = self
-                        .bitmap
-                        .draw_pixel((pos.0 + x, pos.1 + y), BackendColor { alpha, ..color });
-                }
-            });
-        }
-        result
-    }
-}
-
 /// How a series is stroked: colour, width in points, matplotlib `ls` solid or dotted.
 #[derive(Clone, Copy)]
 struct Pen {
@@ -398,135 +268,6 @@ impl Series {
             .label(self.label)
             .legend(move |(x, y)| pen.path(vec![(x, y), (x + length, y)]));
         Ok(())
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Axis ranges and ticks, approximating matplotlib's autoscaling (5 % margins) and MaxNLocator.
-
-/// matplotlib autoscale: data limits widened by 5 % of their span on each side; a degenerate span
-/// is widened around the value first. `None` when there is no finite value.
-fn autoscale(values: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
-    let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
-    for v in values.filter(|v| v.is_finite()) {
-        lo = lo.min(v);
-        hi = hi.max(v);
-    }
-    if lo > hi {
-        return None;
-    }
-    if hi - lo <= f64::EPSILON * hi.abs().max(lo.abs()).max(1e-300) {
-        let half = if lo == 0.0 { 0.05 } else { 0.05 * lo.abs() };
-        lo -= half;
-        hi += half;
-    }
-    let margin = 0.05 * (hi - lo);
-    Some((lo - margin, hi + margin))
-}
-
-/// "Nice" tick positions inside [lo, hi]: steps 1, 2, 2.5, 5 x 10^k, at most `max_bins` intervals
-/// (matplotlib's default locator uses up to 9 bins on large axes). `integer` restricts steps to
-/// whole numbers (epochs). Returns the ticks and the step.
-fn nice_ticks(lo: f64, hi: f64, max_bins: usize, integer: bool) -> (Vec<f64>, f64) {
-    let span = (hi - lo).max(f64::MIN_POSITIVE);
-    let raw = span / max_bins as f64;
-    let mut magnitude = 10f64.powf(raw.log10().floor());
-    let mut step = f64::NAN;
-    'search: for _ in 0..3 {
-        for m in [1.0, 2.0, 2.5, 5.0, 10.0] {
-            let s = m * magnitude;
-            if integer && (s < 1.0 || s.fract() != 0.0) {
-                continue;
-            }
-            if s >= raw * (1.0 - 1e-9) {
-                step = s;
-                break 'search;
-            }
-        }
-        magnitude *= 10.0;
-    }
-    if !step.is_finite() {
-        step = if integer { raw.ceil().max(1.0) } else { raw };
-    }
-    let first = (lo / step - 1e-9).ceil() as i64;
-    let last = (hi / step + 1e-9).floor() as i64;
-    let ticks = (first..=last).map(|i| i as f64 * step).collect();
-    (ticks, step)
-}
-
-/// Tick label with as many decimals as the step needs ("0.010", "0.2", "120").
-fn tick_label(value: f64, step: f64) -> String {
-    let mut decimals = 0usize;
-    while decimals < 12 {
-        let scaled = step * 10f64.powi(decimals as i32);
-        if (scaled - scaled.round()).abs() < 1e-6 * scaled.abs().max(1.0) {
-            break;
-        }
-        decimals += 1;
-    }
-    let v = if value.abs() < step * 1e-6 { 0.0 } else { value };
-    format!("{v:.decimals$}")
-}
-
-struct Axis {
-    lo: f64,
-    hi: f64,
-    ticks: Vec<f64>,
-    step: f64,
-}
-
-impl Axis {
-    fn new((lo, hi): (f64, f64), integer: bool) -> Self {
-        let (ticks, step) = nice_ticks(lo, hi, 9, integer);
-        Axis { lo, hi, ticks, step }
-    }
-    fn labels(&self) -> Vec<String> {
-        self.ticks.iter().map(|&t| tick_label(t, self.step)).collect()
-    }
-    fn coord(&self) -> TickedRange {
-        TickedRange {
-            lo: self.lo,
-            hi: self.hi,
-            ticks: self.ticks.clone(),
-        }
-    }
-}
-
-/// A linear f64 axis whose grid lines and labels sit exactly at the given ticks. plotters' own
-/// f64 axis only steps 1-2-5 (no 2.5, no whole-epoch steps), and its `with_key_points` wrapper
-/// drops the label formatter that `configure_mesh` requires, so the ticks come in through this
-/// small [`Ranged`] implementation (the labels through `*_label_formatter`).
-#[derive(Clone)]
-struct TickedRange {
-    lo: f64,
-    hi: f64,
-    ticks: Vec<f64>,
-}
-
-impl Ranged for TickedRange {
-    type FormatOption = DefaultFormatting;
-    type ValueType = f64;
-
-    fn map(&self, value: &f64, limit: (i32, i32)) -> i32 {
-        let fraction = (value - self.lo) / (self.hi - self.lo);
-        let pixel = limit.0 as f64 + fraction * (limit.1 - limit.0) as f64;
-        if pixel.is_finite() {
-            pixel.round().clamp(-1e6, 1e6) as i32
-        } else {
-            (limit.0 + limit.1) / 2
-        }
-    }
-
-    fn key_points<Hint: KeyPointHint>(&self, hint: Hint) -> Vec<f64> {
-        if hint.weight().allow_light_points() {
-            Vec::new()
-        } else {
-            self.ticks.clone()
-        }
-    }
-
-    fn range(&self) -> std::ops::Range<f64> {
-        self.lo..self.hi
     }
 }
 
