@@ -35,6 +35,13 @@ pub struct PredictJob {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelJob {
     pub configuration: String,
+    /// The model's own plans.json (a model trained by nnU-Net brings its own); the job's when
+    /// absent.
+    #[serde(default)]
+    pub plans: Option<PathBuf>,
+    /// nnflow's `checkpoint_final.safetensors` or nnU-Net's `checkpoint_*.pth`, one per fold. An
+    /// nnU-Net checkpoint also says which axes mirroring may flip
+    /// (`inference_allowed_mirroring_axes`); nnflow mirrors every axis of the patch otherwise.
     pub checkpoints: Vec<PathBuf>,
     /// Part of the prediction (a member of the ensemble), or only the previous stage of a cascade.
     pub member: bool,

@@ -3,8 +3,11 @@
 pub mod cases;
 pub mod export;
 pub mod job;
+pub mod model;
 pub mod sliding_window;
 pub mod writer;
+
+pub use model::{FoldSelection, ModelError, TrainedModel};
 
 use std::path::PathBuf;
 
@@ -76,6 +79,25 @@ pub enum InferenceError {
     Ensemble(#[from] EnsembleError),
     #[error("no model")]
     NoModel,
+    /// Finding the trained model a user named, its folds or checkpoints. (Boxed, as the next,
+    /// to keep this error small.)
+    #[error(transparent)]
+    Model(Box<ModelError>),
+    /// Reading an nnU-Net `.pth` checkpoint.
+    #[error(transparent)]
+    Checkpoint(Box<crate::network::pth::PthError>),
+}
+
+impl From<ModelError> for InferenceError {
+    fn from(error: ModelError) -> Self {
+        InferenceError::Model(Box::new(error))
+    }
+}
+
+impl From<crate::network::pth::PthError> for InferenceError {
+    fn from(error: crate::network::pth::PthError) -> Self {
+        InferenceError::Checkpoint(Box::new(error))
+    }
 }
 
 impl InferenceError {

@@ -1,8 +1,11 @@
 //! nnU-Net's network as a plan describes it ([`architecture`], plain data) and its state-dict
 //! names ([`state_dict`]). The libtorch PlainConvUNet built from it lives in the `nnflow-torch`
-//! worker (`src/bin/nnflow-torch/unet.rs`), so the engine binary never links libtorch.
+//! worker (`src/bin/nnflow-torch/unet.rs`), so the engine binary never links libtorch. [`pth`]
+//! reads the weights of a network nnU-Net trained from its `.pth` checkpoint, without torch.
 
 pub mod architecture;
+pub mod pth;
 pub mod state_dict;
 
 pub use architecture::Architecture;
+pub use pth::{read_checkpoint, NamedWeights, NnunetCheckpoint, PthError};

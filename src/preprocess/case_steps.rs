@@ -18,6 +18,7 @@ use crate::data::geometry::Header;
 use crate::plans::{Plans, ResolvedConfiguration};
 
 /// What the steps need from plans.json.
+#[derive(Clone)]
 pub struct PlanView {
     pub transpose_forward: [usize; 3],
     pub intensity_properties: Vec<Option<IntensityStats>>,

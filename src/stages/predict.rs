@@ -2,6 +2,7 @@
 //! configuration averaged), exported to each input's geometry, postprocessed, written as NIfTI to
 //! the folder the pipeline names. Runs in the `nnflow-torch` worker.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use schemars::JsonSchema;
@@ -10,11 +11,14 @@ use serde::{Deserialize, Serialize};
 use super::ensemble_select::Decision;
 use super::process::run_logged;
 use super::{to_json, Kind, Stage, StageContext, StageError, StageInput};
-use crate::data::dataset::Dataset;
+use crate::data::dataset::{Dataset, DatasetError};
 use crate::file_error::FileError;
 use crate::inference::cases::image_cases;
 use crate::inference::job::{ModelJob, PredictJob};
-use crate::plans::Plans;
+use crate::inference::model::{
+    extract_zip, FoldSelection, ModelError, ModelSource, TrainedModel, DEFAULT_CHECKPOINT,
+};
+use crate::plans::{Plans, PlansError};
 use crate::torch_env::DeviceChoice;
 use crate::train::job::FoldInfo;
 
@@ -43,15 +47,30 @@ pub struct PredictStage {
     /// Where the predictions go (`<case><file ending>`), relative to the pipeline file.
     #[serde(skip_serializing)]
     pub output: String,
-    /// The dataset folder (dataset.json).
-    #[serde(skip_serializing)]
-    pub dataset: String,
-    /// The plan stage's outputs: `${plan.outputs}`.
-    #[serde(skip_serializing)]
-    pub plan: String,
+    /// The dataset folder (dataset.json). Not needed with `models`, which bring their own.
+    #[serde(default, skip_serializing)]
+    pub dataset: Option<String>,
+    /// The plan stage's outputs: `${plan.outputs}`. Not needed with `models`.
+    #[serde(default, skip_serializing)]
+    pub plan: Option<String>,
     /// Every training's outputs: `${train[*].outputs}`.
-    #[serde(skip_serializing)]
+    #[serde(default, skip_serializing)]
     pub trainings: Vec<String>,
+    /// Models trained by nnU-Net v2, as its users have them: a results folder
+    /// (`<trainer>__<plans>__<configuration>` holding `plans.json`, `dataset.json` and
+    /// `fold_N/`), a folder above such folders, or a zip made by `nnUNetv2_export_model_to_zip`.
+    /// Several models are predicted as an ensemble (probabilities averaged). Their files are
+    /// inputs of the stage; instead of `trainings`, `plan`, `dataset` and `configuration`.
+    #[serde(default, skip_serializing)]
+    pub models: Vec<String>,
+    /// With `models`: the folds to predict with (`["0", "1"]`, `["all"]`); every numbered fold
+    /// that has the checkpoint when absent (nnU-Net's `-f` default).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub folds: Vec<String>,
+    /// With `models`: each fold's checkpoint file (nnU-Net's `-chk`); `checkpoint_final.pth` when
+    /// absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
     /// The `ensemble-select` stage's outputs (`${select.outputs}`); without it, `configuration`.
     #[serde(default, skip_serializing)]
     pub selection: Option<String>,
@@ -93,6 +112,27 @@ pub enum PredictStageError {
         if *member { "" } else { " (the previous stage of a cascade to predict with)" }
     )]
     NoTraining { configuration: String, member: bool },
+    #[error("`models` names no model")]
+    NoModels,
+    #[error("give `dataset` and `plan` (or `models`, which bring their own)")]
+    NoPlan,
+    #[error("`models` replaces `trainings`, `selection` and `configuration`: give one or the other")]
+    ModelsAndTrainings,
+    #[error("{model} is not an nnU-Net model (nnflow's trainings go in `trainings`)")]
+    NotNnunet { model: PathBuf },
+    #[error(
+        "{model} is a cascade's second stage ({configuration}); predicting it from the previous \
+         stage's predictions is not supported yet"
+    )]
+    Cascade { model: PathBuf, configuration: String },
+    #[error("the models to ensemble have different labels: {first} and {other}")]
+    DifferentLabels { first: PathBuf, other: PathBuf },
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Plans(#[from] PlansError),
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
     #[error(transparent)]
     File(#[from] FileError),
 }
@@ -106,6 +146,100 @@ pub enum Configurations {
 }
 
 impl PredictStage {
+    /// The job's dataset folder, plans.json and models: from `models`, or from `dataset`, `plan`
+    /// and the trainings of the chosen configurations.
+    fn models(&self, ctx: &StageContext) -> Result<(PathBuf, PathBuf, Vec<ModelJob>), StageError> {
+        let root = ctx.root;
+        if !self.models.is_empty() {
+            if !self.trainings.is_empty() || self.selection.is_some() || self.configuration.is_some() {
+                return Err(PredictStageError::ModelsAndTrainings.into());
+            }
+            return Ok(self.nnunet_models(ctx)?);
+        }
+        let (Some(dataset), Some(plan)) = (&self.dataset, &self.plan) else {
+            return Err(PredictStageError::NoPlan.into());
+        };
+        let configurations = match (&self.configuration, &self.selection) {
+            (Some(Configurations::One(configuration)), _) => vec![configuration.clone()],
+            (Some(Configurations::Ensemble(configurations)), _) if !configurations.is_empty() => {
+                configurations.clone()
+            }
+            (Some(Configurations::Ensemble(_)), _) => return Err(PredictStageError::NoConfigurations.into()),
+            (None, Some(selection)) => {
+                let decision: Decision =
+                    crate::atomic_file::read_json(&root.join(selection).join("decision.json"))?;
+                decision.best.configurations
+            }
+            (None, None) => return Err(PredictStageError::NoModelChoice.into()),
+        };
+        let plans_file = root.join(plan).join("plans.json");
+        let plans = Plans::read(&plans_file)?;
+        let mut models: Vec<ModelJob> = Vec::new();
+        for configuration in configurations {
+            // a cascade needs its previous stage's prediction first
+            let resolved = plans.configuration(&configuration)?;
+            if let Some(previous) = resolved.previous_stage_name() {
+                if !models.iter().any(|m| m.configuration == previous) {
+                    models.push(self.model(root, previous, false)?);
+                }
+            }
+            match models.iter_mut().find(|m| m.configuration == configuration) {
+                Some(model) => model.member = true,
+                None => models.push(self.model(root, &configuration, true)?),
+            }
+        }
+        Ok((root.join(dataset), plans_file, models))
+    }
+
+    /// `models`: every model each entry holds, its selected folds' checkpoints and its own plan.
+    /// The first model's dataset.json describes the images and labels; the others must agree.
+    fn nnunet_models(
+        &self,
+        ctx: &StageContext,
+    ) -> Result<(PathBuf, PathBuf, Vec<ModelJob>), PredictStageError> {
+        let folds = FoldSelection::parse(&self.folds)?;
+        let checkpoint = self.checkpoint.as_deref().unwrap_or(DEFAULT_CHECKPOINT);
+        let mut first: Option<(PathBuf, PathBuf, Dataset)> = None;
+        let mut jobs = Vec::new();
+        for model in open_models(ctx, &self.models)? {
+            let ModelSource::Nnunet { plans, dataset, .. } = &model.source else {
+                return Err(PredictStageError::NotNnunet { model: model.dir });
+            };
+            let configuration = Plans::read(plans)?.configuration(&model.configuration)?;
+            if configuration.previous_stage_name().is_some() {
+                return Err(PredictStageError::Cascade {
+                    model: model.dir.clone(),
+                    configuration: model.configuration.clone(),
+                });
+            }
+            let labels = Dataset::open(&model.dir)?;
+            match &first {
+                None => first = Some((model.dir.clone(), plans.clone(), labels)),
+                Some((first_dir, _, first_labels)) if first_labels.labels != labels.labels => {
+                    return Err(PredictStageError::DifferentLabels {
+                        first: first_dir.join("dataset.json"),
+                        other: dataset.clone(),
+                    })
+                }
+                Some(_) => {}
+            }
+            jobs.push(ModelJob {
+                configuration: model.configuration.clone(),
+                plans: Some(plans.clone()),
+                checkpoints: model
+                    .select(&folds, checkpoint)?
+                    .into_iter()
+                    .map(|c| c.path)
+                    .collect(),
+                member: true,
+            });
+        }
+        let Some((dataset_dir, plans, _)) = first else {
+            return Err(PredictStageError::NoModels);
+        };
+        Ok((dataset_dir, plans, jobs))
+    }
+
     /// The trained folds of a configuration among `trainings`.
     fn model(
         &self,
@@ -132,6 +266,7 @@ impl PredictStage {
         }
         Ok(ModelJob {
             configuration: configuration.to_string(),
+            plans: None,
             checkpoints,
             member,
         })
@@ -140,20 +275,28 @@ impl PredictStage {
 
 impl Stage for PredictStage {
     fn inputs(&self) -> Vec<StageInput> {
-        vec![
-            StageInput {
-                name: "images".into(),
-                path: self.images.clone(),
-            },
-            StageInput {
+        let mut inputs = vec![StageInput {
+            name: "images".into(),
+            path: self.images.clone(),
+        }];
+        if let Some(dataset) = &self.dataset {
+            inputs.push(StageInput {
                 name: "dataset/dataset.json".into(),
-                path: format!("{}/dataset.json", self.dataset),
-            },
-            StageInput {
+                path: format!("{dataset}/dataset.json"),
+            });
+        }
+        if let Some(plan) = &self.plan {
+            inputs.push(StageInput {
                 name: "plan".into(),
-                path: format!("{}/plans.json", self.plan),
-            },
-        ]
+                path: format!("{plan}/plans.json"),
+            });
+        }
+        // a model is read whole (its plans, dataset.json and checkpoints): all of it is keyed
+        inputs.extend(self.models.iter().enumerate().map(|(i, model)| StageInput {
+            name: format!("models/{i}"),
+            path: model.clone(),
+        }));
+        inputs
     }
 
     fn project_outputs(&self) -> Vec<String> {
@@ -169,35 +312,8 @@ impl Stage for PredictStage {
             return Err(PredictStageError::StepSize(self.step_size).into());
         }
         let root = ctx.root;
-        let dataset = Dataset::open(&root.join(&self.dataset))?;
-        let configurations = match (&self.configuration, &self.selection) {
-            (Some(Configurations::One(configuration)), _) => vec![configuration.clone()],
-            (Some(Configurations::Ensemble(configurations)), _) if !configurations.is_empty() => {
-                configurations.clone()
-            }
-            (Some(Configurations::Ensemble(_)), _) => return Err(PredictStageError::NoConfigurations.into()),
-            (None, Some(selection)) => {
-                let decision: Decision =
-                    crate::atomic_file::read_json(&root.join(selection).join("decision.json"))?;
-                decision.best.configurations
-            }
-            (None, None) => return Err(PredictStageError::NoModelChoice.into()),
-        };
-        let plans = Plans::read(&root.join(&self.plan).join("plans.json"))?;
-        let mut models: Vec<ModelJob> = Vec::new();
-        for configuration in configurations {
-            // a cascade needs its previous stage's prediction first
-            let resolved = plans.configuration(&configuration)?;
-            if let Some(previous) = resolved.previous_stage_name() {
-                if !models.iter().any(|m| m.configuration == previous) {
-                    models.push(self.model(root, previous, false)?);
-                }
-            }
-            match models.iter_mut().find(|m| m.configuration == configuration) {
-                Some(model) => model.member = true,
-                None => models.push(self.model(root, &configuration, true)?),
-            }
-        }
+        let (dataset_dir, plans, models) = self.models(ctx)?;
+        let dataset = Dataset::open(&dataset_dir)?;
         let cases = image_cases(
             &root.join(&self.images),
             dataset.channels.len(),
@@ -205,8 +321,8 @@ impl Stage for PredictStage {
         )?;
         let job = PredictJob {
             cases: cases.into_iter().map(|c| (c.id, c.images)).collect(),
-            dataset: root.join(&self.dataset),
-            plans: root.join(&self.plan).join("plans.json"),
+            dataset: dataset_dir,
+            plans,
             models,
             postprocessing: self
                 .postprocessing
@@ -226,5 +342,48 @@ impl Stage for PredictStage {
         let mut command = Command::new(crate::torch_env::worker_path());
         command.arg("predict").arg(&job_file).current_dir(root);
         Ok(run_logged(command, ctx, "prediction")?)
+    }
+}
+
+/// Opens every model the entries of `models` hold. A zip is extracted once into the instance's
+/// resume folder (kept between runs, never cached), under the digest of its contents; folders of
+/// zips no longer named are removed.
+fn open_models(ctx: &StageContext, models: &[String]) -> Result<Vec<TrainedModel>, PredictStageError> {
+    let extracted = ctx.resume_dir.join("models");
+    let mut in_use = Vec::new();
+    let mut opened = Vec::new();
+    for model in models {
+        let path = ctx.root.join(model);
+        if !(path.is_file() && path.extension().is_some_and(|e| e == "zip")) {
+            opened.extend(TrainedModel::open_all(&path)?);
+            continue;
+        }
+        let mut hasher = blake3::Hasher::new();
+        hasher.update_mmap_rayon(&path).map_err(FileError::io(&path))?;
+        let folder = extracted.join(&hasher.finalize().to_hex()[..32]);
+        if !folder.exists() {
+            // extracted beside it first: a killed extraction never looks complete
+            let partial = folder.with_extension("partial");
+            remove_folder(&partial)?;
+            extract_zip(&path, &partial)?;
+            std::fs::rename(&partial, &folder).map_err(FileError::io(&folder))?;
+        }
+        opened.extend(TrainedModel::open_all(&folder)?);
+        in_use.push(folder);
+    }
+    if let Ok(entries) = std::fs::read_dir(&extracted) {
+        for entry in entries.flatten() {
+            if !in_use.contains(&entry.path()) {
+                remove_folder(&entry.path())?;
+            }
+        }
+    }
+    Ok(opened)
+}
+
+fn remove_folder(path: &Path) -> Result<(), FileError> {
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(FileError::io(path)(e)),
+        _ => Ok(()),
     }
 }

@@ -11,6 +11,7 @@ use tch::{nn::VarStore, Device, Tensor};
 
 use nnflow::atomic_file;
 use nnflow::file_error::FileError;
+use nnflow::network::pth::{read_checkpoint, PthError};
 pub use nnflow::train::resume::paths;
 use nnflow::train::resume::{self, Slot};
 use nnflow::train::TrainError;
@@ -34,6 +35,9 @@ pub enum CheckpointError {
     },
     #[error("{}: no tensor {name}", .file.display())]
     MissingTensor { file: PathBuf, name: String },
+    /// An nnU-Net checkpoint that cannot be read.
+    #[error(transparent)]
+    Pth(#[from] PthError),
     #[error("{}: {name} has shape {stored:?}, the network's is {expected:?}", .file.display())]
     TensorShape {
         file: PathBuf,
@@ -146,6 +150,60 @@ pub fn save_latest(
 /// before loading anything).
 pub fn read_state(slot: &Slot) -> Result<TrainerState, FileError> {
     atomic_file::read_json(&slot.files.state)
+}
+
+/// Loads trained weights into `vs` for prediction: nnflow's `checkpoint_final.safetensors` or
+/// nnU-Net's `.pth` (read without torch, `nnflow::network::pth`). Every variable of the network
+/// must be in the file with its shape; other names in the file (nnU-Net's aliases of the same
+/// tensors) are ignored. Nothing is copied unless everything fits. Returns the axes an nnU-Net
+/// checkpoint allows mirroring on (`inference_allowed_mirroring_axes`; nnflow's say none).
+pub fn load_weights(path: &Path, vs: &mut VarStore) -> Result<Option<Vec<usize>>, CheckpointError> {
+    let (stored, mirror_axes): (BTreeMap<String, Tensor>, _) = if path.extension().is_some_and(|e| e == "pth")
+    {
+        let checkpoint = read_checkpoint(path)?;
+        let weights = checkpoint
+            .weights
+            .into_iter()
+            .map(|w| {
+                let shape: Vec<i64> = w.shape.iter().map(|&d| d as i64).collect();
+                (w.name, Tensor::from_slice(&w.values).reshape(&shape))
+            })
+            .collect();
+        (weights, Some(checkpoint.mirror_axes))
+    } else {
+        let weights = Tensor::read_safetensors(path)
+            .map_err(tensors(path))?
+            .into_iter()
+            .collect();
+        (weights, None)
+    };
+    let variables = sorted_variables(vs);
+    for (name, variable) in &variables {
+        match stored.get(name) {
+            None => {
+                return Err(CheckpointError::MissingTensor {
+                    file: path.to_path_buf(),
+                    name: name.clone(),
+                })
+            }
+            Some(t) if t.size() != variable.size() => {
+                return Err(CheckpointError::TensorShape {
+                    file: path.to_path_buf(),
+                    name: name.clone(),
+                    stored: t.size(),
+                    expected: variable.size(),
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    tch::no_grad(|| {
+        for (name, variable) in &variables {
+            // a shallow clone: copying into it writes the VarStore's variable
+            variable.shallow_clone().copy_(&stored[name]);
+        }
+    });
+    Ok(mirror_axes)
 }
 
 /// Loads a resume checkpoint's weights into `vs` and momentum into `sgd`, all or nothing: both

@@ -5,7 +5,6 @@
 //! NIfTI with exactly the input's geometry. Reading and preprocessing the next case runs on its own
 //! thread while the network works on the current one.
 
-use std::path::PathBuf;
 use std::sync::mpsc::sync_channel;
 
 use ndarray::{Array4, ArrayView4};
@@ -14,7 +13,7 @@ use nnflow::data::dataset::{Case, Dataset, DatasetError};
 use nnflow::evaluate::postprocess::Postprocessing;
 use nnflow::file_error::FileError;
 use nnflow::inference::export::{export_case, RegionInfo};
-use nnflow::inference::job::PredictJob;
+use nnflow::inference::job::{ModelJob, PredictJob};
 use nnflow::inference::sliding_window::SlidingWindow;
 use nnflow::inference::writer::{Predicted, Writer};
 use nnflow::inference::InferenceError;
@@ -28,6 +27,7 @@ use nnflow::train::previous_stage::with_previous_stage;
 use nnflow::train::setup::as_3d;
 use tch::nn::VarStore;
 
+use crate::checkpoint::{load_weights, CheckpointError};
 use crate::predictor::{Predictor, PredictorError};
 use crate::trainer::{build_network, select_device, NoCudaDevice};
 use crate::unet::PlainConvUNet;
@@ -53,8 +53,8 @@ pub enum PredictError {
     /// The network the plan describes cannot be built.
     #[error(transparent)]
     Architecture(#[from] ArchitectureError),
-    #[error("{}: {source}", path.display())]
-    Checkpoint { path: PathBuf, source: tch::TchError },
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
     #[error("{configuration} needs its previous stage {previous} first")]
     PreviousStageOrder { configuration: String, previous: String },
     #[error("a configuration without folds")]
@@ -84,6 +84,8 @@ impl PredictError {
 /// One configuration: its plan and the networks of its folds.
 struct Model {
     plan: PlanView,
+    /// The spatial axes test-time mirroring flips (none without mirroring).
+    mirror_axes: Vec<usize>,
     nets: Vec<(VarStore, PlainConvUNet)>,
     /// Part of the output, or only the previous stage of a cascade.
     member: bool,
@@ -98,7 +100,13 @@ pub fn predict(job: &PredictJob) -> Result<(), PredictError> {
     let amp = job.amp && device.is_cuda();
     let dataset = Dataset::open(&job.dataset)?;
     let regions = RegionInfo::from_dataset(&dataset)?;
-    let plans = Plans::read(&job.plans)?;
+    let job_plans = Plans::read(&job.plans)?;
+    let plans_of = |model: &ModelJob| -> Result<Plans, PredictError> {
+        match &model.plans {
+            Some(path) => Ok(Plans::read(path)?),
+            None => Ok(job_plans.clone()),
+        }
+    };
     let rules = match &job.postprocessing {
         Some(path) => nnflow::atomic_file::read_json::<Postprocessing>(path)?.rules,
         None => Vec::new(),
@@ -106,7 +114,7 @@ pub fn predict(job: &PredictJob) -> Result<(), PredictError> {
     let num_classes = dataset.num_segmentation_heads();
     let mut models = Vec::new();
     for model in &job.models {
-        let plan = PlanView::new(&plans, &model.configuration)?;
+        let plan = PlanView::new(&plans_of(model)?, &model.configuration)?;
         let previous = match plan.configuration.previous_stage_name() {
             Some(name) => {
                 let index = models
@@ -128,15 +136,22 @@ pub fn predict(job: &PredictJob) -> Result<(), PredictError> {
             false,
         )?;
         let mut nets = Vec::new();
+        let mut allowed_axes = None;
         for checkpoint in &model.checkpoints {
             let (mut vs, net) = build_network(&arch, device, 0);
-            vs.load(checkpoint).map_err(|source| PredictError::Checkpoint {
-                path: checkpoint.clone(),
-                source,
-            })?;
+            let allowed = load_weights(checkpoint, &mut vs)?;
+            // as nnU-Net's predictor, the first fold's checkpoint says
+            allowed_axes = allowed_axes.or(allowed);
             nets.push((vs, net));
         }
+        let dimensions = plan.configuration.patch_size()?.len();
+        let mirror_axes = match (job.mirroring, allowed_axes) {
+            (false, _) => Vec::new(),
+            (true, Some(allowed)) => allowed,
+            (true, None) => (0..dimensions).collect(),
+        };
         models.push(Model {
+            mirror_axes,
             plan,
             nets,
             member: model.member,
@@ -148,11 +163,7 @@ pub fn predict(job: &PredictJob) -> Result<(), PredictError> {
     // cases are read and preprocessed (for every configuration) one ahead of the network
     let (sender, receiver) = sync_channel::<Result<(String, Vec<StoredCase>), PredictError>>(1);
     let cases = job.cases.clone();
-    let plans_for_reader: Vec<PlanView> = job
-        .models
-        .iter()
-        .map(|m| PlanView::new(&plans, &m.configuration))
-        .collect::<Result<_, _>>()?;
+    let plans_for_reader: Vec<PlanView> = models.iter().map(|m| m.plan.clone()).collect();
     std::thread::spawn(move || {
         for (id, images) in cases {
             let case = Case {
@@ -283,11 +294,7 @@ fn fold_average(
                 step_size: job.step_size,
                 ..SlidingWindow::new(as_3d(patch))
             },
-            mirror_axes: if job.mirroring {
-                (0..patch.len()).collect()
-            } else {
-                Vec::new()
-            },
+            mirror_axes: model.mirror_axes.clone(),
             amp,
         };
         let logits = predictor.predict_logits(data)?;

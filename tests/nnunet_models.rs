@@ -1,0 +1,154 @@
+//! nnU-Net's own models, as its users have them: the zip `nnUNetv2_export_model_to_zip` wrote and
+//! the results folder inside it (tests/fixtures/predict/generate.py trained the model with nnU-Net
+//! 2.8.1 and predicted two raw test images with it). The `predict` stage with `models = [...]`
+//! must give at least 99.9% of voxels equal to nnU-Net's predictions, with and without mirroring,
+//! on the input's geometry, and compute nothing the second time.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::Project;
+use nnflow::data::nifti;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/predict")
+        .join(name)
+}
+
+const CASES: [&str; 2] = ["TinyTest_000", "TinyTest_001"];
+
+/// The results folder inside the zip, relative to where it is extracted.
+const RESULTS_FOLDER: &str = "Dataset990_Tiny/nnUNetTrainerTinyCPU__nnUNetPlans__3d_fullres";
+
+/// A project holding the test images and nnU-Net's model, predicting with `models = [model]`.
+fn project(model: &str, extra: &str) -> Project {
+    let project = Project::new();
+    let images = project.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    for case in CASES {
+        let name = format!("{case}_0000.nii.gz");
+        std::fs::copy(fixture(&name), images.join(&name)).unwrap();
+    }
+    let models = project.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    std::fs::copy(fixture("model.zip"), models.join("model.zip")).unwrap();
+    nnflow::inference::model::extract_zip(&fixture("model.zip"), &models.join("results")).unwrap();
+    project.write(
+        "p.toml",
+        &format!(
+            r#"[stages.predict]
+kind = "predict"
+images = "images"
+output = "predictions"
+models = ["{model}"]
+device = "cpu"
+{extra}
+"#
+        ),
+    );
+    project
+}
+
+/// The share of voxels equal to nnU-Net's prediction; the input's geometry is checked on the way.
+fn agreement(ours: &Path, case: &str, suffix: &str) -> f64 {
+    let (a, header) = nifti::read_integer_labels(ours).unwrap();
+    let (b, _) = nifti::read_integer_labels(fixture(&format!("{case}_pred_{suffix}.nii.gz"))).unwrap();
+    assert_eq!(a.shape(), b.shape(), "{}", ours.display());
+    let input = nifti::read_header(fixture(&format!("{case}_0000.nii.gz"))).unwrap();
+    assert_eq!(
+        header.affine(),
+        input.affine(),
+        "{}: geometry differs from the input's",
+        ours.display()
+    );
+    let same = a.iter().zip(b.iter()).filter(|(x, y)| x == y).count();
+    same as f64 / a.len() as f64
+}
+
+/// What the run said about a failed stage: its error in the `--json` report, and stderr.
+fn failure(result: &common::RunResult) -> String {
+    format!("{}\n{}", result.json, result.stderr)
+}
+
+fn assert_predicts_like_nnunet(project: &Project, suffix: &str) {
+    for case in CASES {
+        let ours = project.path().join(format!("predictions/{case}.nii.gz"));
+        let share = agreement(&ours, case, suffix);
+        eprintln!(
+            "{case} ({suffix}): {:.4}% of voxels agree with nnU-Net",
+            share * 100.0
+        );
+        assert!(
+            share >= 0.999,
+            "{case} ({suffix}): {:.4}% of voxels agree",
+            share * 100.0
+        );
+    }
+}
+
+#[test]
+fn the_exported_zip_predicts_like_nnunet_and_a_second_run_computes_nothing() {
+    for (mirroring, suffix) in [(true, "mirror"), (false, "nomirror")] {
+        let project = project("models/model.zip", &format!("mirroring = {mirroring}"));
+        let first = project.run(&["p.toml"]);
+        assert_eq!(first.code, 0, "{}\n{}", first.stderr, first.json);
+        assert_predicts_like_nnunet(&project, suffix);
+        if mirroring {
+            let second = project.run(&["p.toml"]);
+            assert_eq!(second.code, 0, "{}", second.stderr);
+            assert_eq!(second.outcome("predict"), "cached", "{}", second.json);
+            // another checkpoint choice is another result
+            let other = project.run(&["p.toml", "--set", "predict.folds=[\"0\"]"]);
+            assert_eq!(
+                other.outcome("predict"),
+                "ran",
+                "{}\n{}",
+                other.stderr,
+                other.json
+            );
+        }
+    }
+}
+
+#[test]
+fn a_results_folder_predicts_like_nnunet() {
+    let project = project(&format!("models/results/{RESULTS_FOLDER}"), "");
+    let result = project.run(&["p.toml"]);
+    assert_eq!(result.code, 0, "{}\n{}", result.stderr, result.json);
+    assert_predicts_like_nnunet(&project, "mirror");
+}
+
+#[test]
+fn a_fold_or_checkpoint_the_model_lacks_is_named() {
+    let project = project("models/model.zip", "folds = [\"0\", \"3\"]");
+    let result = project.run(&["p.toml"]);
+    assert_ne!(result.code, 0);
+    assert!(failure(&result).contains("fold 3"), "{}", failure(&result));
+    assert!(!project.path().join("predictions").exists());
+
+    let project = self::project(
+        &format!("models/results/{RESULTS_FOLDER}"),
+        "checkpoint = \"checkpoint_best.pth\"",
+    );
+    let result = project.run(&["p.toml"]);
+    assert_ne!(result.code, 0);
+    assert!(
+        failure(&result).contains("checkpoint_best.pth"),
+        "{}",
+        failure(&result)
+    );
+}
+
+#[test]
+fn models_and_trainings_are_not_mixed() {
+    let project = project("models/model.zip", "trainings = [\"models/results\"]");
+    let result = project.run(&["p.toml"]);
+    assert_ne!(result.code, 0);
+    assert!(
+        failure(&result).contains("`models` replaces `trainings`"),
+        "{}",
+        failure(&result)
+    );
+}
