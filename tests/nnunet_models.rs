@@ -152,3 +152,66 @@ fn models_and_trainings_are_not_mixed() {
         failure(&result)
     );
 }
+
+/// `nnflow predict` as nnUNetv2_predict is called: the zip, no TTA; the same call again is cached.
+#[test]
+fn the_predict_command_runs_a_model_like_nnunetv2_predict() {
+    let project = project("models/model.zip", "");
+    let args = [
+        "predict",
+        "-i",
+        "images",
+        "-o",
+        "out",
+        "-m",
+        "models/model.zip",
+        "-f",
+        "0",
+        "--disable-tta",
+        "--device",
+        "cpu",
+        "--json",
+    ];
+    let first = project.nnflow(&args);
+    assert!(first.status.success(), "{}", common::stderr(&first));
+    for case in CASES {
+        let share = agreement(
+            &project.path().join(format!("out/{case}.nii.gz")),
+            case,
+            "nomirror",
+        );
+        assert!(share >= 0.999, "{case}: {:.4}% of voxels agree", share * 100.0);
+    }
+    let second = project.nnflow(&args);
+    let report: serde_json::Value = serde_json::from_str(&common::stdout(&second)).unwrap();
+    assert_eq!(report["stages"][0]["outcome"], "cached", "{report}");
+    // the file it wrote says what ran, and `nnflow run` repeats it
+    let pipeline = project.read("nnflow-predict.toml");
+    assert!(pipeline.contains("mirroring = false"), "{pipeline}");
+    let rerun = project.run(&["nnflow-predict.toml"]);
+    assert_eq!(rerun.outcome("predict"), "cached", "{}", rerun.json);
+}
+
+#[test]
+fn the_predict_command_writes_only_inside_its_folder_and_only_its_own_file() {
+    let project = project("models/model.zip", "");
+    let outside = project.nnflow(&[
+        "predict",
+        "-i",
+        "images",
+        "-o",
+        "../elsewhere",
+        "-m",
+        "models/model.zip",
+    ]);
+    assert_eq!(outside.status.code(), Some(2));
+    assert!(common::stderr(&outside).contains("only inside the folder it runs in"));
+    assert!(!project.path().join("nnflow-predict.toml").exists());
+
+    project.write("nnflow-predict.toml", "# my notes\n");
+    let foreign = project.nnflow(&["predict", "-i", "images", "-o", "out", "-m", "models/model.zip"]);
+    assert_eq!(foreign.status.code(), Some(2));
+    assert!(common::stderr(&foreign).contains("was not written by `nnflow predict`"));
+    assert_eq!(project.read("nnflow-predict.toml"), "# my notes\n");
+    assert!(!project.path().join("out").exists());
+}

@@ -43,6 +43,7 @@ pub fn dispatch(command: Command) -> i32 {
             };
             run(&pipeline, options, gpus_given, json, executor, detach)
         }
+        Command::Predict(args) => super::predict_command::predict(args),
         Command::Cancel { pipeline } => cancel_slurm_run(&pipeline),
         Command::SlurmJob {
             pipeline,
@@ -128,6 +129,21 @@ fn cancellation() -> Arc<AtomicBool> {
         let _ = signal_hook::flag::register(signal, Arc::clone(&flag));
     }
     flag
+}
+
+/// Runs a whole pipeline locally with the default options (the commands that write a pipeline and
+/// run it).
+pub(super) fn run_pipeline(args: &PipelineArgs, json: bool) -> i32 {
+    let options = RunOptions {
+        targets: Vec::new(),
+        force: Vec::new(),
+        keep_going: false,
+        jobs: cores(),
+        threads: cores(),
+        gpus: Vec::new(),
+        quiet: json,
+    };
+    run(args, options, false, json, Some(ExecutorKind::Local), false)
 }
 
 fn run(

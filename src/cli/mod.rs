@@ -4,6 +4,7 @@
 mod commands;
 mod data_commands;
 mod output;
+mod predict_command;
 
 use std::path::PathBuf;
 
@@ -71,6 +72,9 @@ pub enum Command {
         #[arg(long)]
         detach: bool,
     },
+    /// Predict a folder of images with nnU-Net models, as `nnUNetv2_predict` does (cached: the
+    /// same call again computes nothing). Writes and runs `nnflow-predict.toml` in this folder.
+    Predict(predict_command::PredictArgs),
     /// Cancel the Slurm jobs of the pipeline's latest Slurm run.
     Cancel {
         #[command(flatten)]
