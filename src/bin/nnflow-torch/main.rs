@@ -14,12 +14,15 @@ use nnflow::torch_env::{Doctor, LIBTORCH_VERSION};
 // The libtorch code lives in this binary, not in the library, so the engine binary never links
 // libtorch (the linker keeps libtorch's static initialisers once any of its objects is pulled in).
 mod bench;
+mod blocks;
 mod checkpoint;
 mod held_out;
 mod loss;
+mod network;
 mod optim;
 mod predict;
 mod predictor;
+mod resenc;
 mod trainer;
 mod unet;
 

@@ -28,9 +28,9 @@ use nnflow::train::setup::as_3d;
 use tch::nn::VarStore;
 
 use crate::checkpoint::{load_weights, CheckpointError};
+use crate::network::Network;
 use crate::predictor::{Predictor, PredictorError};
 use crate::trainer::{build_network, select_device, NoCudaDevice};
-use crate::unet::PlainConvUNet;
 
 /// Why the worker's prediction failed.
 #[derive(Debug, thiserror::Error)]
@@ -86,7 +86,7 @@ struct Model {
     plan: PlanView,
     /// The spatial axes test-time mirroring flips (none without mirroring).
     mirror_axes: Vec<usize>,
-    nets: Vec<(VarStore, PlainConvUNet)>,
+    nets: Vec<(VarStore, Network)>,
     /// Part of the output, or only the previous stage of a cascade.
     member: bool,
     /// A cascade's second stage: its previous stage (an earlier model) and the foreground labels,

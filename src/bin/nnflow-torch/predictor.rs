@@ -13,7 +13,7 @@ use nnflow::inference::sliding_window::{
     SlidingWindowError, SIGMA_SCALE, VALUE_SCALING_FACTOR,
 };
 
-use crate::unet::PlainConvUNet;
+use crate::network::Network;
 
 /// Why a whole-image prediction failed.
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +31,7 @@ pub enum PredictorError {
 
 pub struct Predictor<'a> {
     /// With deep supervision switched off (one output).
-    pub net: &'a PlainConvUNet,
+    pub net: &'a Network,
     pub device: Device,
     pub window: SlidingWindow,
     /// Mirror axes among the network's spatial axes (3D: 0 = z, 1 = y, 2 = x; 2D: 0 = y, 1 = x).
@@ -55,8 +55,8 @@ impl Predictor<'_> {
     /// The sliding window with the sums kept on `self.device` (fp16 on CUDA, float32 elsewhere).
     pub fn predict_on_device(&self, image: ArrayView4<f32>) -> Result<Array4<f32>, PredictorError> {
         let patch = self.window.patch;
-        let classes = self.net.architecture.num_classes as i64;
-        let two_d = self.net.architecture.spatial_dims == 2;
+        let classes = self.net.architecture().num_classes as i64;
+        let two_d = self.net.architecture().spatial_dims == 2;
         let kind = if self.device.is_cuda() {
             Kind::Half
         } else {
@@ -128,8 +128,8 @@ impl Predictor<'_> {
     /// The sliding window with the sums kept on the host in float32 (nnflow's checked reference
     /// implementation of nnU-Net's accumulation).
     pub fn predict_on_host(&self, image: ArrayView4<f32>) -> Result<Array4<f32>, PredictorError> {
-        let classes = self.net.architecture.num_classes;
-        let two_d = self.net.architecture.spatial_dims == 2;
+        let classes = self.net.architecture().num_classes;
+        let two_d = self.net.architecture().spatial_dims == 2;
         tch::no_grad(|| {
             self.window
                 .predict(
@@ -238,7 +238,7 @@ mod tests {
     }
 
     /// A tiny network of `dims` spatial dimensions, 2 input channels and 3 classes.
-    fn tiny_network(dims: usize) -> (tch::nn::VarStore, PlainConvUNet) {
+    fn tiny_network(dims: usize) -> (tch::nn::VarStore, Network) {
         let (conv, kernel, stride) = match dims {
             2 => ("torch.nn.modules.conv.Conv2d", vec![3, 3], vec![2, 2]),
             _ => ("torch.nn.modules.conv.Conv3d", vec![3, 3, 3], vec![2, 2, 2]),

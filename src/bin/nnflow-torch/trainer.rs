@@ -32,9 +32,9 @@ use nnflow::train::TrainError;
 use crate::checkpoint::{self, CheckpointError, EpochRecord, TrainerState};
 use crate::held_out::{validate_held_out, HeldOutError};
 use crate::loss::{deep_supervision_loss, pseudo_dice_counts, LossConfig};
+use crate::network::Network;
 use crate::optim::{clip_grad_norm, poly_lr, zero_grad, LossScaler, Sgd};
 use crate::predictor::Predictor;
-use crate::unet::PlainConvUNet;
 
 /// Why the worker's training failed.
 #[derive(Debug, thiserror::Error)]
@@ -75,10 +75,10 @@ pub fn select_device(choice: DeviceChoice) -> Result<Device, NoCudaDevice> {
 }
 
 /// Builds the network for a setup on a device, initialised from `seed`.
-pub fn build_network(arch: &Architecture, device: Device, seed: u64) -> (VarStore, PlainConvUNet) {
+pub fn build_network(arch: &Architecture, device: Device, seed: u64) -> (VarStore, Network) {
     tch::manual_seed(seed as i64);
     let vs = VarStore::new(device);
-    let net = PlainConvUNet::new(&vs.root(), arch);
+    let net = Network::new(&vs.root(), arch);
     (vs, net)
 }
 
@@ -152,7 +152,7 @@ struct Trainer<'a> {
     log: Logger,
     maker: Arc<BatchMaker>,
     vs: VarStore,
-    net: PlainConvUNet,
+    net: Network,
     /// The network's variables in checkpoint order, the order the optimiser's buffers follow.
     variables: Vec<Tensor>,
     sgd: Sgd,
@@ -474,7 +474,7 @@ fn moving_average(previous: Option<&EpochRecord>, mean_dice: f64) -> f64 {
 /// (scaled when `amp`), gradient clipping, the update (skipped on overflow), as nnU-Net's
 /// `train_step`. Returns the loss.
 pub struct Step<'a> {
-    pub net: &'a PlainConvUNet,
+    pub net: &'a Network,
     pub variables: &'a [Tensor],
     pub loss: &'a LossConfig,
     pub grad_clip: f64,

@@ -1,204 +1,47 @@
 //! PlainConvUNet (dynamic_network_architectures, as nnU-Net v2 builds it from a plan) in libtorch.
 //!
 //! Encoder stage `s`: `n_conv_per_stage[s]` blocks of conv -> instance norm -> leaky ReLU, the first
-//! with the stage's stride (strided convolution instead of pooling). Decoder stage `s` (lowest
-//! resolution first): a transposed convolution with kernel = stride = the encoder stride it undoes,
-//! concatenation with the skip (upsampled first, skip second), blocks like the encoder's, and a 1x1
-//! segmentation head. With deep supervision every decoder stage's head is returned, highest
-//! resolution first; without it only the last head runs.
+//! with the stage's stride (strided convolution instead of pooling). The decoder is the shared
+//! `UNetDecoder` (`blocks.rs`): transposed convolution, concatenation with the skip, blocks like
+//! the encoder's and a 1x1 segmentation head per stage. With deep supervision every decoder
+//! stage's head is returned, highest resolution first; without it only the last head runs.
 //!
 //! Variable names are nnU-Net's state-dict names (`encoder.stages.0.0.convs.0.conv.weight`,
 //! `decoder.transpconvs.0.weight`, `decoder.seg_layers.4.bias`, ...). PyTorch's state dict also lists
 //! aliases of the same tensors (`...all_modules.0.weight`, `decoder.encoder.*`);
 //! `nnflow::network::state_dict::nnunet_aliases` maps them so checkpoints can be exchanged both ways.
 
-use tch::nn::{self, Init};
+use tch::nn;
 use tch::Tensor;
 
+use nnflow::network::architecture::Encoder;
 use nnflow::network::Architecture;
 
-#[derive(Debug)]
-struct Conv {
-    weight: Tensor,
-    bias: Option<Tensor>,
-    stride: Vec<i64>,
-    padding: Vec<i64>,
-    transposed: bool,
-}
-
-impl Conv {
-    /// A convolution initialised as nnU-Net's `InitWeights_He(1e-2)`: Kaiming normal with leaky-ReLU
-    /// slope 0.01 over PyTorch's fan-in (weight dim 1 times the kernel volume; for a transposed
-    /// convolution dim 1 is its output channels), bias 0. Padding `(k - 1) / 2` keeps the size.
-    fn new(
-        path: nn::Path,
-        in_ch: usize,
-        out_ch: usize,
-        kernel: &[usize],
-        stride: &[usize],
-        bias: bool,
-        transposed: bool,
-    ) -> Conv {
-        let kernel: Vec<i64> = kernel.iter().map(|&k| k as i64).collect();
-        let (d0, d1) = if transposed {
-            (in_ch, out_ch)
-        } else {
-            (out_ch, in_ch)
-        };
-        let mut shape = vec![d0 as i64, d1 as i64];
-        shape.extend(&kernel);
-        let fan_in = d1 as f64 * kernel.iter().product::<i64>() as f64;
-        let gain = (2.0 / (1.0 + 0.01f64.powi(2))).sqrt();
-        let weight = path.var(
-            "weight",
-            &shape,
-            Init::Randn {
-                mean: 0.0,
-                stdev: gain / fan_in.sqrt(),
-            },
-        );
-        let bias = bias.then(|| path.var("bias", &[out_ch as i64], Init::Const(0.0)));
-        Conv {
-            weight,
-            bias,
-            stride: stride.iter().map(|&s| s as i64).collect(),
-            padding: if transposed {
-                vec![0; kernel.len()]
-            } else {
-                kernel.iter().map(|k| (k - 1) / 2).collect()
-            },
-            transposed,
-        }
-    }
-
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let dims = self.stride.len();
-        x.convolution(
-            &self.weight,
-            self.bias.as_ref(),
-            &self.stride,
-            &self.padding,
-            vec![1i64; dims],
-            self.transposed,
-            vec![0i64; dims],
-            1,
-        )
-    }
-}
-
-#[derive(Debug)]
-struct ConvNormAct {
-    conv: Conv,
-    norm_weight: Option<Tensor>,
-    norm_bias: Option<Tensor>,
-    eps: f64,
-    slope: f64,
-}
-
-impl ConvNormAct {
-    fn new(
-        path: nn::Path,
-        arch: &Architecture,
-        in_ch: usize,
-        out_ch: usize,
-        kernel: &[usize],
-        stride: &[usize],
-    ) -> Self {
-        let conv = Conv::new(
-            &path / "conv",
-            in_ch,
-            out_ch,
-            kernel,
-            stride,
-            arch.conv_bias,
-            false,
-        );
-        let norm = &path / "norm";
-        let (norm_weight, norm_bias) = if arch.norm_affine {
-            (
-                Some(norm.var("weight", &[out_ch as i64], Init::Const(1.0))),
-                Some(norm.var("bias", &[out_ch as i64], Init::Const(0.0))),
-            )
-        } else {
-            (None, None)
-        };
-        ConvNormAct {
-            conv,
-            norm_weight,
-            norm_bias,
-            eps: arch.norm_eps,
-            slope: arch.leaky_relu_slope,
-        }
-    }
-
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let y = self.conv.forward(x).instance_norm(
-            self.norm_weight.as_ref(),
-            self.norm_bias.as_ref(),
-            None::<&Tensor>,
-            None::<&Tensor>,
-            true,
-            0.1,
-            self.eps,
-            true,
-        );
-        if self.slope == 0.01 {
-            y.leaky_relu()
-        } else {
-            y.maximum(&(&y * self.slope))
-        }
-    }
-}
-
-/// `n` blocks, the first with `stride`, named `convs.<i>` under `path`.
-fn stacked(
-    path: nn::Path,
-    arch: &Architecture,
-    n: usize,
-    in_ch: usize,
-    out_ch: usize,
-    kernel: &[usize],
-    stride: &[usize],
-) -> Vec<ConvNormAct> {
-    let ones = vec![1; stride.len()];
-    (0..n)
-        .map(|i| {
-            let (cin, s) = if i == 0 {
-                (in_ch, stride)
-            } else {
-                (out_ch, ones.as_slice())
-            };
-            ConvNormAct::new(&path / "convs" / i, arch, cin, out_ch, kernel, s)
-        })
-        .collect()
-}
-
-fn run(blocks: &[ConvNormAct], x: &Tensor) -> Tensor {
-    blocks.iter().fold(x.shallow_clone(), |x, b| b.forward(&x))
-}
+use crate::blocks::{run, stacked, ConvNormAct, UNetDecoder};
 
 #[derive(Debug)]
 pub struct PlainConvUNet {
     pub architecture: Architecture,
     encoder: Vec<Vec<ConvNormAct>>,
-    transpconvs: Vec<Conv>,
-    decoder: Vec<Vec<ConvNormAct>>,
-    seg_layers: Vec<Conv>,
+    decoder: UNetDecoder,
 }
 
 impl PlainConvUNet {
-    /// Creates the network's variables in `root` (freshly initialised).
+    /// Creates the network's variables in `root` (freshly initialised). `arch` must describe a
+    /// plain encoder ([`Encoder::Plain`]).
     pub fn new(root: &nn::Path, arch: &Architecture) -> PlainConvUNet {
-        let n = arch.n_stages();
+        let Encoder::Plain { n_conv_per_stage } = &arch.encoder else {
+            panic!("PlainConvUNet built from a {:?} encoder", arch.encoder)
+        };
         let enc = root / "encoder" / "stages";
         let mut in_ch = arch.input_channels;
-        let encoder = (0..n)
+        let encoder = (0..arch.n_stages())
             .map(|s| {
                 let out = arch.features_per_stage[s];
                 let blocks = stacked(
                     &enc / s / 0,
                     arch,
-                    arch.n_conv_per_stage[s],
+                    n_conv_per_stage[s],
                     in_ch,
                     out,
                     &arch.kernel_sizes[s],
@@ -208,47 +51,11 @@ impl PlainConvUNet {
                 blocks
             })
             .collect();
-        let dec = root / "decoder";
-        let (mut transpconvs, mut decoder, mut seg_layers) = (Vec::new(), Vec::new(), Vec::new());
-        for s in 1..n {
-            let below = arch.features_per_stage[n - s];
-            let skip = arch.features_per_stage[n - s - 1];
-            let stride = &arch.strides[n - s];
-            transpconvs.push(Conv::new(
-                &dec / "transpconvs" / (s - 1),
-                below,
-                skip,
-                stride,
-                stride,
-                arch.conv_bias,
-                true,
-            ));
-            decoder.push(stacked(
-                &dec / "stages" / (s - 1),
-                arch,
-                arch.n_conv_per_stage_decoder[s - 1],
-                2 * skip,
-                skip,
-                &arch.kernel_sizes[n - s - 1],
-                &vec![1; arch.spatial_dims],
-            ));
-            let ones = vec![1; arch.spatial_dims];
-            seg_layers.push(Conv::new(
-                &dec / "seg_layers" / (s - 1),
-                skip,
-                arch.num_classes,
-                &ones,
-                &ones,
-                true,
-                false,
-            ));
-        }
+        let decoder = UNetDecoder::new(&(root / "decoder"), arch);
         PlainConvUNet {
             architecture: arch.clone(),
             encoder,
-            transpconvs,
             decoder,
-            seg_layers,
         }
     }
 
@@ -261,19 +68,7 @@ impl PlainConvUNet {
             x = run(stage, &x);
             skips.push(x.shallow_clone());
         }
-        let mut outputs = Vec::new();
-        let mut lower = skips.pop().expect("at least two stages");
-        let last = self.decoder.len() - 1;
-        for (s, (up, blocks)) in self.transpconvs.iter().zip(&self.decoder).enumerate() {
-            let skip = skips.pop().expect("one skip per decoder stage");
-            let merged = Tensor::cat(&[up.forward(&lower), skip], 1);
-            lower = run(blocks, &merged);
-            if self.architecture.deep_supervision || s == last {
-                outputs.push(self.seg_layers[s].forward(&lower));
-            }
-        }
-        outputs.reverse();
-        outputs
+        self.decoder.forward(skips, self.architecture.deep_supervision)
     }
 
     /// Whether to return every deep-supervision head (training) or just the full-resolution one
