@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use nnflow::preprocess::fingerprint_format::Fingerprint;
-use nnflow::preprocess::plan::{plan, PlanInputs, PlanSettings};
+use nnflow::preprocess::plan::{plan, PlanInputs, PlanSettings, Planner};
 use serde_json::Value;
 
 fn fixture_dir() -> PathBuf {
@@ -50,22 +50,37 @@ fn settings_from(raw: &Value) -> PlanSettings {
     settings
 }
 
-fn plan_fixture(dir: &Path) -> (Value, Value) {
-    let dataset = read_json(&dir.join("dataset.json"));
-    let fingerprint: Fingerprint =
-        serde_json::from_value(read_json(&dir.join("dataset_fingerprint.json"))).expect("fingerprint");
-    let raw_settings = read_json(&dir.join("settings.json"));
-    let expected = read_json(&dir.join("plans.json"));
-    let names = channel_names(&dataset);
+/// nnflow's plan of a fixture dataset (its dataset.json, fingerprint and name) with `settings`.
+fn plan_dataset(
+    dataset: &Value,
+    fingerprint: &Fingerprint,
+    raw_settings: &Value,
+    settings: &PlanSettings,
+) -> Value {
+    let names = channel_names(dataset);
     let inputs = PlanInputs {
-        fingerprint: &fingerprint,
+        fingerprint,
         channel_names: &names,
         labels: dataset["labels"].clone(),
         num_training_cases: dataset["numTraining"].as_u64().expect("numTraining") as usize,
         dataset_name: raw_settings["dataset_name"].as_str().expect("dataset_name"),
         file_ending: dataset["file_ending"].as_str().expect("file_ending"),
     };
-    let got = plan(&inputs, &settings_from(&raw_settings)).expect("planning failed");
+    plan(&inputs, settings).expect("planning failed")
+}
+
+fn plan_fixture(dir: &Path) -> (Value, Value) {
+    let dataset = read_json(&dir.join("dataset.json"));
+    let fingerprint: Fingerprint =
+        serde_json::from_value(read_json(&dir.join("dataset_fingerprint.json"))).expect("fingerprint");
+    let raw_settings = read_json(&dir.join("settings.json"));
+    let expected = read_json(&dir.join("plans.json"));
+    let got = plan_dataset(
+        &dataset,
+        &fingerprint,
+        &raw_settings,
+        &settings_from(&raw_settings),
+    );
     (got, expected)
 }
 
@@ -103,14 +118,20 @@ fn diff(path: &str, got: &Value, expected: &Value, out: &mut Vec<String>) {
     }
 }
 
-#[test]
-fn plans_match_nnunet_for_every_fixture() {
+/// Every fixture folder (one holding nnU-Net's `plans.json`), sorted.
+fn fixture_dirs() -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(fixture_dir())
         .expect("fixture dir")
         .map(|e| e.expect("entry").path())
         .filter(|p| p.join("plans.json").is_file())
         .collect();
     dirs.sort();
+    dirs
+}
+
+#[test]
+fn plans_match_nnunet_for_every_fixture() {
+    let dirs = fixture_dirs();
     assert!(
         dirs.len() >= 6,
         "expected at least six plan fixtures, found {}",
@@ -163,4 +184,113 @@ fn comparison_detects_a_wrong_patch_size() {
     let mut differences = Vec::new();
     diff("", &got, &expected, &mut differences);
     assert_eq!(differences.len(), 1, "{differences:?}");
+}
+
+/// The residual-encoder presets and the suffix of their fixture files (`resenc_M.plans.json`, ...).
+const RESENC_PRESETS: [(Planner, &str); 3] = [
+    (Planner::ResEncM, "M"),
+    (Planner::ResEncL, "L"),
+    (Planner::ResEncXL, "XL"),
+];
+
+/// Plans `dir`'s dataset with a ResEnc preset, with the settings nnU-Net's planner got
+/// (`resenc_<suffix>.settings.json`), and returns it with what that planner wrote.
+fn plan_resenc_fixture(dir: &Path, planner: Planner, suffix: &str) -> (Value, Value) {
+    let dataset = read_json(&dir.join("dataset.json"));
+    let fingerprint: Fingerprint =
+        serde_json::from_value(read_json(&dir.join("dataset_fingerprint.json"))).expect("fingerprint");
+    let raw_settings = read_json(&dir.join(format!("resenc_{suffix}.settings.json")));
+    let expected = read_json(&dir.join(format!("resenc_{suffix}.plans.json")));
+    let mut settings = PlanSettings::for_planner(planner);
+    if let Some(gb) = raw_settings.get("gpu_memory_target_in_gb") {
+        settings.gpu_memory_target_gb = gb.as_f64().expect("gpu target");
+    }
+    if let Some(spacing) = raw_settings.get("overwrite_target_spacing") {
+        let v: Vec<f64> = serde_json::from_value(spacing.clone()).expect("spacing");
+        settings.overwrite_target_spacing = Some([v[0], v[1], v[2]]);
+    }
+    let got = plan_dataset(&dataset, &fingerprint, &raw_settings, &settings);
+    (got, expected)
+}
+
+#[test]
+fn resenc_plans_match_nnunet_for_every_fixture() {
+    // Every fixture of the default planner is also planned by nnUNetPlannerResEncM/L/XL
+    // (generate.py), so the presets see the same isotropic, anisotropic, 2D-only, tiny, lowres and
+    // cascade cases.
+    let dirs = fixture_dirs();
+    assert!(dirs.len() >= 6, "found {} plan fixtures", dirs.len());
+
+    let mut failures = Vec::new();
+    for dir in &dirs {
+        for (planner, suffix) in RESENC_PRESETS {
+            assert!(
+                dir.join(format!("resenc_{suffix}.plans.json")).is_file(),
+                "{}: no resenc_{suffix}.plans.json (run generate.py)",
+                dir.display()
+            );
+            let (got, expected) = plan_resenc_fixture(dir, planner, suffix);
+            let mut differences = Vec::new();
+            diff("", &got, &expected, &mut differences);
+            if !differences.is_empty() {
+                failures.push(format!(
+                    "{} ({}):\n  {}",
+                    dir.display(),
+                    planner.class_name(),
+                    differences.join("\n  ")
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "ResEnc plans differ from nnU-Net:\n{}",
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn resenc_fixtures_cover_presets_lowres_and_no_3d_cases() {
+    // Guards the ResEnc fixtures: each preset's own names and network, and the cascade and
+    // 2D-only branches.
+    for (planner, suffix) in RESENC_PRESETS {
+        let read = |name: &str| {
+            read_json(
+                &fixture_dir()
+                    .join(name)
+                    .join(format!("resenc_{suffix}.plans.json")),
+            )
+        };
+        let large = read("large_ct");
+        assert_eq!(large["experiment_planner_used"], planner.class_name());
+        assert_eq!(large["plans_name"], planner.default_plans_name());
+        let configs = large["configurations"].as_object().unwrap();
+        assert!(configs.contains_key("3d_lowres"), "{suffix}: no 3d_lowres");
+        assert_eq!(
+            configs["3d_lowres"]["data_identifier"],
+            format!("{}_3d_lowres", planner.default_plans_name())
+        );
+        assert_eq!(configs["3d_fullres"]["data_identifier"], "nnUNetPlans_3d_fullres");
+        assert_eq!(
+            configs["3d_fullres"]["architecture"]["network_class_name"],
+            "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+        );
+        let two_d = read("two_d");
+        let keys: Vec<&String> = two_d["configurations"].as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["2d"]);
+    }
+}
+
+#[test]
+fn resenc_plans_are_readable_as_plans() {
+    // The planned JSON reads as nnflow's typed plans, with ResidualEncoderUNet kwargs.
+    let (got, _) = plan_resenc_fixture(&fixture_dir().join("anisotropic"), Planner::ResEncL, "L");
+    let plans = nnflow::plans::Plans::from_json(&got, "plans.json").expect("typed plans");
+    let fullres = plans.configuration("3d_fullres").expect("3d_fullres");
+    let architecture = fullres.architecture().expect("architecture");
+    let nnflow::plans::NetworkKwargs::ResidualEncoderUNet(kwargs) = &architecture.arch_kwargs else {
+        panic!("not typed as ResidualEncoderUNet: {architecture:?}");
+    };
+    assert_eq!(kwargs.n_blocks_per_stage[..3], [1, 3, 4]);
+    assert_eq!(kwargs.n_conv_per_stage_decoder.len() + 1, kwargs.n_stages);
 }

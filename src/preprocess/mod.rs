@@ -12,6 +12,7 @@ pub mod fingerprint;
 pub mod normalize;
 pub mod numpy_random;
 pub mod plan;
+pub mod plan_resenc;
 pub mod resample;
 pub mod topology;
 

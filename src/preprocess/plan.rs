@@ -1,5 +1,6 @@
 //! Experiment planning: turns a dataset fingerprint into nnU-Net's `plans.json` (nnU-Net v2.8.1
-//! `ExperimentPlanner`, the default PlainConvUNet planner).
+//! `ExperimentPlanner`, the default PlainConvUNet planner, or one of its residual-encoder presets
+//! `nnUNetPlannerResEncM/L/XL`, see [`Planner`] and `plan_resenc`).
 //!
 //! The planner picks a target spacing and an axis transpose, then for each configuration (`2d`,
 //! `3d_fullres`, and `3d_lowres` + `3d_cascade_fullres` for large images) grows a patch from the
@@ -13,6 +14,7 @@ use serde_json::{json, Map, Value};
 use thiserror::Error;
 
 use crate::data::fingerprint_format::Fingerprint;
+use crate::preprocess::plan_resenc::{self, Reference};
 use crate::preprocess::topology::{conv_feature_map_size, pool_and_conv_props, Topology};
 
 /// An axis is anisotropic when its spacing is more than this many times the others' (nnU-Net's
@@ -23,9 +25,11 @@ const MAX_FEATURES_2D: usize = 512;
 const MAX_FEATURES_3D: usize = 320;
 /// Feature-map volumes that fit the reference GPU (8 GB) at the reference batch sizes. nnU-Net
 /// tuned them to reproduce its v1 configurations.
-const REFERENCE_VOLUME_3D: f64 = 560_000_000.0;
-const REFERENCE_VOLUME_2D: f64 = 85_000_000.0;
-const REFERENCE_GPU_GB: f64 = 8.0;
+const DEFAULT_REFERENCE: Reference = Reference {
+    volume_3d: 560_000_000.0,
+    volume_2d: 85_000_000.0,
+    gpu_gb: 8.0,
+};
 const REFERENCE_BATCH_3D: f64 = 2.0;
 const REFERENCE_BATCH_2D: f64 = 12.0;
 const MIN_FEATURE_MAP_EDGE: usize = 4;
@@ -99,6 +103,73 @@ fn edit_distance(a: &str, b: &str) -> usize {
 const NETWORK_CLASS: &str = "dynamic_network_architectures.architectures.unet.PlainConvUNet";
 const RESAMPLING_FN: &str = "resample_data_or_seg_to_shape";
 
+/// Which of nnU-Net v2.8.1's experiment planners [`plan`] reproduces. The presets plan a
+/// `ResidualEncoderUNet` for a bigger GPU with the default planner's search.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Planner {
+    /// `ExperimentPlanner`: PlainConvUNet for 8 GB.
+    #[default]
+    Default,
+    /// `nnUNetPlannerResEncM`: ResidualEncoderUNet for 8 GB (uses ~9-11 GB).
+    ResEncM,
+    /// `nnUNetPlannerResEncL`: ResidualEncoderUNet for 24 GB.
+    ResEncL,
+    /// `nnUNetPlannerResEncXL`: ResidualEncoderUNet for 40 GB.
+    ResEncXL,
+}
+
+impl Planner {
+    /// nnU-Net's class name, written as `experiment_planner_used`.
+    pub fn class_name(self) -> &'static str {
+        match self {
+            Planner::Default => "ExperimentPlanner",
+            Planner::ResEncM => "nnUNetPlannerResEncM",
+            Planner::ResEncL => "nnUNetPlannerResEncL",
+            Planner::ResEncXL => "nnUNetPlannerResEncXL",
+        }
+    }
+
+    /// The planner's default `plans_name`.
+    pub fn default_plans_name(self) -> &'static str {
+        match self {
+            Planner::Default => "nnUNetPlans",
+            Planner::ResEncM => "nnUNetResEncUNetMPlans",
+            Planner::ResEncL => "nnUNetResEncUNetLPlans",
+            Planner::ResEncXL => "nnUNetResEncUNetXLPlans",
+        }
+    }
+
+    /// The planner's default GPU memory target in GB (its reference GPU).
+    pub fn default_gpu_memory_gb(self) -> f64 {
+        self.reference().gpu_gb
+    }
+
+    fn reference(self) -> Reference {
+        match self {
+            Planner::Default => DEFAULT_REFERENCE,
+            Planner::ResEncM => plan_resenc::RESENC_M,
+            Planner::ResEncL => plan_resenc::RESENC_L,
+            Planner::ResEncXL => plan_resenc::RESENC_XL,
+        }
+    }
+
+    fn is_residual(self) -> bool {
+        self != Planner::Default
+    }
+
+    /// The data identifier of a configuration. The presets preprocess 2d and 3d_fullres exactly
+    /// as the default planner does and name them like it, so the data can be shared.
+    fn data_identifier(self, plans_name: &str, configuration: &str) -> String {
+        let shared = self.is_residual() && matches!(configuration, "2d" | "3d_fullres");
+        let prefix = if shared {
+            Planner::Default.default_plans_name()
+        } else {
+            plans_name
+        };
+        format!("{prefix}_{configuration}")
+    }
+}
+
 /// What the planner knows about the dataset.
 #[derive(Clone, Debug)]
 pub struct PlanInputs<'a> {
@@ -115,12 +186,15 @@ pub struct PlanInputs<'a> {
     pub file_ending: &'a str,
 }
 
-/// Planner options; `Default` gives nnU-Net's defaults.
+/// Planner options; `Default` gives nnU-Net's defaults, [`PlanSettings::for_planner`] a preset's.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PlanSettings {
-    /// GPU memory the plans should fit, in GB (nnU-Net `-gpu_memory_target`, default 8).
+    pub planner: Planner,
+    /// GPU memory the plans should fit, in GB (nnU-Net `-gpu_memory_target`; default 8, the
+    /// presets' 8, 24 and 40).
     pub gpu_memory_target_gb: f64,
-    /// Name of the plans (default "nnUNetPlans"); prefixes every data identifier.
+    /// Name of the plans (default "nnUNetPlans", the presets' "nnUNetResEncUNet{M,L,XL}Plans");
+    /// prefixes the data identifiers (the presets' 3d_lowres only).
     pub plans_name: String,
     pub preprocessor_name: String,
     /// Replaces the computed fullres target spacing, (z, y, x) before transposing.
@@ -133,9 +207,17 @@ pub struct PlanSettings {
 
 impl Default for PlanSettings {
     fn default() -> Self {
+        PlanSettings::for_planner(Planner::Default)
+    }
+}
+
+impl PlanSettings {
+    /// nnU-Net's defaults for `planner`.
+    pub fn for_planner(planner: Planner) -> Self {
         PlanSettings {
-            gpu_memory_target_gb: 8.0,
-            plans_name: "nnUNetPlans".into(),
+            planner,
+            gpu_memory_target_gb: planner.default_gpu_memory_gb(),
+            plans_name: planner.default_plans_name().into(),
             preprocessor_name: "DefaultPreprocessor".into(),
             overwrite_target_spacing: None,
             suppress_transpose: false,
@@ -177,6 +259,7 @@ pub fn plan(inputs: &PlanInputs, settings: &PlanSettings) -> Result<Value, PlanE
     let fp = inputs.fingerprint;
     let num_classes = inputs.labels.as_object().map_or(0, Map::len);
     let budget = Budget {
+        planner: settings.planner,
         gpu_gb: settings.gpu_memory_target_gb,
         num_classes,
     };
@@ -202,8 +285,15 @@ pub fn plan(inputs: &PlanInputs, settings: &PlanSettings) -> Result<Value, PlanE
 
     let norm = normalization(inputs.channel_names, fp.median_relative_size_after_cropping);
     let config_json = |name: &str, c: &ConfigPlan, median_json: Value| {
-        let id = format!("{}_{}", settings.plans_name, name);
-        configuration_json(&id, &settings.preprocessor_name, c, median_json, &norm)
+        let id = settings.planner.data_identifier(&settings.plans_name, name);
+        configuration_json(
+            settings.planner,
+            &id,
+            &settings.preprocessor_name,
+            c,
+            median_json,
+            &norm,
+        )
     };
 
     let mut configurations = Map::new();
@@ -276,7 +366,10 @@ pub fn plan(inputs: &PlanInputs, settings: &PlanSettings) -> Result<Value, PlanE
     plans.insert("transpose_forward".into(), json!(forward));
     plans.insert("transpose_backward".into(), json!(backward));
     plans.insert("configurations".into(), Value::Object(configurations));
-    plans.insert("experiment_planner_used".into(), json!("ExperimentPlanner"));
+    plans.insert(
+        "experiment_planner_used".into(),
+        json!(settings.planner.class_name()),
+    );
     plans.insert("label_manager".into(), json!("LabelManager"));
     plans.insert(
         "foreground_intensity_properties_per_channel".into(),
@@ -411,6 +504,7 @@ struct ConfigPlan {
 
 /// What the VRAM estimate needs besides the patch.
 struct Budget {
+    planner: Planner,
     gpu_gb: f64,
     num_classes: usize,
 }
@@ -424,39 +518,54 @@ fn plan_configuration(
     config: &str,
 ) -> Result<ConfigPlan, PlanError> {
     let is_3d = spacing.len() == 3;
+    let model = budget.planner.reference();
     let (max_features, ref_volume, ref_batch, edge) = if is_3d {
         (
             MAX_FEATURES_3D,
-            REFERENCE_VOLUME_3D,
+            model.volume_3d,
             REFERENCE_BATCH_3D,
             INITIAL_PATCH_EDGE_3D,
         )
     } else {
         (
             MAX_FEATURES_2D,
-            REFERENCE_VOLUME_2D,
+            model.volume_2d,
             REFERENCE_BATCH_2D,
             INITIAL_PATCH_EDGE_2D,
         )
     };
-    let reference = ref_volume * (budget.gpu_gb / REFERENCE_GPU_GB);
+    let reference = ref_volume * (budget.gpu_gb / model.gpu_gb);
     let initial = initial_patch(spacing, median_shape, edge);
     let mut topology = pool_and_conv_props(spacing, &initial, MIN_FEATURE_MAP_EDGE, MAX_POOLS);
-    let mut estimate = estimate_volume(&topology, max_features, budget.num_classes);
+    let estimate_of = |t: &Topology| estimate_volume(budget.planner, t, max_features, budget.num_classes);
+    let mut estimate = estimate_of(&topology);
 
-    // nnU-Net demands room for a batch of 2 even where the reference batch differs.
-    while estimate / ref_batch * 2.0 > reference {
+    // The default planner demands room for a batch of 2 even where the reference batch differs;
+    // the presets only room for the reference batch.
+    let too_large = |estimate: f64| {
+        if budget.planner.is_residual() {
+            estimate > reference
+        } else {
+            estimate / ref_batch * 2.0 > reference
+        }
+    };
+    while too_large(estimate) {
         topology =
             shrink_patch(spacing, median_shape, &topology).ok_or_else(|| PlanError::PatchDoesNotFit {
                 config: config.into(),
                 gpu_gb: budget.gpu_gb,
             })?;
-        estimate = estimate_volume(&topology, max_features, budget.num_classes);
+        estimate = estimate_of(&topology);
     }
 
     let patch_voxels = topology.patch_size.iter().map(|&v| v as f64).product::<f64>();
     let by_memory = (reference / estimate * ref_batch).round_ties_even();
-    let by_dataset = (dataset_voxels * MAX_DATASET_COVERED / patch_voxels).round_ties_even();
+    let max_covered = if budget.planner.is_residual() {
+        plan_resenc::MAX_DATASET_COVERED
+    } else {
+        MAX_DATASET_COVERED
+    };
+    let by_dataset = (dataset_voxels * max_covered / patch_voxels).round_ties_even();
     let batch_size = by_memory.min(by_dataset).max(MIN_BATCH_SIZE as f64) as usize;
     let features = features_per_stage(topology.n_stages(), max_features);
     Ok(ConfigPlan {
@@ -510,8 +619,16 @@ fn shrink_patch(spacing: &[f64], median_shape: &[f64], topology: &Topology) -> O
     ))
 }
 
-fn estimate_volume(topology: &Topology, max_features: usize, num_classes: usize) -> f64 {
+fn estimate_volume(planner: Planner, topology: &Topology, max_features: usize, num_classes: usize) -> f64 {
     let n = topology.n_stages();
+    if planner.is_residual() {
+        return plan_resenc::residual_feature_map_size(
+            &topology.patch_size,
+            &topology.strides,
+            &features_per_stage(n, max_features),
+            num_classes,
+        ) as f64;
+    }
     conv_feature_map_size(
         &topology.patch_size,
         &topology.strides,
@@ -587,6 +704,7 @@ fn plan_lowres(
 }
 
 fn configuration_json(
+    planner: Planner,
     data_identifier: &str,
     preprocessor_name: &str,
     c: &ConfigPlan,
@@ -594,7 +712,6 @@ fn configuration_json(
     (schemes, masks): &(Vec<&'static str>, Vec<bool>),
 ) -> Value {
     let dim = c.spacing.len();
-    let n = c.topology.n_stages();
     let (conv_op, norm_op) = if dim == 3 {
         (
             "torch.nn.modules.conv.Conv3d",
@@ -607,28 +724,18 @@ fn configuration_json(
         )
     };
     let resampling_kwargs = |is_seg: bool, order: u32| json!({"is_seg": is_seg, "order": order, "order_z": 0, "force_separate_z": null});
-    let mut arch_kwargs = Map::new();
-    arch_kwargs.insert("n_stages".into(), json!(n));
-    arch_kwargs.insert("features_per_stage".into(), json!(c.features));
-    arch_kwargs.insert("conv_op".into(), json!(conv_op));
-    arch_kwargs.insert("kernel_sizes".into(), json!(c.topology.kernel_sizes));
-    arch_kwargs.insert("strides".into(), json!(c.topology.strides));
-    arch_kwargs.insert("n_conv_per_stage".into(), json!(vec![CONVS_PER_STAGE; n]));
-    arch_kwargs.insert(
-        "n_conv_per_stage_decoder".into(),
-        json!(vec![CONVS_PER_STAGE; n.saturating_sub(1)]),
-    );
-    arch_kwargs.insert("conv_bias".into(), json!(true));
-    arch_kwargs.insert("norm_op".into(), json!(norm_op));
-    arch_kwargs.insert("norm_op_kwargs".into(), json!({"eps": 1e-5, "affine": true}));
-    arch_kwargs.insert("dropout_op".into(), Value::Null);
-    arch_kwargs.insert("dropout_op_kwargs".into(), Value::Null);
-    arch_kwargs.insert("nonlin".into(), json!("torch.nn.LeakyReLU"));
-    arch_kwargs.insert("nonlin_kwargs".into(), json!({"inplace": true}));
+    let (network_class, arch_kwargs) = if planner.is_residual() {
+        (
+            plan_resenc::NETWORK_CLASS,
+            plan_resenc::arch_kwargs(&c.topology, &c.features, conv_op, norm_op),
+        )
+    } else {
+        (NETWORK_CLASS, plain_arch_kwargs(c, conv_op, norm_op))
+    };
 
     let mut architecture = Map::new();
-    architecture.insert("network_class_name".into(), json!(NETWORK_CLASS));
-    architecture.insert("arch_kwargs".into(), Value::Object(arch_kwargs));
+    architecture.insert("network_class_name".into(), json!(network_class));
+    architecture.insert("arch_kwargs".into(), arch_kwargs);
     architecture.insert(
         "_kw_requires_import".into(),
         json!(["conv_op", "norm_op", "dropout_op", "nonlin"]),
@@ -654,6 +761,30 @@ fn configuration_json(
     );
     config.insert("architecture".into(), Value::Object(architecture));
     Value::Object(config)
+}
+
+/// `arch_kwargs` of a PlainConvUNet configuration, in nnU-Net's key order.
+fn plain_arch_kwargs(c: &ConfigPlan, conv_op: &str, norm_op: &str) -> Value {
+    let n = c.topology.n_stages();
+    let mut arch_kwargs = Map::new();
+    arch_kwargs.insert("n_stages".into(), json!(n));
+    arch_kwargs.insert("features_per_stage".into(), json!(c.features));
+    arch_kwargs.insert("conv_op".into(), json!(conv_op));
+    arch_kwargs.insert("kernel_sizes".into(), json!(c.topology.kernel_sizes));
+    arch_kwargs.insert("strides".into(), json!(c.topology.strides));
+    arch_kwargs.insert("n_conv_per_stage".into(), json!(vec![CONVS_PER_STAGE; n]));
+    arch_kwargs.insert(
+        "n_conv_per_stage_decoder".into(),
+        json!(vec![CONVS_PER_STAGE; n.saturating_sub(1)]),
+    );
+    arch_kwargs.insert("conv_bias".into(), json!(true));
+    arch_kwargs.insert("norm_op".into(), json!(norm_op));
+    arch_kwargs.insert("norm_op_kwargs".into(), json!({"eps": 1e-5, "affine": true}));
+    arch_kwargs.insert("dropout_op".into(), Value::Null);
+    arch_kwargs.insert("dropout_op_kwargs".into(), Value::Null);
+    arch_kwargs.insert("nonlin".into(), json!("torch.nn.LeakyReLU"));
+    arch_kwargs.insert("nonlin_kwargs".into(), json!({"inplace": true}));
+    Value::Object(arch_kwargs)
 }
 
 /// numpy's default ("linear") percentile, with its exact interpolation formula.

@@ -1,5 +1,6 @@
-//! The `plan` stage: nnU-Net's default experiment planner on a fingerprint, writing plans.json
-//! (with dataset.json and dataset_fingerprint.json beside it, as nnU-Net's preprocessed folder has).
+//! The `plan` stage: nnU-Net's default experiment planner, or one of its residual-encoder presets,
+//! on a fingerprint, writing plans.json (with dataset.json and dataset_fingerprint.json beside it,
+//! as nnU-Net's preprocessed folder has).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,7 +14,7 @@ use crate::data::dataset::{Dataset, DatasetError};
 use crate::data::fingerprint_format::Fingerprint;
 use crate::file_error::FileError;
 use crate::plans::{Plans, PlansError};
-use crate::preprocess::plan::{check_configuration_name, plan, PlanError, PlanInputs, PlanSettings};
+use crate::preprocess::plan::{check_configuration_name, plan, PlanError, PlanInputs, PlanSettings, Planner};
 
 pub const KIND: Kind = Kind {
     name: "plan",
@@ -24,7 +25,8 @@ pub const KIND: Kind = Kind {
 };
 
 /// Plans the configurations (2d, 3d_fullres, 3d_lowres, 3d_cascade_fullres) as nnU-Net's default
-/// experiment planner does. Every planned value can be overridden.
+/// experiment planner, or one of its residual-encoder presets, does. Every planned value can be
+/// overridden.
 #[derive(Deserialize, Serialize, JsonSchema, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct PlanStage {
@@ -34,12 +36,18 @@ pub struct PlanStage {
     /// The folder holding dataset_fingerprint.json: `${fingerprint.outputs}`.
     #[serde(skip_serializing)]
     pub fingerprint: String,
-    /// GPU memory the plan targets, in GB (nnU-Net's default 8).
-    #[serde(default = "eight")]
-    pub gpu_memory_gb: f64,
-    /// Name of the plans (nnU-Net's `-pl`/plans identifier).
-    #[serde(default = "plans_name")]
-    pub plans_name: String,
+    /// Which of nnU-Net's experiment planners to reproduce: `default` (`ExperimentPlanner`, a
+    /// PlainConvUNet) or a residual-encoder preset planning a ResidualEncoderUNet for a bigger GPU
+    /// (`ResEncM`, `ResEncL`, `ResEncXL`: nnU-Net's `-pl nnUNetPlannerResEncM` etc.).
+    #[serde(default, skip_serializing_if = "is_default_planner")]
+    pub planner: PlannerChoice,
+    /// GPU memory the plan targets, in GB. Default: the planner's reference GPU (8 for `default`
+    /// and `ResEncM`, 24 for `ResEncL`, 40 for `ResEncXL`); the planner scales its memory budget
+    /// by this over the reference.
+    pub gpu_memory_gb: Option<f64>,
+    /// Name of the plans (nnU-Net's `-pl`/plans identifier). Default: the planner's
+    /// (`nnUNetPlans`, `nnUNetResEncUNetMPlans`, `nnUNetResEncUNetLPlans`, `nnUNetResEncUNetXLPlans`).
+    pub plans_name: Option<String>,
     /// Target spacing (z, y, x) to use instead of the planned one.
     pub overwrite_target_spacing: Option<[f64; 3]>,
     /// Planned values to replace, per configuration, e.g.
@@ -47,6 +55,54 @@ pub struct PlanStage {
     /// configurations the plan produces can be overridden (no new ones).
     #[serde(default, deserialize_with = "planned_overrides")]
     pub overrides: BTreeMap<String, BTreeMap<String, Value>>,
+}
+
+/// The `planner` parameter: nnU-Net's experiment planner classes nnflow reproduces.
+#[derive(Deserialize, Serialize, JsonSchema, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PlannerChoice {
+    /// `ExperimentPlanner`: a PlainConvUNet for 8 GB of GPU memory.
+    #[default]
+    #[serde(rename = "default", alias = "ExperimentPlanner")]
+    Default,
+    /// `nnUNetPlannerResEncM`: a ResidualEncoderUNet for 8 GB (uses ~9-11 GB).
+    #[serde(alias = "nnUNetPlannerResEncM")]
+    ResEncM,
+    /// `nnUNetPlannerResEncL`: a ResidualEncoderUNet for 24 GB.
+    #[serde(alias = "nnUNetPlannerResEncL")]
+    ResEncL,
+    /// `nnUNetPlannerResEncXL`: a ResidualEncoderUNet for 40 GB.
+    #[serde(alias = "nnUNetPlannerResEncXL")]
+    ResEncXL,
+}
+
+impl From<PlannerChoice> for Planner {
+    fn from(choice: PlannerChoice) -> Planner {
+        match choice {
+            PlannerChoice::Default => Planner::Default,
+            PlannerChoice::ResEncM => Planner::ResEncM,
+            PlannerChoice::ResEncL => Planner::ResEncL,
+            PlannerChoice::ResEncXL => Planner::ResEncXL,
+        }
+    }
+}
+
+fn is_default_planner(choice: &PlannerChoice) -> bool {
+    *choice == PlannerChoice::Default
+}
+
+impl PlanStage {
+    /// The planner's settings: the preset's defaults where a parameter is not given.
+    fn settings(&self) -> PlanSettings {
+        let mut settings = PlanSettings::for_planner(self.planner.into());
+        if let Some(gb) = self.gpu_memory_gb {
+            settings.gpu_memory_target_gb = gb;
+        }
+        if let Some(name) = &self.plans_name {
+            settings.plans_name = name.clone();
+        }
+        settings.overwrite_target_spacing = self.overwrite_target_spacing;
+        settings
+    }
 }
 
 /// The overrides, refusing a configuration name nnU-Net never plans (a misspelling), so that it
@@ -88,14 +144,6 @@ pub enum PlanStageError {
     InvalidOverride(#[source] PlansError),
 }
 
-fn eight() -> f64 {
-    8.0
-}
-
-fn plans_name() -> String {
-    "nnUNetPlans".to_string()
-}
-
 impl Stage for PlanStage {
     fn inputs(&self) -> Vec<StageInput> {
         vec![
@@ -111,7 +159,14 @@ impl Stage for PlanStage {
     }
 
     fn params_json(&self) -> Value {
-        super::to_json(self)
+        // The resolved GPU target and plans name, as the parameters were before `planner` came:
+        // an omitted value and the planner's default share a key, and the default planner's keys
+        // are unchanged.
+        let settings = self.settings();
+        let mut params = super::to_json(self);
+        params["gpu_memory_gb"] = settings.gpu_memory_target_gb.into();
+        params["plans_name"] = settings.plans_name.into();
+        params
     }
 
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
@@ -132,13 +187,7 @@ impl Stage for PlanStage {
             dataset_name: &dataset_name,
             file_ending: &dataset.file_ending,
         };
-        let settings = PlanSettings {
-            gpu_memory_target_gb: self.gpu_memory_gb,
-            plans_name: self.plans_name.clone(),
-            overwrite_target_spacing: self.overwrite_target_spacing,
-            ..PlanSettings::default()
-        };
-        let mut plans = plan(&inputs, &settings).map_err(PlanStageError::from)?;
+        let mut plans = plan(&inputs, &self.settings()).map_err(PlanStageError::from)?;
         apply_overrides(&mut plans, &self.overrides)?;
         // Every later stage reads the plan through `Plans`: refuse one it could not read (an
         // override of the wrong type) here, naming the key. The JSON is written as it is, so the
@@ -202,4 +251,59 @@ fn write_json(path: &Path, value: &Value) -> Result<(), PlanStageError> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stage(extra: &str) -> PlanStage {
+        let text = format!("dataset = \"d\"\nfingerprint = \"f\"\n{extra}");
+        toml::from_str(&text).expect("plan parameters")
+    }
+
+    #[test]
+    fn default_planner_keeps_its_cache_key_parameters() {
+        // The parameters as they were before `planner` existed, so existing caches stay valid.
+        assert_eq!(
+            stage("").params_json(),
+            serde_json::json!({
+                "gpu_memory_gb": 8.0,
+                "plans_name": "nnUNetPlans",
+                "overwrite_target_spacing": null,
+                "overrides": {}
+            })
+        );
+        assert_eq!(
+            stage("planner = \"default\"\ngpu_memory_gb = 8.0").params_json(),
+            stage("").params_json()
+        );
+    }
+
+    #[test]
+    fn a_preset_brings_its_gpu_target_and_plans_name() {
+        let resenc_l = stage("planner = \"ResEncL\"");
+        let settings = resenc_l.settings();
+        assert_eq!(settings.planner, Planner::ResEncL);
+        assert_eq!(settings.gpu_memory_target_gb, 24.0);
+        assert_eq!(settings.plans_name, "nnUNetResEncUNetLPlans");
+        let params = resenc_l.params_json();
+        assert_eq!(params["planner"], "ResEncL");
+        assert_eq!(params["gpu_memory_gb"], 24.0);
+        assert_eq!(params["plans_name"], "nnUNetResEncUNetLPlans");
+
+        // nnU-Net's class names are accepted too; explicit values win over the preset's.
+        let xl = stage("planner = \"nnUNetPlannerResEncXL\"\ngpu_memory_gb = 80\nplans_name = \"big\"");
+        let settings = xl.settings();
+        assert_eq!(settings.planner, Planner::ResEncXL);
+        assert_eq!(settings.gpu_memory_target_gb, 80.0);
+        assert_eq!(settings.plans_name, "big");
+    }
+
+    #[test]
+    fn an_unknown_planner_is_refused() {
+        let text = "dataset = \"d\"\nfingerprint = \"f\"\nplanner = \"ResEncXXL\"";
+        let error = toml::from_str::<PlanStage>(text).unwrap_err().to_string();
+        assert!(error.contains("unknown variant `ResEncXXL`"), "{error}");
+    }
 }
