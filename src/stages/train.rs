@@ -52,6 +52,12 @@ impl Stage for TrainStage {
                 path: splits.clone(),
             });
         }
+        if let Some(weights) = &p.pretrained_weights {
+            inputs.push(StageInput {
+                name: "pretrained_weights".into(),
+                path: weights.clone(),
+            });
+        }
         inputs
     }
 
@@ -74,6 +80,7 @@ impl Stage for TrainStage {
         params.plan = absolute(&params.plan);
         params.preprocessed = absolute(&params.preprocessed);
         params.splits = params.splits.as_deref().map(absolute);
+        params.pretrained_weights = params.pretrained_weights.as_deref().map(absolute);
         params.previous_stage = params.previous_stage.iter().map(|p| absolute(p)).collect();
         let identity = serde_json::json!({
             "params": params.resume_identity(),
@@ -120,6 +127,10 @@ fn inputs_digest(params: &TrainParams) -> Result<String, FileError> {
     if let Some(splits) = &params.splits {
         files.push(("splits".into(), PathBuf::from(splits)));
     }
+    // other starting weights are another training: never resumed from this one's checkpoint
+    if let Some(weights) = &params.pretrained_weights {
+        files.push(("pretrained_weights".into(), PathBuf::from(weights)));
+    }
     let folder = Path::new(&params.preprocessed);
     let mut cases: Vec<PathBuf> = std::fs::read_dir(folder)
         .map_err(FileError::io(folder))?
@@ -160,4 +171,34 @@ fn inputs_digest(params: &TrainParams) -> Result<String, FileError> {
         total.update(file_hash.finalize().as_bytes());
     }
     Ok(total.finalize().to_hex().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pretrained_weights_are_keyed_by_their_contents() {
+        let params: toml::Value = toml::from_str(
+            r#"
+            dataset = "D"
+            plan = "plan"
+            preprocessed = "pre"
+            configuration = "3d_fullres"
+            pretrained_weights = "models/checkpoint_final.pth"
+            "#,
+        )
+        .unwrap();
+        let stage = (KIND.build)(params).unwrap();
+        assert!(
+            stage
+                .inputs()
+                .iter()
+                .any(|i| i.name == "pretrained_weights" && i.path == "models/checkpoint_final.pth"),
+            "{:?}",
+            stage.inputs()
+        );
+        // where the file lies is no parameter: moving it re-runs nothing
+        assert!(stage.params_json().get("pretrained_weights").is_none());
+    }
 }

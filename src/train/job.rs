@@ -29,6 +29,9 @@ fn with_paths<S: serde::Serializer>(params: &TrainParams, serializer: S) -> Resu
     if let Some(splits) = &params.splits {
         map.insert("splits".into(), splits.clone().into());
     }
+    if let Some(weights) = &params.pretrained_weights {
+        map.insert("pretrained_weights".into(), weights.clone().into());
+    }
     if !params.previous_stage.is_empty() {
         map.insert("previous_stage".into(), params.previous_stage.clone().into());
     }

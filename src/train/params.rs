@@ -110,6 +110,12 @@ pub struct TrainParams {
     /// split of the sorted case ids.
     #[serde(default, skip_serializing)]
     pub splits: Option<String>,
+    /// Start from these weights instead of a random initialisation (nnU-Net's
+    /// `-pretrained_weights`, for fine-tuning): a checkpoint file, nnU-Net's `.pth` or nnflow's
+    /// `checkpoint_final.safetensors`. Every parameter but the segmentation outputs
+    /// (`.seg_layers.`) is taken from it and must have the network's shape.
+    #[serde(default, skip_serializing)]
+    pub pretrained_weights: Option<String>,
     #[serde(default = "default_epochs")]
     pub epochs: usize,
     #[serde(default = "default_iterations")]

@@ -158,6 +158,21 @@ pub fn read_state(slot: &Slot) -> Result<TrainerState, FileError> {
 /// tensors) are ignored. Nothing is copied unless everything fits. Returns the axes an nnU-Net
 /// checkpoint allows mirroring on (`inference_allowed_mirroring_axes`; nnflow's say none).
 pub fn load_weights(path: &Path, vs: &mut VarStore) -> Result<Option<Vec<usize>>, CheckpointError> {
+    load_weights_where(path, vs, |_| true)
+}
+
+/// nnU-Net's `load_pretrained_weights`, for fine-tuning: every variable but the segmentation
+/// outputs (their classes may differ) from `path`, each with the network's shape.
+pub fn load_pretrained(path: &Path, vs: &mut VarStore) -> Result<(), CheckpointError> {
+    load_weights_where(path, vs, |name| !name.contains(".seg_layers.")).map(|_| ())
+}
+
+/// [`load_weights`] for the variables whose names `wanted` accepts.
+fn load_weights_where(
+    path: &Path,
+    vs: &mut VarStore,
+    wanted: impl Fn(&str) -> bool,
+) -> Result<Option<Vec<usize>>, CheckpointError> {
     let (stored, mirror_axes): (BTreeMap<String, Tensor>, _) = if path.extension().is_some_and(|e| e == "pth")
     {
         let checkpoint = read_checkpoint(path)?;
@@ -177,7 +192,10 @@ pub fn load_weights(path: &Path, vs: &mut VarStore) -> Result<Option<Vec<usize>>
             .collect();
         (weights, None)
     };
-    let variables = sorted_variables(vs);
+    let variables: Vec<(String, Tensor)> = sorted_variables(vs)
+        .into_iter()
+        .filter(|(name, _)| wanted(name))
+        .collect();
     for (name, variable) in &variables {
         match stored.get(name) {
             None => {
@@ -400,5 +418,55 @@ mod tests {
         assert_eq!(back.pseudo_dice[0], 0.9);
         assert!(back.pseudo_dice[1].is_nan());
         assert_eq!((back.epoch, back.train_loss, back.ema_pseudo_dice), (3, 0.5, 0.4));
+    }
+
+    /// An encoder variable and a segmentation output of `classes` classes, valued `offset + i`.
+    fn with_classes(classes: i64, offset: f64) -> VarStore {
+        let vs = VarStore::new(Device::Cpu);
+        let root = vs.root();
+        let _ = (&root / "encoder" / "stages" / 0).var("weight", &[2, 3], Init::Const(0.0));
+        let _ = (&root / "decoder" / "seg_layers" / 0).var("weight", &[classes, 2], Init::Const(0.0));
+        set(&vs, offset);
+        vs
+    }
+
+    #[test]
+    fn pretrained_weights_are_all_but_the_segmentation_outputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pretrained.safetensors");
+        let trained = with_classes(3, 100.0);
+        Tensor::write_safetensors(&sorted_variables(&trained), &file).unwrap();
+
+        // another task with two classes: the encoder comes from the file, the outputs stay fresh
+        let mut fine_tuned = with_classes(2, 0.0);
+        let fresh = values(&fine_tuned);
+        load_pretrained(&file, &mut fine_tuned).unwrap();
+        let loaded = values(&fine_tuned);
+        assert_eq!(loaded[1], values(&trained)[1], "encoder.stages.0.weight");
+        assert_eq!(loaded[0], fresh[0], "decoder.seg_layers.0.weight");
+
+        // loading for prediction takes everything, so the outputs' shapes must fit
+        let error = load_weights(&file, &mut with_classes(2, 0.0))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("decoder.seg_layers.0.weight has shape [3, 2]"),
+            "{error}"
+        );
+
+        // a different encoder is named, not loaded
+        let vs = VarStore::new(Device::Cpu);
+        let _ = (&vs.root() / "encoder" / "stages" / 0).var("weight", &[2, 4], Init::Const(0.0));
+        let mut other = vs;
+        let error = load_pretrained(&file, &mut other).unwrap_err().to_string();
+        assert!(
+            error.contains("encoder.stages.0.weight has shape [2, 3], the network's is [2, 4]"),
+            "{error}"
+        );
+        let vs = VarStore::new(Device::Cpu);
+        let _ = (&vs.root() / "encoder" / "stages" / 1).var("weight", &[2, 3], Init::Const(0.0));
+        let mut missing = vs;
+        let error = load_pretrained(&file, &mut missing).unwrap_err().to_string();
+        assert!(error.contains("no tensor encoder.stages.1.weight"), "{error}");
     }
 }

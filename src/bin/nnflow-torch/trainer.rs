@@ -129,7 +129,7 @@ impl Logger {
 /// Runs one training job from start (or the latest resume checkpoint) to the final validation.
 pub fn train(job: &TrainJob) -> Result<(), TrainerError> {
     let mut trainer = Trainer::set_up(job)?;
-    let mut state = trainer.resume_or_start();
+    let mut state = trainer.resume_or_start()?;
     let mut feed = trainer.start_batches(state.epochs_done);
     for epoch in state.epochs_done..job.params.epochs {
         if trainer.epoch(epoch, &mut state, &mut feed)?.is_break() {
@@ -241,8 +241,8 @@ impl<'a> Trainer<'a> {
     }
 
     /// Continues from the resume checkpoint when one belongs to this job (loading its weights and
-    /// optimiser state), otherwise starts a fresh history.
-    fn resume_or_start(&mut self) -> TrainerState {
+    /// optimiser state), otherwise starts a fresh history, from the pretrained weights if given.
+    fn resume_or_start(&mut self) -> Result<TrainerState, TrainerError> {
         let job = self.job;
         match resume(
             &job.resume_dir,
@@ -257,16 +257,23 @@ impl<'a> Trainer<'a> {
                     state.epochs_done,
                     job.resume_dir.join(slot).display()
                 ));
-                state
+                Ok(state)
             }
-            None => TrainerState {
-                identity: job.identity.clone(),
-                epochs_done: 0,
-                logs: Vec::new(),
-                best_ema: None,
-                best_epoch: None,
-                scaler: LossScaler::default(),
-            },
+            None => {
+                if let Some(weights) = &job.params.pretrained_weights {
+                    checkpoint::load_pretrained(Path::new(weights), &mut self.vs)?;
+                    self.log
+                        .line(&format!("starting from the pretrained weights in {weights}"));
+                }
+                Ok(TrainerState {
+                    identity: job.identity.clone(),
+                    epochs_done: 0,
+                    logs: Vec::new(),
+                    best_ema: None,
+                    best_epoch: None,
+                    scaler: LossScaler::default(),
+                })
+            }
         }
     }
 
