@@ -70,13 +70,16 @@ fn every_plans_fixture_reads_and_writes_back_unchanged() {
             serde_json::to_string(&written).unwrap(),
             serde_json::to_string(&original).unwrap()
         );
-        // Every fixture is nnU-Net's default PlainConvUNet plan: typed, nothing left over.
+        // Every fixture is a plan of nnU-Net's planners: the default one's PlainConvUNet or the
+        // ResEnc presets' ResidualEncoderUNet, typed, nothing left over.
         for (name, configuration) in &plans.configurations {
             if let Some(architecture) = &configuration.architecture {
-                let NetworkKwargs::PlainConvUNet(kwargs) = &architecture.arch_kwargs else {
-                    panic!("{}: {name}: {:?}", file.display(), architecture.arch_kwargs);
+                let kwargs_left_over = match &architecture.arch_kwargs {
+                    NetworkKwargs::PlainConvUNet(kwargs) => &kwargs.extra,
+                    NetworkKwargs::ResidualEncoderUNet(kwargs) => &kwargs.extra,
+                    other => panic!("{}: {name}: {other:?}", file.display()),
                 };
-                assert!(kwargs.extra.is_empty() && architecture.extra.is_empty());
+                assert!(kwargs_left_over.is_empty() && architecture.extra.is_empty());
             }
             assert!(configuration.extra.is_empty(), "{}: {name}", file.display());
         }
