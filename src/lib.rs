@@ -14,8 +14,9 @@
 //!   arrays, tested against nnU-Net's numbers.
 //! - [`torch_env`]: where libtorch and CUDA are at run time, and the device choice (no tch here).
 //! - [`network`], [`train`], [`inference`]: the torch-free side of the model: architectures from
-//!   plans, training jobs, sampling, splits, resume checkpoints and progress plots, prediction
-//!   jobs, sliding-window tiles and export. The libtorch code itself is the `nnflow-torch` worker
+//!   plans and nnU-Net's `.pth` checkpoints, training jobs, sampling, splits, resume checkpoints and
+//!   progress plots, trained models as users have them, prediction jobs, sliding-window tiles and
+//!   export. The libtorch code itself is the `nnflow-torch` worker
 //!   binary (`src/bin/nnflow-torch/`), so the `nnflow` binary never links libtorch.
 //! - [`stages`]: nnU-Net's stage kinds and their registry.
 //! - [`cli`], [`schema`]: the `nnflow` command line, which hands the engine the registry of stage

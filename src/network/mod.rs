@@ -1,6 +1,7 @@
 //! nnU-Net's network as a plan describes it ([`architecture`], plain data) and its state-dict
-//! names ([`state_dict`]). The libtorch PlainConvUNet built from it lives in the `nnflow-torch`
-//! worker (`src/bin/nnflow-torch/unet.rs`), so the engine binary never links libtorch. [`pth`]
+//! names ([`state_dict`]). The libtorch networks built from it (PlainConvUNet, ResidualEncoderUNet)
+//! live in the `nnflow-torch` worker (`src/bin/nnflow-torch/`), so the engine binary never links
+//! libtorch. [`pth`]
 //! reads the weights of a network nnU-Net trained from its `.pth` checkpoint, without torch.
 
 pub mod architecture;

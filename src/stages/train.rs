@@ -27,7 +27,8 @@ pub const KIND: Kind = Kind {
     build: super::finite::build_finite::<TrainStage>,
 };
 
-/// Trains nnU-Net's PlainConvUNet for one configuration and fold. Every hyperparameter and the
+/// Trains nnU-Net's network of the plan (PlainConvUNet, or ResidualEncoderUNet for the ResEnc
+/// presets) for one configuration and fold. Every hyperparameter and the
 /// augmentation list are parameters, with nnU-Net v2's defaults.
 #[derive(Deserialize, Serialize, JsonSchema, Debug)]
 #[serde(transparent)]
