@@ -3,7 +3,9 @@
 //! synthetic_cascade, from tests/fixtures/plan/generate.py). The default pipeline trains 3d_lowres,
 //! stores its cross-validation predictions on the full-resolution grid, trains the cascade with
 //! them as extra input channels, selects among all models and predicts through the cascade. A
-//! change to the 3d_lowres settings alone reruns 3d_lowres and the cascade, not 3d_fullres.
+//! change to the 3d_lowres settings alone reruns 3d_lowres and the cascade, not 3d_fullres; the
+//! cascade alone (`configurations = ["3d_lowres", "3d_cascade_fullres"]`) preprocesses 3d_fullres
+//! without training it.
 
 mod common;
 
@@ -123,21 +125,18 @@ fn the_cascade_trains_on_lowres_predictions_and_predicts_through_them() {
         plans["configurations"]["3d_cascade_fullres"]["previous_stage"],
         "3d_lowres"
     );
-    // the cascade has no preprocessing of its own
-    let shared = result.json["stages"]
+    // the cascade has no preprocessing of its own: it trains on 3d_fullres's
+    let ids_run: Vec<&str> = result.json["stages"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|s| s["id"] == "resample[configuration=3d_cascade_fullres]")
-        .unwrap()
-        .clone();
-    assert_eq!(shared["outcome"], "skipped");
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
     assert!(
-        shared["error"]
-            .as_str()
-            .unwrap()
-            .contains("preprocessed data of 3d_fullres"),
-        "{shared}"
+        !ids_run
+            .iter()
+            .any(|id| id.contains("configuration=3d_cascade_fullres]") && !id.starts_with("train")),
+        "{ids_run:?}"
     );
 
     // every case's 3d_lowres prediction, on the 3d_fullres grid, from the fold that held it out
@@ -245,4 +244,51 @@ fn the_cascade_trains_on_lowres_predictions_and_predicts_through_them() {
     ] {
         assert_eq!(rerun.outcome(stage), "cached", "{stage}");
     }
+
+    // The cascade alone, as nnU-Net trains it: 3d_fullres is preprocessed (the cascade trains on
+    // its data) but not trained. The cascade's trainings are the same as before, so cached.
+    let alone = project.run(&[
+        "p.toml",
+        "--set",
+        r#"configurations=["3d_lowres", "3d_cascade_fullres"]"#,
+    ]);
+    assert_eq!(alone.code, 0, "{}\n{}", alone.stderr, alone.json);
+    let ids: Vec<&str> = alone.json["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert!(
+        !ids.iter()
+            .any(|id| id.starts_with("train[configuration=3d_fullres")),
+        "{ids:?}"
+    );
+    assert!(!ids.iter().any(|id| id.contains("configuration=2d")), "{ids:?}");
+    for stage in [
+        "normalize[configuration=3d_fullres]",
+        "resample[configuration=3d_fullres]",
+        "train[configuration=3d_lowres,fold=0]",
+        "train[configuration=3d_cascade_fullres,fold=1]",
+    ] {
+        assert_eq!(alone.outcome(stage), "cached", "{stage}");
+    }
+    let decision: serde_json::Value =
+        serde_json::from_str(&project.read(".nnflow/cascade/out/select/decision.json")).unwrap();
+    let candidates = decision["candidates"].as_array().unwrap();
+    assert_eq!(
+        candidates.len(),
+        3,
+        "3d_lowres, the cascade and the pair: {candidates:?}"
+    );
+    assert!(project.path().join("predictions/test_000.nii.gz").is_file());
+    // naming a preprocessing no stage needs says so
+    let left_out = project.run(&[
+        "p.toml",
+        "--set",
+        r#"configurations=["3d_lowres", "3d_cascade_fullres"]"#,
+        "resample[configuration=2d]",
+    ]);
+    assert_ne!(left_out.code, 0);
+    assert!(left_out.stderr.contains("no other stage"), "{}", left_out.stderr);
 }

@@ -18,6 +18,17 @@ use super::stage::StageError;
 pub enum RunError {
     #[error("no stage or stage instance named `{name}` in {}", pipeline.display())]
     UnknownStage { name: String, pipeline: PathBuf },
+    #[error(
+        "`{name}` is an `on_demand` stage that no other stage of {} needs, so it is not part of \
+         this run (left out: {})",
+        pipeline.display(),
+        left_out.join(", ")
+    )]
+    NotNeeded {
+        name: String,
+        pipeline: PathBuf,
+        left_out: Vec<String>,
+    },
     #[error("stage `{id}` needs {needs} GPU(s) but {available} are available (use --gpus to name them)")]
     NotEnoughGpus {
         id: String,

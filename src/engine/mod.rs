@@ -91,6 +91,20 @@ impl Engine {
                 .filter(|(_, inst)| inst.stage == *name || inst.id == *name)
                 .map(|(i, _)| i)
                 .collect();
+            let left_out: Vec<String> = self
+                .pipeline
+                .left_out
+                .iter()
+                .filter(|id| *id == name || id.split('[').next() == Some(name.as_str()))
+                .cloned()
+                .collect();
+            if matching.is_empty() && !left_out.is_empty() {
+                return Err(RunError::NotNeeded {
+                    name: name.clone(),
+                    pipeline: self.pipeline.file.clone(),
+                    left_out,
+                });
+            }
             if matching.is_empty() {
                 return Err(RunError::UnknownStage {
                     name: name.clone(),

@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::demand::keep_needed;
 use super::diagnostics::Diagnostic;
 use super::every_error::read_all;
 use super::matrix::Expanded;
@@ -16,12 +17,13 @@ use super::typed::{param_diagnostic, select_keys};
 use super::vars::Vars;
 use crate::engine::stage::{Kind, Registry, Stage};
 
+/// The pipeline's instances, and the ids of `on_demand` instances no other stage needs (left out).
 pub(super) fn build_instances(
     expanded: Vec<Expanded<'_>>,
     failed: &HashSet<String>,
     vars: &Vars,
     errors: &mut Vec<Diagnostic>,
-) -> Vec<Instance> {
+) -> (Vec<Instance>, Vec<String>) {
     let mut by_stage: HashMap<&str, Vec<usize>> = HashMap::new();
     for (index, e) in expanded.iter().enumerate() {
         by_stage.entry(e.stage.as_str()).or_default().push(index);
@@ -32,6 +34,7 @@ pub(super) fn build_instances(
         failed,
     };
     let mut instances = Vec::new();
+    let mut on_demand = Vec::new();
     for (index, e) in expanded.iter().enumerate() {
         let params_node = instance_params(e);
         let scope = Scope::new(vars, &e.matrix, Some((&targets, index)));
@@ -66,6 +69,7 @@ pub(super) fn build_instances(
             .flatten()
             .map(|(k, v)| (k.clone(), v.location.clone()))
             .collect();
+        on_demand.push(e.common.on_demand);
         instances.push(Instance {
             id: e.id.clone(),
             stage: e.stage.clone(),
@@ -100,7 +104,7 @@ pub(super) fn build_instances(
             .filter_map(|&i| position.get(&expanded[i].id).copied())
             .collect();
     }
-    instances
+    keep_needed(instances, &on_demand)
 }
 
 /// Checks the kind's parameters of a stage that has no instances (a mistake in `threads`,

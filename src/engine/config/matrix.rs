@@ -34,6 +34,7 @@ pub(super) struct StageCommonResolved {
     pub(super) threads: u32,
     pub(super) gpus: u32,
     pub(super) slurm: SlurmOptions,
+    pub(super) on_demand: bool,
 }
 
 pub(super) fn expand_stages<'a>(
@@ -155,6 +156,7 @@ fn expand_stage<'a>(
                     threads: common.threads,
                     gpus: common.gpus,
                     slurm: common.slurm.clone().unwrap_or_default(),
+                    on_demand: common.on_demand,
                 },
                 kind,
                 overrides: overrides

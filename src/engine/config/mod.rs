@@ -2,6 +2,7 @@
 //! matrices and substituting `${...}`, into a [`Pipeline`] of stage instances. Every problem is
 //! collected and reported at once with its file, line and column.
 
+mod demand;
 pub mod diagnostics;
 mod every_error;
 mod instances;

@@ -81,6 +81,12 @@ pub struct StageCommon {
     pub gpus: u32,
     /// Slurm settings for this stage's jobs, on top of `[pipeline.slurm]`.
     pub slurm: Option<SlurmOptions>,
+    /// Run only the instances another stage needs (through `${NAME.outputs}` or `after`), the way a
+    /// build tool builds only what its targets need; the others are left out of the pipeline. Lets
+    /// a matrix cover every value (e.g. every configuration's preprocessing) while only the values
+    /// other stages use are computed.
+    #[serde(default)]
+    pub on_demand: bool,
     /// Parameters for some instances of a matrix stage only (read on their own, see [`Override`]).
     #[serde(default, skip_deserializing)]
     pub instance_overrides: Vec<Override>,
@@ -109,6 +115,7 @@ pub const COMMON_STAGE_KEYS: &[&str] = &[
     "threads",
     "gpus",
     "slurm",
+    "on_demand",
     "instance_overrides",
 ];
 

@@ -32,6 +32,8 @@ pub struct Pipeline {
     pub slurm: SlurmOptions,
     pub sources: Sources,
     pub instances: Vec<Instance>,
+    /// Instances of `on_demand` stages that no other stage needs: not part of this pipeline.
+    pub left_out: Vec<String>,
 }
 
 /// One stage instance: a stage, or one combination of its matrix.
@@ -162,7 +164,7 @@ fn resolve(
         &mut failed,
         errors,
     );
-    let instances = build_instances(stages, &failed, &vars, errors);
+    let (instances, left_out) = build_instances(stages, &failed, &vars, errors);
     Pipeline {
         name,
         file: path.to_path_buf(),
@@ -174,6 +176,7 @@ fn resolve(
         slurm: section.slurm.clone().unwrap_or_default(),
         sources,
         instances,
+        left_out,
     }
 }
 
