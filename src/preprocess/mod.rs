@@ -13,6 +13,7 @@ pub mod normalize;
 pub mod numpy_random;
 pub mod plan;
 pub mod plan_resenc;
+pub mod plan_transfer;
 pub mod resample;
 pub mod topology;
 

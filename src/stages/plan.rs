@@ -1,6 +1,7 @@
 //! The `plan` stage: nnU-Net's default experiment planner, or one of its residual-encoder presets,
-//! on a fingerprint, writing plans.json (with dataset.json and dataset_fingerprint.json beside it,
-//! as nnU-Net's preprocessed folder has).
+//! on a fingerprint, or another dataset's plans moved onto this dataset
+//! (`nnUNetv2_move_plans_between_datasets`), writing plans.json (with dataset.json and
+//! dataset_fingerprint.json beside it, as nnU-Net's preprocessed folder has).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -9,33 +10,54 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{Kind, Stage, StageContext, StageError, StageInput};
+use super::{Kind, ParamError, Stage, StageContext, StageError, StageInput};
 use crate::data::dataset::{Dataset, DatasetError};
 use crate::data::fingerprint_format::Fingerprint;
 use crate::file_error::FileError;
 use crate::plans::{Plans, PlansError};
 use crate::preprocess::plan::{check_configuration_name, plan, PlanError, PlanInputs, PlanSettings, Planner};
+use crate::preprocess::plan_transfer::{transfer_plans, TransferError, TransferSource, TransferTarget};
 
 pub const KIND: Kind = Kind {
     name: "plan",
     version: 1,
     toolchain: &[],
     schema: |generator| generator.subschema_for::<PlanStage>(),
-    build: super::finite::build_finite::<PlanStage>,
+    build,
 };
 
 /// Plans the configurations (2d, 3d_fullres, 3d_lowres, 3d_cascade_fullres) as nnU-Net's default
-/// experiment planner, or one of its residual-encoder presets, does. Every planned value can be
-/// overridden.
+/// experiment planner, or one of its residual-encoder presets, does, or takes another dataset's
+/// plans (`plans_from`). Every planned value can be overridden.
 #[derive(Deserialize, Serialize, JsonSchema, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct PlanStage {
     /// The dataset folder (its dataset.json is read), relative to the pipeline file or absolute.
     #[serde(skip_serializing)]
     pub dataset: String,
-    /// The folder holding dataset_fingerprint.json: `${fingerprint.outputs}`.
+    /// The folder holding dataset_fingerprint.json: `${fingerprint.outputs}`. With `plans_from`
+    /// it is only copied beside the plans (nnU-Net keeps it with the model), not planned from.
     #[serde(skip_serializing)]
     pub fingerprint: String,
+    /// Another dataset's plans to use for this one instead of planning, as nnU-Net's
+    /// `nnUNetv2_move_plans_between_datasets` does (to pretrain on one dataset and fine-tune on the
+    /// other with the train stage's `pretrained_weights`): a plans file (a path ending in `.json`,
+    /// e.g. nnU-Net's `nnUNet_preprocessed/Dataset001_X/nnUNetPlans.json`) or a folder holding
+    /// plans.json, such as another plan stage's `${plan_source.outputs}`. Its contents are keyed.
+    /// Everything is kept from those plans: every configuration (architecture, patch and batch
+    /// size, spacing, normalization schemes, resampling), the transpose, and the other dataset's
+    /// median spacing and shape and `foreground_intensity_properties_per_channel`, so CT
+    /// normalization clips and scales with the other dataset's statistics. Only `dataset_name`
+    /// (this dataset's folder name), `image_reader_writer` (this dataset's reader, from its
+    /// dataset.json), `plans_name` and the `data_identifier`s (see `plans_name`) change. This
+    /// dataset's fingerprint does not enter the plans, not even its statistics (nnU-Net keeps the
+    /// other dataset's); it is only copied beside them. The plans must normalize as many
+    /// channels as this dataset has (another modality is allowed, as in nnU-Net, and noted in
+    /// the stage's log).
+    /// `planner` and `overwrite_target_spacing` are refused next to it, `gpu_memory_gb` is not used
+    /// (the transferred plans were made for their own GPU budget); `overrides` apply.
+    #[serde(skip_serializing)]
+    pub plans_from: Option<String>,
     /// Which of nnU-Net's experiment planners to reproduce: `default` (`ExperimentPlanner`, a
     /// PlainConvUNet) or a residual-encoder preset planning a ResidualEncoderUNet for a bigger GPU
     /// (`ResEncM`, `ResEncL`, `ResEncXL`: nnU-Net's `-pl nnUNetPlannerResEncM` etc.).
@@ -47,6 +69,10 @@ pub struct PlanStage {
     pub gpu_memory_gb: Option<f64>,
     /// Name of the plans (nnU-Net's `-pl`/plans identifier). Default: the planner's
     /// (`nnUNetPlans`, `nnUNetResEncUNetMPlans`, `nnUNetResEncUNetLPlans`, `nnUNetResEncUNetXLPlans`).
+    /// With `plans_from`, nnU-Net's target plans identifier (`-tp`), by default the transferred
+    /// plans' own `plans_name`; a different name also renames each `data_identifier` as nnU-Net
+    /// does (`nnUNetPlans_3d_fullres` becomes `<name>_3d_fullres`, one not starting with the old
+    /// name is prefixed: `<name>_nnUNetPlans_2d`).
     pub plans_name: Option<String>,
     /// Target spacing (z, y, x) to use instead of the planned one.
     pub overwrite_target_spacing: Option<[f64; 3]>,
@@ -90,7 +116,43 @@ fn is_default_planner(choice: &PlannerChoice) -> bool {
     *choice == PlannerChoice::Default
 }
 
+/// The parameters that choose how to plan, and so do not go with `plans_from`. `gpu_memory_gb` is
+/// not among them: nnU-Net's default pipeline sets it for every plan stage, and it only says what
+/// GPU the plans are for, which transferred plans already decided.
+const PLANNING_PARAMETERS: [&str; 2] = ["planner", "overwrite_target_spacing"];
+
+/// Reads the parameters as every kind does, then refuses planner parameters next to `plans_from`
+/// (they would be silently ignored) when the pipeline is loaded.
+fn build(params: toml::Value) -> Result<Box<dyn Stage>, ParamError> {
+    let stage = super::finite::build_finite::<PlanStage>(params.clone())?;
+    let table = params.as_table();
+    let given = |key: &str| table.is_some_and(|t| t.contains_key(key));
+    if given("plans_from") {
+        if let Some(key) = PLANNING_PARAMETERS.into_iter().find(|key| given(key)) {
+            return Err(ParamError {
+                path: vec![key.to_string()],
+                message: format!(
+                    "`{key}` chooses how to plan, but with `plans_from` the plans are transferred, \
+                     not planned: remove one of the two"
+                ),
+            });
+        }
+    }
+    Ok(stage)
+}
+
 impl PlanStage {
+    /// The file `plans_from` names: itself when it ends in `.json`, else the folder's plans.json.
+    fn source_plans(&self) -> Option<String> {
+        self.plans_from.as_ref().map(|from| {
+            if from.ends_with(".json") {
+                from.clone()
+            } else {
+                format!("{}/plans.json", from.trim_end_matches('/'))
+            }
+        })
+    }
+
     /// The planner's settings: the preset's defaults where a parameter is not given.
     fn settings(&self) -> PlanSettings {
         let mut settings = PlanSettings::for_planner(self.planner.into());
@@ -142,11 +204,16 @@ pub enum PlanStageError {
     /// An override that makes plans.json unreadable (a value of the wrong type).
     #[error("overrides: {0}")]
     InvalidOverride(#[source] PlansError),
+    /// The `plans_from` file is missing or not JSON.
+    #[error("plans_from: {0}")]
+    Source(#[source] FileError),
+    #[error("plans_from: {0}")]
+    Transfer(#[from] TransferError),
 }
 
 impl Stage for PlanStage {
     fn inputs(&self) -> Vec<StageInput> {
-        vec![
+        let mut inputs = vec![
             StageInput {
                 name: "dataset/dataset.json".into(),
                 path: format!("{}/dataset.json", self.dataset),
@@ -155,10 +222,26 @@ impl Stage for PlanStage {
                 name: "fingerprint".into(),
                 path: format!("{}/dataset_fingerprint.json", self.fingerprint),
             },
-        ]
+        ];
+        if let Some(source) = self.source_plans() {
+            inputs.push(StageInput {
+                name: "plans_from".into(),
+                path: source,
+            });
+        }
+        inputs
     }
 
     fn params_json(&self) -> Value {
+        if self.plans_from.is_some() {
+            // The source plans are keyed as an input; the name stays as given (`null`: the
+            // source's own), since its default depends on the source's contents.
+            return serde_json::json!({
+                "plans_from": "transfer",
+                "plans_name": self.plans_name,
+                "overrides": self.overrides,
+            });
+        }
         // The resolved GPU target and plans name, as the parameters were before `planner` came:
         // an omitted value and the planner's default share a key, and the default planner's keys
         // are unchanged.
@@ -172,22 +255,48 @@ impl Stage for PlanStage {
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
         let dataset_root = ctx.root.join(&self.dataset);
         let dataset = Dataset::open(&dataset_root).map_err(PlanStageError::from)?;
-        let dataset_json: Value = read_json(&dataset_root.join("dataset.json"))?;
+        let dataset_json_path = dataset_root.join("dataset.json");
+        let dataset_json: Value = read_json(&dataset_json_path)?;
         let fingerprint_path = ctx.root.join(&self.fingerprint).join("dataset_fingerprint.json");
         let fingerprint = read_fingerprint(&fingerprint_path)?;
         let dataset_name = dataset_root.canonicalize().unwrap_or(dataset_root.clone());
         let dataset_name = dataset_name
             .file_name()
             .map_or("dataset".into(), |n| n.to_string_lossy().into_owned());
-        let inputs = PlanInputs {
-            fingerprint: &fingerprint,
-            channel_names: &dataset.channels,
-            labels: dataset_json["labels"].clone(),
-            num_training_cases: dataset.num_training,
-            dataset_name: &dataset_name,
-            file_ending: &dataset.file_ending,
+        let mut plans = match self.source_plans() {
+            Some(source) => {
+                let source_path = ctx.root.join(source);
+                let source_plans = read_source_plans(&source_path)?;
+                let target = TransferTarget {
+                    dataset_name: &dataset_name,
+                    channel_names: &dataset.channels,
+                    dataset_json: &dataset_json,
+                    dataset_json_origin: &dataset_json_path.display().to_string(),
+                };
+                let source = TransferSource {
+                    plans: &source_plans,
+                    origin: &source_path.display().to_string(),
+                };
+                let moved = transfer_plans(source, target, self.plans_name.as_deref())
+                    .map_err(PlanStageError::from)?;
+                ctx.log(&format!("plans transferred from {}", source_path.display()));
+                for note in &moved.notes {
+                    ctx.log(note);
+                }
+                moved.plans
+            }
+            None => {
+                let inputs = PlanInputs {
+                    fingerprint: &fingerprint,
+                    channel_names: &dataset.channels,
+                    labels: dataset_json["labels"].clone(),
+                    num_training_cases: dataset.num_training,
+                    dataset_name: &dataset_name,
+                    file_ending: &dataset.file_ending,
+                };
+                plan(&inputs, &self.settings()).map_err(PlanStageError::from)?
+            }
         };
-        let mut plans = plan(&inputs, &self.settings()).map_err(PlanStageError::from)?;
         apply_overrides(&mut plans, &self.overrides)?;
         // Every later stage reads the plan through `Plans`: refuse one it could not read (an
         // override of the wrong type) here, naming the key. The JSON is written as it is, so the
@@ -234,6 +343,12 @@ fn read_fingerprint(path: &Path) -> Result<Fingerprint, PlanStageError> {
         });
     }
     Ok(serde_json::from_value(value).map_err(FileError::json(path))?)
+}
+
+/// Reads the plans `plans_from` names; errors say it is that parameter's file.
+fn read_source_plans(path: &Path) -> Result<Value, PlanStageError> {
+    let text = std::fs::read(path).map_err(|e| PlanStageError::Source(FileError::io(path)(e)))?;
+    serde_json::from_slice(&text).map_err(|e| PlanStageError::Source(FileError::json(path)(e)))
 }
 
 fn read_json(path: &Path) -> Result<Value, PlanStageError> {
@@ -298,6 +413,51 @@ mod tests {
         assert_eq!(settings.planner, Planner::ResEncXL);
         assert_eq!(settings.gpu_memory_target_gb, 80.0);
         assert_eq!(settings.plans_name, "big");
+    }
+
+    #[test]
+    fn plans_from_keys_the_source_file_and_only_the_parameters_that_apply() {
+        let from_folder = stage("plans_from = \"out/plan_a/\"");
+        let input = from_folder.inputs().pop().unwrap();
+        assert_eq!(
+            (input.name.as_str(), input.path.as_str()),
+            ("plans_from", "out/plan_a/plans.json")
+        );
+        let from_file = stage("plans_from = \"pre/Dataset001_A/nnUNetPlans.json\"");
+        assert_eq!(
+            from_file.inputs().pop().unwrap().path,
+            "pre/Dataset001_A/nnUNetPlans.json"
+        );
+        // Pinned: the name is keyed as given, its default being the source's own.
+        assert_eq!(
+            from_file.params_json(),
+            serde_json::json!({"plans_from": "transfer", "plans_name": null, "overrides": {}})
+        );
+        assert_eq!(
+            stage("plans_from = \"a.json\"\nplans_name = \"Pre\"").params_json()["plans_name"],
+            "Pre"
+        );
+        assert_eq!(stage("").inputs().len(), 2);
+    }
+
+    #[test]
+    fn planner_parameters_next_to_plans_from_are_refused() {
+        let params = |extra: &str| -> toml::Value {
+            toml::from_str(&format!("dataset = \"d\"\nfingerprint = \"f\"\n{extra}")).unwrap()
+        };
+        let error = build(params("plans_from = \"a.json\"\nplanner = \"ResEncL\"")).unwrap_err();
+        assert_eq!(error.path, ["planner"]);
+        assert!(
+            error
+                .message
+                .contains("with `plans_from` the plans are transferred"),
+            "{}",
+            error.message
+        );
+        assert!(build(params("plans_from = \"a.json\"\nplans_name = \"P\"")).is_ok());
+        // the default pipeline sets the GPU budget for every plan stage
+        assert!(build(params("plans_from = \"a.json\"\ngpu_memory_gb = 24")).is_ok());
+        assert!(build(params("gpu_memory_gb = 24")).is_ok());
     }
 
     #[test]

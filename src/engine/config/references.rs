@@ -22,8 +22,14 @@ pub(super) enum ReferenceError {
     },
     #[error("`${{{stage}.outputs}}` cannot be used here (only in stage parameters)")]
     NotInStageParameters { stage: String },
-    #[error("no instance of `{stage}` matches this instance's matrix values")]
-    NoMatchingInstance { stage: String },
+    #[error(
+        "no instance of `{stage}` matches this instance's matrix values ({values}; instances: {instances})"
+    )]
+    NoMatchingInstance {
+        stage: String,
+        values: String,
+        instances: String,
+    },
     #[error("no instance of `{stage}` has {filter} (instances: {instances})")]
     NoInstanceWith {
         stage: String,
@@ -110,6 +116,31 @@ impl RefTargets<'_, '_> {
             })
     }
 
+    fn no_matching_instance(&self, stage: &str, from: usize) -> ReferenceError {
+        // The values matching compares: the matrix keys both stages have.
+        let target_keys = self
+            .by_stage
+            .get(stage)
+            .and_then(|instances| instances.first())
+            .map(|&i| &self.expanded[i].matrix);
+        let values: Vec<String> = self.expanded[from]
+            .matrix
+            .iter()
+            .filter(|(key, _)| target_keys.is_some_and(|keys| keys.contains_key(*key)))
+            .map(|(key, value)| {
+                format!(
+                    "{key}={}",
+                    value.as_str().map_or(value.to_string(), str::to_string)
+                )
+            })
+            .collect();
+        ReferenceError::NoMatchingInstance {
+            stage: stage.to_string(),
+            values: values.join(","),
+            instances: self.instance_names(stage),
+        }
+    }
+
     fn instance_names(&self, stage: &str) -> String {
         let ids: Vec<&str> = self
             .by_stage
@@ -149,9 +180,7 @@ impl RefTargets<'_, '_> {
         match found {
             Some(found) if !found.is_empty() => found,
             Some(_) => {
-                let error = ReferenceError::NoMatchingInstance {
-                    stage: stage.to_string(),
-                };
+                let error = self.no_matching_instance(stage, from);
                 errors.push(Diagnostic::new(Some(location.clone()), error.to_string()));
                 Vec::new()
             }
@@ -213,9 +242,7 @@ pub(super) fn outputs_reference(
                 filter: filter_text(filter),
                 instances: targets.instance_names(stage),
             },
-            _ => ReferenceError::NoMatchingInstance {
-                stage: stage.to_string(),
-            },
+            _ => targets.no_matching_instance(stage, from),
         }),
         many => Err(ReferenceError::SeveralInstances {
             stage: stage.to_string(),
