@@ -46,7 +46,9 @@ pub struct PredictArgs {
     pub save_probabilities: bool,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
-    /// A cascade's previous-stage predictions (not supported yet).
+    /// For a cascade's second stage (3d_cascade_fullres): the previous stage's segmentations of
+    /// the same images, `<case><file ending>` in DIR; they become extra input channels, as in
+    /// nnUNetv2_predict. An error for models that are no cascade.
     #[arg(long, value_name = "DIR")]
     pub prev_stage_predictions: Option<PathBuf>,
     /// Print one JSON object (see README) instead of progress.
@@ -75,6 +77,8 @@ struct PredictStageToml {
     mirroring: bool,
     save_probabilities: bool,
     device: DeviceChoice,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    previous_stage_predictions: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -112,9 +116,6 @@ pub fn predict(args: PredictArgs) -> i32 {
 
 /// The pipeline file for `args`, written where nnflow may write it. The error says why not.
 fn write_pipeline(args: &PredictArgs) -> Result<PathBuf, String> {
-    if args.prev_stage_predictions.is_some() {
-        return Err("--prev-stage-predictions (a cascade's second stage) is not supported yet".into());
-    }
     let project = std::env::current_dir().map_err(|e| format!("cannot read the current folder: {e}"))?;
     let output = project.join(&args.output);
     if !lexically_inside(&output, &project) {
@@ -150,6 +151,10 @@ fn write_pipeline(args: &PredictArgs) -> Result<PathBuf, String> {
             Device::Cpu => DeviceChoice::Cpu,
             Device::Cuda => DeviceChoice::Cuda,
         },
+        previous_stage_predictions: args
+            .prev_stage_predictions
+            .as_ref()
+            .map(|folder| as_written(folder, &project)),
     };
     let pipeline = PipelineToml {
         pipeline: PipelineSection { name: "predict" },

@@ -29,6 +29,11 @@ pub struct PredictJob {
     pub threads: usize,
     /// Also write each case's probabilities (`<case>.npy`, classes x z x y x, original grid).
     pub save_probabilities: bool,
+    /// nnU-Net's `-prev_stage_predictions`: a folder of `<case><file ending>` segmentations of the
+    /// input images that a cascade's second stage takes as its previous stage's, instead of
+    /// predicting that stage (whose model then need not be among `models`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_stage_predictions: Option<PathBuf>,
 }
 
 /// A configuration and the weights of its folds (averaged, as nnU-Net does).
@@ -41,8 +46,13 @@ pub struct ModelJob {
     pub plans: Option<PathBuf>,
     /// nnflow's `checkpoint_final.safetensors` or nnU-Net's `checkpoint_*.pth`, one per fold. An
     /// nnU-Net checkpoint also says which axes mirroring may flip
-    /// (`inference_allowed_mirroring_axes`); nnflow mirrors every axis of the patch otherwise.
+    /// (`inference_allowed_mirroring_axes`).
     pub checkpoints: Vec<PathBuf>,
+    /// The spatial axes test-time mirroring may flip, as the training recorded them (nnflow's
+    /// `fold.json` key `mirror_axes`, the first fold's, as nnU-Net's predictor takes the first
+    /// checkpoint's). Absent: an nnU-Net checkpoint's own, else every axis.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror_axes: Option<Vec<usize>>,
     /// Part of the prediction (a member of the ensemble), or only the previous stage of a cascade.
     pub member: bool,
 }

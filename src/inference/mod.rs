@@ -5,6 +5,7 @@ pub mod export;
 pub mod job;
 pub mod model;
 pub mod sliding_window;
+pub mod trainers;
 pub mod writer;
 
 pub use model::{FoldSelection, ModelError, TrainedModel};

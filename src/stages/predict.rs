@@ -18,6 +18,7 @@ use crate::inference::job::{ModelJob, PredictJob};
 use crate::inference::model::{
     extract_zip, FoldSelection, ModelError, ModelSource, TrainedModel, DEFAULT_CHECKPOINT,
 };
+use crate::network::Architecture;
 use crate::plans::{Plans, PlansError};
 use crate::torch_env::DeviceChoice;
 use crate::train::job::FoldInfo;
@@ -95,6 +96,15 @@ pub struct PredictStage {
     /// Also write probabilities (`<case>.npy`).
     #[serde(default)]
     pub save_probabilities: bool,
+    /// A cascade's second stage (`3d_cascade_fullres`) on segmentations of its previous stage
+    /// made elsewhere (nnU-Net's `-prev_stage_predictions`): a folder holding `<case><file
+    /// ending>` for every image, on the image's grid. They become the extra one-hot input
+    /// channels, resampled to the cascade's grid as nnU-Net's predictor does, instead of a
+    /// prediction of the previous stage. Required for an nnU-Net cascade model; for nnflow's
+    /// trainings it replaces the previous stage's prediction. The folder's contents are inputs
+    /// of the stage. An error when no configuration predicted is a cascade.
+    #[serde(default, skip_serializing)]
+    pub previous_stage_predictions: Option<String>,
 }
 
 /// What is wrong with the stage's parameters or the trainings they name.
@@ -121,10 +131,41 @@ pub enum PredictStageError {
     #[error("{model} is not an nnU-Net model (nnflow's trainings go in `trainings`)")]
     NotNnunet { model: PathBuf },
     #[error(
-        "{model} is a cascade's second stage ({configuration}); predicting it from the previous \
-         stage's predictions is not supported yet"
+        "{model} is a cascade's second stage ({configuration}): it needs the segmentations of its \
+         previous stage {previous} (`previous_stage_predictions`, nnflow predict's \
+         --prev-stage-predictions)"
     )]
-    Cascade { model: PathBuf, configuration: String },
+    Cascade {
+        model: PathBuf,
+        configuration: String,
+        previous: String,
+    },
+    #[error(
+        "`previous_stage_predictions` ({folder}) is for a cascade's second stage, but none of the \
+         configurations predicted ({}) has a previous stage",
+        configurations.join(", ")
+    )]
+    NotACascade {
+        folder: PathBuf,
+        configurations: Vec<String>,
+    },
+    #[error("case {case}: no previous-stage segmentation {file} in {}", folder.display())]
+    MissingPreviousStage {
+        case: String,
+        file: String,
+        folder: PathBuf,
+    },
+    #[error("{model}: {source}")]
+    Trainer {
+        model: PathBuf,
+        source: crate::inference::trainers::RefusedTrainer,
+    },
+    #[error("{model} ({configuration}): {source}")]
+    Architecture {
+        model: PathBuf,
+        configuration: String,
+        source: crate::network::architecture::ArchitectureError,
+    },
     #[error("the models to ensemble have different labels: {first} and {other}")]
     DifferentLabels { first: PathBuf, other: PathBuf },
     #[error(transparent)]
@@ -175,19 +216,24 @@ impl PredictStage {
         let plans_file = root.join(plan).join("plans.json");
         let plans = Plans::read(&plans_file)?;
         let mut models: Vec<ModelJob> = Vec::new();
-        for configuration in configurations {
-            // a cascade needs its previous stage's prediction first
-            let resolved = plans.configuration(&configuration)?;
+        let mut cascades = 0;
+        for configuration in &configurations {
+            let resolved = plans.configuration(configuration)?;
             if let Some(previous) = resolved.previous_stage_name() {
-                if !models.iter().any(|m| m.configuration == previous) {
+                cascades += 1;
+                // a cascade needs its previous stage's prediction first, unless it is given
+                if self.previous_stage_predictions.is_none()
+                    && !models.iter().any(|m| m.configuration == previous)
+                {
                     models.push(self.model(root, previous, false)?);
                 }
             }
-            match models.iter_mut().find(|m| m.configuration == configuration) {
+            match models.iter_mut().find(|m| &m.configuration == configuration) {
                 Some(model) => model.member = true,
-                None => models.push(self.model(root, &configuration, true)?),
+                None => models.push(self.model(root, configuration, true)?),
             }
         }
+        self.check_cascades(ctx, cascades, configurations)?;
         Ok((root.join(dataset), plans_file, models))
     }
 
@@ -201,16 +247,43 @@ impl PredictStage {
         let checkpoint = self.checkpoint.as_deref().unwrap_or(DEFAULT_CHECKPOINT);
         let mut first: Option<(PathBuf, PathBuf, Dataset)> = None;
         let mut jobs = Vec::new();
+        let (mut cascades, mut configurations) = (0, Vec::new());
         for model in open_models(ctx, &self.models)? {
-            let ModelSource::Nnunet { plans, dataset, .. } = &model.source else {
+            let ModelSource::Nnunet {
+                plans,
+                dataset,
+                trainer,
+                ..
+            } = &model.source
+            else {
                 return Err(PredictStageError::NotNnunet { model: model.dir });
             };
+            // what the worker would refuse, said before it starts and naming the model
+            crate::inference::trainers::check_trainer(trainer).map_err(|source| {
+                PredictStageError::Trainer {
+                    model: model.dir.clone(),
+                    source,
+                }
+            })?;
             let configuration = Plans::read(plans)?.configuration(&model.configuration)?;
-            if configuration.previous_stage_name().is_some() {
-                return Err(PredictStageError::Cascade {
+            let architecture = configuration.architecture()?;
+            if let Err(source) = Architecture::from_plan(architecture, 1, 2, false) {
+                return Err(PredictStageError::Architecture {
                     model: model.dir.clone(),
                     configuration: model.configuration.clone(),
+                    source,
                 });
+            }
+            configurations.push(model.configuration.clone());
+            if let Some(previous) = configuration.previous_stage_name() {
+                cascades += 1;
+                if self.previous_stage_predictions.is_none() {
+                    return Err(PredictStageError::Cascade {
+                        model: model.dir.clone(),
+                        configuration: model.configuration.clone(),
+                        previous: previous.to_string(),
+                    });
+                }
             }
             let labels = Dataset::open(&model.dir)?;
             match &first {
@@ -231,13 +304,32 @@ impl PredictStage {
                     .into_iter()
                     .map(|c| c.path)
                     .collect(),
+                // the checkpoints say
+                mirror_axes: None,
                 member: true,
             });
         }
         let Some((dataset_dir, plans, _)) = first else {
             return Err(PredictStageError::NoModels);
         };
+        self.check_cascades(ctx, cascades, configurations)?;
         Ok((dataset_dir, plans, jobs))
+    }
+
+    /// `previous_stage_predictions` needs a cascade among the configurations predicted.
+    fn check_cascades(
+        &self,
+        ctx: &StageContext,
+        cascades: usize,
+        configurations: Vec<String>,
+    ) -> Result<(), PredictStageError> {
+        match &self.previous_stage_predictions {
+            Some(folder) if cascades == 0 => Err(PredictStageError::NotACascade {
+                folder: ctx.root.join(folder),
+                configurations,
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// The trained folds of a configuration among `trainings`.
@@ -248,6 +340,7 @@ impl PredictStage {
         member: bool,
     ) -> Result<ModelJob, PredictStageError> {
         let mut checkpoints = Vec::new();
+        let mut mirror_axes = None;
         for training in &self.trainings {
             let folder = root.join(training);
             if !folder.exists() {
@@ -256,6 +349,10 @@ impl PredictStage {
             let fold: FoldInfo = crate::atomic_file::read_json(&folder.join("fold.json"))?;
             if fold.configuration == configuration {
                 checkpoints.push(folder.join("checkpoint_final.safetensors"));
+                // as nnU-Net's predictor, the first fold's say; none recorded: every axis
+                if checkpoints.len() == 1 {
+                    mirror_axes = fold.mirror_axes;
+                }
             }
         }
         if checkpoints.is_empty() {
@@ -268,6 +365,7 @@ impl PredictStage {
             configuration: configuration.to_string(),
             plans: None,
             checkpoints,
+            mirror_axes,
             member,
         })
     }
@@ -289,6 +387,13 @@ impl Stage for PredictStage {
             inputs.push(StageInput {
                 name: "plan".into(),
                 path: format!("{plan}/plans.json"),
+            });
+        }
+        // the segmentations are read whole: their contents are keyed, not where they lie
+        if let Some(folder) = &self.previous_stage_predictions {
+            inputs.push(StageInput {
+                name: "previous_stage_predictions".into(),
+                path: folder.clone(),
             });
         }
         // a model is read whole (its plans, dataset.json and checkpoints): all of it is keyed
@@ -319,6 +424,21 @@ impl Stage for PredictStage {
             dataset.channels.len(),
             &dataset.file_ending,
         )?;
+        let previous_stage_predictions = self.previous_stage_predictions.as_ref().map(|f| root.join(f));
+        if let Some(folder) = &previous_stage_predictions {
+            // nnU-Net names them after the case, with the dataset's file ending
+            for case in &cases {
+                let file = format!("{}{}", case.id, dataset.file_ending);
+                if !folder.join(&file).is_file() {
+                    return Err(PredictStageError::MissingPreviousStage {
+                        case: case.id.clone(),
+                        file,
+                        folder: folder.clone(),
+                    }
+                    .into());
+                }
+            }
+        }
         let job = PredictJob {
             cases: cases.into_iter().map(|c| (c.id, c.images)).collect(),
             dataset: dataset_dir,
@@ -335,6 +455,7 @@ impl Stage for PredictStage {
             amp: self.amp,
             threads: ctx.threads.max(1) as usize,
             save_probabilities: self.save_probabilities,
+            previous_stage_predictions,
         };
         // the job goes with the outputs: it records what was predicted with what
         let job_file = ctx.out_dir.join("predict_job.json");

@@ -38,8 +38,9 @@ fn with_paths<S: serde::Serializer>(params: &TrainParams, serializer: S) -> Resu
     value.serialize(serializer)
 }
 
-/// What a training's outputs hold (`fold.json`): which configuration and fold, and the held-out
-/// cases whose predictions are in `validation/`. Read by ensemble selection and prediction.
+/// What a training's outputs hold (`fold.json`): which configuration and fold, the held-out
+/// cases whose predictions are in `validation/`, and the mirror axes prediction may use. Read by
+/// ensemble selection, prediction and export.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct FoldInfo {
     pub configuration: String,
@@ -48,6 +49,21 @@ pub struct FoldInfo {
     pub file_ending: String,
     /// Whether `validation/<case>.npy` probabilities were written.
     pub probabilities: bool,
+    /// The network's spatial axes the training mirrored (nnU-Net's
+    /// `inference_allowed_mirroring_axes`: 3D 0 = z, 1 = y, 2 = x; 2D 0 = y, 1 = x), which
+    /// test-time mirroring may flip; empty for none. Trainings written before nnflow recorded it
+    /// have no key: every axis, as prediction did then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror_axes: Option<Vec<usize>>,
+}
+
+impl FoldInfo {
+    /// The axes test-time mirroring may flip for a network of `spatial_dims` dimensions.
+    pub fn mirror_axes_or_all(&self, spatial_dims: usize) -> Vec<usize> {
+        self.mirror_axes
+            .clone()
+            .unwrap_or_else(|| (0..spatial_dims).collect())
+    }
 }
 
 #[cfg(test)]
@@ -70,5 +86,28 @@ mod tests {
         };
         let back: TrainJob = serde_json::from_str(&serde_json::to_string(&job).unwrap()).unwrap();
         assert_eq!(back.params, params);
+    }
+
+    /// A fold.json written before `mirror_axes` was recorded reads as every axis (what prediction
+    /// used then); a recorded empty list is no mirroring, not every axis.
+    #[test]
+    fn fold_json_without_mirror_axes_means_every_axis() {
+        let old = serde_json::json!({
+            "configuration": "3d_fullres", "fold": "0", "validation_cases": ["a"],
+            "file_ending": ".nii.gz", "probabilities": true,
+        });
+        let info: FoldInfo = serde_json::from_value(old).unwrap();
+        assert_eq!(info.mirror_axes, None);
+        assert_eq!(info.mirror_axes_or_all(3), [0, 1, 2]);
+        assert_eq!(info.mirror_axes_or_all(2), [0, 1]);
+        let none = FoldInfo {
+            mirror_axes: Some(Vec::new()),
+            ..info.clone()
+        };
+        assert!(none.mirror_axes_or_all(3).is_empty());
+        let written = serde_json::to_value(&none).unwrap();
+        assert_eq!(written["mirror_axes"], serde_json::json!([]));
+        let back: FoldInfo = serde_json::from_value(written).unwrap();
+        assert_eq!(back, none);
     }
 }

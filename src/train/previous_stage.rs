@@ -121,6 +121,7 @@ mod tests {
             validation_cases: vec!["a".into()],
             file_ending: ".nii.gz".into(),
             probabilities: true,
+            mirror_axes: Some(vec![0, 1, 2]),
         };
         crate::atomic_file::write_json(&training.join("fold.json"), &info).unwrap();
         let file = prediction_path(&training, "3d_cascade_fullres", "a");

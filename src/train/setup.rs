@@ -38,6 +38,10 @@ pub struct Setup {
     pub previous_stage: Option<PreviousStage>,
     /// Configurations that take this one's validation predictions as their previous stage.
     pub next_stages: Vec<PlanView>,
+    /// The network's spatial axes the augmentation mirrors, which test-time mirroring may flip
+    /// (nnU-Net's `inference_allowed_mirroring_axes`): the final validation's and, through
+    /// `fold.json`, prediction's.
+    pub mirror_axes: Vec<usize>,
 }
 
 /// The previous stage's predictions, given to the network as one-hot channels.
@@ -137,7 +141,15 @@ impl Setup {
                 fold: params.fold.text(),
             });
         }
+        let mirror_axes = match &params.augment {
+            Some(pipeline) => inference_mirror_axes(pipeline, architecture.spatial_dims),
+            None => inference_mirror_axes(
+                &Pipeline::nnunet_default(&DaConfig::from_patch_size(&patch_size)?),
+                architecture.spatial_dims,
+            ),
+        };
         Ok(Setup {
+            mirror_axes,
             architecture,
             patch_size,
             batch_size,
@@ -151,6 +163,30 @@ impl Setup {
             next_stages,
         })
     }
+}
+
+/// The network's spatial axes an augmentation list mirrors: every axis of an enabled `mirror`
+/// entry that can flip anything (`p` and `p_per_axis` above 0). nnU-Net's trainer allows test-time
+/// mirroring on exactly its augmentation's mirror axes (3D: all three, also for an anisotropic
+/// patch augmented in-plane; 2D: both; `nnUNetTrainerNoMirroring`: none). The augmentation counts
+/// axes of (z, y, x) samples, where a 2D network's y and x are 1 and 2; the 2D samples' z has one
+/// voxel, so flipping it changes nothing.
+pub fn inference_mirror_axes(augment: &Pipeline, spatial_dims: usize) -> Vec<usize> {
+    let first = 3 - spatial_dims;
+    let mut axes: Vec<usize> = augment
+        .transforms
+        .iter()
+        .filter_map(|t| match t {
+            TransformSpec::Mirror(m) if m.enabled && m.p > 0.0 && m.p_per_axis > 0.0 => Some(&m.axes),
+            _ => None,
+        })
+        .flatten()
+        .filter(|&&a| (first..3).contains(&a))
+        .map(|&a| a - first)
+        .collect();
+    axes.sort_unstable();
+    axes.dedup();
+    axes
 }
 
 fn cumulative_strides(arch: &Architecture) -> Vec<usize> {
@@ -252,4 +288,55 @@ pub fn batch_maker(params: &TrainParams, setup: &Setup) -> Result<BatchMaker, Tr
             channels
         }),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pipeline(json: &str) -> Pipeline {
+        Pipeline::from_json(json).unwrap()
+    }
+
+    /// nnU-Net's trainer mirrors every axis (3D also for an anisotropic patch augmented in-plane,
+    /// `configure_rotation_dummyDA_mirroring_and_inital_patch_size`), and prediction may flip them.
+    #[test]
+    fn the_default_augmentation_mirrors_every_axis() {
+        for (patch, dims, expected) in [
+            (vec![64, 64, 64], 3, vec![0, 1, 2]),
+            (vec![8, 64, 64], 3, vec![0, 1, 2]),
+            (vec![128, 96], 2, vec![0, 1]),
+        ] {
+            let da = DaConfig::from_patch_size(&patch).unwrap();
+            assert_eq!(da.dummy_2d, patch == [8, 64, 64]);
+            assert_eq!(
+                inference_mirror_axes(&Pipeline::nnunet_default(&da), dims),
+                expected,
+                "{patch:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_restricted_or_disabled_mirror_entry_restricts_prediction() {
+        let only_yx = pipeline(r#"[{"name": "mirror", "axes": [1, 2]}]"#);
+        assert_eq!(inference_mirror_axes(&only_yx, 3), [1, 2]);
+        // the 2D network's (y, x) are the samples' axes 1 and 2; z (one voxel) is no axis of it
+        assert_eq!(inference_mirror_axes(&only_yx, 2), [0, 1]);
+        let all = pipeline(r#"[{"name": "mirror"}]"#);
+        assert_eq!(inference_mirror_axes(&all, 2), [0, 1]);
+        // nnUNetTrainerNoMirroring: none
+        for none in [
+            r#"[{"name": "mirror", "enabled": false}]"#,
+            r#"[{"name": "mirror", "p": 0.0}]"#,
+            r#"[{"name": "mirror", "p_per_axis": 0.0}]"#,
+            r#"[{"name": "gaussian_noise"}]"#,
+            "[]",
+        ] {
+            assert!(inference_mirror_axes(&pipeline(none), 3).is_empty(), "{none}");
+        }
+        // two entries: the axes of both
+        let two = pipeline(r#"[{"name": "mirror", "axes": [2]}, {"name": "mirror", "axes": [0, 2]}]"#);
+        assert_eq!(inference_mirror_axes(&two, 3), [0, 2]);
+    }
 }

@@ -3,7 +3,7 @@
 //! written last and names the epoch; each file goes through a temporary name and a rename. Resume
 //! checkpoints are also checksummed and kept in two generations (`nnflow::train::resume`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -44,6 +44,35 @@ pub enum CheckpointError {
         name: String,
         stored: Vec<i64>,
         expected: Vec<i64>,
+    },
+    #[error(
+        "{}: holds {name} (shape {shape:?}), which is no weight of the network the plan describes",
+        .file.display()
+    )]
+    UnexpectedTensor {
+        file: PathBuf,
+        name: String,
+        shape: Vec<i64>,
+    },
+    /// An nnU-Net checkpoint of a trainer known to build another network.
+    #[error("{}: {source}", .file.display())]
+    Trainer {
+        file: PathBuf,
+        source: nnflow::inference::trainers::RefusedTrainer,
+    },
+    /// The weights of an nnU-Net checkpoint do not fit the plan's network (a trainer that changes
+    /// the network, or another model's checkpoint).
+    #[error(
+        "{source} (trained by {trainer}{})",
+        if nnflow::inference::trainers::is_training_only(trainer) {
+            ""
+        } else {
+            ", a trainer nnflow does not know: does it change the network?"
+        }
+    )]
+    NotThePlansNetwork {
+        trainer: String,
+        source: Box<CheckpointError>,
     },
 }
 
@@ -152,29 +181,78 @@ pub fn read_state(slot: &Slot) -> Result<TrainerState, FileError> {
     atomic_file::read_json(&slot.files.state)
 }
 
+/// What a checkpoint says besides its weights.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Loaded {
+    /// An nnU-Net checkpoint's `inference_allowed_mirroring_axes` (empty: none); `None` for
+    /// nnflow's, whose training records them in `fold.json`.
+    pub mirror_axes: Option<Vec<usize>>,
+    /// An nnU-Net checkpoint's `trainer_name`.
+    pub trainer: Option<String>,
+}
+
 /// Loads trained weights into `vs` for prediction: nnflow's `checkpoint_final.safetensors` or
-/// nnU-Net's `.pth` (read without torch, `nnflow::network::pth`). Every variable of the network
-/// must be in the file with its shape; other names in the file (nnU-Net's aliases of the same
-/// tensors) are ignored. Nothing is copied unless everything fits. Returns the axes an nnU-Net
-/// checkpoint allows mirroring on (`inference_allowed_mirroring_axes`; nnflow's say none).
-pub fn load_weights(path: &Path, vs: &mut VarStore) -> Result<Option<Vec<usize>>, CheckpointError> {
-    load_weights_where(path, vs, |_| true)
+/// nnU-Net's `.pth` (read without torch, `nnflow::network::pth`). An nnU-Net checkpoint of a
+/// trainer known to build another network is refused by name
+/// ([`nnflow::inference::trainers`]). The file must hold exactly the network's weights: every
+/// variable with its shape, and nothing else but PyTorch's aliases of them (see [`alias_of`]),
+/// so the weights of a network the plan does not describe (a trainer nnflow does not know that
+/// changes it) are named rather than half loaded. Nothing is copied unless everything fits.
+pub fn load_weights(path: &Path, vs: &mut VarStore) -> Result<Loaded, CheckpointError> {
+    // the trainer first: a network nnflow does not build may hold tensors it cannot even read
+    if let Some(trainer) = pth_trainer(path) {
+        nnflow::inference::trainers::check_trainer(&trainer).map_err(|source| CheckpointError::Trainer {
+            file: path.to_path_buf(),
+            source,
+        })?;
+    }
+    let (stored, loaded) = read_weights(path)?;
+    let variables = sorted_variables(vs);
+    let fits =
+        check_fit(path, &stored, &variables).and_then(|()| check_nothing_left(path, &stored, &variables));
+    if let Err(error) = fits {
+        return Err(match &loaded.trainer {
+            Some(trainer) => CheckpointError::NotThePlansNetwork {
+                trainer: trainer.clone(),
+                source: Box::new(error),
+            },
+            None => error,
+        });
+    }
+    copy_into(&variables, &stored);
+    Ok(loaded)
 }
 
 /// nnU-Net's `load_pretrained_weights`, for fine-tuning: every variable but the segmentation
-/// outputs (their classes may differ) from `path`, each with the network's shape.
+/// outputs (their classes may differ) from `path`, each with the network's shape; other tensors in
+/// the file are ignored, as nnU-Net does.
 pub fn load_pretrained(path: &Path, vs: &mut VarStore) -> Result<(), CheckpointError> {
-    load_weights_where(path, vs, |name| !name.contains(".seg_layers.")).map(|_| ())
+    let (stored, _) = read_weights(path)?;
+    let variables: Vec<(String, Tensor)> = sorted_variables(vs)
+        .into_iter()
+        .filter(|(name, _)| !name.contains(".seg_layers."))
+        .collect();
+    check_fit(path, &stored, &variables)?;
+    copy_into(&variables, &stored);
+    Ok(())
 }
 
-/// [`load_weights`] for the variables whose names `wanted` accepts.
-fn load_weights_where(
-    path: &Path,
-    vs: &mut VarStore,
-    wanted: impl Fn(&str) -> bool,
-) -> Result<Option<Vec<usize>>, CheckpointError> {
-    let (stored, mirror_axes): (BTreeMap<String, Tensor>, _) = if path.extension().is_some_and(|e| e == "pth")
-    {
+/// The `trainer_name` of an nnU-Net checkpoint, read from its pickle alone (no tensor data);
+/// `None` for other files, which [`read_weights`] then describes.
+fn pth_trainer(path: &Path) -> Option<String> {
+    if path.extension().is_none_or(|e| e != "pth") {
+        return None;
+    }
+    match pytorch_reader::PytorchReader::read_pickle_data(path, Some("trainer_name")) {
+        Ok(pytorch_reader::PickleValue::String(name)) => Some(name),
+        _ => None,
+    }
+}
+
+/// The tensors of a weights file by name, on the CPU, and what an nnU-Net checkpoint says
+/// besides.
+fn read_weights(path: &Path) -> Result<(BTreeMap<String, Tensor>, Loaded), CheckpointError> {
+    if path.extension().is_some_and(|e| e == "pth") {
         let checkpoint = read_checkpoint(path)?;
         let weights = checkpoint
             .weights
@@ -184,19 +262,27 @@ fn load_weights_where(
                 (w.name, Tensor::from_slice(&w.values).reshape(&shape))
             })
             .collect();
-        (weights, Some(checkpoint.mirror_axes))
+        let loaded = Loaded {
+            mirror_axes: Some(checkpoint.mirror_axes),
+            trainer: Some(checkpoint.trainer_name),
+        };
+        Ok((weights, loaded))
     } else {
         let weights = Tensor::read_safetensors(path)
             .map_err(tensors(path))?
             .into_iter()
             .collect();
-        (weights, None)
-    };
-    let variables: Vec<(String, Tensor)> = sorted_variables(vs)
-        .into_iter()
-        .filter(|(name, _)| wanted(name))
-        .collect();
-    for (name, variable) in &variables {
+        Ok((weights, Loaded::default()))
+    }
+}
+
+/// Every variable is in `stored` with its shape; the first that is not is named.
+fn check_fit(
+    path: &Path,
+    stored: &BTreeMap<String, Tensor>,
+    variables: &[(String, Tensor)],
+) -> Result<(), CheckpointError> {
+    for (name, variable) in variables {
         match stored.get(name) {
             None => {
                 return Err(CheckpointError::MissingTensor {
@@ -215,13 +301,72 @@ fn load_weights_where(
             Some(_) => {}
         }
     }
+    Ok(())
+}
+
+/// Every tensor of `stored` is a variable or an alias of one; the first (by name) that is
+/// neither is named.
+fn check_nothing_left(
+    path: &Path,
+    stored: &BTreeMap<String, Tensor>,
+    variables: &[(String, Tensor)],
+) -> Result<(), CheckpointError> {
+    let names: BTreeSet<&str> = variables.iter().map(|(name, _)| name.as_str()).collect();
+    for (name, tensor) in stored {
+        if names.contains(name.as_str()) || alias_of(name, tensor, stored, &names).is_some() {
+            continue;
+        }
+        return Err(CheckpointError::UnexpectedTensor {
+            file: path.to_path_buf(),
+            name: name.clone(),
+            shape: tensor.size(),
+        });
+    }
+    Ok(())
+}
+
+/// The variable `name` is another name of in PyTorch's state dict, where its tensor is that
+/// variable's (same shape and values in the file): nnU-Net's networks list each conv block's conv
+/// and norm again as `.all_modules.<i>.` (conv, then dropout where there is one, norm, nonlin), and
+/// the encoder again as `decoder.encoder.*` (the decoder keeps a reference to it).
+fn alias_of<'a>(
+    name: &str,
+    tensor: &Tensor,
+    stored: &BTreeMap<String, Tensor>,
+    variables: &BTreeSet<&'a str>,
+) -> Option<&'a str> {
+    let base = name
+        .strip_prefix("decoder.")
+        .filter(|rest| rest.starts_with("encoder."))
+        .unwrap_or(name);
+    let mut candidates = vec![base.to_string()];
+    if let Some((block, rest)) = base.split_once(".all_modules.") {
+        if let Some((index, parameter)) = rest.split_once('.') {
+            if index.parse::<usize>().is_ok() {
+                for module in ["conv", "norm"] {
+                    candidates.push(format!("{block}.{module}.{parameter}"));
+                }
+            }
+        }
+    }
+    candidates
+        .into_iter()
+        .filter(|c| c != name)
+        .find_map(|candidate| {
+            let variable = *variables.get(candidate.as_str())?;
+            let canonical = stored.get(variable)?;
+            (canonical.size() == tensor.size() && canonical.equal(tensor)).then_some(variable)
+        })
+}
+
+/// Copies the stored tensors into the (checked) variables.
+fn copy_into(variables: &[(String, Tensor)], stored: &BTreeMap<String, Tensor>) {
     tch::no_grad(|| {
-        for (name, variable) in &variables {
+        for (name, variable) in variables {
             // a shallow clone: copying into it writes the VarStore's variable
             variable.shallow_clone().copy_(&stored[name]);
         }
     });
-    Ok(mirror_axes)
 }
 
 /// Loads a resume checkpoint's weights into `vs` and momentum into `sgd`, all or nothing: both
@@ -468,5 +613,218 @@ mod tests {
         let mut missing = vs;
         let error = load_pretrained(&file, &mut missing).unwrap_err().to_string();
         assert!(error.contains("no tensor encoder.stages.1.weight"), "{error}");
+    }
+
+    /// `tests/fixtures/<folder>/<name>` (torch wrote them: `generate.py` there).
+    fn fixture(folder: &str, name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(folder)
+            .join(name)
+    }
+
+    /// The toy network of tests/fixtures/pth/generate.py under its canonical names, without the
+    /// variables `leave_out` names.
+    fn toy(leave_out: &[&str]) -> VarStore {
+        let vs = VarStore::new(Device::Cpu);
+        let add = |name: String, shape: &[i64]| {
+            if leave_out.contains(&name.as_str()) {
+                return;
+            }
+            let mut path = vs.root();
+            let parts: Vec<&str> = name.split('.').collect();
+            for part in &parts[..parts.len() - 1] {
+                path = &path / *part;
+            }
+            let _ = path.var(parts[parts.len() - 1], shape, Init::Const(0.0));
+        };
+        for (stage, (cin, cout)) in [(1, 2), (2, 3)].into_iter().enumerate() {
+            let block = format!("encoder.stages.{stage}");
+            add(format!("{block}.conv.weight"), &[cout, cin, 3, 3, 3]);
+            add(format!("{block}.conv.bias"), &[cout]);
+            add(format!("{block}.norm.weight"), &[cout]);
+            add(format!("{block}.norm.bias"), &[cout]);
+        }
+        add("decoder.seg_layers.0.weight".into(), &[2, 3, 1, 1, 1]);
+        add("decoder.seg_layers.0.bias".into(), &[2]);
+        vs
+    }
+
+    /// nnU-Net's checkpoints list each tensor under several names; they load into the network's
+    /// canonical variables with torch's values, and say their trainer and mirroring axes.
+    #[test]
+    fn an_nnunet_checkpoint_loads_with_its_aliases() {
+        let expected: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture("pth", "expected.json")).unwrap()).unwrap();
+        for (file, trainer, axes) in [
+            ("nnunet_like.pth", "nnUNetTrainerToy", vec![0, 1, 2]),
+            ("dtypes.pth", "nnUNetTrainerNoMirroring", vec![]),
+        ] {
+            let mut vs = toy(&[]);
+            let loaded = load_weights(&fixture("pth", file), &mut vs).unwrap();
+            assert_eq!(loaded.trainer.as_deref(), Some(trainer), "{file}");
+            assert_eq!(loaded.mirror_axes, Some(axes), "{file}");
+            for (name, variable) in sorted_variables(&vs) {
+                let values: Vec<f32> =
+                    serde_json::from_value(expected[file]["weights"][&name]["values"].clone()).unwrap();
+                assert_eq!(
+                    Vec::<f32>::try_from(variable.flatten(0, -1)).unwrap(),
+                    values,
+                    "{file} {name}"
+                );
+            }
+        }
+    }
+
+    /// A checkpoint holding a tensor the network has not (here: the network lacks the segmentation
+    /// bias, as if the trainer had built another network) is refused, the tensor named.
+    #[test]
+    fn a_tensor_the_network_has_not_is_named() {
+        let mut vs = toy(&["decoder.seg_layers.0.bias"]);
+        let error = load_weights(&fixture("pth", "nnunet_like.pth"), &mut vs).unwrap_err();
+        let message = error.to_string();
+        assert!(
+            message.contains("nnunet_like.pth: holds decoder.seg_layers.0.bias (shape [2])"),
+            "{message}"
+        );
+        assert!(
+            message.contains("trained by nnUNetTrainerToy, a trainer nnflow does not know"),
+            "{message}"
+        );
+        assert_eq!(
+            values(&vs),
+            values(&toy(&["decoder.seg_layers.0.bias"])),
+            "nothing copied"
+        );
+
+        // a known trainer: the mismatch is named without guessing at the trainer
+        let mut vs = toy(&["decoder.seg_layers.0.bias"]);
+        let message = load_weights(&fixture("pth", "dtypes.pth"), &mut vs)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("(trained by nnUNetTrainerNoMirroring)"),
+            "{message}"
+        );
+
+        // nnflow's own checkpoints: exactly the variables
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("checkpoint_final.safetensors");
+        let mut variables = sorted_variables(&tiny(1.0));
+        variables.push((
+            "c.running_mean".into(),
+            Tensor::zeros([4], (Kind::Float, Device::Cpu)),
+        ));
+        Tensor::write_safetensors(&variables, &file).unwrap();
+        let error = load_weights(&file, &mut tiny(0.0)).unwrap_err();
+        assert!(
+            matches!(&error, CheckpointError::UnexpectedTensor { name, shape, .. }
+                if name == "c.running_mean" && shape == &[4]),
+            "{error}"
+        );
+        // a missing weight is named too
+        let error = load_weights(&fixture("pth", "nnunet_like.pth"), &mut tiny(0.0)).unwrap_err();
+        assert!(error.to_string().contains("no tensor a.weight"), "{error}");
+    }
+
+    /// nnUNetTrainerBN's checkpoint (BatchNorm, with an int64 buffer nnflow cannot even read) is
+    /// refused by its trainer's name, with the reason.
+    #[test]
+    fn a_trainer_that_builds_another_network_is_refused_by_name() {
+        let path = fixture("pth", "int_buffer.pth");
+        let error = load_weights(&path, &mut toy(&[])).unwrap_err();
+        assert!(matches!(error, CheckpointError::Trainer { .. }), "{error}");
+        let message = error.to_string();
+        assert!(message.starts_with(&path.display().to_string()), "{message}");
+        assert!(
+            message
+                .contains("trainer nnUNetTrainerBN replaces instance normalization with batch normalization"),
+            "{message}"
+        );
+    }
+
+    /// An alias is accepted only as another name of the same tensor.
+    #[test]
+    fn an_alias_must_hold_its_variables_values() {
+        let vs = VarStore::new(Device::Cpu);
+        let block = vs.root() / "encoder" / "stages" / 0 / 0 / "convs" / 0;
+        let _ = (&block / "conv").var("weight", &[2, 1, 3], Init::Const(0.0));
+        let _ = (&block / "conv").var("bias", &[2], Init::Const(0.0));
+        let _ = (&block / "norm").var("bias", &[2], Init::Const(0.0));
+        let mut vs = vs;
+        let full = |value: f64, shape: &[i64]| Tensor::full(shape, value, (Kind::Float, Device::Cpu));
+        let base = "encoder.stages.0.0.convs.0";
+        let mut stored = vec![
+            (format!("{base}.conv.weight"), full(1.0, &[2, 1, 3])),
+            (format!("{base}.conv.bias"), full(2.0, &[2])),
+            (format!("{base}.norm.bias"), full(3.0, &[2])),
+            (format!("{base}.all_modules.0.weight"), full(1.0, &[2, 1, 3])),
+            (format!("{base}.all_modules.0.bias"), full(2.0, &[2])),
+            (format!("{base}.all_modules.1.bias"), full(3.0, &[2])),
+            (format!("decoder.{base}.conv.bias"), full(2.0, &[2])),
+            (format!("decoder.{base}.all_modules.1.bias"), full(3.0, &[2])),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("w.safetensors");
+        Tensor::write_safetensors(&stored, &file).unwrap();
+        load_weights(&file, &mut vs).unwrap();
+        assert_eq!(values(&vs)[0], [2.0, 2.0], "conv.bias (sorted first)");
+
+        // the same name with other values is no alias
+        stored[7].1 = full(4.0, &[2]);
+        Tensor::write_safetensors(&stored, &file).unwrap();
+        let error = load_weights(&file, &mut vs).unwrap_err();
+        assert!(
+            matches!(&error, CheckpointError::UnexpectedTensor { name, .. }
+                if name == &format!("decoder.{base}.all_modules.1.bias")),
+            "{error}"
+        );
+    }
+
+    /// Every name nnU-Net 2.8.1's state dicts give besides the canonical ones
+    /// (tests/fixtures/network: PlainConvUNet and ResidualEncoderUNet, 2D and 3D, each entry with
+    /// the canonical name it is an alias of) is recognised as that alias.
+    #[test]
+    fn every_alias_of_nnunets_networks_is_recognised() {
+        for case in [
+            "a_small_3d_iso",
+            "c_small_2d",
+            "resenc_small_3d",
+            "resenc_stem_2d",
+        ] {
+            let text = std::fs::read_to_string(fixture("network", &format!("{case}.json"))).unwrap();
+            let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let entries = json["state_dict"].as_array().unwrap();
+            let shape =
+                |e: &serde_json::Value| -> Vec<i64> { serde_json::from_value(e["shape"].clone()).unwrap() };
+            let mut stored = BTreeMap::new();
+            // a value of its own for every canonical tensor, so conv and norm biases differ
+            for (i, e) in entries.iter().filter(|e| e["alias_of"].is_null()).enumerate() {
+                let name = e["name"].as_str().unwrap().to_string();
+                stored.insert(
+                    name,
+                    Tensor::full(shape(e).as_slice(), i as f64, (Kind::Float, Device::Cpu)),
+                );
+            }
+            let names: BTreeSet<&str> = stored.keys().map(String::as_str).collect();
+            let variables: Vec<(String, Tensor)> = stored
+                .iter()
+                .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                .collect();
+            let mut aliases = 0;
+            for e in entries.iter().filter(|e| !e["alias_of"].is_null()) {
+                let of = e["alias_of"].as_str().unwrap();
+                let tensor = stored[of].copy();
+                assert_eq!(
+                    alias_of(e["name"].as_str().unwrap(), &tensor, &stored, &names),
+                    Some(of),
+                    "{case}: {}",
+                    e["name"]
+                );
+                aliases += 1;
+            }
+            assert!(aliases > 100, "{case}: {aliases} aliases");
+            check_nothing_left(Path::new(case), &stored, &variables).unwrap();
+        }
     }
 }

@@ -70,7 +70,8 @@ impl HeldOutError {
 /// exported to its original image (resampled back, un-cropped, un-transposed) as
 /// `validation/<case><ending>` with its probabilities (`<case>.npy`, classes x z x y x, for
 /// ensembling) and compared with the raw reference label: `validation/summary.json` in nnU-Net's
-/// layout, and `fold.json` naming the configuration, fold and validation cases.
+/// layout, and `fold.json` naming the configuration, fold, validation cases and the axes
+/// prediction may mirror.
 pub fn validate_held_out(
     job: &TrainJob,
     setup: &Setup,
@@ -157,6 +158,7 @@ pub fn validate_held_out(
         validation_cases: setup.split.val.clone(),
         file_ending: dataset.file_ending.clone(),
         probabilities: params.save_probabilities,
+        mirror_axes: Some(setup.mirror_axes.clone()),
     };
     Ok(nnflow::atomic_file::write_json(
         &job.out_dir.join("fold.json"),

@@ -5,6 +5,7 @@
 //! NIfTI with exactly the input's geometry. Reading and preprocessing the next case runs on its own
 //! thread while the network works on the current one.
 
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::sync_channel;
 
 use ndarray::{Array4, ArrayView4};
@@ -15,6 +16,7 @@ use nnflow::file_error::FileError;
 use nnflow::inference::export::{export_case, RegionInfo};
 use nnflow::inference::job::{ModelJob, PredictJob};
 use nnflow::inference::sliding_window::SlidingWindow;
+use nnflow::inference::trainers::is_training_only;
 use nnflow::inference::writer::{Predicted, Writer};
 use nnflow::inference::InferenceError;
 use nnflow::network::architecture::ArchitectureError;
@@ -55,8 +57,30 @@ pub enum PredictError {
     Architecture(#[from] ArchitectureError),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
-    #[error("{configuration} needs its previous stage {previous} first")]
+    #[error(
+        "{configuration} needs its previous stage {previous}: its model first, or its \
+         segmentations (previous_stage_predictions)"
+    )]
     PreviousStageOrder { configuration: String, previous: String },
+    #[error("{}: {source}", path.display())]
+    PreviousStageFile {
+        path: PathBuf,
+        source: nnflow::data::nifti::NiftiError,
+    },
+    #[error("{}: label {value} is outside int16", path.display())]
+    PreviousStageLabel { path: PathBuf, value: i32 },
+    #[error("{}: {source}", path.display())]
+    PreviousStageGrid { path: PathBuf, source: PreprocessError },
+    #[error(
+        "{configuration}: mirror axes {axes:?} for a network of {dimensions} spatial axes \
+         (from {origin})"
+    )]
+    MirrorAxes {
+        configuration: String,
+        axes: Vec<usize>,
+        dimensions: usize,
+        origin: &'static str,
+    },
     #[error("a configuration without folds")]
     NoFolds { configuration: String },
     #[error(transparent)]
@@ -89,9 +113,18 @@ struct Model {
     nets: Vec<(VarStore, Network)>,
     /// Part of the output, or only the previous stage of a cascade.
     member: bool,
-    /// A cascade's second stage: its previous stage (an earlier model) and the foreground labels,
-    /// one extra input channel each.
-    previous: Option<(usize, Vec<i16>)>,
+    /// A cascade's second stage: where its previous stage's segmentation comes from, and the
+    /// foreground labels, one extra input channel each.
+    previous: Option<(PreviousStage, Vec<i16>)>,
+}
+
+/// Where a cascade's second stage gets its previous stage's segmentation of a case.
+#[derive(Clone)]
+enum PreviousStage {
+    /// The prediction of an earlier model of the job (its index).
+    Model(usize),
+    /// `<case><file ending>` in this folder (nnU-Net's `-prev_stage_predictions`).
+    Folder(PathBuf),
 }
 
 pub fn predict(job: &PredictJob) -> Result<(), PredictError> {
@@ -115,8 +148,15 @@ pub fn predict(job: &PredictJob) -> Result<(), PredictError> {
     let mut models = Vec::new();
     for model in &job.models {
         let plan = PlanView::new(&plans_of(model)?, &model.configuration)?;
-        let previous = match plan.configuration.previous_stage_name() {
-            Some(name) => {
+        let previous = match (
+            plan.configuration.previous_stage_name(),
+            &job.previous_stage_predictions,
+        ) {
+            // given segmentations replace the previous stage's prediction
+            (Some(_), Some(folder)) => {
+                Some((PreviousStage::Folder(folder.clone()), dataset.foreground_labels()))
+            }
+            (Some(name), None) => {
                 let index = models
                     .iter()
                     .position(|m: &Model| m.plan.configuration.name == name)
@@ -124,9 +164,9 @@ pub fn predict(job: &PredictJob) -> Result<(), PredictError> {
                         configuration: model.configuration.clone(),
                         previous: name.to_string(),
                     })?;
-                Some((index, dataset.foreground_labels()))
+                Some((PreviousStage::Model(index), dataset.foreground_labels()))
             }
-            None => None,
+            (None, _) => None,
         };
         let extra_channels = previous.as_ref().map_or(0, |(_, labels)| labels.len());
         let arch = Architecture::from_plan(
@@ -136,20 +176,36 @@ pub fn predict(job: &PredictJob) -> Result<(), PredictError> {
             false,
         )?;
         let mut nets = Vec::new();
-        let mut allowed_axes = None;
+        let mut checkpoint_axes = None;
         for checkpoint in &model.checkpoints {
             let (mut vs, net) = build_network(&arch, device, 0);
-            let allowed = load_weights(checkpoint, &mut vs)?;
+            let loaded = load_weights(checkpoint, &mut vs)?;
+            if let Some(trainer) = loaded.trainer.as_deref().filter(|t| !is_training_only(t)) {
+                println!(
+                    "{}: trainer {trainer} is none of nnU-Net's that nnflow knows; its weights are \
+                     those of the plan's network",
+                    checkpoint.display()
+                );
+            }
             // as nnU-Net's predictor, the first fold's checkpoint says
-            allowed_axes = allowed_axes.or(allowed);
+            checkpoint_axes = checkpoint_axes.or(loaded.mirror_axes);
             nets.push((vs, net));
         }
-        let dimensions = plan.configuration.patch_size()?.len();
-        let mirror_axes = match (job.mirroring, allowed_axes) {
-            (false, _) => Vec::new(),
-            (true, Some(allowed)) => allowed,
-            (true, None) => (0..dimensions).collect(),
+        let dimensions = arch.spatial_dims;
+        let (allowed, origin) = match (&model.mirror_axes, checkpoint_axes) {
+            (Some(recorded), _) => (recorded.clone(), "fold.json"),
+            (None, Some(from_checkpoint)) => (from_checkpoint, "inference_allowed_mirroring_axes"),
+            (None, None) => ((0..dimensions).collect(), "every axis"),
         };
+        if allowed.iter().any(|&axis| axis >= dimensions) {
+            return Err(PredictError::MirrorAxes {
+                configuration: model.configuration.clone(),
+                axes: allowed,
+                dimensions,
+                origin,
+            });
+        }
+        let mirror_axes = if job.mirroring { allowed } else { Vec::new() };
         models.push(Model {
             mirror_axes,
             plan,
@@ -163,7 +219,18 @@ pub fn predict(job: &PredictJob) -> Result<(), PredictError> {
     // cases are read and preprocessed (for every configuration) one ahead of the network
     let (sender, receiver) = sync_channel::<Result<(String, Vec<StoredCase>), PredictError>>(1);
     let cases = job.cases.clone();
-    let plans_for_reader: Vec<PlanView> = models.iter().map(|m| m.plan.clone()).collect();
+    // each model's plan, and the folder and labels of segmentations given for its previous stage
+    let for_reader: Vec<_> = models
+        .iter()
+        .map(|m| {
+            let folder = match &m.previous {
+                Some((PreviousStage::Folder(folder), labels)) => Some((folder.clone(), labels.clone())),
+                _ => None,
+            };
+            (m.plan.clone(), folder)
+        })
+        .collect();
+    let file_ending = dataset.file_ending.clone();
     std::thread::spawn(move || {
         for (id, images) in cases {
             let case = Case {
@@ -171,12 +238,18 @@ pub fn predict(job: &PredictJob) -> Result<(), PredictError> {
                 images,
                 label: Default::default(),
             };
-            let prepared = plans_for_reader
+            let prepared = for_reader
                 .iter()
-                .map(|plan| {
+                .map(|(plan, previous)| -> Result<StoredCase, PredictError> {
                     let mut stored = load_raw(&case, false, plan.transpose_forward)?;
                     normalize(&mut stored, plan)?;
-                    resample(stored, plan)
+                    let mut stored = resample(stored, plan)?;
+                    if let Some((folder, labels)) = previous {
+                        let path = folder.join(format!("{id}{file_ending}"));
+                        let on_grid = previous_stage_on_grid(&path, &stored, plan)?;
+                        stored.data = with_previous_stage(stored.data.view(), on_grid.view(), labels);
+                    }
+                    Ok(stored)
                 })
                 .collect::<Result<Vec<_>, _>>()
                 .map(|stored| (id.clone(), stored))
@@ -241,9 +314,38 @@ pub fn predict(job: &PredictJob) -> Result<(), PredictError> {
     network_result.and(written.map_err(PredictError::from))
 }
 
+/// A previous stage's segmentation of a case given as a file (the raw image's grid, nnU-Net's
+/// `-prev_stage_predictions`), brought onto the case's preprocessed grid as preprocessing treats a
+/// label, as nnU-Net's predictor preprocesses `seg_from_prev_stage`.
+fn previous_stage_on_grid(
+    path: &Path,
+    case: &StoredCase,
+    plan: &PlanView,
+) -> Result<ndarray::Array3<i16>, PredictError> {
+    let (labels, _) =
+        nnflow::data::nifti::read_integer_labels(path).map_err(|source| PredictError::PreviousStageFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if let Some(&value) = labels.iter().find(|&&v| i16::try_from(v).is_err()) {
+        return Err(PredictError::PreviousStageLabel {
+            path: path.to_path_buf(),
+            value,
+        });
+    }
+    let labels = labels.mapv(|v| v as i16);
+    segmentation_to_grid(labels.view(), &case.properties, plan).map_err(|source| {
+        PredictError::PreviousStageGrid {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
+}
+
 /// Every model's logits for one case, in order; a cascade's second stage gets its previous
 /// stage's segmentation (exported to the image, then preprocessed like a label, as nnU-Net's
-/// predictor does with `seg_from_prev_stage`) as one-hot input channels.
+/// predictor does with `seg_from_prev_stage`) as one-hot input channels. Segmentations given as
+/// files were added to the case's data by the reader already.
 fn predict_case(
     models: &[Model],
     prepared: &[StoredCase],
@@ -255,7 +357,7 @@ fn predict_case(
     let mut all: Vec<Array4<f32>> = Vec::with_capacity(models.len());
     for (model, case) in models.iter().zip(prepared) {
         let logits = match &model.previous {
-            Some((index, labels)) => {
+            Some((PreviousStage::Model(index), labels)) => {
                 let previous = &models[*index];
                 let exported = export_case(
                     all[*index].view(),
@@ -269,7 +371,9 @@ fn predict_case(
                 let input = with_previous_stage(case.data.view(), on_grid.view(), labels);
                 fold_average(model, input.view(), job, device, amp)?
             }
-            None => fold_average(model, case.data.view(), job, device, amp)?,
+            Some((PreviousStage::Folder(_), _)) | None => {
+                fold_average(model, case.data.view(), job, device, amp)?
+            }
         };
         all.push(logits);
     }

@@ -455,8 +455,9 @@ impl<'a> Trainer<'a> {
                 step_size: params.validation_step_size,
                 ..SlidingWindow::new(as_3d(&self.setup.patch_size))
             },
+            // as nnU-Net's validation: the axes the augmentation mirrored
             mirror_axes: if params.validation_mirroring {
-                (0..self.setup.architecture.spatial_dims).collect()
+                self.setup.mirror_axes.clone()
             } else {
                 Vec::new()
             },
