@@ -44,6 +44,7 @@ pub fn dispatch(command: Command) -> i32 {
             run(&pipeline, options, gpus_given, json, executor, detach)
         }
         Command::Predict(args) => super::predict_command::predict(args),
+        Command::ExportModel(args) => super::export_command::export_model(args),
         Command::Cancel { pipeline } => cancel_slurm_run(&pipeline),
         Command::SlurmJob {
             pipeline,

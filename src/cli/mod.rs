@@ -3,6 +3,8 @@
 
 mod commands;
 mod data_commands;
+pub mod export_command;
+pub mod export_zip;
 mod output;
 mod predict_command;
 
@@ -75,6 +77,10 @@ pub enum Command {
     /// Predict a folder of images with nnU-Net models, as `nnUNetv2_predict` does (cached: the
     /// same call again computes nothing). Writes and runs `nnflow-predict.toml` in this folder.
     Predict(predict_command::PredictArgs),
+    /// Write nnflow's trainings as the zip `nnUNetv2_export_model_to_zip` makes: nnU-Net v2
+    /// installs it (`nnUNetv2_install_pretrained_model_from_zip`) and predicts with it, as does
+    /// `nnflow predict -m`.
+    ExportModel(export_command::ExportArgs),
     /// Cancel the Slurm jobs of the pipeline's latest Slurm run.
     Cancel {
         #[command(flatten)]

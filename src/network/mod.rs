@@ -6,6 +6,7 @@
 
 pub mod architecture;
 pub mod pth;
+pub mod pth_writer;
 pub mod state_dict;
 
 pub use architecture::Architecture;
