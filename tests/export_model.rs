@@ -10,10 +10,11 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{stderr, stdout, Project};
-use nnflow::cli::export_zip::{read_safetensors, MARKER};
+use nnflow::cli::export_zip::MARKER;
 use nnflow::data::nifti;
 use nnflow::inference::model::extract_zip;
 use nnflow::network::pth::read_checkpoint;
+use nnflow::network::safetensors::read_safetensors;
 
 fn predict_fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -7,12 +7,12 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use common::{stderr, Project};
 use nnflow::network::pth::read_checkpoint;
+use nnflow::network::safetensors::read_safetensors;
 
 const TRAIN: &str = "train[configuration=3d_fullres,fold=0]";
 
@@ -31,28 +31,6 @@ fn extract_checkpoint(project: &Project) -> PathBuf {
     let path = project.path().join("pretrained.pth");
     std::fs::write(&path, bytes).unwrap();
     path
-}
-
-/// The float32 tensors of a safetensors file by name: (shape, values).
-fn read_safetensors(path: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let length = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + length]).unwrap();
-    let data = &bytes[8 + length..];
-    header
-        .into_iter()
-        .filter(|(name, _)| name != "__metadata__")
-        .map(|(name, entry)| {
-            assert_eq!(entry["dtype"], "F32", "{name}");
-            let shape: Vec<usize> = serde_json::from_value(entry["shape"].clone()).unwrap();
-            let [start, end]: [usize; 2] = serde_json::from_value(entry["data_offsets"].clone()).unwrap();
-            let values = data[start..end]
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                .collect();
-            (name, (shape, values))
-        })
-        .collect()
 }
 
 fn args<'a>(pretrained: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
@@ -113,7 +91,10 @@ fn a_model_trained_by_nnunet_is_fine_tuned_on_another_dataset() {
     let mismatch = project.run(&args(&pretrained, &[]));
     assert_ne!(mismatch.code, 0);
     let failure = format!("{}{}", mismatch.stderr, mismatch.json);
-    assert!(failure.contains("has shape") && failure.contains("the network's is"), "{failure}");
+    assert!(
+        failure.contains("has shape") && failure.contains("the network's is"),
+        "{failure}"
+    );
     assert!(failure.contains("pretrained.pth"), "{failure}");
 
     let result = project.run(&args(&pretrained, &[&plans_from]));
@@ -129,9 +110,10 @@ fn a_model_trained_by_nnunet_is_fine_tuned_on_another_dataset() {
     let out = project
         .path()
         .join(".nnflow/nnunet/out/train/configuration=3d_fullres,fold=0");
-    let trained = read_safetensors(&out.join("checkpoint_final.safetensors"));
+    let trained = read_safetensors(&out.join("checkpoint_final.safetensors")).unwrap();
     let mut compared = 0;
-    for (name, (shape, values)) in &trained {
+    for tensor in &trained {
+        let (name, shape, values) = (&tensor.name, &tensor.shape, &tensor.values);
         let source = loaded
             .get(name)
             .unwrap_or_else(|| panic!("{name} not in nnU-Net's checkpoint"));

@@ -953,29 +953,6 @@ mod tests {
             .join(name)
     }
 
-    /// The tensors of a safetensors file (all float32 here): name -> (shape, values).
-    fn read_safetensors(path: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
-        let bytes = std::fs::read(path).unwrap();
-        let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-        let header: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
-        let data = &bytes[8 + header_len..];
-        header
-            .into_iter()
-            .filter(|(name, _)| name != "__metadata__")
-            .map(|(name, info)| {
-                assert_eq!(info["dtype"], "F32", "{name}");
-                let shape: Vec<usize> = serde_json::from_value(info["shape"].clone()).unwrap();
-                let [start, end]: [usize; 2] = serde_json::from_value(info["data_offsets"].clone()).unwrap();
-                let values = data[start..end]
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                    .collect();
-                (name, (shape, values))
-            })
-            .collect()
-    }
-
     /// The model nnU-Net v2.8.1 trained and `nnUNetv2_export_model_to_zip` exported, opened and its
     /// fold 0 checkpoint read without torch: the weights equal the ones the generator took from
     /// `checkpoint_final.pth['network_weights']` with torch.
@@ -1007,7 +984,12 @@ mod tests {
         assert_eq!(checkpoint.fold.as_deref(), Some("0"));
         assert_eq!(checkpoint.current_epoch, Some(12));
 
-        let reference = read_safetensors(&predict_fixture("weights.safetensors"));
+        let reference: BTreeMap<String, (Vec<usize>, Vec<f32>)> =
+            crate::network::safetensors::read_safetensors(&predict_fixture("weights.safetensors"))
+                .unwrap()
+                .into_iter()
+                .map(|tensor| (tensor.name, (tensor.shape, tensor.values)))
+                .collect();
         assert_eq!(reference.len(), 68);
         for (name, (shape, values)) in &reference {
             let read = checkpoint.get(name).unwrap_or_else(|| panic!("no {name}"));
