@@ -1,8 +1,11 @@
 //! nnU-Net's own models, as its users have them: the zip `nnUNetv2_export_model_to_zip` wrote and
-//! the results folder inside it (tests/fixtures/predict/generate.py trained the model with nnU-Net
-//! 2.8.1 and predicted two raw test images with it). The `predict` stage with `models = [...]`
-//! must give at least 99.9% of voxels equal to nnU-Net's predictions, with and without mirroring,
-//! on the input's geometry, and compute nothing the second time.
+//! the results folder inside it, trained and run by nnU-Net 2.8.1 on two raw test images:
+//! tests/fixtures/predict/ (PlainConvUNet, a schedule-shortening trainer of the generator's own)
+//! and tests/fixtures/predict_resenc/ (ResidualEncoderUNet planned by nnUNetPlannerResEncM,
+//! trained by nnU-Net's own non-default `nnUNetTrainer_5epochs`). The `predict` stage with
+//! `models = [...]` and the `nnflow predict` command must give at least 99.9% of voxels equal to
+//! nnU-Net's predictions, with and without mirroring, on the input's geometry, and compute nothing
+//! the second time.
 
 mod common;
 
@@ -11,30 +14,57 @@ use std::path::{Path, PathBuf};
 use common::Project;
 use nnflow::data::nifti;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/predict")
-        .join(name)
+/// A folder of tests/fixtures made by nnU-Net: its test images, `model.zip` and nnU-Net's
+/// predictions `<case>_pred_{mirror,nomirror}.nii.gz`.
+struct Fixture {
+    folder: &'static str,
+    /// The results folder inside the zip, relative to where it is extracted.
+    results_folder: &'static str,
 }
+
+impl Fixture {
+    fn file(&self, name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(self.folder)
+            .join(name)
+    }
+}
+
+const PLAIN: Fixture = Fixture {
+    folder: "predict",
+    results_folder: "Dataset990_Tiny/nnUNetTrainerTinyCPU__nnUNetPlans__3d_fullres",
+};
+
+const RESENC: Fixture = Fixture {
+    folder: "predict_resenc",
+    results_folder: "Dataset990_Tiny/nnUNetTrainer_5epochs__nnUNetResEncUNetMPlans__3d_fullres",
+};
 
 const CASES: [&str; 2] = ["TinyTest_000", "TinyTest_001"];
 
-/// The results folder inside the zip, relative to where it is extracted.
-const RESULTS_FOLDER: &str = "Dataset990_Tiny/nnUNetTrainerTinyCPU__nnUNetPlans__3d_fullres";
+/// The results folder of the PlainConvUNet fixture, relative to where its zip is extracted.
+const RESULTS_FOLDER: &str = PLAIN.results_folder;
 
 /// A project holding the test images and nnU-Net's model, predicting with `models = [model]`.
 fn project(model: &str, extra: &str) -> Project {
+    project_of(&PLAIN, model, extra)
+}
+
+/// A project holding `fixture`'s test images and model (`models/model.zip`, and
+/// `models/results/` unpacked from it), predicting with `models = [model]`.
+fn project_of(fixture: &Fixture, model: &str, extra: &str) -> Project {
     let project = Project::new();
     let images = project.path().join("images");
     std::fs::create_dir_all(&images).unwrap();
     for case in CASES {
         let name = format!("{case}_0000.nii.gz");
-        std::fs::copy(fixture(&name), images.join(&name)).unwrap();
+        std::fs::copy(fixture.file(&name), images.join(&name)).unwrap();
     }
     let models = project.path().join("models");
     std::fs::create_dir_all(&models).unwrap();
-    std::fs::copy(fixture("model.zip"), models.join("model.zip")).unwrap();
-    nnflow::inference::model::extract_zip(&fixture("model.zip"), &models.join("results")).unwrap();
+    std::fs::copy(fixture.file("model.zip"), models.join("model.zip")).unwrap();
+    nnflow::inference::model::extract_zip(&fixture.file("model.zip"), &models.join("results")).unwrap();
     project.write(
         "p.toml",
         &format!(
@@ -53,10 +83,23 @@ device = "cpu"
 
 /// The share of voxels equal to nnU-Net's prediction; the input's geometry is checked on the way.
 fn agreement(ours: &Path, case: &str, suffix: &str) -> f64 {
+    agreement_with(&PLAIN, ours, case, suffix)
+}
+
+/// The share of voxels of `ours` equal to `fixture`'s nnU-Net prediction of `case` (`suffix`:
+/// mirror or nomirror); the input's geometry (spacing, origin, direction: the affine) is checked
+/// on the way.
+fn agreement_with(fixture: &Fixture, ours: &Path, case: &str, suffix: &str) -> f64 {
     let (a, header) = nifti::read_integer_labels(ours).unwrap();
-    let (b, _) = nifti::read_integer_labels(fixture(&format!("{case}_pred_{suffix}.nii.gz"))).unwrap();
+    let (b, _) = nifti::read_integer_labels(fixture.file(&format!("{case}_pred_{suffix}.nii.gz"))).unwrap();
     assert_eq!(a.shape(), b.shape(), "{}", ours.display());
-    let input = nifti::read_header(fixture(&format!("{case}_0000.nii.gz"))).unwrap();
+    let input = nifti::read_header(fixture.file(&format!("{case}_0000.nii.gz"))).unwrap();
+    assert_eq!(
+        header.itk_spacing(),
+        input.itk_spacing(),
+        "{}: spacing differs from the input's",
+        ours.display()
+    );
     assert_eq!(
         header.affine(),
         input.affine(),
@@ -214,4 +257,53 @@ fn the_predict_command_writes_only_inside_its_folder_and_only_its_own_file() {
     assert!(common::stderr(&foreign).contains("was not written by `nnflow predict`"));
     assert_eq!(project.read("nnflow-predict.toml"), "# my notes\n");
     assert!(!project.path().join("out").exists());
+}
+
+/// `nnflow predict` with `model` (relative to the project) on the ResEnc fixture's images, with
+/// and without TTA, each into its own folder: both agree with nnU-Net's predictions of the same
+/// setting on >= 99.9% of voxels, on the input's geometry.
+fn assert_resenc_predicts_like_nnunet(model: &str) {
+    let project = project_of(&RESENC, model, "");
+    for (tta, suffix) in [(true, "mirror"), (false, "nomirror")] {
+        let output = format!("out_{suffix}");
+        let mut args = vec![
+            "predict", "-i", "images", "-o", &output, "-m", model, "--device", "cpu",
+        ];
+        if !tta {
+            args.push("--disable-tta");
+        }
+        let result = project.nnflow(&args);
+        assert!(
+            result.status.success(),
+            "{model} ({suffix}): {}",
+            common::stderr(&result)
+        );
+        for case in CASES {
+            let ours = project.path().join(format!("{output}/{case}.nii.gz"));
+            let share = agreement_with(&RESENC, &ours, case, suffix);
+            eprintln!(
+                "ResEnc {model}, {case} ({suffix}): {:.4}% of voxels agree with nnU-Net",
+                share * 100.0
+            );
+            assert!(
+                share >= 0.999,
+                "ResEnc {model}, {case} ({suffix}): {:.4}% of voxels agree",
+                share * 100.0
+            );
+        }
+    }
+}
+
+/// Issue 16: a ResidualEncoderUNet (nnUNetPlannerResEncM) checkpoint of nnU-Net's own
+/// `nnUNetTrainer_5epochs`, as the zip nnU-Net exported.
+#[test]
+fn a_resenc_model_of_a_non_default_nnunet_trainer_predicts_like_nnunet_from_its_zip() {
+    assert_resenc_predicts_like_nnunet("models/model.zip");
+}
+
+/// Issue 16: the same model as the results folder `nnUNetv2_install_pretrained_model_from_zip`
+/// unpacks.
+#[test]
+fn a_resenc_model_of_a_non_default_nnunet_trainer_predicts_like_nnunet_from_its_results_folder() {
+    assert_resenc_predicts_like_nnunet(&format!("models/results/{}", RESENC.results_folder));
 }
