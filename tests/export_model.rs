@@ -357,24 +357,30 @@ fn a_trained_model_exported_predicts_exactly_as_its_training() {
         "cpu",
     ]);
     assert_eq!(predicted.status.code(), Some(0), "{}", stderr(&predicted));
-    let mut cases = 0;
-    for entry in std::fs::read_dir(project.path().join("trained_predictions")).unwrap() {
-        let name = entry.unwrap().file_name();
-        let (ours, header) =
-            nifti::read_integer_labels(project.path().join("trained_predictions").join(&name)).unwrap();
-        let (zipped, zipped_header) =
-            nifti::read_integer_labels(project.path().join("zip_predictions").join(&name)).unwrap();
-        assert_eq!(header.affine(), zipped_header.affine(), "{name:?}");
-        let same = ours.iter().zip(zipped.iter()).filter(|(a, b)| a == b).count();
-        assert_eq!(
-            same,
-            ours.len(),
-            "{name:?}: {same} of {} voxels equal",
-            ours.len()
-        );
-        cases += 1;
-    }
-    assert_eq!(cases, 2);
+    assert_same_predictions(&project, "zip_predictions");
+
+    // the trainings themselves, with the plan they were trained with, predict the same too
+    let direct = [
+        "predict",
+        "-i",
+        "Dataset901_Tiny/imagesTs",
+        "-o",
+        "direct_predictions",
+        "-m",
+        ".nnflow/p/out/train",
+        "--device",
+        "cpu",
+    ];
+    let output = project.nnflow(&direct);
+    assert_ne!(output.status.code(), Some(0));
+    assert!(
+        stderr(&output).contains("bring no plan: give the plan stage's outputs"),
+        "{}",
+        stderr(&output)
+    );
+    let output = project.nnflow(&[&direct[..], &["--plan", ".nnflow/p/out/plan"]].concat());
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_same_predictions(&project, "direct_predictions");
 
     // by folder, the same zip; a pipeline whose training is not up to date exports nothing
     let by_folder = project.nnflow(&[
@@ -402,4 +408,27 @@ fn a_trained_model_exported_predicts_exactly_as_its_training() {
         stderr(&output)
     );
     assert!(!project.path().join("stale.zip").exists());
+}
+
+/// Every prediction in `folder` equals the pipeline's own (`trained_predictions`) in every voxel
+/// and in its geometry.
+fn assert_same_predictions(project: &Project, folder: &str) {
+    let mut cases = 0;
+    for entry in std::fs::read_dir(project.path().join("trained_predictions")).unwrap() {
+        let name = entry.unwrap().file_name();
+        let (ours, header) =
+            nifti::read_integer_labels(project.path().join("trained_predictions").join(&name)).unwrap();
+        let (other, other_header) =
+            nifti::read_integer_labels(project.path().join(folder).join(&name)).unwrap();
+        assert_eq!(header.affine(), other_header.affine(), "{folder}/{name:?}");
+        let same = ours.iter().zip(other.iter()).filter(|(a, b)| a == b).count();
+        assert_eq!(
+            same,
+            ours.len(),
+            "{folder}/{name:?}: {same} of {} voxels equal",
+            ours.len()
+        );
+        cases += 1;
+    }
+    assert_eq!(cases, 2, "{folder}");
 }

@@ -26,9 +26,14 @@ pub struct PredictArgs {
     #[arg(short = 'o')]
     pub output: PathBuf,
     /// An nnU-Net v2 model: a results folder (`<trainer>__<plans>__<configuration>`), a folder
-    /// above such folders, or a zip from `nnUNetv2_export_model_to_zip`. Several are ensembled.
+    /// above such folders, or a zip from `nnUNetv2_export_model_to_zip`; or nnflow trainings
+    /// (with --plan). Several are ensembled.
     #[arg(short = 'm', required = true)]
     pub models: Vec<PathBuf>,
+    /// With -m nnflow trainings (folders holding fold.json, or above them): the plan stage's
+    /// outputs they were trained with (plans.json and dataset.json), e.g. `.nnflow/nnunet/out/plan`.
+    #[arg(long, value_name = "DIR")]
+    pub plan: Option<PathBuf>,
     /// Folds to use (`0 1 2 3 4`, or `all`); default every fold the model has.
     #[arg(short = 'f', num_args = 1..)]
     pub folds: Vec<String>,
@@ -70,6 +75,8 @@ struct PredictStageToml {
     images: String,
     output: String,
     models: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    plan: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     folds: Vec<String>,
     checkpoint: String,
@@ -141,6 +148,7 @@ fn write_pipeline(args: &PredictArgs) -> Result<PathBuf, String> {
         images: as_written(&args.input, &project),
         output: as_written(&args.output, &project),
         models: args.models.iter().map(|m| as_written(m, &project)).collect(),
+        plan: args.plan.as_ref().map(|plan| as_written(plan, &project)),
         folds: args.folds.clone(),
         checkpoint: args.checkpoint.clone(),
         step_size: args.step_size,

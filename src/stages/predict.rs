@@ -51,7 +51,8 @@ pub struct PredictStage {
     /// The dataset folder (dataset.json). Not needed with `models`, which bring their own.
     #[serde(default, skip_serializing)]
     pub dataset: Option<String>,
-    /// The plan stage's outputs: `${plan.outputs}`. Not needed with `models`.
+    /// The plan stage's outputs: `${plan.outputs}`. With `models`, only for nnflow trainings
+    /// among them (they were trained with this plan; its folder holds dataset.json too).
     #[serde(default, skip_serializing)]
     pub plan: Option<String>,
     /// Every training's outputs: `${train[*].outputs}`.
@@ -59,9 +60,10 @@ pub struct PredictStage {
     pub trainings: Vec<String>,
     /// Models trained by nnU-Net v2, as its users have them: a results folder
     /// (`<trainer>__<plans>__<configuration>` holding `plans.json`, `dataset.json` and
-    /// `fold_N/`), a folder above such folders, or a zip made by `nnUNetv2_export_model_to_zip`.
+    /// `fold_N/`), a folder above such folders, or a zip made by `nnUNetv2_export_model_to_zip`;
+    /// or nnflow trainings (folders holding fold.json, or a folder above them), with `plan`.
     /// Several models are predicted as an ensemble (probabilities averaged). Their files are
-    /// inputs of the stage; instead of `trainings`, `plan`, `dataset` and `configuration`.
+    /// inputs of the stage; instead of `trainings`, `dataset` and `configuration`.
     #[serde(default, skip_serializing)]
     pub models: Vec<String>,
     /// With `models`: the folds to predict with (`["0", "1"]`, `["all"]`); every numbered fold
@@ -128,8 +130,11 @@ pub enum PredictStageError {
     NoPlan,
     #[error("`models` replaces `trainings`, `selection` and `configuration`: give one or the other")]
     ModelsAndTrainings,
-    #[error("{model} is not an nnU-Net model (nnflow's trainings go in `trainings`)")]
-    NotNnunet { model: PathBuf },
+    #[error(
+        "{model} holds nnflow trainings, which bring no plan: give the plan stage's outputs they \
+         were trained with (`plan`, nnflow predict's --plan), or export them (nnflow export-model)"
+    )]
+    NnflowWithoutPlan { model: PathBuf },
     #[error(
         "{model} is a cascade's second stage ({configuration}): it needs the segmentations of its \
          previous stage {previous} (`previous_stage_predictions`, nnflow predict's \
@@ -249,22 +254,28 @@ impl PredictStage {
         let mut jobs = Vec::new();
         let (mut cascades, mut configurations) = (0, Vec::new());
         for model in open_models(ctx, &self.models)? {
-            let ModelSource::Nnunet {
-                plans,
-                dataset,
-                trainer,
-                ..
-            } = &model.source
-            else {
-                return Err(PredictStageError::NotNnunet { model: model.dir });
-            };
-            // what the worker would refuse, said before it starts and naming the model
-            crate::inference::trainers::check_trainer(trainer).map_err(|source| {
-                PredictStageError::Trainer {
-                    model: model.dir.clone(),
-                    source,
+            // nnU-Net's models bring their plan and dataset.json; nnflow's trainings take the
+            // plan stage's outputs, which hold both
+            let (plans, dataset_dir) = match &model.source {
+                ModelSource::Nnunet { plans, trainer, .. } => {
+                    // what the worker would refuse, said before it starts and naming the model
+                    crate::inference::trainers::check_trainer(trainer).map_err(|source| {
+                        PredictStageError::Trainer {
+                            model: model.dir.clone(),
+                            source,
+                        }
+                    })?;
+                    (plans.clone(), model.dir.clone())
                 }
-            })?;
+                ModelSource::Nnflow => {
+                    let Some(plan) = &self.plan else {
+                        return Err(PredictStageError::NnflowWithoutPlan { model: model.dir });
+                    };
+                    let plan = ctx.root.join(plan);
+                    (plan.join("plans.json"), plan)
+                }
+            };
+            let plans = &plans;
             let configuration = Plans::read(plans)?.configuration(&model.configuration)?;
             let architecture = configuration.architecture()?;
             if let Err(source) = Architecture::from_plan(architecture, 1, 2, false) {
@@ -285,27 +296,35 @@ impl PredictStage {
                     });
                 }
             }
-            let labels = Dataset::open(&model.dir)?;
+            let labels = Dataset::open(&dataset_dir)?;
             match &first {
-                None => first = Some((model.dir.clone(), plans.clone(), labels)),
+                None => first = Some((dataset_dir.clone(), plans.clone(), labels)),
                 Some((first_dir, _, first_labels)) if first_labels.labels != labels.labels => {
                     return Err(PredictStageError::DifferentLabels {
                         first: first_dir.join("dataset.json"),
-                        other: dataset.clone(),
+                        other: dataset_dir.join("dataset.json"),
                     })
                 }
                 Some(_) => {}
             }
+            let checkpoints: Vec<PathBuf> = model
+                .select(&folds, checkpoint)?
+                .into_iter()
+                .map(|c| c.path)
+                .collect();
+            // nnU-Net's checkpoints say; nnflow's trainings, the first fold's fold.json
+            let mirror_axes = match (&model.source, checkpoints.first()) {
+                (ModelSource::Nnflow, Some(first)) => {
+                    let fold = first.parent().unwrap_or(Path::new(".")).join("fold.json");
+                    crate::atomic_file::read_json::<FoldInfo>(&fold)?.mirror_axes
+                }
+                _ => None,
+            };
             jobs.push(ModelJob {
                 configuration: model.configuration.clone(),
                 plans: Some(plans.clone()),
-                checkpoints: model
-                    .select(&folds, checkpoint)?
-                    .into_iter()
-                    .map(|c| c.path)
-                    .collect(),
-                // the checkpoints say
-                mirror_axes: None,
+                checkpoints,
+                mirror_axes,
                 member: true,
             });
         }
