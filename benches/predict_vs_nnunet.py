@@ -3,7 +3,7 @@
 Run by hand (not in CI), after `cargo build --release --bin nnflow --bin nnflow-torch`:
 
     /root/.cache/nnflow/nnunet-venv/bin/python benches/predict_vs_nnunet.py [--cases 3] [--shape 64,160,160]
-        [--spacing 3.0,0.8,0.8] [--threads 1,2] [--repeats 1] [--keep DIR]
+        [--spacing 3.0,0.8,0.8] [--threads 1,2] [--tta both|on|off] [--repeats 1] [--keep DIR]
 
 Model: tests/fixtures/predict_resenc/model.zip (ResidualEncoderUNet planned by nnUNetPlannerResEncM, trained by
 nnU-Net's own nnUNetTrainer_5epochs: a trainer class nnU-Net ships, so its own command loads it). nnU-Net gets it
@@ -238,6 +238,7 @@ def main():
     ap.add_argument("--shape", default="64,160,160", help="z,y,x voxels")
     ap.add_argument("--spacing", default="3.0,0.8,0.8", help="z,y,x mm")
     ap.add_argument("--threads", default="1,2", help="core counts, comma-separated")
+    ap.add_argument("--tta", choices=("both", "on", "off"), default="both", help="mirroring test-time augmentation")
     ap.add_argument("--repeats", type=int, default=1, help="cold runs per setting; the best wall time is shown")
     ap.add_argument("--keep", help="work folder to keep (default: a temporary one, removed)")
     a = ap.parse_args()
@@ -273,7 +274,7 @@ def main():
               f"{m['procs']:>7}{m['cpu']:>8.1f}", flush=True)
 
     for n in threads:
-        for tta in (True, False):
+        for tta in {"both": (True, False), "on": (True,), "off": (False,)}[a.tta]:
             ours, theirs, warms, all_cores = [], [], [], []
             for _ in range(a.repeats):
                 cold, warm, ours_out = run_nnflow(work, images, n, tta)
