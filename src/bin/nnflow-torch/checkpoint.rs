@@ -3,7 +3,7 @@
 //! written last and names the epoch; each file goes through a temporary name and a rename. Resume
 //! checkpoints are also checksummed and kept in two generations (`nnflow::train::resume`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -311,9 +311,10 @@ fn check_nothing_left(
     stored: &BTreeMap<String, Tensor>,
     variables: &[(String, Tensor)],
 ) -> Result<(), CheckpointError> {
-    let names: BTreeSet<&str> = variables.iter().map(|(name, _)| name.as_str()).collect();
+    let names: Vec<String> = variables.iter().map(|(name, _)| name.clone()).collect();
+    let aliases = alias_map(&names);
     for (name, tensor) in stored {
-        if names.contains(name.as_str()) || alias_of(name, tensor, stored, &names).is_some() {
+        if names.contains(name) || alias_of(name, tensor, stored, &aliases).is_some() {
             continue;
         }
         return Err(CheckpointError::UnexpectedTensor {
@@ -325,38 +326,25 @@ fn check_nothing_left(
     Ok(())
 }
 
+/// PyTorch's other names of the variables `names` (alias -> variable), as nnU-Net's state dicts
+/// list them ([`nnflow::network::state_dict::nnunet_aliases`]).
+fn alias_map(names: &[String]) -> BTreeMap<String, String> {
+    nnflow::network::state_dict::nnunet_aliases(names)
+        .into_iter()
+        .collect()
+}
+
 /// The variable `name` is another name of in PyTorch's state dict, where its tensor is that
-/// variable's (same shape and values in the file): nnU-Net's networks list each conv block's conv
-/// and norm again as `.all_modules.<i>.` (conv, then dropout where there is one, norm, nonlin), and
-/// the encoder again as `decoder.encoder.*` (the decoder keeps a reference to it).
+/// variable's (same shape and values in the file).
 fn alias_of<'a>(
     name: &str,
     tensor: &Tensor,
     stored: &BTreeMap<String, Tensor>,
-    variables: &BTreeSet<&'a str>,
+    aliases: &'a BTreeMap<String, String>,
 ) -> Option<&'a str> {
-    let base = name
-        .strip_prefix("decoder.")
-        .filter(|rest| rest.starts_with("encoder."))
-        .unwrap_or(name);
-    let mut candidates = vec![base.to_string()];
-    if let Some((block, rest)) = base.split_once(".all_modules.") {
-        if let Some((index, parameter)) = rest.split_once('.') {
-            if index.parse::<usize>().is_ok() {
-                for module in ["conv", "norm"] {
-                    candidates.push(format!("{block}.{module}.{parameter}"));
-                }
-            }
-        }
-    }
-    candidates
-        .into_iter()
-        .filter(|c| c != name)
-        .find_map(|candidate| {
-            let variable = *variables.get(candidate.as_str())?;
-            let canonical = stored.get(variable)?;
-            (canonical.size() == tensor.size() && canonical.equal(tensor)).then_some(variable)
-        })
+    let variable = aliases.get(name)?;
+    let canonical = stored.get(variable)?;
+    (canonical.size() == tensor.size() && canonical.equal(tensor)).then_some(variable.as_str())
 }
 
 /// Copies the stored tensors into the (checked) variables.
@@ -806,7 +794,7 @@ mod tests {
                     Tensor::full(shape(e).as_slice(), i as f64, (Kind::Float, Device::Cpu)),
                 );
             }
-            let names: BTreeSet<&str> = stored.keys().map(String::as_str).collect();
+            let aliases_of_variables = alias_map(&stored.keys().cloned().collect::<Vec<_>>());
             let variables: Vec<(String, Tensor)> = stored
                 .iter()
                 .map(|(n, t)| (n.clone(), t.shallow_clone()))
@@ -816,7 +804,12 @@ mod tests {
                 let of = e["alias_of"].as_str().unwrap();
                 let tensor = stored[of].copy();
                 assert_eq!(
-                    alias_of(e["name"].as_str().unwrap(), &tensor, &stored, &names),
+                    alias_of(
+                        e["name"].as_str().unwrap(),
+                        &tensor,
+                        &stored,
+                        &aliases_of_variables
+                    ),
                     Some(of),
                     "{case}: {}",
                     e["name"]
