@@ -189,9 +189,99 @@ impl Header {
         }
     }
 
+    /// The header ITK writes for an image of this spacing, origin and direction (LPS): sform and
+    /// qform both set (code 1, scanner anatomical), the LPS -> RAS flip applied to x and y, and the
+    /// direction's handedness in qfac. 2D images keep `dim[0] = 2`.
+    pub fn from_itk(
+        ndim: u8,
+        shape_zyx: [usize; 3],
+        spacing: [f64; 3],
+        origin: [f64; 3],
+        direction: [[f64; 3]; 3],
+    ) -> Header {
+        let [z, y, x] = shape_zyx;
+        let ras_flip = |row: usize| if row < 2 { -1.0 } else { 1.0 };
+        let mut rotation = [[0.0; 3]; 3];
+        let mut srow = [[0.0f32; 4]; 3];
+        for r in 0..3 {
+            for c in 0..3 {
+                rotation[r][c] = ras_flip(r) * direction[r][c];
+                srow[r][c] = (rotation[r][c] * spacing[c]) as f32;
+            }
+            srow[r][3] = (ras_flip(r) * origin[r]) as f32;
+        }
+        let (quatern, qfac) = matrix_to_quaternion(rotation);
+        Header {
+            dim: [i16::from(ndim), x as i16, y as i16, z as i16, 1, 1, 1, 1],
+            pixdim: [
+                qfac as f32,
+                spacing[0] as f32,
+                spacing[1] as f32,
+                spacing[2] as f32,
+                0.0,
+                0.0,
+                0.0,
+                0.0,
+            ],
+            xyzt_units: 2,
+            qform_code: 1,
+            sform_code: 1,
+            quatern: quatern.map(|q| q as f32),
+            qoffset: [srow[0][3], srow[1][3], srow[2][3]],
+            srow,
+            datatype: 16,
+        }
+    }
+
     fn has_transform(&self) -> bool {
         self.sform_code > 0 || self.qform_code > 0
     }
+}
+
+/// The quaternion (b, c, d) and qfac of a rotation, as niftilib's `nifti_mat44_to_quatern` computes
+/// them: a left-handed matrix gets qfac -1 and its third column negated first.
+fn matrix_to_quaternion(mut r: [[f64; 3]; 3]) -> ([f64; 3], f64) {
+    let det = r[0][0] * (r[1][1] * r[2][2] - r[1][2] * r[2][1]) - r[0][1] * (r[1][0] * r[2][2] - r[1][2] * r[2][0])
+        + r[0][2] * (r[1][0] * r[2][1] - r[1][1] * r[2][0]);
+    let qfac = if det < 0.0 { -1.0 } else { 1.0 };
+    if det < 0.0 {
+        for row in r.iter_mut() {
+            row[2] = -row[2];
+        }
+    }
+    let trace = r[0][0] + r[1][1] + r[2][2] + 1.0;
+    let (mut a, mut b, mut c, mut d);
+    if trace > 0.5 {
+        a = 0.5 * trace.sqrt();
+        b = 0.25 * (r[2][1] - r[1][2]) / a;
+        c = 0.25 * (r[0][2] - r[2][0]) / a;
+        d = 0.25 * (r[1][0] - r[0][1]) / a;
+    } else {
+        let xd = 1.0 + r[0][0] - (r[1][1] + r[2][2]);
+        let yd = 1.0 + r[1][1] - (r[0][0] + r[2][2]);
+        let zd = 1.0 + r[2][2] - (r[0][0] + r[1][1]);
+        if xd > 1.0 {
+            b = 0.5 * xd.sqrt();
+            c = 0.25 * (r[0][1] + r[1][0]) / b;
+            d = 0.25 * (r[0][2] + r[2][0]) / b;
+            a = 0.25 * (r[2][1] - r[1][2]) / b;
+        } else if yd > 1.0 {
+            c = 0.5 * yd.sqrt();
+            b = 0.25 * (r[0][1] + r[1][0]) / c;
+            d = 0.25 * (r[1][2] + r[2][1]) / c;
+            a = 0.25 * (r[0][2] - r[2][0]) / c;
+        } else {
+            d = 0.5 * zd.sqrt();
+            b = 0.25 * (r[0][2] + r[2][0]) / d;
+            c = 0.25 * (r[1][2] + r[2][1]) / d;
+            a = 0.25 * (r[1][0] - r[0][1]) / d;
+        }
+        if a < 0.0 {
+            (a, b, c, d) = (-a, -b, -c, -d);
+        }
+    }
+    let _ = a;
+    ([b, c, d], qfac)
 }
 
 fn pixdim_or_one(v: f32) -> f64 {

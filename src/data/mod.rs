@@ -5,6 +5,7 @@ pub mod case_store;
 pub mod dataset;
 pub mod fingerprint_format;
 pub mod geometry;
+pub mod image;
 pub mod import;
 pub mod integrity;
 pub mod nifti;

@@ -118,6 +118,12 @@ pub fn read(path: impl AsRef<Path>) -> Result<Volume, NiftiError> {
     })
 }
 
+/// Reads every volume of an image as channels `[z, y, x]` (one for a 3D image).
+pub fn read_channels(path: impl AsRef<Path>) -> Result<(Vec<Array3<f32>>, Header), NiftiError> {
+    let volume = read(path)?;
+    Ok((vec![volume.data], volume.header))
+}
+
 /// Reads a segmentation: like [`read`], but values must be integers that fit in i32 (after
 /// scaling). Decoded straight from the stored type, so large labels do not lose f32 precision.
 pub fn read_integer_labels(path: impl AsRef<Path>) -> Result<(Array3<i32>, Header), NiftiError> {
