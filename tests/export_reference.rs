@@ -133,7 +133,7 @@ fn check_export(name: &'static str) -> Reference {
     properties.normalized = true;
     properties.resampled = true;
     assert_geometry(
-        &properties.header,
+        properties.geometry.nifti.as_ref().expect("a NIfTI image"),
         &expected["cases"][case_name]["image"],
         "raw image",
     );

@@ -348,18 +348,272 @@ fn short_file_is_reported() {
 }
 
 #[test]
-fn real_4d_is_rejected() {
+fn real_4d_is_rejected_by_read_but_read_as_channels() {
     let (_d, path) = patched("4d.nii", |b| {
         b[40..42].copy_from_slice(&4i16.to_le_bytes());
         b[48..50].copy_from_slice(&3i16.to_le_bytes());
+        b.truncate(352 + 4 * 5 * 6 * 4 * 3);
     });
     let (err, msg) = read_err(&path);
     assert!(matches!(err, NiftiError::BadDims { .. }), "{msg}");
+    assert!(msg.contains("a 4D image of 3 volumes (4x5x6x3)"), "{msg}");
+    let labels = nifti::read_integer_labels(&path).unwrap_err().to_string();
+    assert!(labels.contains("4D image of 3 volumes"), "{labels}");
+    // The fixture has only one volume of data: read_channels says so.
+    let err = nifti::read_channels(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("4x5x6x3 float32 (1440 bytes) but only 480 bytes"),
+        "{err}"
+    );
 }
 
 #[test]
-fn nifti2_is_rejected() {
+fn five_dimensional_images_are_rejected() {
+    let (_d, path) = patched("5d.nii", |b| {
+        b[40..42].copy_from_slice(&5i16.to_le_bytes());
+        b[48..50].copy_from_slice(&1i16.to_le_bytes());
+        b[50..52].copy_from_slice(&2i16.to_le_bytes());
+    });
+    let err = nifti::read_channels(&path).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, NiftiError::BadDims { .. }), "{msg}");
+    assert!(msg.contains("5d.nii") && msg.contains("dim[5] = 2"), "{msg}");
+}
+
+#[test]
+fn nifti2_with_a_bad_magic_is_reported() {
     let (_d, path) = patched("n2.nii", |b| b[0..4].copy_from_slice(&540i32.to_le_bytes()));
     let (err, msg) = read_err(&path);
-    assert!(matches!(err, NiftiError::Nifti2 { .. }), "{msg}");
+    assert!(matches!(err, NiftiError::BadMagic { version: 2, .. }), "{msg}");
+    assert!(msg.contains("not a single-file NIfTI-2 image"), "{msg}");
+}
+
+// --- NIfTI-2 and 4D images (expected_channels.json) ---------------------------------------------
+
+#[derive(Deserialize)]
+struct ChannelSample {
+    xyzt: [usize; 4],
+    value: f64,
+}
+
+#[derive(Deserialize)]
+struct ExpectedChannels {
+    nifti2: bool,
+    shape_zyx: [usize; 3],
+    channels: usize,
+    datatype: i16,
+    nibabel_affine: [[f64; 4]; 4],
+    itk_spacing: [f64; 3],
+    itk_origin: [f64; 3],
+    itk_direction: [[f64; 3]; 3],
+    channel_sums: Vec<f64>,
+    samples: Vec<ChannelSample>,
+}
+
+fn expected_channels() -> std::collections::BTreeMap<String, ExpectedChannels> {
+    let text = std::fs::read_to_string(fixture("expected_channels.json")).expect("expected_channels.json");
+    serde_json::from_str(&text).expect("parse expected_channels.json")
+}
+
+fn check_channels(name: &str) {
+    let exp = &expected_channels()[name];
+    let (channels, h) = nifti::read_channels(fixture(name)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(channels.len(), exp.channels, "{name}: channels");
+    assert_eq!(h.nifti2.is_some(), exp.nifti2, "{name}: NIfTI-2");
+    assert_eq!(h.datatype, exp.datatype, "{name}: datatype");
+    assert_eq!(h.shape_zyx(), exp.shape_zyx, "{name}: shape");
+    if exp.channels > 1 {
+        assert_eq!((h.dim[0], h.dim[4]), (3, 1), "{name}: a channel's header is 3D");
+    }
+    let aff = h.affine();
+    for r in 0..4 {
+        for c in 0..4 {
+            let (a, b) = (aff[r][c], exp.nibabel_affine[r][c]);
+            // NIfTI-2 keeps f64 geometry: nibabel's affine to rounding of the last bits.
+            assert!(
+                (a - b).abs() <= 1e-12 * b.abs().max(1.0),
+                "{name}: affine[{r}][{c}] {a} vs {b}"
+            );
+        }
+    }
+    for i in 0..3 {
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs().max(1.0);
+        assert!(
+            close(h.itk_spacing()[i], exp.itk_spacing[i]),
+            "{name}: spacing {:?}",
+            h.itk_spacing()
+        );
+        assert!(
+            close(h.itk_origin()[i], exp.itk_origin[i]),
+            "{name}: origin {:?}",
+            h.itk_origin()
+        );
+        for j in 0..3 {
+            assert!(
+                close(h.itk_direction()[i][j], exp.itk_direction[i][j]),
+                "{name}: direction"
+            );
+        }
+    }
+    for (t, (channel, sum)) in channels.iter().zip(&exp.channel_sums).enumerate() {
+        assert_eq!(channel.shape(), exp.shape_zyx, "{name}: channel {t} shape");
+        let got: f64 = channel.iter().map(|&v| f64::from(v)).sum();
+        assert!(close(got, *sum, 1e-6), "{name}: channel {t} sum {got} vs {sum}");
+    }
+    for s in &exp.samples {
+        let [x, y, z, t] = s.xyzt;
+        let got = f64::from(channels[t][[z, y, x]]);
+        assert!(
+            close(got, s.value, 1e-6),
+            "{name}: [x,y,z,t]={:?}: {got} vs {}",
+            s.xyzt,
+            s.value
+        );
+    }
+    if exp.channels == 1 {
+        let vol = nifti::read(fixture(name)).unwrap();
+        assert_eq!(vol.data, channels[0], "{name}: read == read_channels");
+        assert_eq!(vol.header, h, "{name}: read's header");
+        assert_eq!(
+            nifti::read_header(fixture(name)).unwrap(),
+            h,
+            "{name}: read_header"
+        );
+    } else {
+        let (err, msg) = read_err(&fixture(name));
+        assert!(matches!(err, NiftiError::BadDims { .. }), "{msg}");
+        assert!(
+            msg.contains(&format!("4D image of {} volumes", exp.channels)),
+            "{msg}"
+        );
+    }
+}
+
+#[test]
+fn nifti2_oblique_float32() {
+    check_channels("nifti2_oblique_float32.nii.gz");
+}
+
+#[test]
+fn nifti2_big_endian_qform_only() {
+    check_channels("nifti2_bigendian_qform_int16.nii");
+}
+
+#[test]
+fn image_4d_volumes_are_channels() {
+    check_channels("image4d_t3_int16.nii.gz");
+}
+
+#[test]
+fn nifti2_4d_volumes_are_channels() {
+    check_channels("nifti2_4d_t2_float32.nii.gz");
+}
+
+#[test]
+fn every_channel_fixture_is_tested() {
+    let tested = [
+        "nifti2_oblique_float32.nii.gz",
+        "nifti2_bigendian_qform_int16.nii",
+        "image4d_t3_int16.nii.gz",
+        "nifti2_4d_t2_float32.nii.gz",
+    ];
+    for name in expected_channels().keys() {
+        assert!(tested.contains(&name.as_str()), "no test for fixture {name}");
+    }
+}
+
+#[test]
+fn nifti2_keeps_f64_geometry() {
+    let h = nifti::read_header(fixture("nifti2_oblique_float32.nii.gz")).unwrap();
+    let precise = h.nifti2.as_ref().expect("NIfTI-2");
+    assert_eq!(precise.pixdim[1], 0.7, "f64 spacing, not 0.7f32");
+    assert_eq!(h.itk_spacing()[0], 0.7);
+    assert_eq!(h.pixdim[1], 0.7f32);
+    // JSON (a preprocessed case's properties) keeps the f64 values.
+    let back: Header = serde_json::from_str(&serde_json::to_string(&h).unwrap()).unwrap();
+    assert_eq!(back, h);
+}
+
+/// A prediction for a NIfTI-2 image is NIfTI-2, with bit-for-bit the same f64 geometry.
+#[test]
+fn nifti2_roundtrip_writes_nifti2() {
+    for name in [
+        "nifti2_oblique_float32.nii.gz",
+        "nifti2_bigendian_qform_int16.nii",
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let src = nifti::read(fixture(name)).unwrap();
+        for out in ["seg.nii.gz", "seg.nii"] {
+            let out = dir.path().join(out);
+            nifti::write(&out, &src.data.mapv(|v| v as i16), &src.header).unwrap();
+            let back = nifti::read(&out).unwrap();
+            assert_same_geometry(&src.header, &back.header, name);
+            assert_eq!(back.data, src.data.mapv(|v| f32::from(v as i16)), "{name}");
+        }
+        let raw = std::fs::read(dir.path().join("seg.nii")).unwrap();
+        assert_eq!(
+            &raw[0..12],
+            b"\x1c\x02\0\0n+2\0\r\n\x1a\n",
+            "{name}: NIfTI-2 header"
+        );
+        assert_eq!(raw.len(), 544 + 4 * 5 * 6 * 2);
+    }
+}
+
+/// nnflow's NIfTI-2 output, byte for byte as committed; generate.py checks that nibabel reads
+/// the committed file exactly as its source (SimpleITK 2.5.7 reads no NIfTI-2). Re-create it with
+/// `NNFLOW_BLESS=1 cargo test --test nifti_fixtures nifti2_write` after a deliberate change.
+#[test]
+fn nifti2_write_matches_committed_bytes() {
+    let src = nifti::read(fixture("nifti2_oblique_float32.nii.gz")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("written.nii");
+    nifti::write(&out, &src.data, &src.header).unwrap();
+    let written = std::fs::read(&out).unwrap();
+    let committed = fixture("nnflow_written_nifti2.nii");
+    if std::env::var_os("NNFLOW_BLESS").is_some() {
+        std::fs::write(&committed, &written).unwrap();
+    }
+    let expected = std::fs::read(&committed).expect("nnflow_written_nifti2.nii (NNFLOW_BLESS=1 creates it)");
+    assert!(
+        written == expected,
+        "nnflow's NIfTI-2 bytes changed (NNFLOW_BLESS=1 to accept)"
+    );
+}
+
+#[test]
+fn split_volumes_keeps_datatype_scaling_and_geometry() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in [
+        "image4d_t3_int16.nii.gz",
+        "nifti2_4d_t2_float32.nii.gz",
+        "scaled_int16.nii.gz",
+        "bigendian_int16.nii",
+    ] {
+        let (channels, header) = nifti::read_channels(fixture(name)).unwrap();
+        let target = |i: usize| {
+            dir.path()
+                .join(format!("{}_{i:04}.nii.gz", name.split('.').next().unwrap()))
+        };
+        let n = nifti::split_volumes(fixture(name), target).unwrap();
+        assert_eq!(n, channels.len(), "{name}");
+        for (i, channel) in channels.iter().enumerate() {
+            let vol = nifti::read(target(i)).unwrap();
+            assert_eq!(&vol.data, channel, "{name}: channel {i}");
+            assert_eq!(vol.header, header, "{name}: channel {i} header");
+        }
+    }
+    let h = nifti::read_header(dir.path().join("scaled_int16_0000.nii.gz")).unwrap();
+    assert_eq!(h.datatype, 4, "stored type kept");
+}
+
+#[test]
+fn four_d_channel_header_writes_a_3d_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (channels, header) = nifti::read_channels(fixture("image4d_t3_int16.nii.gz")).unwrap();
+    let out = dir.path().join("pred.nii.gz");
+    nifti::write(&out, &channels[2].mapv(|v| v as i16), &header).unwrap();
+    let back = nifti::read(&out).unwrap();
+    assert_eq!(back.data, channels[2]);
+    assert_eq!(back.header.dim[0], 3);
 }

@@ -78,8 +78,16 @@ pub fn dispatch(command: Command) -> i32 {
             channels,
             label_values,
             config,
+            msd,
+            dataset_id,
             out,
-        } => super::data_commands::import(images, labels, channels, label_values, config, out),
+        } => match (msd, labels) {
+            (Some(task), _) => super::data_commands::import_msd(task, dataset_id, out),
+            (None, Some(labels)) => {
+                super::data_commands::import(images, labels, channels, label_values, config, out)
+            }
+            (None, None) => unreachable!("clap requires --labels without --msd"),
+        },
         Command::Check { dataset } => super::data_commands::check(&dataset),
         Command::Synth {
             dataset,
@@ -91,6 +99,7 @@ pub fn dispatch(command: Command) -> i32 {
             seed,
             spacing_variation,
             test_cases,
+            format,
         } => {
             let args = super::data_commands::SynthArgs {
                 cases,
@@ -101,6 +110,7 @@ pub fn dispatch(command: Command) -> i32 {
                 seed,
                 spacing_variation,
                 test_cases,
+                file_ending: format,
             };
             super::data_commands::synth(&dataset, args)
         }

@@ -1,4 +1,4 @@
-//! Dataset commands: import, check, synth.
+//! Dataset commands: import (folders or an MSD task), check, synth.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -8,6 +8,7 @@ use super::{EXIT_FAILED, EXIT_INVALID, EXIT_OK};
 use crate::data::dataset::Dataset;
 use crate::data::import::{self, ImportError, ImportSpec};
 use crate::data::integrity::check_dataset;
+use crate::data::msd_import::{self, MsdError, MsdSpec};
 use crate::data::synthetic::{write_dataset, SyntheticSpec};
 use crate::file_error::FileError;
 
@@ -102,6 +103,35 @@ pub fn import(
     }
 }
 
+/// `nnflow import --msd TASK_FOLDER -o OUT [--dataset-id N]`.
+pub fn import_msd(task_folder: PathBuf, dataset_id: Option<u32>, out: PathBuf) -> i32 {
+    let spec = MsdSpec {
+        task_folder,
+        output: out,
+        dataset_id,
+    };
+    match msd_import::import_msd(&spec) {
+        Ok(dataset) => {
+            outln!(
+                "converted {} into {} ({} training cases, {} channels)",
+                spec.task_folder.display(),
+                dataset.root.display(),
+                dataset.cases.len(),
+                dataset.channels.len()
+            );
+            EXIT_OK
+        }
+        Err(MsdError::Invalid(report)) => {
+            crate::errln!("{}\nnothing was written", report.render());
+            EXIT_INVALID
+        }
+        Err(error) => {
+            crate::errln!("error: {error}");
+            EXIT_INVALID
+        }
+    }
+}
+
 pub fn check(root: &Path) -> i32 {
     let dataset = match Dataset::open(root) {
         Ok(dataset) => dataset,
@@ -132,6 +162,7 @@ pub struct SynthArgs {
     pub seed: u64,
     pub spacing_variation: f64,
     pub test_cases: usize,
+    pub file_ending: String,
 }
 
 pub fn synth(root: &Path, args: SynthArgs) -> i32 {
@@ -155,6 +186,7 @@ pub fn synth(root: &Path, args: SynthArgs) -> i32 {
         seed: args.seed,
         spacing_variation: args.spacing_variation,
         test_cases: args.test_cases,
+        file_ending: args.file_ending,
     };
     match write_dataset(root, &spec) {
         Ok(()) => {

@@ -140,16 +140,17 @@ pub enum Command {
         keep_last: usize,
     },
     /// Build an nnU-Net-layout dataset from a folder of images per channel and a folder of
-    /// segmentations with matching file names. Checks it; writes nothing if it is invalid.
+    /// segmentations with matching file names, or (`--msd`) from a Medical Segmentation Decathlon
+    /// task, as nnUNetv2_convert_MSD_dataset. Checks it; writes nothing if it is invalid.
     Import {
         /// Image folder, one per channel, in channel order (repeatable).
-        #[arg(long = "images", required = true)]
+        #[arg(long = "images", required_unless_present = "msd")]
         images: Vec<PathBuf>,
         /// Segmentation folder.
-        #[arg(long)]
-        labels: PathBuf,
+        #[arg(long, required_unless_present = "msd")]
+        labels: Option<PathBuf>,
         /// Channel name per image folder, e.g. `CT` or `T2` (repeatable; chooses normalization).
-        #[arg(long = "channel", required = true)]
+        #[arg(long = "channel", required_unless_present = "msd")]
         channels: Vec<String>,
         /// Label `name=value` (repeatable); default: background=0 and label_<v> for values found.
         #[arg(long = "label", value_name = "NAME=VALUE")]
@@ -157,8 +158,16 @@ pub enum Command {
         /// Or a TOML file with `channels = [...]` and `[labels] name = value`.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// The dataset folder to create (e.g. Dataset501_Lung).
-        #[arg(long)]
+        /// Convert this MSD task folder (`TaskXX_Name`, 4D images split into channels) instead.
+        #[arg(long, value_name = "TASK_FOLDER",
+              conflicts_with_all = ["images", "labels", "channels", "label_values", "config"])]
+        msd: Option<PathBuf>,
+        /// With --msd: the id of the dataset's name `DatasetXXX_Name` (default: the task's number).
+        #[arg(long, requires = "msd")]
+        dataset_id: Option<u32>,
+        /// The dataset folder to create (e.g. Dataset501_Lung). With --msd, an existing folder
+        /// (e.g. nnUNet_raw) gets the dataset inside it, named `DatasetXXX_Name` like nnU-Net's.
+        #[arg(short = 'o', long, visible_alias = "output")]
         out: PathBuf,
     },
     /// Check a dataset in nnU-Net's layout and list every bad case (exit 2 if any).
@@ -186,6 +195,10 @@ pub enum Command {
         /// Also write this many test cases to imagesTs / labelsTs.
         #[arg(long, default_value_t = 0)]
         test_cases: usize,
+        /// The image format, as a file ending: .nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd, .tiff (3D),
+        /// or .png, .bmp, .tif (2D pictures: give a shape of one slice, e.g. 1,64,64).
+        #[arg(long, default_value = ".nii.gz")]
+        format: String,
     },
     /// Print nnflow and libtorch versions, CUDA availability, GPU and thread counts.
     Doctor {

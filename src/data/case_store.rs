@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use ndarray::{Array4, Ix4};
 use serde::{Deserialize, Serialize};
 
-use super::geometry::Header;
+use super::image::Geometry;
 use super::npy;
 use crate::file_error::FileError;
 
@@ -27,8 +27,9 @@ pub struct CaseProperties {
     /// `[start, end)` per (transposed) axis of the nonzero crop.
     pub bbox_used_for_cropping: [[usize; 2]; 3],
     pub shape_after_cropping_and_before_resampling: [usize; 3],
-    /// The raw image's NIfTI geometry, so predictions can be written with exactly this geometry.
-    pub header: Header,
+    /// The raw image's geometry (its first channel's), so predictions are written with exactly
+    /// this geometry, in its format.
+    pub geometry: Geometry,
     /// Which steps have been applied, so stages composed in either order know what is left.
     pub normalized: bool,
     pub resampled: bool,
@@ -220,13 +221,15 @@ mod tests {
             shape_before_cropping: [4, 5, 6],
             bbox_used_for_cropping: [[0, 4], [1, 5], [0, 6]],
             shape_after_cropping_and_before_resampling: [4, 4, 6],
-            header: serde_json::from_value(serde_json::json!({
-                "dim": [3, 6, 5, 4, 1, 1, 1, 1], "pixdim": [1.0, 1.0, 1.0, 3.0, 0.0, 0.0, 0.0, 0.0],
-                "xyzt_units": 2, "qform_code": 0, "sform_code": 1, "quatern": [0.0, 0.0, 0.0],
-                "qoffset": [0.0, 0.0, 0.0], "srow": [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 3.0, 0.0]],
-                "datatype": 4
-            }))
-            .unwrap(),
+            geometry: Geometry::from_nifti(
+                serde_json::from_value(serde_json::json!({
+                    "dim": [3, 6, 5, 4, 1, 1, 1, 1], "pixdim": [1.0, 1.0, 1.0, 3.0, 0.0, 0.0, 0.0, 0.0],
+                    "xyzt_units": 2, "qform_code": 0, "sform_code": 1, "quatern": [0.0, 0.0, 0.0],
+                    "qoffset": [0.0, 0.0, 0.0], "srow": [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 3.0, 0.0]],
+                    "datatype": 4
+                }))
+                .unwrap(),
+            ),
             normalized: false,
             resampled: false,
             class_locations: Some([("1".to_string(), vec![[0, 1, 2, 3]])].into()),

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::image;
+
 /// A label's value: one integer, or a list of integers for a region (sigmoid training).
 #[derive(Deserialize, Clone, Debug, PartialEq)]
 #[serde(untagged)]
@@ -350,11 +352,28 @@ fn v1_cases(root: &Path, pairs: &[V1Pair], channels: usize, ending: &str) -> Vec
 }
 
 fn case_files(root: &Path, id: String, ending: &str, channels: usize) -> Case {
-    let images = (0..channels)
-        .map(|c| root.join("imagesTr").join(format!("{id}_{c:04}{ending}")))
-        .collect();
+    let images = channel_files(&root.join("imagesTr"), &id, ending, channels);
     let label = root.join("labelsTr").join(format!("{id}{ending}"));
     Case { id, images, label }
+}
+
+/// A case's channel files `{id}_{CCCC}{ending}` in `folder`, one per channel. A picture (PNG, BMP,
+/// TIFF) may hold several channels (RGB), as nnU-Net's NaturalImage2DIO reads them: then the files
+/// that exist from `_0000` on are the case's, and reading checks the channel count.
+pub fn channel_files(folder: &Path, id: &str, ending: &str, channels: usize) -> Vec<PathBuf> {
+    let files: Vec<PathBuf> = (0..channels)
+        .map(|c| folder.join(format!("{id}_{c:04}{ending}")))
+        .collect();
+    if !image::several_channels_per_file(ending) {
+        return files;
+    }
+    let present = files.iter().take_while(|f| f.is_file()).count().max(1);
+    let rest_missing = files[present..].iter().all(|f| !f.exists());
+    if rest_missing {
+        files[..present].to_vec()
+    } else {
+        files
+    }
 }
 
 #[cfg(test)]

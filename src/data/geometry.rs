@@ -38,9 +38,85 @@ pub struct Header {
     /// NIfTI datatype code of the file this header was read from (informational only; `write`
     /// uses the type of the array it is given).
     pub datatype: i16,
+    /// Set when the header was read from a NIfTI-2 file: the file's double-precision geometry.
+    /// The f32 fields above then hold these values rounded to f32 (and `dim` the i64 sizes, which
+    /// must fit in i16); the geometry math and the NIfTI-2 writer use the f64 values wherever they
+    /// still round to the f32 field (so code that edits an f32 field is never overridden by a
+    /// stale f64). Absent for NIfTI-1, and then not written to JSON at all, so the JSON of NIfTI-1
+    /// headers is unchanged and old JSON (without the field) reads as NIfTI-1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nifti2: Option<Nifti2Geometry>,
+}
+
+/// The double-precision fields of a NIfTI-2 header, exactly as in the file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Nifti2Geometry {
+    #[serde(with = "json_f64")]
+    pub pixdim: [f64; 8],
+    #[serde(with = "json_f64")]
+    pub quatern: [f64; 3],
+    #[serde(with = "json_f64")]
+    pub qoffset: [f64; 3],
+    #[serde(with = "json_f64_rows")]
+    pub srow: [[f64; 4]; 3],
+}
+
+impl Nifti2Geometry {
+    /// The f64 geometry of a header: its own NIfTI-2 values, or the f32 fields widened.
+    pub fn of(header: &Header) -> Nifti2Geometry {
+        Nifti2Geometry {
+            pixdim: header.pixdim_f64(),
+            quatern: header.quatern_f64(),
+            qoffset: header.qoffset_f64(),
+            srow: header.srow_f64(),
+        }
+    }
+}
+
+/// `precise` if it rounds to `stored` (bit for bit; NaN matches NaN), else `stored` widened.
+fn precise_or<const N: usize>(stored: [f32; N], precise: Option<[f64; N]>) -> [f64; N] {
+    let widened = stored.map(f64::from);
+    match precise {
+        Some(p)
+            if p.iter()
+                .zip(&stored)
+                .all(|(&p, &s)| (p as f32).to_bits() == s.to_bits() || (p.is_nan() && s.is_nan())) =>
+        {
+            p
+        }
+        _ => widened,
+    }
 }
 
 impl Header {
+    /// pixdim in f64: a NIfTI-2 file's own values, else the f32 ones widened.
+    pub fn pixdim_f64(&self) -> [f64; 8] {
+        precise_or(self.pixdim, self.nifti2.as_ref().map(|n| n.pixdim))
+    }
+
+    /// Quaternion (b, c, d) in f64 (see [`Header::pixdim_f64`]).
+    pub fn quatern_f64(&self) -> [f64; 3] {
+        precise_or(self.quatern, self.nifti2.as_ref().map(|n| n.quatern))
+    }
+
+    /// qoffset (x, y, z) in f64 (see [`Header::pixdim_f64`]).
+    pub fn qoffset_f64(&self) -> [f64; 3] {
+        precise_or(self.qoffset, self.nifti2.as_ref().map(|n| n.qoffset))
+    }
+
+    /// srow_x, srow_y, srow_z in f64 (see [`Header::pixdim_f64`]).
+    pub fn srow_f64(&self) -> [[f64; 4]; 3] {
+        let precise = self.nifti2.as_ref().map(|n| n.srow);
+        std::array::from_fn(|r| precise_or(self.srow[r], precise.map(|p| p[r])))
+    }
+
+    /// The number of 3D volumes the header declares: `dim[4]` of a 4D image (the product of the
+    /// sizes past the third, in general), 1 for 2D and 3D images.
+    pub fn volumes(&self) -> usize {
+        let ndim = self.dim[0].clamp(0, 7) as usize;
+        (4..=ndim).map(|axis| self.dim[axis].max(1) as usize).product()
+    }
+
     /// Spatial size in NIfTI order (x, y, z); missing dimensions (2D images) are 1.
     pub fn shape_xyz(&self) -> [usize; 3] {
         let ndim = self.dim[0].clamp(0, 7) as usize;
@@ -63,10 +139,11 @@ impl Header {
     /// Voxel size (x, y, z) from pixdim, as ITK reports it. Non-positive values (e.g. pixdim[3]
     /// of a 2D image) become 1, as in niftilib, so downstream code never divides by zero.
     pub fn itk_spacing(&self) -> [f64; 3] {
+        let pixdim = self.pixdim_f64();
         [
-            pixdim_or_one(self.pixdim[1]),
-            pixdim_or_one(self.pixdim[2]),
-            pixdim_or_one(self.pixdim[3]),
+            pixdim_or_one(pixdim[1]),
+            pixdim_or_one(pixdim[2]),
+            pixdim_or_one(pixdim[3]),
         ]
     }
 
@@ -104,18 +181,13 @@ impl Header {
 
     /// The sform matrix (srow_x/y/z), regardless of sform_code.
     pub fn sform_affine(&self) -> [[f64; 4]; 4] {
-        let row = |r: [f32; 4]| r.map(f64::from);
-        [
-            row(self.srow[0]),
-            row(self.srow[1]),
-            row(self.srow[2]),
-            [0.0, 0.0, 0.0, 1.0],
-        ]
+        let [x, y, z] = self.srow_f64();
+        [x, y, z, [0.0, 0.0, 0.0, 1.0]]
     }
 
     /// The qform matrix, regardless of qform_code: R(quaternion) * diag(dx, dy, qfac * dz).
     pub fn qform_affine(&self) -> [[f64; 4]; 4] {
-        let rot = quaternion_to_matrix(self.quatern.map(f64::from));
+        let rot = quaternion_to_matrix(self.quatern_f64());
         // The standard says qfac is -1 or 1; anything else (commonly 0) means 1.
         let qfac = if self.pixdim[0] < 0.0 { -1.0 } else { 1.0 };
         let [dx, dy, dz] = self.itk_spacing();
@@ -125,7 +197,7 @@ impl Header {
             for c in 0..3 {
                 out_row[c] = rot[r][c] * scale[c];
             }
-            out_row[3] = f64::from(self.qoffset[r]);
+            out_row[3] = self.qoffset_f64()[r];
         }
         out[3][3] = 1.0;
         out
@@ -186,6 +258,7 @@ impl Header {
             qoffset: [ox, oy, oz],
             srow: [[sx, 0.0, 0.0, ox], [0.0, sy, 0.0, oy], [0.0, 0.0, sz, oz]],
             datatype: 16,
+            nifti2: None,
         }
     }
 
@@ -230,6 +303,7 @@ impl Header {
             qoffset: [srow[0][3], srow[1][3], srow[2][3]],
             srow,
             datatype: 16,
+            nifti2: None,
         }
     }
 
@@ -241,7 +315,8 @@ impl Header {
 /// The quaternion (b, c, d) and qfac of a rotation, as niftilib's `nifti_mat44_to_quatern` computes
 /// them: a left-handed matrix gets qfac -1 and its third column negated first.
 fn matrix_to_quaternion(mut r: [[f64; 3]; 3]) -> ([f64; 3], f64) {
-    let det = r[0][0] * (r[1][1] * r[2][2] - r[1][2] * r[2][1]) - r[0][1] * (r[1][0] * r[2][2] - r[1][2] * r[2][0])
+    let det = r[0][0] * (r[1][1] * r[2][2] - r[1][2] * r[2][1])
+        - r[0][1] * (r[1][0] * r[2][2] - r[1][2] * r[2][0])
         + r[0][2] * (r[1][0] * r[2][1] - r[1][1] * r[2][0]);
     let qfac = if det < 0.0 { -1.0 } else { 1.0 };
     if det < 0.0 {
@@ -284,9 +359,9 @@ fn matrix_to_quaternion(mut r: [[f64; 3]; 3]) -> ([f64; 3], f64) {
     ([b, c, d], qfac)
 }
 
-fn pixdim_or_one(v: f32) -> f64 {
+fn pixdim_or_one(v: f64) -> f64 {
     if v > 0.0 && v.is_finite() {
-        f64::from(v)
+        v
     } else {
         1.0
     }
@@ -313,86 +388,98 @@ fn quaternion_to_matrix([x, y, z]: [f64; 3]) -> [[f64; 3]; 3] {
     ]
 }
 
-/// An f32 in JSON: finite values as numbers, NaN and ±infinity as the strings `"NaN"`, `"inf"`,
+/// A float in JSON: finite values as numbers, NaN and ±infinity as the strings `"NaN"`, `"inf"`,
 /// `"-inf"` (JSON has no such numbers; serde_json would write `null` and refuse to read it).
-#[derive(Clone, Copy)]
-struct JsonF32(f32);
+macro_rules! json_float {
+    ($wrapper:ident, $float:ty, $serialize:ident, $module:ident, $rows:ident) => {
+        #[derive(Clone, Copy)]
+        struct $wrapper($float);
 
-impl Serialize for JsonF32 {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let v = self.0;
-        if v.is_finite() {
-            serializer.serialize_f32(v)
-        } else if v.is_nan() {
-            serializer.serialize_str("NaN")
-        } else if v > 0.0 {
-            serializer.serialize_str("inf")
-        } else {
-            serializer.serialize_str("-inf")
+        impl Serialize for $wrapper {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                let v = self.0;
+                if v.is_finite() {
+                    serializer.$serialize(v)
+                } else if v.is_nan() {
+                    serializer.serialize_str("NaN")
+                } else if v > 0.0 {
+                    serializer.serialize_str("inf")
+                } else {
+                    serializer.serialize_str("-inf")
+                }
+            }
         }
-    }
-}
 
-impl<'de> Deserialize<'de> for JsonF32 {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Either {
-            Number(f32),
-            Text(String),
+        impl<'de> Deserialize<'de> for $wrapper {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                #[derive(Deserialize)]
+                #[serde(untagged)]
+                enum Either {
+                    Number($float),
+                    Text(String),
+                }
+                match Either::deserialize(deserializer)? {
+                    Either::Number(v) => Ok($wrapper(v)),
+                    Either::Text(text) => match text.as_str() {
+                        "NaN" => Ok($wrapper(<$float>::NAN)),
+                        "inf" => Ok($wrapper(<$float>::INFINITY)),
+                        "-inf" => Ok($wrapper(<$float>::NEG_INFINITY)),
+                        _ => Err(serde::de::Error::custom(format!(
+                            "expected a number, \"NaN\", \"inf\" or \"-inf\", got {text:?}"
+                        ))),
+                    },
+                }
+            }
         }
-        match Either::deserialize(deserializer)? {
-            Either::Number(v) => Ok(JsonF32(v)),
-            Either::Text(text) => match text.as_str() {
-                "NaN" => Ok(JsonF32(f32::NAN)),
-                "inf" => Ok(JsonF32(f32::INFINITY)),
-                "-inf" => Ok(JsonF32(f32::NEG_INFINITY)),
-                _ => Err(serde::de::Error::custom(format!(
-                    "expected a number, \"NaN\", \"inf\" or \"-inf\", got {text:?}"
-                ))),
-            },
+
+        mod $module {
+            use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+            use super::$wrapper;
+
+            pub fn serialize<S: Serializer, const N: usize>(
+                values: &[$float; N],
+                serializer: S,
+            ) -> Result<S::Ok, S::Error>
+            where
+                [$wrapper; N]: Serialize,
+            {
+                values.map($wrapper).serialize(serializer)
+            }
+
+            pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(
+                deserializer: D,
+            ) -> Result<[$float; N], D::Error>
+            where
+                [$wrapper; N]: Deserialize<'de>,
+            {
+                Ok(<[$wrapper; N]>::deserialize(deserializer)?.map(|v| v.0))
+            }
         }
-    }
+
+        mod $rows {
+            use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+            use super::$wrapper;
+
+            pub fn serialize<S: Serializer>(
+                rows: &[[$float; 4]; 3],
+                serializer: S,
+            ) -> Result<S::Ok, S::Error> {
+                rows.map(|row| row.map($wrapper)).serialize(serializer)
+            }
+
+            pub fn deserialize<'de, D: Deserializer<'de>>(
+                deserializer: D,
+            ) -> Result<[[$float; 4]; 3], D::Error> {
+                Ok(<[[$wrapper; 4]; 3]>::deserialize(deserializer)?.map(|row| row.map(|v| v.0)))
+            }
+        }
+    };
 }
 
-mod json_f32 {
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    use super::JsonF32;
-
-    pub fn serialize<S: Serializer, const N: usize>(
-        values: &[f32; N],
-        serializer: S,
-    ) -> Result<S::Ok, S::Error>
-    where
-        [JsonF32; N]: Serialize,
-    {
-        values.map(JsonF32).serialize(serializer)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(
-        deserializer: D,
-    ) -> Result<[f32; N], D::Error>
-    where
-        [JsonF32; N]: Deserialize<'de>,
-    {
-        Ok(<[JsonF32; N]>::deserialize(deserializer)?.map(|v| v.0))
-    }
-}
-
-mod json_f32_rows {
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    use super::JsonF32;
-
-    pub fn serialize<S: Serializer>(rows: &[[f32; 4]; 3], serializer: S) -> Result<S::Ok, S::Error> {
-        rows.map(|row| row.map(JsonF32)).serialize(serializer)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<[[f32; 4]; 3], D::Error> {
-        Ok(<[[JsonF32; 4]; 3]>::deserialize(deserializer)?.map(|row| row.map(|v| v.0)))
-    }
-}
+json_float!(JsonF32, f32, serialize_f32, json_f32, json_f32_rows);
+json_float!(JsonF64, f64, serialize_f64, json_f64, json_f64_rows);
 
 #[cfg(test)]
 mod tests {
@@ -430,7 +517,29 @@ mod tests {
             qoffset: [1.0, 2.0, 3.0],
             srow: [[9.0; 4]; 3],
             datatype: 4,
+            nifti2: None,
         }
+    }
+
+    #[test]
+    fn nifti2_geometry_survives_json_and_nifti1_json_is_unchanged() {
+        let nifti1 = serde_json::to_string(&header()).unwrap();
+        assert!(!nifti1.contains("nifti2"), "{nifti1}");
+        let mut h = header();
+        let mut precise = Nifti2Geometry::of(&h);
+        precise.pixdim[1] = 0.7;
+        precise.srow[0][3] = f64::NAN;
+        h.pixdim[1] = 0.7f32;
+        h.srow[0][3] = f32::NAN;
+        h.nifti2 = Some(precise);
+        let back: Header = serde_json::from_str(&serde_json::to_string(&h).unwrap()).unwrap();
+        assert_eq!(back.pixdim_f64()[1], 0.7);
+        assert!(back.srow_f64()[0][3].is_nan());
+        assert_eq!(back.itk_spacing()[0], 0.7);
+        // An f32 field edited after reading wins over the stale f64 value.
+        let mut edited = back.clone();
+        edited.pixdim[1] = 2.0;
+        assert_eq!(edited.itk_spacing()[0], 2.0);
     }
 
     #[test]

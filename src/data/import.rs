@@ -1,13 +1,16 @@
 //! `nnflow import`: from folders of images (one folder per channel) and a folder of
 //! segmentations with matching file names, the layout most people start with, build a dataset in
-//! nnU-Net's raw layout. The dataset is assembled in a temporary folder and renamed into place
-//! only when it passes the integrity check, so a bad import writes nothing.
+//! nnU-Net's raw layout. Images are files of any format nnflow reads, copied as they are, or DICOM
+//! series (one folder per case), converted to NIfTI with the series' geometry since nnU-Net's
+//! layout names one file per channel. The dataset is assembled in a temporary folder and renamed
+//! into place only when it passes the integrity check, so a bad import writes nothing.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::dataset::{Dataset, DatasetError};
 use super::integrity::{check_dataset, Report};
+use super::image::{self, ImageError};
 use super::nifti;
 
 #[derive(Clone, Debug)]
@@ -39,13 +42,27 @@ pub enum ImportError {
     /// Renaming the assembled dataset into place.
     #[error("cannot create {}: {source}", output.display())]
     Rename { output: PathBuf, source: std::io::Error },
-    #[error("case {case}: mixes .nii and .nii.gz files; use one")]
-    MixedEndings { case: String },
+    #[error("case {case}: {file} is {found} but the segmentations are {expected}; use one format")]
+    MixedEndings {
+        case: String,
+        file: PathBuf,
+        found: String,
+        expected: String,
+    },
+    #[error("case {case}: DICOM series are converted to NIfTI, so the segmentations must be NIfTI \
+             (.nii.gz or .nii), not {found}")]
+    SeriesNeedNifti { case: String, found: String },
     #[error("case {case}: {source}")]
     Label {
         case: String,
         #[source]
-        source: nifti::NiftiError,
+        source: ImageError,
+    },
+    #[error("case {case}: {source}")]
+    Series {
+        case: String,
+        #[source]
+        source: ImageError,
     },
     #[error(transparent)]
     Dataset(#[from] DatasetError),
@@ -53,16 +70,24 @@ pub enum ImportError {
     Invalid(Report),
 }
 
-const ENDINGS: [&str; 2] = [".nii.gz", ".nii"];
-
-fn case_name(file: &str) -> Option<(&str, &str)> {
-    ENDINGS
-        .iter()
-        .find_map(|ending| file.strip_suffix(ending).map(|stem| (stem, *ending)))
+/// The file's name without the ending of its format, and that ending (empty for a folder, a
+/// DICOM series).
+fn case_name(path: &Path) -> Option<(String, String)> {
+    let name = path.file_name()?.to_str()?;
+    if name.starts_with('.') {
+        return None;
+    }
+    if path.is_dir() {
+        return Some((name.to_string(), String::new()));
+    }
+    let ending = image::ending_of(path)?;
+    let (stem, found) = name.split_at(name.len() - ending.len());
+    Some((stem.to_string(), found.to_string()))
 }
 
-/// Case name -> file, for every NIfTI file in a folder.
-fn nifti_files(folder: &Path) -> Result<BTreeMap<String, PathBuf>, ImportError> {
+/// Case name -> image, for every image file (any format nnflow reads) and every DICOM series
+/// folder in a folder. Hidden entries are skipped.
+fn image_files(folder: &Path) -> Result<BTreeMap<String, PathBuf>, ImportError> {
     let entries = std::fs::read_dir(folder).map_err(|source| ImportError::ReadFolder {
         folder: folder.to_path_buf(),
         source,
@@ -70,11 +95,33 @@ fn nifti_files(folder: &Path) -> Result<BTreeMap<String, PathBuf>, ImportError> 
     Ok(entries
         .flatten()
         .filter_map(|entry| {
-            let name = entry.file_name().to_str()?.to_string();
-            let (case, _) = case_name(&name)?;
-            Some((case.to_string(), entry.path()))
+            let path = entry.path();
+            let (case, _) = case_name(&path)?;
+            Some((case, path))
         })
         .collect())
+}
+
+/// A DICOM series as a NIfTI channel with the series' geometry: int16 when every value is an
+/// integer that fits (CT after rescaling), else float32.
+fn convert_series(case: &str, series: &Path, target: &Path) -> Result<(), ImportError> {
+    let in_case = |source| ImportError::Series {
+        case: case.to_string(),
+        source,
+    };
+    let decoded = image::read(series).map_err(in_case)?;
+    let header = decoded.geometry.nifti_header();
+    // a series is one channel (one slice stack)
+    let data = &decoded.channels[0];
+    let fits_i16 = data
+        .iter()
+        .all(|&v| v.fract() == 0.0 && (f32::from(i16::MIN)..=f32::from(i16::MAX)).contains(&v));
+    let written = if fits_i16 {
+        nifti::write(target, &data.mapv(|v| v as i16), &header)
+    } else {
+        nifti::write(target, data, &header)
+    };
+    written.map_err(|e| in_case(e.into()))
 }
 
 pub fn import(spec: &ImportSpec) -> Result<Dataset, ImportError> {
@@ -89,11 +136,11 @@ pub fn import(spec: &ImportSpec) -> Result<Dataset, ImportError> {
             output: spec.output.clone(),
         });
     }
-    let labels = nifti_files(&spec.label_folder)?;
+    let labels = image_files(&spec.label_folder)?;
     let channels: Vec<BTreeMap<String, PathBuf>> = spec
         .image_folders
         .iter()
-        .map(|f| nifti_files(f))
+        .map(|f| image_files(f))
         .collect::<Result<_, _>>()?;
     let mut problems = Vec::new();
     for (channel, files) in channels.iter().enumerate() {
@@ -148,23 +195,43 @@ fn assemble(
     };
     std::fs::create_dir_all(staging.join("imagesTr")).map_err(io)?;
     std::fs::create_dir_all(staging.join("labelsTr")).map_err(io)?;
-    // Keep each file's own encoding: copy as is, naming it as nnU-Net expects.
-    let ending = |path: &Path| {
-        if path.to_string_lossy().ends_with(".nii.gz") {
-            ".nii.gz"
-        } else {
-            ".nii"
-        }
+    // Keep each file's own format and encoding: copy as is, naming it as nnU-Net expects. The
+    // segmentations' format is the dataset's.
+    let ending = |path: &Path| case_name(path).map(|(_, ending)| ending).unwrap_or_default();
+    let file_ending = labels.values().next().map_or(".nii.gz".to_string(), |p| ending(p));
+    let mixed = |case: &String, file: &Path, found: String| ImportError::MixedEndings {
+        case: case.clone(),
+        file: file.to_path_buf(),
+        found: if found.is_empty() { "a DICOM series".into() } else { found },
+        expected: if file_ending.is_empty() { "DICOM series".into() } else { file_ending.clone() },
     };
-    let file_ending = labels.values().next().map_or(".nii.gz", |p| ending(p));
+    if file_ending.is_empty() || image::ImageFormat::from_ending(&file_ending).is_none() {
+        let (case, label) = labels.iter().next().expect("a label was found");
+        return Err(mixed(case, label, file_ending.clone()));
+    }
     for (case, label) in labels {
         if ending(label) != file_ending {
-            return Err(ImportError::MixedEndings { case: case.clone() });
+            return Err(mixed(case, label, ending(label)));
         }
         std::fs::copy(label, staging.join(format!("labelsTr/{case}{file_ending}"))).map_err(io)?;
         for (channel, files) in channels.iter().enumerate() {
+            let source = &files[case];
             let target = staging.join(format!("imagesTr/{case}_{channel:04}{file_ending}"));
-            std::fs::copy(&files[case], target).map_err(io)?;
+            match ending(source) {
+                found if found == file_ending => {
+                    std::fs::copy(source, target).map_err(io)?;
+                }
+                series if series.is_empty() => {
+                    if image::ImageFormat::from_ending(&file_ending) != Some(image::ImageFormat::Nifti) {
+                        return Err(ImportError::SeriesNeedNifti {
+                            case: case.clone(),
+                            found: file_ending.clone(),
+                        });
+                    }
+                    convert_series(case, source, &target)?;
+                }
+                other => return Err(mixed(case, source, other)),
+            }
         }
     }
     let label_values = if spec.labels.is_empty() {
@@ -202,7 +269,7 @@ fn assemble(
 fn discovered_labels(labels: &BTreeMap<String, PathBuf>) -> Result<BTreeMap<String, i64>, ImportError> {
     let mut values = std::collections::BTreeSet::new();
     for (case, path) in labels {
-        let (label, _) = nifti::read_integer_labels(path).map_err(|source| ImportError::Label {
+        let (label, _) = image::read_labels(path).map_err(|source| ImportError::Label {
             case: case.clone(),
             source,
         })?;

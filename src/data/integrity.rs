@@ -2,7 +2,7 @@
 //! and label agree in shape and spacing, labels hold only the values dataset.json declares, images
 //! hold no NaN (nnU-Net's check) and no +Inf or -Inf (nnflow's: an infinite intensity makes the
 //! fingerprint's statistics infinite or NaN, which JSON cannot hold). Every problem of every case
-//! is collected into one report; affine or origin differences only warn, as in nnU-Net.
+//! is collected into one report; origin or direction differences only warn, as in nnU-Net.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -11,20 +11,26 @@ use ndarray::Array3;
 use rayon::prelude::*;
 
 use super::dataset::{Case, Dataset};
-use super::geometry::Header;
-use super::nifti::{self, Volume};
+use super::image::{self, Geometry};
 
 /// Spacing differences below this (relative) are rounding, not a mismatch (nnU-Net uses allclose).
 const SPACING_TOLERANCE: f64 = 1e-4;
 
-/// One case, read: its channel images and its label map.
+/// One channel of a case, read.
+pub struct Channel {
+    pub data: Array3<f32>,
+    /// The geometry of the file it came from.
+    pub geometry: Geometry,
+    /// That file (a file may hold several channels: RGB pictures, 4D NIfTI).
+    pub path: PathBuf,
+}
+
+/// One case, read: its channels and its label map.
 pub struct LoadedCase {
     pub id: String,
-    pub images: Vec<Volume>,
-    /// The channel files `images` were read from, in channel order.
-    pub image_paths: Vec<PathBuf>,
+    pub channels: Vec<Channel>,
     pub label: Array3<i32>,
-    pub label_header: Header,
+    pub label_geometry: Geometry,
 }
 
 #[derive(Default, Debug)]
@@ -55,7 +61,7 @@ pub struct UnreadableFile {
     pub case: String,
     /// Names the file.
     #[source]
-    pub source: nifti::NiftiError,
+    pub source: image::ImageError,
 }
 
 /// Reads a case's files; a file that cannot be read is a problem naming the case and the file.
@@ -65,14 +71,18 @@ pub fn load_case(case: &Case) -> Result<LoadedCase, Vec<UnreadableFile>> {
         source,
     };
     let mut problems = Vec::new();
-    let mut images = Vec::new();
+    let mut channels = Vec::new();
     for path in &case.images {
-        match nifti::read(path) {
-            Ok(volume) => images.push(volume),
+        match image::read(path) {
+            Ok(decoded) => channels.extend(decoded.channels.into_iter().map(|data| Channel {
+                data,
+                geometry: decoded.geometry.clone(),
+                path: path.clone(),
+            })),
             Err(e) => problems.push(unreadable(e)),
         }
     }
-    let label = match nifti::read_integer_labels(&case.label) {
+    let label = match image::read_labels(&case.label) {
         Ok(label) => Some(label),
         Err(e) => {
             problems.push(unreadable(e));
@@ -80,23 +90,31 @@ pub fn load_case(case: &Case) -> Result<LoadedCase, Vec<UnreadableFile>> {
         }
     };
     match label {
-        Some((label, label_header)) if problems.is_empty() => Ok(LoadedCase {
+        Some((label, label_geometry)) if problems.is_empty() => Ok(LoadedCase {
             id: case.id.clone(),
-            images,
-            image_paths: case.images.clone(),
+            channels,
             label,
-            label_header,
+            label_geometry,
         }),
         _ => Err(problems),
     }
 }
 
-/// Checks one loaded case against the dataset's declarations.
-pub fn check_case(case: &LoadedCase, allowed_labels: &[i64]) -> Report {
+/// Checks one loaded case against the dataset's declarations (its channel count and labels).
+pub fn check_case(case: &LoadedCase, channel_count: usize, allowed_labels: &[i64]) -> Report {
     let mut report = Report::default();
+    if case.channels.len() != channel_count {
+        let files: Vec<String> = case.channels.iter().map(|c| c.path.display().to_string()).collect();
+        report.problems.push(format!(
+            "case {}: dataset.json declares {channel_count} channel(s) but the files hold {} ({})",
+            case.id,
+            case.channels.len(),
+            files.join(", ")
+        ));
+    }
     let label_shape = case.label.shape().to_vec();
-    let label_spacing = case.label_header.spacing_zyx();
-    for (channel, image) in case.images.iter().enumerate() {
+    let label_spacing = case.label_geometry.spacing_zyx();
+    for (channel, image) in case.channels.iter().enumerate() {
         if image.data.shape() != label_shape.as_slice() {
             report.problems.push(format!(
                 "case {}: channel {channel} has shape {:?} (z, y, x) but the label has {:?}",
@@ -105,7 +123,7 @@ pub fn check_case(case: &LoadedCase, allowed_labels: &[i64]) -> Report {
                 label_shape
             ));
         }
-        let spacing = image.spacing_zyx();
+        let spacing = image.geometry.spacing_zyx();
         if !close(&spacing, &label_spacing) {
             report.problems.push(format!(
                 "case {}: channel {channel} has spacing {spacing:?} but the label has {label_spacing:?}",
@@ -117,12 +135,12 @@ pub fn check_case(case: &LoadedCase, allowed_labels: &[i64]) -> Report {
                 &case.id,
                 channel,
                 &found,
-                &case.image_paths[channel],
+                &image.path,
             ));
         }
-        if !close_affine(&image.header.affine(), &case.label_header.affine()) {
+        if !image.geometry.same_position(&case.label_geometry) {
             report.warnings.push(format!(
-                "case {}: channel {channel} and label affines differ",
+                "case {}: channel {channel} and label differ in origin or direction",
                 case.id
             ));
         }
@@ -222,13 +240,6 @@ fn close(a: &[f64; 3], b: &[f64; 3]) -> bool {
         .all(|(x, y)| (x - y).abs() <= SPACING_TOLERANCE * x.abs().max(y.abs()).max(1.0))
 }
 
-fn close_affine(a: &[[f64; 4]; 4], b: &[[f64; 4]; 4]) -> bool {
-    a.iter()
-        .flatten()
-        .zip(b.iter().flatten())
-        .all(|(x, y)| (x - y).abs() <= 1e-4 * x.abs().max(1.0))
-}
-
 /// The whole check: layout first, then every case read and checked (in parallel, one case in
 /// memory per worker).
 pub fn check_dataset(dataset: &Dataset) -> Report {
@@ -242,7 +253,7 @@ pub fn check_dataset(dataset: &Dataset) -> Report {
         .par_iter()
         .filter(|case| case.images.iter().all(|p| p.is_file()) && case.label.is_file())
         .map(|case| match load_case(case) {
-            Ok(loaded) => check_case(&loaded, &allowed),
+            Ok(loaded) => check_case(&loaded, dataset.channels.len(), &allowed),
             Err(unreadable) => Report {
                 problems: unreadable.iter().map(ToString::to_string).collect(),
                 warnings: Vec::new(),
@@ -259,6 +270,8 @@ pub fn check_dataset(dataset: &Dataset) -> Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::geometry::Header;
+    use crate::data::nifti;
     use crate::data::synthetic::{write_dataset, SyntheticSpec};
 
     #[test]

@@ -8,6 +8,7 @@ pub mod geometry;
 pub mod image;
 pub mod import;
 pub mod integrity;
+pub mod msd_import;
 pub mod nifti;
 pub mod npy;
 pub mod synthetic;

@@ -1,13 +1,14 @@
 //! Synthetic datasets in nnU-Net's raw layout, for the demo, tests and benchmarks: a bright
 //! ellipsoidal "body" in a zero background (so cropping to the nonzero region matters), with
-//! spheres of each foreground label at random places inside it, plus Gaussian-ish noise.
+//! spheres of each foreground label at random places inside it, plus Gaussian-ish noise. Written
+//! in any format nnflow writes (NIfTI by default; 2D pictures when the shape has one slice).
 
 use std::path::Path;
 
 use ndarray::Array3;
 
 use super::geometry::Header;
-use super::nifti::{self, NiftiError};
+use super::image::{self, Geometry, ImageError, ImageFormat};
 
 #[derive(Clone, Debug)]
 pub struct SyntheticSpec {
@@ -23,6 +24,9 @@ pub struct SyntheticSpec {
     pub spacing_variation: f64,
     /// Extra cases written to imagesTs / labelsTs (for prediction and its evaluation).
     pub test_cases: usize,
+    /// The format, as dataset.json's `file_ending` (`.nii.gz`, `.nrrd`, `.mha`, `.png`, `.tiff`, ...).
+    /// Pictures (`.png`, `.bmp`, `.tif`) need a shape of one slice.
+    pub file_ending: String,
 }
 
 impl Default for SyntheticSpec {
@@ -36,6 +40,7 @@ impl Default for SyntheticSpec {
             seed: 1,
             spacing_variation: 0.0,
             test_cases: 0,
+            file_ending: ".nii.gz".to_string(),
         }
     }
 }
@@ -63,11 +68,22 @@ impl Random {
 }
 
 /// Writes `root/{dataset.json, imagesTr, labelsTr}` (and `imagesTs`, `labelsTs` with test cases).
-pub fn write_dataset(root: &Path, spec: &SyntheticSpec) -> Result<(), NiftiError> {
-    let io = |source: std::io::Error| NiftiError::Write {
+pub fn write_dataset(root: &Path, spec: &SyntheticSpec) -> Result<(), ImageError> {
+    let io = |source: std::io::Error| ImageError::Write {
         path: root.to_path_buf(),
         source,
     };
+    let ending = spec.file_ending.as_str();
+    let picture = matches!(
+        ImageFormat::from_ending(ending),
+        Some(ImageFormat::Natural2d | ImageFormat::Tif)
+    );
+    if picture && spec.shape_zyx[0] != 1 {
+        return Err(ImageError::invalid(
+            root,
+            format!("{ending} pictures are 2D: give a shape of one slice"),
+        ));
+    }
     let mut random = Random(spec.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let training = (0..spec.cases).map(|c| (format!("case_{c:03}"), "Tr"));
     let test = (0..spec.test_cases).map(|c| (format!("test_{c:03}"), "Ts"));
@@ -77,7 +93,18 @@ pub fn write_dataset(root: &Path, spec: &SyntheticSpec) -> Result<(), NiftiError
         let spacing = spec
             .spacing_zyx
             .map(|s| s * (1.0 + spec.spacing_variation * (2.0 * random.unit() - 1.0)));
-        let header = Header::axis_aligned(spec.shape_zyx, spacing, [0.0, 0.0, 0.0]);
+        let geometry = if picture {
+            Geometry::picture(spec.shape_zyx[1], spec.shape_zyx[2])
+        } else {
+            Geometry::from_nifti(Header::axis_aligned(spec.shape_zyx, spacing, [0.0, 0.0, 0.0]))
+        };
+        if ImageFormat::from_ending(ending) == Some(ImageFormat::Tiff3d) {
+            // 3D TIFF keeps its spacing in `<case>.json`, for the images and the label alike
+            for kind in ["images", "labels"] {
+                let json = serde_json::json!({ "spacing": spacing });
+                std::fs::write(root.join(format!("{kind}{part}/{id}.json")), json.to_string()).map_err(io)?;
+            }
+        }
         let label = case_label(
             &SyntheticSpec {
                 spacing_zyx: spacing,
@@ -87,17 +114,11 @@ pub fn write_dataset(root: &Path, spec: &SyntheticSpec) -> Result<(), NiftiError
         );
         for channel in 0..spec.channels {
             let image = case_image(&label, channel, &mut random);
-            nifti::write(
-                root.join(format!("images{part}/{id}_{channel:04}.nii.gz")),
-                &image,
-                &header,
-            )?;
+            let path = root.join(format!("images{part}/{id}_{channel:04}{ending}"));
+            image::write_labels(&path, &image, &geometry)?;
         }
-        nifti::write(
-            root.join(format!("labels{part}/{id}.nii.gz")),
-            &label.mapv(|v| v.max(0) as u8),
-            &header,
-        )?;
+        let path = root.join(format!("labels{part}/{id}{ending}"));
+        image::write_labels(&path, &label.mapv(|v| v.max(0) as i16), &geometry)?;
     }
     let channel_names: serde_json::Map<String, serde_json::Value> = (0..spec.channels)
         .map(|c| (c.to_string(), (if c == 0 { "CT" } else { "MR" }).into()))
@@ -111,7 +132,7 @@ pub fn write_dataset(root: &Path, spec: &SyntheticSpec) -> Result<(), NiftiError
         "channel_names": channel_names,
         "labels": labels,
         "numTraining": spec.cases,
-        "file_ending": ".nii.gz",
+        "file_ending": ending,
         "name": "synthetic",
     });
     let text = serde_json::to_vec_pretty(&json).expect("dataset.json serializes");
@@ -122,7 +143,9 @@ pub fn write_dataset(root: &Path, spec: &SyntheticSpec) -> Result<(), NiftiError
 fn case_label(spec: &SyntheticSpec, random: &mut Random) -> Array3<i32> {
     let [nz, ny, nx] = spec.shape_zyx;
     let [sz, sy, sx] = spec.spacing_zyx;
-    let centre = [nz as f64 / 2.0, ny as f64 / 2.0, nx as f64 / 2.0];
+    // One slice is a 2D image: a disc body, discs of each label, all in the slice's plane.
+    let flat = nz == 1;
+    let centre = [if flat { 0.0 } else { nz as f64 / 2.0 }, ny as f64 / 2.0, nx as f64 / 2.0];
     let mut label = Array3::from_shape_fn((nz, ny, nx), |(z, y, x)| {
         let d = [
             (z as f64 - centre[0]) / (0.42 * nz as f64),
@@ -136,7 +159,8 @@ fn case_label(spec: &SyntheticSpec, random: &mut Random) -> Array3<i32> {
         }
     });
     let extent_mm = [nz as f64 * sz, ny as f64 * sy, nx as f64 * sx];
-    let smallest = extent_mm.iter().copied().fold(f64::INFINITY, f64::min);
+    let in_plane = if flat { &extent_mm[1..] } else { &extent_mm[..] };
+    let smallest = in_plane.iter().copied().fold(f64::INFINITY, f64::min);
     let labels = spec.foreground_labels as f64;
     for value in 1..=spec.foreground_labels as i32 {
         let radius_mm = smallest * (0.15 + 0.08 * random.unit());
@@ -145,7 +169,7 @@ fn case_label(spec: &SyntheticSpec, random: &mut Random) -> Array3<i32> {
         let jitter =
             |random: &mut Random, axis: usize| (random.unit() - 0.5) * 0.2 * spec.shape_zyx[axis] as f64;
         let point = [
-            centre[0] + jitter(random, 0),
+            if flat { 0.0 } else { centre[0] + jitter(random, 0) },
             centre[1] + jitter(random, 1),
             centre[2] + slab * 0.5 * nx as f64,
         ];
@@ -197,7 +221,7 @@ mod tests {
         let a = std::fs::read(dir.path().join("a/labelsTr/case_001.nii.gz")).unwrap();
         let b = std::fs::read(dir.path().join("b/labelsTr/case_001.nii.gz")).unwrap();
         assert_eq!(a, b);
-        let (label, _) = nifti::read_integer_labels(dir.path().join("a/labelsTr/case_000.nii.gz")).unwrap();
+        let (label, _) = image::read_labels(dir.path().join("a/labelsTr/case_000.nii.gz")).unwrap();
         for value in [1, 2] {
             assert!(label.iter().any(|&v| v == value), "label {value} present");
         }

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use super::metrics::{case_metrics, summarize, Metrics, Target};
 use super::EvaluateError;
 use crate::data::dataset::{Dataset, LabelValue};
-use crate::data::nifti;
+use crate::data::image;
 use crate::file_error::FileError;
 
 /// What nnU-Net evaluates for a dataset: its foreground labels (without the ignore label), or its
@@ -106,7 +106,7 @@ pub fn evaluate_folder(
     files
         .par_iter()
         .map(|file| {
-            let read = |folder: &Path| nifti::read_integer_labels(folder.join(file)).map(|(a, _)| a);
+            let read = |folder: &Path| image::read_labels(folder.join(file)).map(|(a, _)| a);
             evaluate_pair(
                 file,
                 &read(references)?,

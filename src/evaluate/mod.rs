@@ -8,7 +8,7 @@ pub mod postprocess;
 
 use std::path::PathBuf;
 
-use crate::data::nifti::NiftiError;
+use crate::data::image::ImageError;
 use crate::file_error::FileError;
 
 /// Why evaluating predictions against references failed: which folder, which file.
@@ -17,7 +17,7 @@ pub enum EvaluateError {
     #[error(transparent)]
     File(#[from] FileError),
     #[error(transparent)]
-    Nifti(#[from] NiftiError),
+    Image(#[from] ImageError),
     #[error("{}: no predictions (*{file_ending})", folder.display())]
     NoPredictions { folder: PathBuf, file_ending: String },
     #[error("{}: no reference for {} prediction(s): {}", references.display(), missing.len(), missing.join(", "))]

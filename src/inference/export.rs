@@ -3,7 +3,7 @@
 //! `export_prediction_from_logits`): preprocessing was transpose -> crop -> resample, so export
 //! undoes it in reverse order: resample the logits to the cropped grid, apply the inference
 //! nonlinearity and make the label map, paste it into the uncropped grid, transpose back, and write
-//! it with the raw image's own NIfTI header.
+//! it with the raw image's own geometry, in the format its path names.
 
 use std::path::Path;
 
@@ -11,8 +11,7 @@ use ndarray::{s, Array3, Array4, ArrayView1, ArrayView4, ArrayViewMut1, Axis, Zi
 
 use crate::data::case_store::CaseProperties;
 use crate::data::dataset::Dataset;
-use crate::data::geometry::Header;
-use crate::data::nifti;
+use crate::data::image::{self, Geometry};
 use crate::file_error::FileError;
 use crate::inference::InferenceError;
 use crate::plans::ResolvedConfiguration;
@@ -41,8 +40,8 @@ impl RegionInfo {
     }
 }
 
-/// A prediction on the raw image's voxel grid, axes (z, y, x) as the NIfTI file stores them (the
-/// order [`nifti::read`] returns and [`nifti::write`] takes).
+/// A prediction on the raw image's voxel grid, axes (z, y, x) (the order [`image::read`] returns
+/// and [`image::write_labels`] takes).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Exported {
     /// Label map, background (0) outside the nonzero crop.
@@ -88,7 +87,7 @@ pub fn export_case(
         let full = uncropped_probabilities(&p, properties, regions.is_none());
         transposed_back_channels(full, properties.transpose_forward)
     });
-    let expected = properties.header.shape_zyx();
+    let expected = properties.geometry.shape_zyx();
     if segmentation.shape() != expected {
         return Err(InferenceError::ExportedShape {
             found: segmentation.shape().to_vec(),
@@ -137,26 +136,20 @@ pub fn write_segmentation(
     segmentation: &Array3<i16>,
     properties: &CaseProperties,
 ) -> Result<(), InferenceError> {
-    write_label_map(path, segmentation, &properties.header)
+    write_label_map(path, segmentation, &properties.geometry)
 }
 
-/// Writes a label map with the geometry of `header` (uint8 when every label is below 255, as
-/// nnU-Net writes it, int16 otherwise), creating the folder, atomically.
+/// Writes a label map with `geometry` in the format `path`'s ending names (uint8 when every label
+/// is below 255, as nnU-Net writes it), creating the folder, atomically.
 pub fn write_label_map(
     path: &Path,
     segmentation: &Array3<i16>,
-    header: &Header,
+    geometry: &Geometry,
 ) -> Result<(), InferenceError> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(FileError::io(parent))?;
     }
-    let fits_u8 = segmentation.iter().all(|&v| (0..255).contains(&v));
-    let written = if fits_u8 {
-        nifti::write(path, &segmentation.mapv(|v| v as u8), header)
-    } else {
-        nifti::write(path, segmentation, header)
-    };
-    written.map_err(|source| InferenceError::WriteLabelMap {
+    image::write_labels(path, segmentation, geometry).map_err(|source| InferenceError::WriteLabelMap {
         path: path.to_path_buf(),
         source,
     })
@@ -369,6 +362,7 @@ fn transposed_back_channels(array: Array4<f32>, forward: [usize; 3]) -> Array4<f
 mod tests {
     use super::*;
     use crate::data::geometry::Header;
+    use crate::data::nifti;
 
     fn properties(shape: [usize; 3]) -> CaseProperties {
         CaseProperties {
@@ -378,7 +372,7 @@ mod tests {
             shape_before_cropping: shape,
             bbox_used_for_cropping: shape.map(|n| [0, n]),
             shape_after_cropping_and_before_resampling: shape,
-            header: Header::axis_aligned(shape, [1.0; 3], [0.0; 3]),
+            geometry: Geometry::from_nifti(Header::axis_aligned(shape, [1.0; 3], [0.0; 3])),
             normalized: true,
             resampled: true,
             class_locations: None,
@@ -503,7 +497,7 @@ mod tests {
         )
         .is_err());
         let mut p = properties(shape);
-        p.header = Header::axis_aligned([2, 2, 3], [1.0; 3], [0.0; 3]);
+        p.geometry = Geometry::from_nifti(Header::axis_aligned([2, 2, 3], [1.0; 3], [0.0; 3]));
         assert!(export_case(logits.view(), &p, &configuration(), None, false).is_err());
     }
 
@@ -521,7 +515,7 @@ mod tests {
         assert_eq!(
             Header {
                 datatype: 2,
-                ..p.header.clone()
+                ..p.geometry.nifti_header()
             },
             header
         );

@@ -13,7 +13,7 @@ pub use model::{FoldSelection, ModelError, TrainedModel};
 use std::path::PathBuf;
 
 use crate::data::case_store::CaseProperties;
-use crate::data::nifti::NiftiError;
+use crate::data::image::ImageError;
 use crate::data::npy::NpyError;
 use crate::evaluate::ensemble::EnsembleError;
 use crate::file_error::FileError;
@@ -34,7 +34,7 @@ pub enum InferenceError {
     File(#[from] FileError),
     #[error("case {case}: {} is missing", image.display())]
     MissingImage { case: String, image: PathBuf },
-    #[error("{}: no images (*{ending})", folder.display())]
+    #[error("{}: no images (*{ending}, nor another image format nnflow reads, nor DICOM series folders)", folder.display())]
     NoImages { folder: PathBuf, ending: String },
     #[error("dataset.json: region-based labels need `regions_class_order`")]
     NoRegionOrder,
@@ -73,7 +73,7 @@ pub enum InferenceError {
     ExportedShape { found: Vec<usize>, expected: [usize; 3] },
     /// Writing a label map; the path comes first, as it always did (the NIfTI error names it too).
     #[error("{}: {source}", path.display())]
-    WriteLabelMap { path: PathBuf, source: NiftiError },
+    WriteLabelMap { path: PathBuf, source: ImageError },
     #[error(transparent)]
     Npy(#[from] NpyError),
     #[error(transparent)]

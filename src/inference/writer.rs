@@ -1,6 +1,6 @@
 //! The end of prediction, without libtorch: a case's logits per configuration exported to the
-//! input's geometry, an ensemble's probabilities averaged, postprocessing applied, and the NIfTI
-//! (and probabilities on request) written. The `nnflow-torch` worker's `predict` hands each
+//! input's geometry, an ensemble's probabilities averaged, postprocessing applied, and the label
+//! map (and probabilities on request) written. The `nnflow-torch` worker's `predict` hands each
 //! predicted case to a [`Writer`].
 
 use std::path::PathBuf;
@@ -18,6 +18,8 @@ use crate::plans::ResolvedConfiguration;
 /// A case's logits per configuration of the model, with what export needs.
 pub struct Predicted {
     pub id: String,
+    /// The ending (format) the prediction is written with: the input's, NIfTI for a DICOM series.
+    pub file_ending: String,
     pub outputs: Vec<(Array4<f32>, CaseProperties, ResolvedConfiguration)>,
 }
 
@@ -25,15 +27,18 @@ pub struct Writer {
     pub regions: Option<RegionInfo>,
     pub rules: Vec<Rule>,
     pub output: PathBuf,
-    pub file_ending: String,
     pub save_probabilities: bool,
 }
 
 impl Writer {
     /// Exports every configuration's logits to the input's grid, averages the probabilities of an
-    /// ensemble, postprocesses, and writes the NIfTI (and the probabilities on request).
+    /// ensemble, postprocesses, and writes the label map (and the probabilities on request).
     pub fn write(&self, predicted: Predicted) -> Result<(), InferenceError> {
-        let Predicted { id, outputs } = predicted;
+        let Predicted {
+            id,
+            file_ending,
+            outputs,
+        } = predicted;
         let ensemble = outputs.len() > 1;
         let want_probabilities = ensemble || self.save_probabilities;
         let mut segmentation = None;
@@ -71,7 +76,7 @@ impl Writer {
         if !self.rules.is_empty() {
             labels = apply_postprocessing(labels.view(), &self.rules);
         }
-        let file = self.output.join(format!("{id}{}", self.file_ending));
+        let file = self.output.join(format!("{id}{file_ending}"));
         write_segmentation(&file, &labels.mapv(|v| v as i16), &properties)?;
         if self.save_probabilities {
             if let Some(p) = probabilities.first() {

@@ -1,4 +1,4 @@
-//! The file side of preprocessing one case: reading a raw case's NIfTI images and label, and
+//! The file side of preprocessing one case: reading a raw case's images and label, and
 //! reading plans.json to tell whether a configuration applies. Everything numeric is in
 //! `super::case_steps`; this module only reads and hands over arrays and plans.
 
@@ -10,7 +10,7 @@ use super::case_steps::{self, RawCase};
 use super::PreprocessError;
 use crate::data::case_store::StoredCase;
 use crate::data::dataset::Case;
-use crate::data::nifti;
+use crate::data::image;
 use crate::plans::Plans;
 
 /// Reads a raw case (label optional), transposes it as planned and crops it to its nonzero region.
@@ -24,19 +24,17 @@ pub fn load_raw(case: &Case, with_label: bool, transpose: [usize; 3]) -> Result<
 /// Reads a raw case's image channels (and label) as they are in the files.
 fn read_raw(case: &Case, with_label: bool) -> Result<RawCase, PreprocessError> {
     let mut channels: Vec<Array3<f32>> = Vec::new();
-    let mut header = None;
-    let mut spacing = [1.0; 3];
-    for (channel, path) in case.images.iter().enumerate() {
-        let volume = nifti::read(path)?;
-        if channel == 0 {
-            spacing = volume.spacing_zyx();
-            header = Some(volume.header.clone());
-        }
-        channels.push(volume.data);
+    let mut geometry = None;
+    for path in &case.images {
+        // A file may hold several channels (RGB pictures, 4D NIfTI), as in nnU-Net's readers.
+        let decoded = image::read(path)?;
+        geometry.get_or_insert(decoded.geometry);
+        channels.extend(decoded.channels);
     }
-    let header = header.ok_or(PreprocessError::NoChannels)?;
+    let geometry = geometry.ok_or(PreprocessError::NoChannels)?;
+    let spacing = geometry.spacing_zyx();
     let seg = if with_label {
-        let (label, _) = nifti::read_integer_labels(&case.label)?;
+        let (label, _) = image::read_labels(&case.label)?;
         Some(label)
     } else {
         None
@@ -44,7 +42,7 @@ fn read_raw(case: &Case, with_label: bool) -> Result<RawCase, PreprocessError> {
     Ok(RawCase {
         channels,
         seg,
-        header,
+        geometry,
         spacing,
     })
 }

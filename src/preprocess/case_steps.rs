@@ -14,7 +14,7 @@ use super::PreprocessError;
 use crate::data::case_store::{CaseProperties, StoredCase};
 use crate::data::dataset::{Dataset, LabelValue};
 use crate::data::fingerprint_format::IntensityStats;
-use crate::data::geometry::Header;
+use crate::data::image::Geometry;
 use crate::plans::{Plans, ResolvedConfiguration};
 
 /// What the steps need from plans.json.
@@ -76,8 +76,8 @@ pub struct RawCase {
     pub channels: Vec<Array3<f32>>,
     /// The label volume, of the channels' shape; `None` for an image to predict.
     pub seg: Option<Array3<i32>>,
-    /// The first channel's NIfTI geometry.
-    pub header: Header,
+    /// The first channel's geometry.
+    pub geometry: Geometry,
     /// The first channel's voxel spacing, (z, y, x).
     pub spacing: [f64; 3],
 }
@@ -88,7 +88,7 @@ pub fn crop_raw(raw: RawCase, transpose: [usize; 3]) -> Result<StoredCase, Prepr
     let RawCase {
         channels,
         seg,
-        header,
+        geometry,
         spacing,
     } = raw;
     let Some(first) = channels.first() else {
@@ -127,7 +127,7 @@ pub fn crop_raw(raw: RawCase, transpose: [usize; 3]) -> Result<StoredCase, Prepr
         shape_before_cropping,
         bbox_used_for_cropping: [0, 1, 2].map(|a| [bbox.start[a], bbox.end[a]]),
         shape_after_cropping_and_before_resampling: bbox.shape(),
-        header,
+        geometry,
         normalized: false,
         resampled: false,
         class_locations: None,
@@ -245,7 +245,7 @@ pub fn segmentation_to_grid(
     properties: &CaseProperties,
     plan: &PlanView,
 ) -> Result<Array3<i16>, PreprocessError> {
-    let expected = properties.header.shape_zyx();
+    let expected = properties.geometry.shape_zyx();
     if seg.shape() != expected {
         return Err(PreprocessError::SegmentationShape {
             found: seg.shape().to_vec(),
@@ -335,7 +335,7 @@ mod tests {
         RawCase {
             channels,
             seg,
-            header: Header::axis_aligned([2, 3, 4], [3.0, 1.0, 2.0], [0.0; 3]),
+            geometry: Geometry::from_spacing_zyx([2, 3, 4], [3.0, 1.0, 2.0]),
             spacing: [3.0, 1.0, 2.0],
         }
     }

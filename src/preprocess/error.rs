@@ -1,10 +1,10 @@
 //! The error of preprocessing: of one case's steps (read, crop, normalize, resample) and of the
-//! stages that run them over a dataset. Errors of the modules below (NIfTI, plans, case store,
+//! stages that run them over a dataset. Errors of the modules below (images, plans, case store,
 //! normalization, resampling) are wrapped, not rewritten, so each names its own file.
 
 use crate::data::case_store::CaseStoreError;
 use crate::data::dataset::DatasetError;
-use crate::data::nifti::NiftiError;
+use crate::data::image::ImageError;
 use crate::plans::PlansError;
 
 use super::normalize::NormalizeError;
@@ -20,7 +20,7 @@ pub enum PreprocessError {
         source: Box<PreprocessError>,
     },
     #[error(transparent)]
-    Nifti(#[from] NiftiError),
+    Image(#[from] ImageError),
     #[error(transparent)]
     Dataset(#[from] DatasetError),
     #[error(transparent)]

@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use crate::data::dataset::{Case, Dataset};
 use crate::data::fingerprint_format::{Fingerprint, IntensityStats};
 use crate::data::integrity::{non_finite, non_finite_problem, NonFinite};
-use crate::data::nifti::{self, NiftiError};
+use crate::data::image::{self, ImageError};
 use crate::preprocess::crop::nonzero_bounding_box;
 use crate::preprocess::numpy_random::RandomState;
 
@@ -36,7 +36,7 @@ pub enum FingerprintError {
     #[error("the dataset has no channels")]
     NoChannels,
     #[error("case {case}: {source}")]
-    Read { case: String, source: NiftiError },
+    Read { case: String, source: ImageError },
     #[error("case {case}: {what} {}: shape (z, y, x) {found:?} differs from channel 0's {expected:?}",
             file.display())]
     ShapeMismatch {
@@ -193,32 +193,37 @@ fn analyze_case(case: &Case, samples_per_case: usize) -> Result<CaseFingerprint,
     };
     let mut images: Vec<Array3<f32>> = Vec::with_capacity(case.images.len());
     let mut spacing = [0.0; 3];
-    for (channel, path) in case.images.iter().enumerate() {
-        let volume = nifti::read(path).map_err(read_error)?;
-        if channel == 0 {
-            spacing = volume.spacing_zyx();
-        } else {
-            check_shape(case, "channel image", path, volume.data.dim(), images[0].dim())?;
-            if volume.spacing_zyx() != spacing {
-                return Err(FingerprintError::SpacingMismatch {
+    for path in &case.images {
+        // A file may hold several channels (RGB pictures, 4D NIfTI).
+        let decoded = image::read(path).map_err(read_error)?;
+        let file_spacing = decoded.geometry.spacing_zyx();
+        for data in decoded.channels {
+            let channel = images.len();
+            if channel == 0 {
+                spacing = file_spacing;
+            } else {
+                check_shape(case, "channel image", path, data.dim(), images[0].dim())?;
+                if file_spacing != spacing {
+                    return Err(FingerprintError::SpacingMismatch {
+                        case: case.id.clone(),
+                        channel,
+                        found: file_spacing,
+                        expected: spacing,
+                    });
+                }
+            }
+            if let Some(found) = non_finite(&data) {
+                return Err(FingerprintError::NonFinite {
                     case: case.id.clone(),
                     channel,
-                    found: volume.spacing_zyx(),
-                    expected: spacing,
+                    file: path.clone(),
+                    found,
                 });
             }
+            images.push(data);
         }
-        if let Some(found) = non_finite(&volume.data) {
-            return Err(FingerprintError::NonFinite {
-                case: case.id.clone(),
-                channel,
-                file: path.clone(),
-                found,
-            });
-        }
-        images.push(volume.data);
     }
-    let (seg, _) = nifti::read_integer_labels(&case.label).map_err(read_error)?;
+    let (seg, _) = image::read_labels(&case.label).map_err(read_error)?;
     check_shape(case, "label", &case.label, seg.dim(), images[0].dim())?;
     Ok(case_fingerprint(
         images,

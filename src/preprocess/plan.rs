@@ -481,11 +481,12 @@ pub fn normalization(channel_names: &[String], median_relative_size: f64) -> (Ve
     (schemes, masks)
 }
 
-/// The first nnU-Net reader (in its registry order) that claims the file ending.
+/// The first nnU-Net reader (in its registry order) that claims the file ending. The detached
+/// headers `.nhdr` and `.mhd`, which no nnU-Net reader claims, get SimpleITKIO: it reads them.
 pub fn reader_writer_for_ending(file_ending: &str) -> Option<&'static str> {
     match file_ending.to_lowercase().as_str() {
         ".png" | ".bmp" | ".tif" => Some("NaturalImage2DIO"),
-        ".nii.gz" | ".nrrd" | ".mha" | ".gipl" => Some("SimpleITKIO"),
+        ".nii.gz" | ".nrrd" | ".mha" | ".gipl" | ".nhdr" | ".mhd" => Some("SimpleITKIO"),
         ".tiff" => Some("Tiff3DIO"),
         ".nii" => Some("NibabelIO"),
         _ => None,

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{reference_inputs, thread_pool, to_json, Kind, Stage, StageContext, StageError, StageInput};
 use crate::data::dataset::Dataset;
-use crate::data::nifti::{self, NiftiError};
+use crate::data::image::{self, ImageError};
 use crate::data::npy::{self, NpyError};
 use crate::evaluate::ensemble::{candidates, hard_vote, select_best, soft_vote, Candidate, EnsembleError};
 use crate::evaluate::folder::{evaluate_pair, evaluation_targets, foreground_dice, summary_json, CaseResult};
@@ -87,10 +87,10 @@ pub enum EnsembleSelectError {
     File(#[from] FileError),
     /// A reference label map.
     #[error(transparent)]
-    Reference(#[from] NiftiError),
+    Reference(#[from] ImageError),
     /// A cross-validation prediction, named first as it always was (the NIfTI error names it too).
     #[error("{}: {source}", path.display())]
-    Prediction { path: PathBuf, source: NiftiError },
+    Prediction { path: PathBuf, source: ImageError },
     #[error("{}: {source}", path.display())]
     Probabilities { path: PathBuf, source: NpyError },
     #[error("{}: {source}", path.display())]
@@ -176,7 +176,7 @@ impl Stage for EnsembleSelectStage {
                         let reference_path = references
                             .get(id.as_str())
                             .ok_or_else(|| EvaluateError::UnknownCase { case: id.clone() })?;
-                        let (reference, _) = nifti::read_integer_labels(reference_path)?;
+                        let (reference, _) = image::read_labels(reference_path)?;
                         let prediction = combine(&members, id, self.hard_voting, regions_order.as_deref())?;
                         Ok(evaluate_pair(
                             &format!("{id}{}", dataset.file_ending),
@@ -230,10 +230,10 @@ impl Stage for EnsembleSelectStage {
         Ok(pool.install(|| {
             case_ids.par_iter().try_for_each(|id| {
                 let file = format!("{id}{}", dataset.file_ending);
-                let (_, header) = nifti::read_integer_labels(&references[id.as_str()])?;
+                let (_, geometry) = image::read_labels(&references[id.as_str()])?;
                 let prediction = combine(&members, id, self.hard_voting, regions_order.as_deref())?;
                 let labels = prediction.mapv(|v| v as i16);
-                Ok::<_, EnsembleSelectError>(write_label_map(&crossval.join(file), &labels, &header)?)
+                Ok::<_, EnsembleSelectError>(write_label_map(&crossval.join(file), &labels, &geometry)?)
             })
         })?)
     }
@@ -291,7 +291,7 @@ fn combine(
 ) -> Result<Array3<i32>, EnsembleSelectError> {
     let read_segmentation = |m: &CrossValidation| {
         let path = m.cases[id].join(format!("{id}{}", m.file_ending));
-        nifti::read_integer_labels(&path)
+        image::read_labels(&path)
             .map(|(a, _)| a)
             .map_err(|source| EnsembleSelectError::Prediction { path, source })
     };

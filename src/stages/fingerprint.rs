@@ -138,12 +138,12 @@ fn checked_fingerprint(
                 None,
             ),
             Ok(loaded) => {
-                let case_report = check_case(&loaded, &allowed);
+                let case_report = check_case(&loaded, dataset.channels.len(), &allowed);
                 if !case_report.is_ok() {
                     return (case_report, None);
                 }
-                let spacing = loaded.images[0].spacing_zyx();
-                let images = loaded.images.into_iter().map(|v| v.data).collect();
+                let spacing = loaded.channels[0].geometry.spacing_zyx();
+                let images = loaded.channels.into_iter().map(|c| c.data).collect();
                 let fingerprint =
                     case_fingerprint(images, loaded.label, spacing, samples_per_case, SAMPLING_SEED);
                 (case_report, Some(fingerprint))

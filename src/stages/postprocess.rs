@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{reference_inputs, thread_pool, to_json, Kind, Stage, StageContext, StageError, StageInput};
 use crate::data::dataset::{Dataset, LabelValue};
-use crate::data::nifti;
+use crate::data::image;
 use crate::evaluate::folder::evaluation_targets;
 use crate::evaluate::postprocess::determine_postprocessing;
 use crate::evaluate::EvaluateError;
@@ -75,7 +75,7 @@ impl Stage for PostprocessStage {
             })
             .collect();
         let load = |i: usize| -> Result<_, EvaluateError> {
-            let read = |p: &PathBuf| nifti::read_integer_labels(p).map(|(a, _)| a);
+            let read = |p: &PathBuf| image::read_labels(p).map(|(a, _)| a);
             Ok((read(&references[i])?, read(&crossval.join(&files[i]))?))
         };
         let decision = thread_pool(ctx)?

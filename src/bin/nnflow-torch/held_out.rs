@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use nnflow::data::case_store::{read_case, CaseStoreError};
 use nnflow::data::dataset::{Dataset, DatasetError};
-use nnflow::data::nifti::{self, NiftiError};
+use nnflow::data::image::{self, ImageError};
 use nnflow::data::npy::{self, NpyError};
 use nnflow::evaluate::folder::{evaluate_pair, evaluation_targets, foreground_dice, summary_json};
 use nnflow::evaluate::EvaluateError;
@@ -51,7 +51,7 @@ pub enum HeldOutError {
     #[error(transparent)]
     Npy(#[from] NpyError),
     #[error(transparent)]
-    Nifti(#[from] NiftiError),
+    Image(#[from] ImageError),
     #[error(transparent)]
     Evaluate(#[from] EvaluateError),
 }
@@ -126,7 +126,7 @@ pub fn validate_held_out(
             .case(id)
             .map(|c| c.label.clone())
             .ok_or_else(|| HeldOutError::NotInDataset { case: id.clone() })?;
-        let (reference, _) = nifti::read_integer_labels(&reference_path)?;
+        let (reference, _) = image::read_labels(&reference_path)?;
         let result = evaluate_pair(
             &file,
             &reference,

@@ -65,7 +65,7 @@ pub enum PredictError {
     #[error("{}: {source}", path.display())]
     PreviousStageFile {
         path: PathBuf,
-        source: nnflow::data::nifti::NiftiError,
+        source: nnflow::data::image::ImageError,
     },
     #[error("{}: label {value} is outside int16", path.display())]
     PreviousStageLabel { path: PathBuf, value: i32 },
@@ -231,6 +231,11 @@ pub fn predict(job: &PredictJob) -> Result<(), PredictError> {
         })
         .collect();
     let file_ending = dataset.file_ending.clone();
+    // each prediction in its input's format (a DICOM series gives NIfTI)
+    let output_endings: std::collections::HashMap<String, String> = cases
+        .iter()
+        .map(|(id, images)| (id.clone(), nnflow::data::image::prediction_ending(&images[0]).to_string()))
+        .collect();
     std::thread::spawn(move || {
         for (id, images) in cases {
             let case = Case {
@@ -266,7 +271,6 @@ pub fn predict(job: &PredictJob) -> Result<(), PredictError> {
             regions: regions.clone(),
             rules,
             output: job.output.clone(),
-            file_ending: dataset.file_ending.clone(),
             save_probabilities: job.save_probabilities,
         };
         std::thread::spawn(move || -> Result<(), InferenceError> {
@@ -305,7 +309,14 @@ pub fn predict(job: &PredictJob) -> Result<(), PredictError> {
             .map(|((model, logits), case)| (logits, case.properties, model.plan.configuration.clone()))
             .collect();
         println!("{id}: predicted in {:.1} s", started.elapsed().as_secs_f64());
-        if to_writer.send(Predicted { id, outputs }).is_err() {
+        let file_ending = output_endings.get(&id).cloned().unwrap_or_default();
+        if to_writer.send(Predicted {
+            id,
+            file_ending,
+            outputs,
+        })
+        .is_err()
+        {
             break; // the writer failed; its error is reported below
         }
     }
@@ -323,7 +334,7 @@ fn previous_stage_on_grid(
     plan: &PlanView,
 ) -> Result<ndarray::Array3<i16>, PredictError> {
     let (labels, _) =
-        nnflow::data::nifti::read_integer_labels(path).map_err(|source| PredictError::PreviousStageFile {
+        nnflow::data::image::read_labels(path).map_err(|source| PredictError::PreviousStageFile {
             path: path.to_path_buf(),
             source,
         })?;

@@ -32,8 +32,7 @@ pub enum ImageFormat {
     Nrrd,
     /// MetaImage, `.mha` and `.mhd` (SimpleITKIO).
     MetaImage,
-    /// 2D `.png` / `.bmp` / single-page `.tif` (NaturalImage2DIO); a multi-page `.tif` is 3D TIFF,
-    /// as nnU-Net falls through to Tiff3DIO when NaturalImage2DIO cannot read it.
+    /// `.tif`: one page is a 2D picture (NaturalImage2DIO), several pages a 3D TIFF (Tiff3DIO).
     Tif,
     /// 2D `.png` and `.bmp` (NaturalImage2DIO).
     Natural2d,
@@ -77,6 +76,12 @@ impl ImageFormat {
 pub fn ending_of(path: &Path) -> Option<&'static str> {
     let name = path.file_name()?.to_str()?.to_ascii_lowercase();
     FILE_ENDINGS.into_iter().find(|ending| name.ends_with(ending))
+}
+
+/// Whether one file of this ending may hold several channels of a case: RGB(A) pictures, which
+/// nnU-Net's NaturalImage2DIO splits into channels.
+pub fn several_channels_per_file(ending: &str) -> bool {
+    matches!(ImageFormat::from_ending(ending), Some(ImageFormat::Natural2d | ImageFormat::Tif))
 }
 
 /// Whether a file is read as an image channel or as a segmentation. Only 3D TIFF cares: an image
@@ -167,6 +172,9 @@ fn read_as(path: &Path, role: Role) -> Result<Decoded, ImageError> {
         ImageFormat::Nrrd => nrrd::read(path),
         ImageFormat::MetaImage => metaimage::read(path),
         ImageFormat::Natural2d => natural2d::read(path),
+        // A page count decides, for images and segmentations alike. nnU-Net instead tries
+        // NaturalImage2DIO and falls through to Tiff3DIO, once per dataset: it reads a 3D TIFF of 3
+        // or 4 slices as an RGB(A) picture and a one-page grey + alpha TIFF as a volume.
         ImageFormat::Tif => {
             if tiff3d::page_count(path)? > 1 {
                 tiff3d::read(path, role)
