@@ -46,7 +46,9 @@ fn check_predictions(project: &Project, ending: &str, prediction_ending: &str) {
     for entry in std::fs::read_dir(&images).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        let Some(stem) = name.strip_suffix(&format!("_0000{ending}")) else { continue };
+        let Some(stem) = name.strip_suffix(&format!("_0000{ending}")) else {
+            continue;
+        };
         let input = image::read(&path).unwrap();
         let predicted = project.path().join(format!("out/{stem}{prediction_ending}"));
         let (labels, geometry) =
@@ -60,21 +62,44 @@ fn check_predictions(project: &Project, ending: &str, prediction_ending: &str) {
 }
 
 fn assert_same_geometry(found: &image::Geometry, expected: &image::Geometry, what: &str) {
-    let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5 * y.abs().max(1.0));
+    let close = |a: &[f64], b: &[f64]| {
+        a.iter()
+            .zip(b)
+            .all(|(x, y)| (x - y).abs() <= 1e-5 * y.abs().max(1.0))
+    };
     assert_eq!(found.ndim, expected.ndim, "{what}: dimensions");
     assert_eq!(found.shape_zyx, expected.shape_zyx, "{what}: shape");
-    assert!(close(&found.spacing_zyx, &expected.spacing_zyx), "{what}: spacing {found:?} vs {expected:?}");
-    assert!(close(&found.itk_origin, &expected.itk_origin), "{what}: origin {found:?} vs {expected:?}");
     assert!(
-        close(found.itk_direction.as_flattened(), expected.itk_direction.as_flattened()),
+        close(&found.spacing_zyx, &expected.spacing_zyx),
+        "{what}: spacing {found:?} vs {expected:?}"
+    );
+    assert!(
+        close(&found.itk_origin, &expected.itk_origin),
+        "{what}: origin {found:?} vs {expected:?}"
+    );
+    assert!(
+        close(
+            found.itk_direction.as_flattened(),
+            expected.itk_direction.as_flattened()
+        ),
         "{what}: direction {found:?} vs {expected:?}"
     );
 }
 
 fn synth(project: &Project, ending: &str, shape: &str) {
     let output = project.nnflow(&[
-        "synth", "D", "--cases", "5", "--test-cases", "2", "--shape", shape, "--spacing", "2,1,1",
-        "--format", ending,
+        "synth",
+        "D",
+        "--cases",
+        "5",
+        "--test-cases",
+        "2",
+        "--shape",
+        shape,
+        "--spacing",
+        "2,1,1",
+        "--format",
+        ending,
     ]);
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
 }
@@ -122,4 +147,80 @@ fn png_2d() {
     synth(&project, ".png", "1,48,48");
     run_pipeline(&project, "2d");
     check_predictions(&project, ".png", ".png");
+}
+
+/// DICOM series (tests/fixtures/image_formats/dicom_pipeline, see its generate.py): `nnflow import`
+/// turns one series folder per case into NIfTI channels with the series' geometry, the pipeline
+/// trains on them, and predicting a folder of series writes NIfTI with each series' geometry.
+#[test]
+fn dicom_series_import_and_predict() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/image_formats/dicom_pipeline");
+    let project = Project::new();
+    let images = fixtures.join("images");
+    let labels = fixtures.join("labels");
+    let output = project.nnflow(&[
+        "import",
+        "--images",
+        images.to_str().unwrap(),
+        "--channel",
+        "CT",
+        "--labels",
+        labels.to_str().unwrap(),
+        "--out",
+        "D",
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    for case in ["case_000", "case_001"] {
+        let series = image::read(images.join(case)).unwrap();
+        let imported = image::read(project.path().join(format!("D/imagesTr/{case}_0000.nii.gz"))).unwrap();
+        assert_eq!(imported.channels, series.channels, "{case}: voxels (HU) kept");
+        assert_same_geometry(&imported.geometry, &series.geometry, case);
+    }
+    // the test series, predicted as a folder of series folders
+    let test = project.path().join("D/imagesTs");
+    for case in ["test_000", "test_001"] {
+        copy_folder(&fixtures.join("test").join(case), &test.join(case));
+    }
+    run_pipeline(&project, "3d_fullres");
+    for case in ["test_000", "test_001"] {
+        let series = image::read(test.join(case)).unwrap();
+        let predicted = project.path().join(format!("out/{case}.nii.gz"));
+        let (labels, geometry) =
+            image::read_labels(&predicted).unwrap_or_else(|e| panic!("{}: {e}", predicted.display()));
+        assert_eq!(labels.shape(), series.channels[0].shape(), "{case}");
+        assert_same_geometry(&geometry, &series.geometry, case);
+    }
+}
+
+fn copy_folder(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+/// NIfTI-2 (nibabel writes it; SimpleITK 2.5 cannot read it): a dataset converted to NIfTI-2
+/// trains, and its predictions are NIfTI-2 with the images' geometry.
+#[test]
+fn nifti2() {
+    use nnflow::data::geometry::Nifti2Geometry;
+    use nnflow::data::nifti;
+    let project = Project::new();
+    synth(&project, ".nii.gz", "16,24,24");
+    for folder in ["imagesTr", "labelsTr", "imagesTs", "labelsTs"] {
+        for entry in std::fs::read_dir(project.path().join("D").join(folder)).unwrap() {
+            let path = entry.unwrap().path();
+            let (labels, mut header) = nifti::read_integer_labels(&path).unwrap();
+            header.nifti2 = Some(Nifti2Geometry::of(&header));
+            nifti::write(&path, &labels.mapv(|v| v as i16), &header).unwrap();
+        }
+    }
+    run_pipeline(&project, "3d_fullres");
+    check_predictions(&project, ".nii.gz", ".nii.gz");
+    for case in ["test_000", "test_001"] {
+        let path = project.path().join(format!("out/{case}.nii.gz"));
+        let (_, header) = nifti::read_integer_labels(&path).unwrap();
+        assert!(header.nifti2.is_some(), "{case}: written as NIfTI-2");
+    }
 }

@@ -141,7 +141,6 @@ fn reads_like_nnunet() {
     );
 }
 
-
 /// `.tif` files where nnflow's choice (several pages: 3D TIFF, else a 2D picture) differs from
 /// nnU-Net's (NaturalImage2DIO if it reads the file, else Tiff3DIO): a single page of grey +
 /// alpha (nnU-Net: a `(y, x, 2)` volume; nnflow: refused as a picture) and 3 or 4 pages (nnU-Net:

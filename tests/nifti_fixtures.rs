@@ -426,9 +426,8 @@ fn check_channels(name: &str) {
         assert_eq!((h.dim[0], h.dim[4]), (3, 1), "{name}: a channel's header is 3D");
     }
     let aff = h.affine();
-    for r in 0..4 {
-        for c in 0..4 {
-            let (a, b) = (aff[r][c], exp.nibabel_affine[r][c]);
+    for (r, (row, expected_row)) in aff.iter().zip(&exp.nibabel_affine).enumerate() {
+        for (c, (&a, &b)) in row.iter().zip(expected_row).enumerate() {
             // NIfTI-2 keeps f64 geometry: nibabel's affine to rounding of the last bits.
             assert!(
                 (a - b).abs() <= 1e-12 * b.abs().max(1.0),

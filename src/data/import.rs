@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::dataset::{Dataset, DatasetError};
-use super::integrity::{check_dataset, Report};
 use super::image::{self, ImageError};
+use super::integrity::{check_dataset, Report};
 use super::nifti;
 
 #[derive(Clone, Debug)]
@@ -49,8 +49,10 @@ pub enum ImportError {
         found: String,
         expected: String,
     },
-    #[error("case {case}: DICOM series are converted to NIfTI, so the segmentations must be NIfTI \
-             (.nii.gz or .nii), not {found}")]
+    #[error(
+        "case {case}: DICOM series are converted to NIfTI, so the segmentations must be NIfTI \
+             (.nii.gz or .nii), not {found}"
+    )]
     SeriesNeedNifti { case: String, found: String },
     #[error("case {case}: {source}")]
     Label {
@@ -198,12 +200,23 @@ fn assemble(
     // Keep each file's own format and encoding: copy as is, naming it as nnU-Net expects. The
     // segmentations' format is the dataset's.
     let ending = |path: &Path| case_name(path).map(|(_, ending)| ending).unwrap_or_default();
-    let file_ending = labels.values().next().map_or(".nii.gz".to_string(), |p| ending(p));
+    let file_ending = labels
+        .values()
+        .next()
+        .map_or(".nii.gz".to_string(), |p| ending(p));
     let mixed = |case: &String, file: &Path, found: String| ImportError::MixedEndings {
         case: case.clone(),
         file: file.to_path_buf(),
-        found: if found.is_empty() { "a DICOM series".into() } else { found },
-        expected: if file_ending.is_empty() { "DICOM series".into() } else { file_ending.clone() },
+        found: if found.is_empty() {
+            "a DICOM series".into()
+        } else {
+            found
+        },
+        expected: if file_ending.is_empty() {
+            "DICOM series".into()
+        } else {
+            file_ending.clone()
+        },
     };
     if file_ending.is_empty() || image::ImageFormat::from_ending(&file_ending).is_none() {
         let (case, label) = labels.iter().next().expect("a label was found");

@@ -104,7 +104,11 @@ pub fn load_case(case: &Case) -> Result<LoadedCase, Vec<UnreadableFile>> {
 pub fn check_case(case: &LoadedCase, channel_count: usize, allowed_labels: &[i64]) -> Report {
     let mut report = Report::default();
     if case.channels.len() != channel_count {
-        let files: Vec<String> = case.channels.iter().map(|c| c.path.display().to_string()).collect();
+        let files: Vec<String> = case
+            .channels
+            .iter()
+            .map(|c| c.path.display().to_string())
+            .collect();
         report.problems.push(format!(
             "case {}: dataset.json declares {channel_count} channel(s) but the files hold {} ({})",
             case.id,
@@ -131,12 +135,9 @@ pub fn check_case(case: &LoadedCase, channel_count: usize, allowed_labels: &[i64
             ));
         }
         if let Some(found) = non_finite(&image.data) {
-            report.problems.push(non_finite_problem(
-                &case.id,
-                channel,
-                &found,
-                &image.path,
-            ));
+            report
+                .problems
+                .push(non_finite_problem(&case.id, channel, &found, &image.path));
         }
         if !image.geometry.same_position(&case.label_geometry) {
             report.warnings.push(format!(

@@ -145,7 +145,11 @@ fn case_label(spec: &SyntheticSpec, random: &mut Random) -> Array3<i32> {
     let [sz, sy, sx] = spec.spacing_zyx;
     // One slice is a 2D image: a disc body, discs of each label, all in the slice's plane.
     let flat = nz == 1;
-    let centre = [if flat { 0.0 } else { nz as f64 / 2.0 }, ny as f64 / 2.0, nx as f64 / 2.0];
+    let centre = [
+        if flat { 0.0 } else { nz as f64 / 2.0 },
+        ny as f64 / 2.0,
+        nx as f64 / 2.0,
+    ];
     let mut label = Array3::from_shape_fn((nz, ny, nx), |(z, y, x)| {
         let d = [
             (z as f64 - centre[0]) / (0.42 * nz as f64),

@@ -130,7 +130,10 @@ mod tests {
         }
         std::fs::create_dir(dir.path().join("series_7")).unwrap();
         let cases = image_cases(dir.path(), 1, ".nii.gz").unwrap();
-        let found: Vec<(&str, &Path)> = cases.iter().map(|c| (c.id.as_str(), c.images[0].as_path())).collect();
+        let found: Vec<(&str, &Path)> = cases
+            .iter()
+            .map(|c| (c.id.as_str(), c.images[0].as_path()))
+            .collect();
         assert_eq!(
             found,
             [

@@ -18,8 +18,8 @@ use rayon::prelude::*;
 
 use crate::data::dataset::{Case, Dataset};
 use crate::data::fingerprint_format::{Fingerprint, IntensityStats};
-use crate::data::integrity::{non_finite, non_finite_problem, NonFinite};
 use crate::data::image::{self, ImageError};
+use crate::data::integrity::{non_finite, non_finite_problem, NonFinite};
 use crate::preprocess::crop::nonzero_bounding_box;
 use crate::preprocess::numpy_random::RandomState;
 

@@ -234,7 +234,12 @@ pub fn predict(job: &PredictJob) -> Result<(), PredictError> {
     // each prediction in its input's format (a DICOM series gives NIfTI)
     let output_endings: std::collections::HashMap<String, String> = cases
         .iter()
-        .map(|(id, images)| (id.clone(), nnflow::data::image::prediction_ending(&images[0]).to_string()))
+        .map(|(id, images)| {
+            (
+                id.clone(),
+                nnflow::data::image::prediction_ending(&images[0]).to_string(),
+            )
+        })
         .collect();
     std::thread::spawn(move || {
         for (id, images) in cases {
@@ -310,12 +315,13 @@ pub fn predict(job: &PredictJob) -> Result<(), PredictError> {
             .collect();
         println!("{id}: predicted in {:.1} s", started.elapsed().as_secs_f64());
         let file_ending = output_endings.get(&id).cloned().unwrap_or_default();
-        if to_writer.send(Predicted {
-            id,
-            file_ending,
-            outputs,
-        })
-        .is_err()
+        if to_writer
+            .send(Predicted {
+                id,
+                file_ending,
+                outputs,
+            })
+            .is_err()
         {
             break; // the writer failed; its error is reported below
         }

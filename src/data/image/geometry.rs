@@ -111,7 +111,13 @@ impl Geometry {
         if let Some(header) = &self.nifti {
             return header.clone();
         }
-        Header::from_itk(self.ndim, self.shape_zyx, self.itk_spacing, self.itk_origin, self.itk_direction)
+        Header::from_itk(
+            self.ndim,
+            self.shape_zyx,
+            self.itk_spacing,
+            self.itk_origin,
+            self.itk_direction,
+        )
     }
 
     /// Whether two images have the same origin and direction (to 1e-4, relative above 1: the
@@ -120,6 +126,9 @@ impl Geometry {
         let close = |a: &f64, b: &f64| (a - b).abs() <= 1e-4 * a.abs().max(1.0);
         let all = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| close(x, y));
         all(&self.itk_origin, &other.itk_origin)
-            && all(self.itk_direction.as_flattened(), other.itk_direction.as_flattened())
+            && all(
+                self.itk_direction.as_flattened(),
+                other.itk_direction.as_flattened(),
+            )
     }
 }

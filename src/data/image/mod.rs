@@ -6,6 +6,7 @@
 //! readers, and a [`Geometry`] that keeps both what nnU-Net plans with (its spacing) and what it
 //! writes predictions with (ITK's spacing, origin and direction, or the NIfTI header itself).
 
+mod dicom;
 mod geometry;
 mod metaimage;
 mod natural2d;
@@ -13,7 +14,6 @@ mod nifti_format;
 mod nrrd;
 mod raw_data;
 mod tiff3d;
-mod dicom;
 
 use std::path::{Path, PathBuf};
 
@@ -81,7 +81,10 @@ pub fn ending_of(path: &Path) -> Option<&'static str> {
 /// Whether one file of this ending may hold several channels of a case: RGB(A) pictures, which
 /// nnU-Net's NaturalImage2DIO splits into channels.
 pub fn several_channels_per_file(ending: &str) -> bool {
-    matches!(ImageFormat::from_ending(ending), Some(ImageFormat::Natural2d | ImageFormat::Tif))
+    matches!(
+        ImageFormat::from_ending(ending),
+        Some(ImageFormat::Natural2d | ImageFormat::Tif)
+    )
 }
 
 /// Whether a file is read as an image channel or as a segmentation. Only 3D TIFF cares: an image
@@ -218,7 +221,11 @@ pub fn read_labels(path: impl AsRef<Path>) -> Result<(Array3<i32>, Geometry), Im
 /// Writes a label map `[z, y, x]` in the format of `path`'s ending with `geometry` (the geometry
 /// of the image it was predicted for), atomically. uint8 when every label is below 255, as nnU-Net
 /// writes it, else a 16-bit type.
-pub fn write_labels(path: impl AsRef<Path>, labels: &Array3<i16>, geometry: &Geometry) -> Result<(), ImageError> {
+pub fn write_labels(
+    path: impl AsRef<Path>,
+    labels: &Array3<i16>,
+    geometry: &Geometry,
+) -> Result<(), ImageError> {
     let path = path.as_ref();
     let format = ending_of(path)
         .and_then(ImageFormat::from_ending)
