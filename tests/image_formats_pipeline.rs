@@ -224,3 +224,54 @@ fn nifti2() {
         assert!(header.nifti2.is_some(), "{case}: written as NIfTI-2");
     }
 }
+
+#[test]
+fn bmp_2d() {
+    let project = Project::new();
+    synth(&project, ".bmp", "1,48,48");
+    run_pipeline(&project, "2d");
+    check_predictions(&project, ".bmp", ".bmp");
+}
+
+#[test]
+fn tif_2d() {
+    let project = Project::new();
+    synth(&project, ".tif", "1,48,48");
+    run_pipeline(&project, "2d");
+    check_predictions(&project, ".tif", ".tif");
+}
+
+/// RGB pictures, one file for three channels as nnU-Net's NaturalImage2DIO reads them (its road
+/// segmentation example): the synthetic grey pictures rewritten as 8-bit RGB, dataset.json naming
+/// three channels.
+#[test]
+fn rgb_png_one_file_three_channels() {
+    let project = Project::new();
+    synth(&project, ".png", "1,48,48");
+    for folder in ["imagesTr", "imagesTs"] {
+        for entry in std::fs::read_dir(project.path().join("D").join(folder)).unwrap() {
+            let path = entry.unwrap().path();
+            let grey = image::read(&path).unwrap().channels.remove(0);
+            let rgb: Vec<u8> = grey
+                .iter()
+                .flat_map(|&v| [(v / 2.0).min(255.0) as u8, (v / 4.0) as u8, 255 - (v / 4.0) as u8])
+                .collect();
+            let file = std::fs::File::create(&path).unwrap();
+            let mut encoder = png::Encoder::new(file, 48, 48);
+            encoder.set_color(png::ColorType::Rgb);
+            encoder.set_depth(png::BitDepth::Eight);
+            encoder.write_header().unwrap().write_image_data(&rgb).unwrap();
+        }
+    }
+    let json_path = project.path().join("D/dataset.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    json["channel_names"] = serde_json::json!({"0": "R", "1": "G", "2": "B"});
+    std::fs::write(&json_path, json.to_string()).unwrap();
+    run_pipeline(&project, "2d");
+    check_predictions(&project, ".png", ".png");
+    let plans = project.read(".nnflow/nnunet/out/plan/plans.json");
+    let plans: serde_json::Value = serde_json::from_str(&plans).unwrap();
+    let schemes = &plans["configurations"]["2d"]["normalization_schemes"];
+    assert_eq!(schemes.as_array().map(Vec::len), Some(3), "{schemes}");
+}

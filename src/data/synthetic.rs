@@ -113,7 +113,11 @@ pub fn write_dataset(root: &Path, spec: &SyntheticSpec) -> Result<(), ImageError
             &mut random,
         );
         for channel in 0..spec.channels {
-            let image = case_image(&label, channel, &mut random);
+            let mut image = case_image(&label, channel, &mut random);
+            if ending.eq_ignore_ascii_case(".bmp") {
+                // BMP holds 8-bit grey: halve the intensities (the brightest object is ~ 400)
+                image.mapv_inplace(|v| (v / 2).min(254));
+            }
             let path = root.join(format!("images{part}/{id}_{channel:04}{ending}"));
             image::write_labels(&path, &image, &geometry)?;
         }
