@@ -45,6 +45,7 @@ pub mod kernels;
 pub mod network;
 pub mod plans;
 pub mod preprocess;
+pub mod report;
 pub mod schema;
 pub mod stages;
 pub mod torch_env;

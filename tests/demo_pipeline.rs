@@ -5,7 +5,9 @@
 
 mod common;
 
-use common::Project;
+use common::browser::check_page;
+use common::report_check::check_report_folder;
+use common::{stdout, Project};
 use nnflow::data::nifti;
 
 #[test]
@@ -61,6 +63,8 @@ fn the_demo_pipeline_predicts_the_test_images() {
         assert_eq!(prediction.shape_zyx(), image.shape_zyx(), "{case}");
     }
 
+    report_pages(&project, &args);
+
     let again = project.run(&args);
     assert_eq!(again.code, 0, "{}", again.stderr);
     assert!(
@@ -115,4 +119,82 @@ fn predictions_go_where_the_pipeline_says(project: &Project, args: &[&str], data
         onto_user_files.json
     );
     assert_eq!(project.read("pipelines/demo-data/mine/notes.txt"), "the user's");
+}
+
+/// Issue 18: the report stage's page and `nnflow report`'s: well-formed, every picture there and
+/// decoding, every test case with a row and three overlays; in Chromium no console error and every
+/// image loaded.
+fn report_pages(project: &Project, args: &[&str]) {
+    let stage_page = check_report_folder(&project.path().join("pipelines/.nnflow/demo/out/report"));
+    let mut command = vec!["report"];
+    command.extend(args);
+    command.extend(["-o", "report"]);
+    let output = project.nnflow(&command);
+    assert_eq!(output.status.code(), Some(0), "{}", common::stderr(&output));
+    assert!(
+        stdout(&output).contains("report/index.html"),
+        "{}",
+        stdout(&output)
+    );
+    let page = check_report_folder(&project.path().join("report"));
+    assert!(common::report_check::referenced_pictures(&page).len() >= 4 + 3 * 11);
+    for html in [&stage_page, &page] {
+        for case in ["test_000", "test_001", "test_002"] {
+            assert!(html.contains(&format!(">{case}</a></td>")), "{case} has a row");
+            for view in ["axial", "coronal", "sagittal"] {
+                let picture = format!("img/case-test-{case}_{view}.png");
+                assert!(html.contains(&picture), "{picture}");
+            }
+        }
+        for section in ["id=\"dataset\"", "id=\"training\"", "id=\"crossval\"", "(chosen)"] {
+            assert!(html.contains(section), "{section}");
+        }
+    }
+    // the command's page knows each stage's state and the latest run's outcome
+    assert!(page.contains("<td>train[configuration=2d,fold=0]</td><td>train</td><td>fresh</td>"));
+    assert!(page.contains("no configuration `3d_lowres`"), "skipped, and why");
+    // asked again, the folder it wrote is replaced; a folder of the user's is refused
+    assert_eq!(project.nnflow(&command).status.code(), Some(0));
+    project.write("mine/notes.txt", "the user's");
+    let mut onto_user_files = vec!["report"];
+    onto_user_files.extend(args);
+    onto_user_files.extend(["-o", "mine"]);
+    let refused = project.nnflow(&onto_user_files);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        common::stderr(&refused).contains("did not write"),
+        "{}",
+        common::stderr(&refused)
+    );
+    assert_eq!(project.read("mine/notes.txt"), "the user's");
+
+    let Some(browser) = check_page(&project.path().join("report/index.html"), (1280, 2000)) else {
+        return;
+    };
+    assert!(browser.console_errors.is_empty(), "{:?}", browser.console_errors);
+    assert!(browser.images.len() >= 3 * 11, "{} images", browser.images.len());
+    let unloaded: Vec<_> = browser.images.iter().filter(|(_, width)| *width == 0).collect();
+    assert!(unloaded.is_empty(), "not loaded: {unloaded:?}");
+    assert_eq!(browser.title, "nnflow report: demo");
+    assert!(browser.screenshot_png.starts_with(b"\x89PNG"));
+    if let Some(path) = std::env::var_os("NNFLOW_REPORT_SCREENSHOT") {
+        std::fs::write(path, &browser.screenshot_png).unwrap();
+    }
+}
+
+/// A pipeline that has not run: the page shows the DAG, every stage new, and says what is missing.
+#[test]
+fn the_report_of_a_pipeline_that_has_not_run() {
+    let project = Project::new();
+    project.copy_pipelines(&["nnunet.toml", "demo.toml"]);
+    let output = project.nnflow(&["report", "pipelines/demo.toml", "-o", "report"]);
+    assert_eq!(output.status.code(), Some(0), "{}", common::stderr(&output));
+    let page = check_report_folder(&project.path().join("report"));
+    assert!(common::report_check::referenced_pictures(&page).is_empty());
+    assert!(page.contains("Nothing has run yet"), "{page}");
+    assert!(
+        page.contains("<td>fingerprint</td><td>fingerprint</td><td>new</td>"),
+        "{page}"
+    );
+    assert!(page.contains("No finished training yet"), "{page}");
 }

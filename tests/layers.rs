@@ -244,7 +244,9 @@ const MAY_USE: &[(&str, &[&str])] = &[
     ),
     // the libtorch worker: the model layers, never the engine or the stages
     ("bin/nnflow-torch", &["train", "inference"]),
-    ("stages", &["engine", "train", "inference"]),
+    // the report page: reads stage states and the outputs of nnU-Net's stages
+    ("report", &["engine", "plans", "kernels"]),
+    ("stages", &["engine", "train", "inference", "report"]),
     ("schema", &["engine", "stages"]),
 ];
 

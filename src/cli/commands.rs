@@ -60,6 +60,7 @@ pub fn dispatch(command: Command) -> i32 {
             json,
         } => print_status(&pipeline, &stages, json, false),
         Command::Dag { pipeline, format } => dag(&pipeline, format),
+        Command::Report { pipeline, out, open } => super::report_command::report(&pipeline, out, open),
         Command::Validate { pipeline } => validate(&pipeline),
         Command::Schema => {
             out!("{}", crate::schema::pipeline_schema_text());
@@ -121,7 +122,7 @@ fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-fn open(args: &PipelineArgs) -> Result<Engine, i32> {
+pub(super) fn open(args: &PipelineArgs) -> Result<Engine, i32> {
     Engine::open(&args.pipeline, &args.sets, registry()).map_err(|error| {
         match error {
             OpenError::Invalid(diagnostics) => crate::errln!("{diagnostics}"),

@@ -7,6 +7,7 @@ pub mod export_command;
 pub mod export_zip;
 mod output;
 mod predict_command;
+mod report_command;
 
 use std::path::PathBuf;
 
@@ -105,6 +106,18 @@ pub enum Command {
         stages: Vec<String>,
         #[arg(long)]
         json: bool,
+    },
+    /// Write the report page: stage states, dataset and plan, training curves, cross-validation,
+    /// Dice per case and prediction overlays, in one folder (default `.nnflow/<name>/report`).
+    Report {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+        /// The folder to write (new, empty, or an earlier report).
+        #[arg(short = 'o', long)]
+        out: Option<PathBuf>,
+        /// Open the page in the browser afterwards.
+        #[arg(long)]
+        open: bool,
     },
     /// Print the DAG.
     Dag {

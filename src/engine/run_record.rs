@@ -128,11 +128,24 @@ fn conclude(
     let ok = stages
         .iter()
         .all(|s| matches!(s.outcome, Outcome::Ran | Outcome::Cached | Outcome::NotApplicable));
-    RunReport {
+    let report = RunReport {
         pipeline: engine.pipeline.name.clone(),
         ok,
         interrupted,
         stages,
+    };
+    write_last_run(engine, &report);
+    report
+}
+
+/// `last_run.json` in the state folder: how each stage of the latest run finished (ran, cached,
+/// failed and why, skipped and why), which the records of successful runs alone cannot tell. The
+/// report page shows it.
+fn write_last_run(engine: &Engine, report: &RunReport) {
+    let path = engine.pipeline.state_dir.join("last_run.json");
+    let json = serde_json::to_vec_pretty(report).expect("the run report serializes");
+    if let Err(e) = crate::atomic_file::write_atomically(&path, &json) {
+        crate::errln!("warning: cannot write {}: {e}", path.display());
     }
 }
 

@@ -14,6 +14,7 @@ pub mod postprocess;
 pub mod predict;
 pub mod preprocessing;
 pub mod process;
+pub mod report;
 pub mod train;
 
 // The engine's plug-in interface, re-exported for the kind modules (`use super::{Kind, Stage, ...}`).
@@ -33,6 +34,7 @@ pub static KINDS: &[Kind] = &[
     ensemble_select::KIND,
     postprocess::KIND,
     predict::KIND,
+    report::KIND,
 ];
 
 /// nnU-Net's stage kinds, as the engine takes them.

@@ -1,6 +1,9 @@
 //! Test harness: a pipeline project in a temporary folder and the real `nnflow` binary run in it.
 #![allow(dead_code)]
 
+pub mod browser;
+pub mod report_check;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -115,6 +115,10 @@ pub struct EpochRecord {
     pub ema_pseudo_dice: f64,
     pub learning_rate: f64,
     pub epoch_seconds: f64,
+    /// Seconds of the epoch spent waiting for batches (absent in checkpoints written before it was
+    /// recorded).
+    #[serde(default)]
+    pub data_wait_seconds: f64,
 }
 
 /// The variables in a fixed (sorted) order: the order of the optimizer's buffers.
@@ -544,6 +548,7 @@ mod tests {
             ema_pseudo_dice: 0.4,
             learning_rate: 0.01,
             epoch_seconds: 1.0,
+            data_wait_seconds: 0.25,
         };
         let text = serde_json::to_string(&record).unwrap();
         let back: EpochRecord = serde_json::from_str(&text).unwrap();

@@ -317,8 +317,9 @@ impl<'a> Trainer<'a> {
             mean_pseudo_dice: mean_dice,
             learning_rate: lr,
             epoch_seconds: started.elapsed().as_secs_f64(),
+            data_wait_seconds: feed.waited,
         };
-        self.end_of_epoch(state, record, feed.waited)
+        self.end_of_epoch(state, record)
     }
 
     /// `iterations_per_epoch` SGD steps; returns the mean training loss. A non-finite loss without
@@ -388,8 +389,8 @@ impl<'a> Trainer<'a> {
         &mut self,
         state: &mut TrainerState,
         record: EpochRecord,
-        waited: f64,
     ) -> Result<ControlFlow<()>, TrainerError> {
+        let waited = record.data_wait_seconds;
         let job = self.job;
         let params = &job.params;
         let (epoch, lr, ema) = (record.epoch, record.learning_rate, record.ema_pseudo_dice);

@@ -252,3 +252,17 @@ pub fn prediction_ending(input: &Path) -> &'static str {
         ending_of(input).unwrap_or(".nii.gz")
     }
 }
+
+/// An 8-bit RGB picture (`width * height * 3` bytes, rows top to bottom) as PNG bytes, fast
+/// compression: what the report's overlays and the training progress figure are stored as.
+pub fn rgb_png(rgb: &[u8], width: u32, height: u32) -> Result<Vec<u8>, png::EncodingError> {
+    let mut out = Vec::new();
+    let mut encoder = png::Encoder::new(&mut out, width, height);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    encoder.set_compression(png::Compression::Fast);
+    let mut writer = encoder.write_header()?;
+    writer.write_image_data(rgb)?;
+    writer.finish()?;
+    Ok(out)
+}
