@@ -9,9 +9,11 @@ if [ "$(id -u)" != 0 ]; then echo "install-chromium.sh: chromium is missing and 
 if ! command -v apt-get >/dev/null 2>&1; then echo "install-chromium.sh: chromium is missing and there is no apt-get" >&2; exit 1; fi
 log=/tmp/nnflow-chromium.apt.log
 export DEBIAN_FRONTEND=noninteractive
+# stale package lists (a mirror that moved on) get one `apt-get update` and a second try
 {
-  if ! apt-cache show chromium >/dev/null 2>&1; then apt-get update -qq; fi &&
-    apt-get install -y -qq --no-install-recommends chromium
+  if ! apt-cache show chromium >/dev/null 2>&1; then apt-get update -qq; fi
+  apt-get install -y -qq --no-install-recommends chromium ||
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; }
 } >"$log" 2>&1 || {
   echo "install-chromium.sh: cannot install chromium (see $log)" >&2; exit 1
 }
