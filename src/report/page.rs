@@ -163,25 +163,8 @@ fn dataset_section(
         escape(&dataset.channels.join(", ")),
         escape(&dataset.file_ending)
     );
-    html.push_str("<h3>Labels</h3><p>");
-    for label in &dataset.labels {
-        let value = match &label.value {
-            crate::data::dataset::LabelValue::Single(v) => v.to_string(),
-            crate::data::dataset::LabelValue::Region(vs) => format!("{vs:?}"),
-        };
-        let colour = match &label.value {
-            crate::data::dataset::LabelValue::Single(v) if *v > 0 => Some(label_colour(*v as i32)),
-            _ => None,
-        };
-        let swatch = colour.map_or(String::new(), |c| {
-            format!(
-                "<span class=\"swatch\" style=\"background:rgb({},{},{})\"></span>",
-                c[0], c[1], c[2]
-            )
-        });
-        let _ = write!(html, "{swatch}{} = {value}&nbsp;&nbsp; ", escape(&label.name));
-    }
-    html.push_str("</p>\n");
+    html.push_str("<h3>Labels</h3>");
+    html.push_str(&label_legend(dataset));
     if let Some(fp) = fingerprint {
         html.push_str("<h3>Fingerprint</h3><table><thead><tr><th></th><th>min</th><th>median</th><th>max</th></tr></thead><tbody>\n");
         for (name, key) in [
@@ -238,6 +221,30 @@ fn dataset_section(
         html.push_str("</tbody></table>\n");
     }
     html.push_str("</section>\n");
+}
+
+/// The dataset's labels, each with its overlay colour (regions and background have none).
+fn label_legend(dataset: &Dataset) -> String {
+    let mut legend = String::from("<p class=\"labels\">");
+    for label in &dataset.labels {
+        let value = match &label.value {
+            crate::data::dataset::LabelValue::Single(v) => v.to_string(),
+            crate::data::dataset::LabelValue::Region(vs) => format!("{vs:?}"),
+        };
+        let colour = match &label.value {
+            crate::data::dataset::LabelValue::Single(v) if *v > 0 => Some(label_colour(*v as i32)),
+            _ => None,
+        };
+        let swatch = colour.map_or(String::new(), |c| {
+            format!(
+                "<span class=\"swatch\" style=\"background:rgb({},{},{})\"></span>",
+                c[0], c[1], c[2]
+            )
+        });
+        let _ = write!(legend, "{swatch}{} = {value}&nbsp;&nbsp; ", escape(&label.name));
+    }
+    legend.push_str("</p>\n");
+    legend
 }
 
 /// Min / median / max of each column of a list of 3-vectors, as table cells.
@@ -557,6 +564,9 @@ fn overlay_section(
 ) -> Result<usize, ReportError> {
     html.push_str("<section id=\"overlays\"><h2>Overlays</h2>\n");
     html.push_str(LEGEND);
+    if let Some(dataset) = dataset {
+        html.push_str(&label_legend(dataset));
+    }
     // CT is windowed with the dataset's foreground percentiles (as nnU-Net normalizes it), other
     // modalities per case
     let ct_window = dataset
