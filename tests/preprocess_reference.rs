@@ -1,5 +1,6 @@
 //! The whole default pipeline up to preprocessing against nnU-Net 2.8.1's
-//! `nnUNetv2_plan_and_preprocess` on the same dataset (tests/fixtures/preprocess/generate.py):
+//! `nnUNetv2_plan_and_preprocess` on the same datasets (tests/fixtures/preprocess/generate.py: a
+//! CT + T2 dataset cropped to nonzero, and a single-channel MR one z-scored without a mask):
 //! plans.json equal, preprocessed images within 1e-4 of the intensity range, segmentations equal
 //! but for ties, cropping and class-location counts equal.
 
@@ -13,10 +14,9 @@ use serde_json::Value;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 
-fn run_pipeline(project: &common::Project) -> Value {
+fn run_pipeline(project: &common::Project, dataset: &str) -> Value {
     let pipeline = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/nnunet.toml");
     project.write("nnunet.toml", &std::fs::read_to_string(pipeline).unwrap());
-    let dataset = format!("{FIXTURES}/fingerprint/Dataset001_Tiny");
     let result = project.run(&[
         "nnunet.toml",
         "--set",
@@ -67,27 +67,52 @@ fn assert_json_close(ours: &Value, theirs: &Value, path: &str) {
 
 #[test]
 fn plans_and_preprocessed_cases_match_nnunet() {
+    matches_nnunet(&format!("{FIXTURES}/fingerprint/Dataset001_Tiny"), "preprocess");
+}
+
+/// One T2 channel with no zero background: nothing is cropped and nnU-Net z-scores every voxel
+/// (`use_mask_for_norm` false).
+#[test]
+fn single_channel_mr_without_a_mask_matches_nnunet() {
+    matches_nnunet(
+        &format!("{FIXTURES}/preprocess/mr/Dataset002_MR"),
+        "preprocess/mr",
+    );
+    let plans = std::fs::read_to_string(format!("{FIXTURES}/preprocess/mr/plans.json")).unwrap();
+    let plans: Value = serde_json::from_str(&plans).unwrap();
+    let configuration = &plans["configurations"]["3d_fullres"];
+    assert_eq!(
+        configuration["normalization_schemes"],
+        serde_json::json!(["ZScoreNormalization"])
+    );
+    assert_eq!(configuration["use_mask_for_norm"], serde_json::json!([false]));
+}
+
+/// `dataset` through nnflow's pipeline against nnU-Net's results in `tests/fixtures/<fixtures>`.
+fn matches_nnunet(dataset: &str, fixtures: &str) {
     let project = common::Project::new();
-    let run = run_pipeline(&project);
+    let run = run_pipeline(&project, dataset);
     let plans: Value =
         serde_json::from_str(&std::fs::read_to_string(outputs(&run, "plan").join("plans.json")).unwrap())
             .unwrap();
     let expected_plans: Value =
-        serde_json::from_str(&std::fs::read_to_string(format!("{FIXTURES}/preprocess/plans.json")).unwrap())
+        serde_json::from_str(&std::fs::read_to_string(format!("{FIXTURES}/{fixtures}/plans.json")).unwrap())
             .unwrap();
     assert_json_close(&plans, &expected_plans, "plans");
 
     let expected: Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("{FIXTURES}/preprocess/expected.json")).unwrap(),
+        &std::fs::read_to_string(format!("{FIXTURES}/{fixtures}/expected.json")).unwrap(),
     )
     .unwrap();
     for (name, properties) in expected.as_object().unwrap() {
-        let (configuration, case) = name.split_at(name.rfind("_tiny").unwrap());
-        let case = &case[1..];
+        let (configuration, case) = ["3d_fullres", "2d"]
+            .into_iter()
+            .find_map(|c| Some((c, name.strip_prefix(c)?.strip_prefix('_')?)))
+            .unwrap_or_else(|| panic!("{name}: not <configuration>_<case>"));
         let folder = outputs(&run, &format!("resample[configuration={configuration}]"));
         let ours = read_case(&folder, case).unwrap();
-        let data = npy::read::<f32>(Path::new(&format!("{FIXTURES}/preprocess/{name}_data.npy"))).unwrap();
-        let seg = npy::read::<i16>(Path::new(&format!("{FIXTURES}/preprocess/{name}_seg.npy"))).unwrap();
+        let data = npy::read::<f32>(Path::new(&format!("{FIXTURES}/{fixtures}/{name}_data.npy"))).unwrap();
+        let seg = npy::read::<i16>(Path::new(&format!("{FIXTURES}/{fixtures}/{name}_seg.npy"))).unwrap();
         assert_eq!(ours.data.shape(), data.shape(), "{name}: image shape");
         let range =
             data.iter().fold(f32::MIN, |m, &v| m.max(v)) - data.iter().fold(f32::MAX, |m, &v| m.min(v));
@@ -126,17 +151,26 @@ fn plans_and_preprocessed_cases_match_nnunet() {
             expect("shape_after_cropping_and_before_resampling"),
             "{name}"
         );
+        // nnU-Net's properties['spacing'] is the image's own spacing as read (export resamples back
+        // to it): nnflow's `original_spacing`. The stored arrays' spacing is the plan's, with the
+        // image's own z for 2d.
         let spacing: Vec<f64> = serde_json::from_value(expect("spacing")).unwrap();
-        let ours_spacing = if configuration == "2d" {
-            p.spacing[1..].to_vec()
-        } else {
-            p.spacing.to_vec()
-        };
-        assert_eq!(ours_spacing.len(), spacing.len().min(ours_spacing.len()));
-        for (a, b) in p.spacing.iter().rev().zip(spacing.iter().rev()) {
+        assert_eq!(p.original_spacing.len(), spacing.len(), "{name}");
+        for (a, b) in p.original_spacing.iter().zip(&spacing) {
             assert!(
                 (a - b).abs() < 1e-9,
-                "{name}: spacing {:?} vs {spacing:?}",
+                "{name}: original spacing {:?} vs {spacing:?}",
+                p.original_spacing
+            );
+        }
+        let planned: Vec<f64> =
+            serde_json::from_value(expected_plans["configurations"][configuration]["spacing"].clone())
+                .unwrap();
+        let stored_in_plane = &p.spacing[p.spacing.len() - planned.len()..];
+        for (a, b) in stored_in_plane.iter().zip(&planned) {
+            assert!(
+                (a - b).abs() < 1e-6,
+                "{name}: stored spacing {:?} vs planned {planned:?}",
                 p.spacing
             );
         }
@@ -158,7 +192,7 @@ fn plans_and_preprocessed_cases_match_nnunet() {
 #[test]
 fn second_run_is_cached_and_a_different_gpu_target_replans_only_what_depends_on_it() {
     let project = common::Project::new();
-    run_pipeline(&project);
+    run_pipeline(&project, &format!("{FIXTURES}/fingerprint/Dataset001_Tiny"));
     let dataset = format!("dataset={FIXTURES}/fingerprint/Dataset001_Tiny");
     let configurations = "configurations=[\"3d_fullres\", \"2d\"]";
     let again = project.run(&[
