@@ -439,7 +439,14 @@ fn case_rows(sources: &Sources, dataset: Option<&Dataset>) -> Vec<CaseRow> {
     let Some(predictions) = &sources.predictions else {
         return rows;
     };
-    let scored = read_json(sources.evaluation.as_ref().map(|e| e.join("summary.json")));
+    // Dice per label of each scored prediction file, read once
+    let scored: std::collections::BTreeMap<String, Vec<(String, f64)>> =
+        read_json(sources.evaluation.as_ref().map(|e| e.join("summary.json")))
+            .and_then(|s| s["metric_per_case"].as_array().cloned())
+            .into_iter()
+            .flatten()
+            .map(|entry| (text(&entry["prediction_file"]), dice_per_label(&entry["metrics"])))
+            .collect();
     let test_images = sources.test_images.clone();
     let listed = std::fs::read_dir(predictions).into_iter().flatten().flatten();
     let mut files: Vec<String> = listed
@@ -450,14 +457,7 @@ fn case_rows(sources: &Sources, dataset: Option<&Dataset>) -> Vec<CaseRow> {
     for file in files {
         let found = image::ending_of(Path::new(&file)).unwrap_or("");
         let case = file[..file.len() - found.len()].to_string();
-        let dice = scored
-            .as_ref()
-            .and_then(|s| s["metric_per_case"].as_array().cloned())
-            .into_iter()
-            .flatten()
-            .find(|entry| text(&entry["prediction_file"]) == file)
-            .map(|entry| dice_per_label(&entry["metrics"]))
-            .unwrap_or_default();
+        let dice = scored.get(&file).cloned().unwrap_or_default();
         let image = test_images
             .as_ref()
             .and_then(|folder| test_image(folder, &case, &ending));

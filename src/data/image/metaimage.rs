@@ -234,17 +234,15 @@ pub fn write_labels(path: &Path, labels: &Array3<i16>, geometry: &Geometry) -> R
     } else {
         "ElementType = MET_SHORT\n"
     };
-    let detached = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("mhd"));
-    if detached {
-        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("data");
-        let data_name = format!("{stem}.zraw");
-        header += &format!("ElementDataFile = {data_name}\n");
-        raw_data::write_atomically(&raw_data::beside(path, &data_name), &[&data])?;
-        raw_data::write_atomically(path, &[header.as_bytes()])
-    } else {
-        header += "ElementDataFile = LOCAL\n";
-        raw_data::write_atomically(path, &[header.as_bytes(), &data])
-    }
+    raw_data::write_header_and_data(
+        path,
+        header,
+        &data,
+        "mhd",
+        ".zraw",
+        |name| format!("ElementDataFile = {name}\n"),
+        "ElementDataFile = LOCAL\n",
+    )
 }
 
 /// The header's `key = value` fields up to and including `ElementDataFile`, and where the data

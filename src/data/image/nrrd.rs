@@ -162,17 +162,15 @@ pub fn write_labels(path: &Path, labels: &Array3<i16>, geometry: &Geometry) -> R
     }
     header += "encoding: gzip\n";
     header += &format!("space origin: {}\n", vector(&axes.origin));
-    let detached = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("nhdr"));
-    if detached {
-        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("data");
-        let data_name = format!("{stem}.raw.gz");
-        header += &format!("data file: {data_name}\n");
-        raw_data::write_atomically(&raw_data::beside(path, &data_name), &[&data])?;
-        raw_data::write_atomically(path, &[header.as_bytes()])
-    } else {
-        header += "\n";
-        raw_data::write_atomically(path, &[header.as_bytes(), &data])
-    }
+    raw_data::write_header_and_data(
+        path,
+        header,
+        &data,
+        "nhdr",
+        ".raw.gz",
+        |name| format!("data file: {name}\n"),
+        "\n",
+    )
 }
 
 /// `(name, value)` pairs of a header.

@@ -333,3 +333,31 @@ pub(super) fn numbers<T: std::str::FromStr>(
         })
         .collect()
 }
+
+/// Writes an image file: `header` followed by `data` in `path`, or, when `path` ends in
+/// `.<detached_extension>`, the data into `<stem><data_suffix>` beside it first and the header last,
+/// naming it with `data_line(name)` (so a header is never there before its data). `attached_line`
+/// ends the header of a single file.
+pub fn write_header_and_data(
+    path: &Path,
+    mut header: String,
+    data: &[u8],
+    detached_extension: &str,
+    data_suffix: &str,
+    data_line: impl Fn(&str) -> String,
+    attached_line: &str,
+) -> Result<(), ImageError> {
+    let detached = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case(detached_extension));
+    if detached {
+        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("data");
+        let data_name = format!("{stem}{data_suffix}");
+        header += &data_line(&data_name);
+        write_atomically(&beside(path, &data_name), &[data])?;
+        write_atomically(path, &[header.as_bytes()])
+    } else {
+        header += attached_line;
+        write_atomically(path, &[header.as_bytes(), data])
+    }
+}
