@@ -17,6 +17,8 @@ mod bench;
 mod blocks;
 mod checkpoint;
 mod held_out;
+#[cfg(test)]
+mod lockstep;
 mod loss;
 mod network;
 mod optim;

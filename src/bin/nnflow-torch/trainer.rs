@@ -25,6 +25,7 @@ use nnflow::network::Architecture;
 use nnflow::torch_env::DeviceChoice;
 use nnflow::train::data::{spawn_producer, Batch, BatchMaker};
 use nnflow::train::job::TrainJob;
+use nnflow::train::params::TrainParams;
 use nnflow::train::progress_plot;
 use nnflow::train::setup::{as_3d, batch_maker, Setup};
 use nnflow::train::TrainError;
@@ -82,7 +83,8 @@ pub fn build_network(arch: &Architecture, device: Device, seed: u64) -> (VarStor
     (vs, net)
 }
 
-fn batch_tensors(batch: &Batch, spatial_dims: usize, device: Device) -> (Tensor, Vec<Tensor>) {
+/// A batch as the network's input and the deep-supervision targets (int64 labels or regions).
+pub(crate) fn batch_tensors(batch: &Batch, spatial_dims: usize, device: Device) -> (Tensor, Vec<Tensor>) {
     let shape = |s: &[usize; 5]| -> Vec<i64> {
         let mut v: Vec<i64> = s.iter().map(|&d| d as i64).collect();
         if spatial_dims == 2 {
@@ -104,6 +106,36 @@ fn batch_tensors(batch: &Batch, spatial_dims: usize, device: Device) -> (Tensor,
         })
         .collect();
     (data, targets)
+}
+
+/// The network's variables in checkpoint order and the SGD optimiser over them, with the run's
+/// momentum and weight decay.
+pub(crate) fn optimiser(vs: &VarStore, params: &TrainParams) -> (Vec<Tensor>, Sgd) {
+    let variables: Vec<Tensor> = checkpoint::sorted_variables(vs)
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect();
+    let sgd = Sgd::new(variables.len(), params.momentum, params.weight_decay);
+    (variables, sgd)
+}
+
+/// The training loss of a run: the run's Dice and CE weights, the plan's `batch_dice`, the
+/// dataset's ignore label and regions, and the network's deep-supervision weights.
+pub(crate) fn loss_config(
+    params: &TrainParams,
+    architecture: &Architecture,
+    batch_dice: bool,
+    ignore_label: Option<i64>,
+    regions: bool,
+) -> LossConfig {
+    LossConfig {
+        batch_dice,
+        ignore_label,
+        weight_ce: params.loss.ce,
+        weight_dice: params.loss.dice,
+        regions,
+        deep_supervision_weights: architecture.deep_supervision_weights(),
+    }
 }
 
 /// Where the run's lines go: the worker's stdout (the stage log) and `training_log.txt`.
@@ -208,23 +240,18 @@ impl<'a> Trainer<'a> {
         ));
         let maker = Arc::new(batch_maker(params, &setup)?);
         let (vs, net) = build_network(&setup.architecture, device, params.seed);
-        let variables: Vec<Tensor> = checkpoint::sorted_variables(&vs)
-            .into_iter()
-            .map(|(_, t)| t)
-            .collect();
-        let sgd = Sgd::new(variables.len(), params.momentum, params.weight_decay);
+        let (variables, sgd) = optimiser(&vs, params);
         log.line(&format!(
             "network: {} parameters",
             crate::unet::parameter_count(&vs)
         ));
-        let loss = LossConfig {
-            batch_dice: setup.batch_dice,
-            ignore_label: setup.ignore_label,
-            weight_ce: params.loss.ce,
-            weight_dice: params.loss.dice,
-            regions: setup.regions.is_some(),
-            deep_supervision_weights: setup.architecture.deep_supervision_weights(),
-        };
+        let loss = loss_config(
+            params,
+            &setup.architecture,
+            setup.batch_dice,
+            setup.ignore_label,
+            setup.regions.is_some(),
+        );
         Ok(Trainer {
             job,
             setup,
@@ -481,7 +508,8 @@ fn moving_average(previous: Option<&EpochRecord>, mean_dice: f64) -> f64 {
 
 /// One SGD step: forward (fp16 autocast on CUDA when `amp`), deep-supervision loss, backward
 /// (scaled when `amp`), gradient clipping, the update (skipped on overflow), as nnU-Net's
-/// `train_step`. Returns the loss.
+/// `train_step`. Returns the loss (and, from `run_with_grad_norm`, the gradient norm before
+/// clipping, what `torch.nn.utils.clip_grad_norm_` returns).
 pub struct Step<'a> {
     pub net: &'a Network,
     pub variables: &'a [Tensor],
@@ -499,23 +527,36 @@ impl Step<'_> {
         scaler: &mut LossScaler,
         lr: f64,
     ) -> Tensor {
+        self.run_with_grad_norm(x, targets, sgd, scaler, lr).0
+    }
+
+    pub fn run_with_grad_norm(
+        &self,
+        x: &Tensor,
+        targets: &[Tensor],
+        sgd: &mut Sgd,
+        scaler: &mut LossScaler,
+        lr: f64,
+    ) -> (Tensor, f64) {
         zero_grad(self.variables);
         let outputs = tch::autocast(self.amp, || self.net.forward(x));
         let loss = deep_supervision_loss(&outputs, targets, self.loss);
-        if self.amp {
+        let grad_norm = if self.amp {
             (&loss * scaler.scale).backward();
             let finite = scaler.unscale(self.variables);
-            clip_grad_norm(self.variables, self.grad_clip);
+            let norm = clip_grad_norm(self.variables, self.grad_clip);
             if finite {
                 sgd.step(self.variables, lr);
             }
             scaler.update(!finite);
+            norm
         } else {
             loss.backward();
-            clip_grad_norm(self.variables, self.grad_clip);
+            let norm = clip_grad_norm(self.variables, self.grad_clip);
             sgd.step(self.variables, lr);
-        }
-        loss
+            norm
+        };
+        (loss, grad_norm)
     }
 }
 
