@@ -5,11 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::output::{out, outln};
-use super::{Command, DagFormat, PipelineArgs, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK};
+use super::{
+    Command, DagFormat, PipelineArgs, RemoteArgs, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK,
+};
 use crate::engine::config::raw::ExecutorKind;
 use crate::engine::executor::{self, Outcome, RunOptions};
 use crate::engine::slurm::{self, SlurmOutcome, SlurmRunOptions};
-use crate::engine::status::{self, State};
+use crate::engine::status::{self, State, Stored};
 use crate::engine::{gc, load_checked, watch, Engine, OpenError};
 use crate::stages::registry;
 use crate::torch_env;
@@ -27,9 +29,15 @@ pub fn dispatch(command: Command) -> i32 {
             json,
             executor,
             detach,
+            remote,
         } => {
             if dry_run {
-                return print_status(&pipeline, &stages, json, true);
+                let shown = Shown {
+                    json,
+                    dry_run: true,
+                    exit_code: false,
+                };
+                return print_status(&pipeline, &stages, shown, &remote);
             }
             let gpus_given = gpus.is_some();
             let options = RunOptions {
@@ -41,7 +49,7 @@ pub fn dispatch(command: Command) -> i32 {
                 gpus: gpus.unwrap_or_default(),
                 quiet: json,
             };
-            run(&pipeline, options, gpus_given, json, executor, detach)
+            run(&pipeline, &remote, options, gpus_given, json, executor, detach)
         }
         Command::Predict(args) => super::predict_command::predict(args),
         Command::ExportModel(args) => super::export_command::export_model(args),
@@ -58,7 +66,16 @@ pub fn dispatch(command: Command) -> i32 {
             pipeline,
             stages,
             json,
-        } => print_status(&pipeline, &stages, json, false),
+            exit_code,
+            remote,
+        } => {
+            let shown = Shown {
+                json,
+                dry_run: false,
+                exit_code,
+            };
+            print_status(&pipeline, &stages, shown, &remote)
+        }
         Command::Dag { pipeline, format } => dag(&pipeline, format),
         Command::Report { pipeline, out, open } => super::report_command::report(&pipeline, out, open),
         Command::Validate { pipeline } => validate(&pipeline),
@@ -70,7 +87,8 @@ pub fn dispatch(command: Command) -> i32 {
             pipeline,
             jobs,
             debounce_ms,
-        } => watch_pipeline(&pipeline, jobs, debounce_ms),
+            remote,
+        } => watch_pipeline(&pipeline, &remote, jobs, debounce_ms),
         Command::Gc { pipeline, keep_last } => collect_garbage(&pipeline, keep_last),
         Command::Doctor { json } => doctor(json),
         Command::Import {
@@ -123,7 +141,12 @@ fn cores() -> usize {
 }
 
 pub(super) fn open(args: &PipelineArgs) -> Result<Engine, i32> {
-    Engine::open(&args.pipeline, &args.sets, registry()).map_err(|error| {
+    open_with(args, &RemoteArgs::default())
+}
+
+/// [`open`] with the remote cache the command line chose.
+fn open_with(args: &PipelineArgs, remote: &RemoteArgs) -> Result<Engine, i32> {
+    Engine::open_with(&args.pipeline, &args.sets, registry(), &remote.choice()).map_err(|error| {
         match error {
             OpenError::Invalid(diagnostics) => crate::errln!("{diagnostics}"),
             other => crate::errln!("error: {other}"),
@@ -155,18 +178,28 @@ pub(super) fn run_pipeline(args: &PipelineArgs, json: bool) -> i32 {
         gpus: Vec::new(),
         quiet: json,
     };
-    run(args, options, false, json, Some(ExecutorKind::Local), false)
+    let remote = RemoteArgs::default();
+    run(
+        args,
+        &remote,
+        options,
+        false,
+        json,
+        Some(ExecutorKind::Local),
+        false,
+    )
 }
 
 fn run(
     args: &PipelineArgs,
+    remote: &RemoteArgs,
     mut options: RunOptions,
     gpus_given: bool,
     json: bool,
     executor: Option<ExecutorKind>,
     detach: bool,
 ) -> i32 {
-    let engine = match open(args) {
+    let engine = match open_with(args, remote) {
         Ok(engine) => engine,
         Err(code) => return code,
     };
@@ -179,6 +212,7 @@ fn run(
         let slurm_options = SlurmRunOptions {
             detach,
             sets: args.sets.clone(),
+            env: remote.env(),
         };
         let cancel = cancellation();
         return match slurm::run(&engine, &options, &slurm_options, &cancel) {
@@ -258,6 +292,17 @@ fn print_report(report: executor::RunReport, json: bool) -> i32 {
             count(Outcome::Failed),
             count(Outcome::Skipped) + count(Outcome::NotApplicable)
         );
+        if let Some(remote) = &report.remote {
+            let (down, up) = (&remote.downloaded, &remote.uploaded);
+            crate::errln!(
+                "remote cache {}: {} result(s) restored ({} bytes), {} uploaded ({} bytes)",
+                remote.url,
+                down.entries,
+                down.bytes,
+                up.entries,
+                up.bytes
+            );
+        }
     }
     if report.interrupted {
         EXIT_INTERRUPTED
@@ -268,8 +313,22 @@ fn print_report(report: executor::RunReport, json: bool) -> i32 {
     }
 }
 
-fn print_status(args: &PipelineArgs, stages: &[String], json: bool, dry_run: bool) -> i32 {
-    let engine = match open(args) {
+/// How `status` (and `run --dry-run`) prints.
+#[derive(Clone, Copy)]
+struct Shown {
+    json: bool,
+    dry_run: bool,
+    /// Exit 1 when an instance is stale or new.
+    exit_code: bool,
+}
+
+fn print_status(args: &PipelineArgs, stages: &[String], shown: Shown, remote: &RemoteArgs) -> i32 {
+    let Shown {
+        json,
+        dry_run,
+        exit_code,
+    } = shown;
+    let engine = match open_with(args, remote) {
         Ok(engine) => engine,
         Err(code) => return code,
     };
@@ -280,11 +339,30 @@ fn print_status(args: &PipelineArgs, stages: &[String], json: bool, dry_run: boo
             return EXIT_INVALID;
         }
     };
+    let stale = report
+        .iter()
+        .filter(|stage| matches!(stage.state, State::Stale | State::New))
+        .count();
+    let code = if exit_code && stale > 0 {
+        EXIT_FAILED
+    } else {
+        EXIT_OK
+    };
     // the latest Slurm run, reconciled with the queue and the jobs' receipts
     let slurm_run = if dry_run { None } else { slurm::reconcile(&engine) };
     if json {
-        let mut value =
-            serde_json::json!({ "pipeline": engine.pipeline.name, "dry_run": dry_run, "stages": report });
+        let remote = engine
+            .remote
+            .as_ref()
+            .map(|remote| serde_json::json!({ "url": remote.shown(), "mode": remote.mode() }));
+        let mut value = serde_json::json!({
+            "schema_version": executor::JSON_SCHEMA_VERSION,
+            "pipeline": engine.pipeline.name,
+            "dry_run": dry_run,
+            "stale": stale,
+            "remote": remote,
+            "stages": report,
+        });
         if let Some((run, rows)) = &slurm_run {
             let instances: Vec<serde_json::Value> = rows
                 .iter()
@@ -298,7 +376,7 @@ fn print_status(args: &PipelineArgs, stages: &[String], json: bool, dry_run: boo
             "{}",
             serde_json::to_string_pretty(&value).expect("status serializes")
         );
-        return EXIT_OK;
+        return code;
     }
     for stage in &report {
         let label = match (stage.state, dry_run) {
@@ -309,10 +387,11 @@ fn print_status(args: &PipelineArgs, stages: &[String], json: bool, dry_run: boo
             (State::Stale, false) => "stale",
             (State::New, false) => "new",
         };
-        let cached = if stage.state != State::Fresh && stage.in_cache {
-            " (outputs in cache)"
-        } else {
-            ""
+        let cached = match (stage.state, stage.cache) {
+            (State::Skipped, _) | (_, Stored::Unknown) => "",
+            (_, Stored::Local) => "  (in the local cache)",
+            (_, Stored::Remote) => "  (in the remote cache)",
+            (_, Stored::Neither) => "  (in no cache)",
         };
         outln!("{label:>8}  {}{cached}", stage.id);
         for reason in &stage.reasons {
@@ -325,7 +404,7 @@ fn print_status(args: &PipelineArgs, stages: &[String], json: bool, dry_run: boo
             outln!("  {state:>8}  {id}  [{job}]");
         }
     }
-    EXIT_OK
+    code
 }
 
 /// Cancels the latest Slurm run's jobs.
@@ -431,7 +510,7 @@ fn dag(args: &PipelineArgs, format: DagFormat) -> i32 {
     EXIT_OK
 }
 
-fn watch_pipeline(args: &PipelineArgs, jobs: Option<usize>, debounce_ms: u64) -> i32 {
+fn watch_pipeline(args: &PipelineArgs, remote: &RemoteArgs, jobs: Option<usize>, debounce_ms: u64) -> i32 {
     let cancel = cancellation();
     let options = RunOptions {
         jobs: jobs.unwrap_or_else(cores),
@@ -443,7 +522,7 @@ fn watch_pipeline(args: &PipelineArgs, jobs: Option<usize>, debounce_ms: u64) ->
         Duration::from_millis(debounce_ms),
         &cancel,
         || {
-            let engine = open(args).ok()?;
+            let engine = open_with(args, remote).ok()?;
             run_engine(&engine, &options, false, &AtomicBool::new(false));
             crate::errln!(
                 "watching {} for changes (Ctrl-C to stop)",

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::engine::config::raw::ExecutorKind;
+use crate::engine::remote::{RemoteChoice, RemoteMode, UrlChoice};
 
 pub const EXIT_OK: i32 = 0;
 pub const EXIT_FAILED: i32 = 1;
@@ -40,6 +41,53 @@ pub struct PipelineArgs {
     /// instance). VALUE is read as TOML (`'folds=[0,1]'`), else taken as a string.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
+}
+
+/// Which remote cache a command uses (besides `[pipeline] remote_cache` and the environment).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct RemoteArgs {
+    /// Share results through this remote cache: http(s)://, s3://, gs://, az:// or file:// (overrides
+    /// the pipeline's `remote_cache` and NNFLOW_REMOTE_CACHE).
+    #[arg(long, value_name = "URL", conflicts_with = "no_remote_cache")]
+    pub remote_cache: Option<String>,
+    /// Use no remote cache, whatever the pipeline or NNFLOW_REMOTE_CACHE says.
+    #[arg(long)]
+    pub no_remote_cache: bool,
+    /// `read`: restore from the remote, upload nothing; `write`: upload only; `read-write`
+    /// (default; NNFLOW_REMOTE_CACHE_MODE sets it too).
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub remote_cache_mode: Option<RemoteMode>,
+}
+
+impl RemoteArgs {
+    pub fn choice(&self) -> RemoteChoice {
+        let url = match (&self.remote_cache, self.no_remote_cache) {
+            (_, true) => UrlChoice::Off,
+            (Some(url), false) => UrlChoice::Url(url.clone()),
+            (None, false) => UrlChoice::Configured,
+        };
+        RemoteChoice {
+            url,
+            mode: self.remote_cache_mode,
+        }
+    }
+
+    /// The same choice as environment variables, for processes this one starts (Slurm jobs).
+    pub fn env(&self) -> Vec<(String, String)> {
+        let mut env = Vec::new();
+        if self.no_remote_cache {
+            env.push(("NNFLOW_REMOTE_CACHE".to_string(), String::new()));
+        } else if let Some(url) = &self.remote_cache {
+            env.push(("NNFLOW_REMOTE_CACHE".to_string(), url.clone()));
+        }
+        if let Some(mode) = self.remote_cache_mode {
+            let name = serde_json::to_value(mode)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string));
+            env.push(("NNFLOW_REMOTE_CACHE_MODE".to_string(), name.unwrap_or_default()));
+        }
+        env
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -74,6 +122,8 @@ pub enum Command {
         /// With the Slurm executor: submit the jobs and return (`nnflow status` follows them).
         #[arg(long)]
         detach: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
     /// Predict a folder of images with nnU-Net models, as `nnUNetv2_predict` does (cached: the
     /// same call again computes nothing). Writes and runs `nnflow-predict.toml` in this folder.
@@ -104,8 +154,15 @@ pub enum Command {
         pipeline: PipelineArgs,
         /// Stage names or instance ids; default: all.
         stages: Vec<String>,
+        /// Print one JSON object (see README).
         #[arg(long)]
         json: bool,
+        /// Exit with 1 when any instance is stale or new (a CI check that the lock file and the
+        /// outputs match the pipeline); 0 when all are fresh.
+        #[arg(long)]
+        exit_code: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
     /// Write the report page: stage states, dataset and plan, training curves, cross-validation,
     /// Dice per case and prediction overlays, in one folder (default `.nnflow/<name>/report`).
@@ -143,6 +200,8 @@ pub enum Command {
         /// Milliseconds of quiet before a change triggers a run.
         #[arg(long, default_value_t = 300)]
         debounce_ms: u64,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
     /// Remove cache entries the pipeline's current state does not reference.
     Gc {

@@ -54,6 +54,18 @@ pub struct Manifest {
     pub created_unix: u64,
 }
 
+impl Manifest {
+    /// The digest of its files' digests by path: what a record of these outputs holds.
+    pub fn outputs_digest(&self) -> Digest {
+        let files = self
+            .files
+            .iter()
+            .map(|(path, file)| (path.clone(), file.digest))
+            .collect();
+        super::hashing::digest_of_map(&files)
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct ManifestFile {
     pub digest: Digest,
@@ -109,6 +121,12 @@ pub enum CacheError {
         path: PathBuf,
         expected: Digest,
         actual: Digest,
+    },
+    #[error("{} has {actual} bytes, expected {expected}", path.display())]
+    SizeMismatch {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
     },
     #[error("cannot encode manifest {}: {source}", path.display())]
     Manifest {
@@ -237,14 +255,63 @@ impl Cache {
             files: stored,
             created_unix: unix_now(),
         };
-        let bytes = serde_json::to_vec_pretty(&manifest).map_err(|source| CacheError::Manifest {
-            path: entry.clone(),
-            source,
-        })?;
-        let staged = self.tmp_path();
-        write_new_file(&staged, &bytes)?;
-        rename_or_cleanup(&staged, &entry)?;
+        self.write_entry(&entry, &manifest)?;
         Ok(manifest)
+    }
+
+    /// Adds an entry whose blobs come from elsewhere (a remote cache). `fetch` is handed the blobs
+    /// missing or damaged here, each with a new staging path in this cache, and must write exactly
+    /// that blob's bytes there, checking their digest as it writes. The blobs then move into place
+    /// and the manifest is written last, as `store` does; when `fetch` fails, nothing of the entry
+    /// is left.
+    pub fn import<E: From<CacheError>>(
+        &self,
+        manifest: &Manifest,
+        hasher: &FileHasher,
+        fetch: impl FnOnce(&[(ManifestFile, PathBuf)]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let entry = self.entry_path(&manifest.key)?;
+        for relative in manifest.files.keys() {
+            checked_relative(relative)?;
+        }
+        // Shared with stores, exclusive with gc, which would delete blobs not yet referenced.
+        let _guard = self.lock(LockKind::Shared)?;
+        let mut wanted: BTreeMap<Digest, &ManifestFile> = BTreeMap::new();
+        for file in manifest.files.values() {
+            wanted.entry(file.digest).or_insert(file);
+        }
+        let wanted: Vec<&ManifestFile> = wanted.into_values().collect();
+        let missing: Vec<(ManifestFile, PathBuf)> = wanted
+            .par_iter()
+            .filter(|file| {
+                let blob = self.blob_path(&file.digest);
+                let problem = blob_problem(&blob, file, hasher);
+                if problem.is_some() {
+                    let _ = fs::remove_file(&blob);
+                }
+                problem.is_some()
+            })
+            .map(|file| ((*file).clone(), self.tmp_path()))
+            .collect();
+        let adopted = fetch(&missing).and_then(|()| {
+            for (file, staged) in &missing {
+                self.adopt_blob(staged, file)?;
+            }
+            Ok(())
+        });
+        if adopted.is_err() {
+            for (_, staged) in &missing {
+                let _ = fs::remove_file(staged);
+            }
+        }
+        adopted?;
+        self.write_entry(&entry, manifest)?;
+        Ok(())
+    }
+
+    /// The path of the blob with this digest (which may not exist): for reading it.
+    pub fn blob_file(&self, digest: &Digest) -> PathBuf {
+        self.blob_path(digest)
     }
 
     /// Materialises the manifest's files under `dest_root`. Files already
@@ -278,7 +345,13 @@ impl Cache {
         self.materialise(file, dest, mode)
     }
 
-    /// All entry keys present, sorted.
+    /// The manifest for `key` as stored, its blobs unverified (`lookup` checks them); `None` when
+    /// there is none or it is unreadable.
+    pub fn manifest(&self, key: &str) -> Option<Manifest> {
+        let manifest = read_manifest(&self.entry_path(key).ok()?)?;
+        (manifest.key == key).then_some(manifest)
+    }
+
     /// Whether an entry for `key` exists (unverified; `lookup` checks its blobs).
     pub fn contains(&self, key: &str) -> bool {
         self.entry_path(key).is_ok_and(|path| path.is_file())
@@ -289,6 +362,7 @@ impl Cache {
         self.blob_path(digest).is_file()
     }
 
+    /// All entry keys present, sorted.
     pub fn keys(&self) -> Result<Vec<String>, CacheError> {
         let dir = self.entries_dir();
         let mut keys = Vec::new();
@@ -435,6 +509,34 @@ impl Cache {
             size,
             executable,
         })
+    }
+
+    /// Writes a manifest to its entry: staged, then renamed into place.
+    fn write_entry(&self, entry: &Path, manifest: &Manifest) -> Result<(), CacheError> {
+        let bytes = serde_json::to_vec_pretty(manifest).map_err(|source| CacheError::Manifest {
+            path: entry.to_path_buf(),
+            source,
+        })?;
+        let staged = self.tmp_path();
+        write_new_file(&staged, &bytes)?;
+        rename_or_cleanup(&staged, entry)
+    }
+
+    /// Moves a blob fetched into `staged` into the blob store (read-only, like every blob).
+    fn adopt_blob(&self, staged: &Path, file: &ManifestFile) -> Result<(), CacheError> {
+        let size = fs::metadata(staged).map_err(io_error(staged))?.len();
+        if size != file.size {
+            return Err(CacheError::SizeMismatch {
+                path: staged.to_path_buf(),
+                expected: file.size,
+                actual: size,
+            });
+        }
+        set_mode(staged, BLOB_MODE)?;
+        let blob = self.blob_path(&file.digest);
+        let parent = blob.parent().unwrap_or(&self.root);
+        fs::create_dir_all(parent).map_err(io_error(parent))?;
+        rename_or_cleanup(staged, &blob)
     }
 
     /// Blobs that are missing, of the wrong size or with the wrong digest.
@@ -815,6 +917,55 @@ mod tests {
             cache.lookup(&key("l"), &hasher).unwrap(),
             Lookup::Hit(_)
         ));
+    }
+
+    #[test]
+    fn import_fetches_only_the_blobs_missing_here() {
+        let (_source_dir, source) = new_cache();
+        let files: &[(&str, &[u8])] = &[("a.txt", b"alpha"), ("b.txt", b"beta"), ("c.txt", b"alpha")];
+        let manifest = store_files(&source, &key("s"), files);
+        let (_target_dir, target) = new_cache();
+        store_files(&target, &key("other"), &[("x", b"beta")]);
+        let hasher = FileHasher::in_memory();
+        let mut asked = Vec::new();
+        target
+            .import(&manifest, &hasher, |missing| {
+                for (file, staged) in missing {
+                    asked.push(file.digest);
+                    fs::copy(source.blob_path(&file.digest), staged).map_err(io_error(staged))?;
+                }
+                Ok::<(), CacheError>(())
+            })
+            .unwrap();
+        assert_eq!(asked, vec![Digest::of_bytes(b"alpha")]);
+        assert_eq!(target.lookup(&key("s"), &hasher).unwrap(), Lookup::Hit(manifest));
+        assert_eq!(mode_of(&target.blob_path(&Digest::of_bytes(b"alpha"))), BLOB_MODE);
+        assert!(read_dir_paths(&target.tmp_dir()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_failed_import_leaves_nothing() {
+        let (_source_dir, source) = new_cache();
+        let manifest = store_files(&source, &key("s"), &[("a.txt", b"alpha")]);
+        let (_target_dir, target) = new_cache();
+        let result = target.import(&manifest, &FileHasher::in_memory(), |missing| {
+            fs::write(&missing[0].1, b"half").unwrap();
+            Err(CacheError::InvalidKey { key: "stop".into() })
+        });
+        assert!(result.is_err());
+        assert!(target.keys().unwrap().is_empty());
+        assert!(!target.has_blob(&Digest::of_bytes(b"alpha")));
+        assert!(read_dir_paths(&target.tmp_dir()).unwrap().is_empty());
+        // a fetch that wrote the wrong number of bytes is refused too
+        let result = target.import(&manifest, &FileHasher::in_memory(), |missing| {
+            fs::write(&missing[0].1, b"alphabet").unwrap();
+            Ok::<(), CacheError>(())
+        });
+        assert!(
+            matches!(result, Err(CacheError::SizeMismatch { .. })),
+            "{result:?}"
+        );
+        assert!(target.keys().unwrap().is_empty());
     }
 
     #[test]

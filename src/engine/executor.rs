@@ -14,6 +14,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::instance::{clear_not_applicable, execute, Slot, Upstream};
+use super::remote::RemoteSummary;
 use super::run_record::{Finished, Ledger};
 use super::{Engine, RunError};
 
@@ -48,6 +49,18 @@ pub enum Outcome {
     NotApplicable,
 }
 
+/// Where a cached instance's outputs were restored from.
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Restored {
+    Local,
+    Remote,
+}
+
+/// The version of the JSON that `nnflow run --json` and `nnflow status --json` print: raised when
+/// a field is removed or changes meaning (fields may be added without it).
+pub const JSON_SCHEMA_VERSION: u32 = 1;
+
 #[derive(Serialize, Clone, Debug)]
 pub struct StageReport {
     pub id: String,
@@ -55,15 +68,32 @@ pub struct StageReport {
     pub outcome: Outcome,
     pub seconds: f64,
     pub outputs: PathBuf,
+    /// `local` or `remote` when the outputs were restored from that cache; null when the stage
+    /// ran, its outputs were already in place, or it did not complete.
+    pub restored_from: Option<Restored>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 
+/// How many instances ended each way.
+#[derive(Serialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub ran: usize,
+    pub cached: usize,
+    pub failed: usize,
+    /// Skipped because an upstream stage failed, the run stopped, or the stage does not apply.
+    pub skipped: usize,
+}
+
 #[derive(Serialize, Debug)]
 pub struct RunReport {
+    pub schema_version: u32,
     pub pipeline: String,
     pub ok: bool,
     pub interrupted: bool,
+    pub counts: Counts,
+    /// What the run did with the remote cache; null without one.
+    pub remote: Option<RemoteSummary>,
     pub stages: Vec<StageReport>,
 }
 
@@ -242,6 +272,7 @@ fn attempt(engine: &Engine, index: usize, upstream: &Upstream, force: bool, slot
         Ok((outcome, done)) => Finished {
             index,
             outcome,
+            restored: done.restored,
             done: Some(done),
             seconds,
             error: None,
@@ -249,6 +280,7 @@ fn attempt(engine: &Engine, index: usize, upstream: &Upstream, force: bool, slot
         Err(error) => Finished {
             index,
             outcome: Outcome::Failed,
+            restored: None,
             done: None,
             seconds,
             error: Some(error.to_string()),

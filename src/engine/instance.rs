@@ -1,7 +1,7 @@
 //! Bringing one instance up to date, as a local run's worker or a Slurm job does: hold the
 //! upstream outputs its key reads (bringing back those another run replaced), then under its own
-//! exclusive lock find it fresh, restore it from the cache, or run it and commit the result to
-//! the cache and its record.
+//! exclusive lock find it fresh, restore it from the local cache or else the remote one, or run it
+//! and commit the result to the cache and its record (and hand it to the remote to upload).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use super::cache::{LinkMode, Lookup, Manifest};
 use super::evaluate::{damaged_output, stage_key};
-use super::executor::Outcome;
+use super::executor::{Outcome, Restored};
 use super::hashing::{digest_of_map, Digest};
 use super::key::StageKey;
 use super::locks::{lock_outputs, LockMode};
@@ -27,6 +27,8 @@ pub(crate) struct Done {
     pub outputs_digest: Digest,
     pub key: String,
     pub components: StageKey,
+    /// Which cache the outputs were restored from, when they were.
+    pub restored: Option<Restored>,
 }
 
 /// The upstream outputs a stage reads.
@@ -107,6 +109,10 @@ pub fn run_alone(
     if let Err(e) = engine.hasher.save() {
         crate::errln!("warning: cannot save the stat cache: {e}");
     }
+    // the job's result reaches the remote before the job ends
+    if let Some(remote) = &engine.remote {
+        remote.finish();
+    }
     match result {
         Ok((outcome, _)) => Alone { outcome, error: None },
         Err(error) => Alone {
@@ -149,27 +155,20 @@ pub(super) fn execute(
                     outputs_digest: record.outputs_digest,
                     key: digest,
                     components: key,
+                    restored: None,
                 };
                 return Ok((Outcome::Cached, done));
             }
         }
-        match engine.cache.lookup(&digest, &engine.hasher)? {
-            Lookup::Hit(manifest) => {
-                let outputs_digest = restore_and_remember(engine, index, &manifest, &key, started)?;
-                let done = Done {
-                    outputs_digest,
-                    key: digest,
-                    components: key,
-                };
-                return Ok((Outcome::Cached, done));
-            }
-            Lookup::Corrupt { reason } => {
-                crate::errln!(
-                    "warning: cache entry of `{}` is damaged ({reason}); recomputing",
-                    instance.id
-                );
-            }
-            Lookup::Miss => {}
+        if let Some((manifest, from)) = find_cached(engine, &instance.id, &digest)? {
+            let outputs_digest = restore_and_remember(engine, index, &manifest, &key, started)?;
+            let done = Done {
+                outputs_digest,
+                key: digest,
+                components: key,
+                restored: Some(from),
+            };
+            return Ok((Outcome::Cached, done));
         }
     } else {
         // forced: from scratch, not from where an earlier run stopped
@@ -184,7 +183,7 @@ pub(super) fn execute(
             changes: after.differences(&key),
         });
     }
-    engine
+    let manifest = engine
         .cache
         .store_sources_with(&digest, &files, |path| {
             // The stage's own outputs folder is ours: link it into the cache instead of copying.
@@ -199,14 +198,34 @@ pub(super) fn execute(
             id: instance.id.clone(),
             source,
         })?;
+    if let Some(remote) = &engine.remote {
+        remote.upload(&engine.cache, &manifest);
+    }
     let outputs = files.into_iter().map(|(p, (_, d))| (p, d)).collect();
     let outputs_digest = remember(engine, index, digest.clone(), key.clone(), outputs, started)?;
     let done = Done {
         outputs_digest,
         key: digest,
         components: key,
+        restored: None,
     };
     Ok((Outcome::Ran, done))
+}
+
+/// The cache entry for `key`: from the local cache, else from the remote (which adds it to the
+/// local cache), with where it was found. A damaged local entry is reported and removed.
+fn find_cached(engine: &Engine, id: &str, key: &str) -> Result<Option<(Manifest, Restored)>, RunError> {
+    match engine.cache.lookup(key, &engine.hasher)? {
+        Lookup::Hit(manifest) => return Ok(Some((manifest, Restored::Local))),
+        Lookup::Corrupt { reason } => {
+            crate::errln!("warning: cache entry of `{id}` is damaged ({reason}); recomputing");
+        }
+        Lookup::Miss => {}
+    }
+    let remote = engine.remote.as_ref();
+    Ok(remote
+        .and_then(|remote| remote.fetch(&engine.cache, &engine.hasher, key))
+        .map(|manifest| (manifest, Restored::Remote)))
 }
 
 /// Shared locks on the outputs of every upstream instance the stage reads, once they hold what
@@ -280,12 +299,12 @@ fn bring_back(engine: &Engine, index: usize, done: &Done) -> Result<(), RunError
     {
         return Ok(());
     }
-    match engine.cache.lookup(&done.key, &engine.hasher)? {
-        Lookup::Hit(manifest) => {
+    match find_cached(engine, &instance.id, &done.key)? {
+        Some((manifest, _)) => {
             restore_and_remember(engine, index, &manifest, &done.components, Instant::now())?;
             Ok(())
         }
-        _ => Err(RunError::UpstreamReplaced {
+        None => Err(RunError::UpstreamReplaced {
             upstream: instance.id.clone(),
         }),
     }

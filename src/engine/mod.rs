@@ -21,6 +21,7 @@ pub mod owned;
 pub mod paths;
 mod progress;
 pub mod record;
+pub mod remote;
 mod run_record;
 pub mod slurm;
 pub mod stage;
@@ -34,6 +35,7 @@ use config::{Diagnostics, Pipeline};
 use graph::Dag;
 use hashing::FileHasher;
 use record::Records;
+use remote::{Remote, RemoteChoice, RemoteError};
 use stage::Registry;
 
 pub use error::{FsError, Operation, RunError};
@@ -45,6 +47,8 @@ pub struct Engine {
     pub cache: Cache,
     pub hasher: FileHasher,
     pub records: Records,
+    /// The remote cache, looked up after the local one and sent what runs compute.
+    pub remote: Option<Remote>,
 }
 
 /// Why an engine could not be opened.
@@ -54,12 +58,26 @@ pub enum OpenError {
     Invalid(Diagnostics),
     #[error("cannot open cache {path}: {source}")]
     Cache { path: PathBuf, source: CacheError },
+    #[error("{0}")]
+    Remote(#[from] RemoteError),
 }
 
 impl Engine {
-    /// Loads and validates a pipeline (all problems reported together) and opens its cache.
+    /// Loads and validates a pipeline (all problems reported together) and opens its cache, with
+    /// the remote cache its file or `NNFLOW_REMOTE_CACHE` names.
     pub fn open(path: &std::path::Path, sets: &[String], kinds: Registry) -> Result<Engine, OpenError> {
+        Engine::open_with(path, sets, kinds, &RemoteChoice::default())
+    }
+
+    /// [`Engine::open`] with the remote cache the command line chose.
+    pub fn open_with(
+        path: &std::path::Path,
+        sets: &[String],
+        kinds: Registry,
+        remote: &RemoteChoice,
+    ) -> Result<Engine, OpenError> {
         let pipeline = load_checked(path, sets, kinds).map_err(OpenError::Invalid)?;
+        let remote = remote::choose(remote, pipeline.remote_cache.as_deref())?;
         let dag = graph::build(&pipeline).expect("load_checked validated the DAG");
         let cache = Cache::open(&pipeline.cache_dir).map_err(|source| OpenError::Cache {
             path: pipeline.cache_dir.clone(),
@@ -73,6 +91,7 @@ impl Engine {
             cache,
             hasher,
             records,
+            remote,
         })
     }
 

@@ -3,7 +3,7 @@
 
 use std::io::IsTerminal;
 
-use super::executor::Outcome;
+use super::executor::{Outcome, Restored};
 use super::run_record::Finished;
 use super::Engine;
 
@@ -55,7 +55,11 @@ impl Progress {
             Outcome::Failed => "FAILED",
             Outcome::Skipped | Outcome::NotApplicable => "skipped",
         };
-        let mut line = format!("{outcome:>8}  {} ({:.2}s)", instance.id, finished.seconds);
+        let from = match finished.restored {
+            Some(Restored::Remote) => ", from the remote cache",
+            _ => "",
+        };
+        let mut line = format!("{outcome:>8}  {} ({:.2}s{from})", instance.id, finished.seconds);
         if let Some(error) = &finished.error {
             line.push_str(&format!(": {error}"));
         }

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::evaluate::display_path;
-use super::executor::{Outcome, RunReport, StageReport};
+use super::executor::{Counts, Outcome, Restored, RunReport, StageReport, JSON_SCHEMA_VERSION};
 use super::instance::Done;
 use super::progress::Progress;
 use super::record::{write_lock_file, Record};
@@ -18,6 +18,8 @@ use super::Engine;
 pub(crate) struct Finished {
     pub index: usize,
     pub outcome: Outcome,
+    /// Which cache its outputs came from, when they were restored.
+    pub restored: Option<Restored>,
     /// What it left, when it completed.
     pub done: Option<Done>,
     pub seconds: f64,
@@ -57,6 +59,7 @@ impl<'a> Ledger<'a> {
         self.record(Finished {
             index,
             outcome,
+            restored: None,
             done: None,
             seconds: 0.0,
             error,
@@ -95,10 +98,11 @@ fn conclude(
         .iter()
         .map(|&index| {
             let instance = &engine.pipeline.instances[index];
-            let (outcome, seconds, error) = match finished.remove(&index) {
-                Some(f) => (f.outcome, f.seconds, f.error),
+            let (outcome, restored_from, seconds, error) = match finished.remove(&index) {
+                Some(f) => (f.outcome, f.restored, f.seconds, f.error),
                 None => (
                     Outcome::Skipped,
+                    None,
                     0.0,
                     Some(
                         if interrupted {
@@ -116,10 +120,13 @@ fn conclude(
                 outcome,
                 seconds,
                 outputs: instance.out_dir.clone(),
+                restored_from,
                 error,
             }
         })
         .collect();
+    // what the run computed reaches the remote before the run reports
+    let remote = engine.remote.as_ref().map(|remote| remote.finish());
     write_lock(engine);
     if let Err(e) = engine.hasher.save() {
         crate::errln!("warning: cannot save the stat cache: {e}");
@@ -128,10 +135,20 @@ fn conclude(
     let ok = stages
         .iter()
         .all(|s| matches!(s.outcome, Outcome::Ran | Outcome::Cached | Outcome::NotApplicable));
+    let count = |wanted: &[Outcome]| stages.iter().filter(|s| wanted.contains(&s.outcome)).count();
+    let counts = Counts {
+        ran: count(&[Outcome::Ran]),
+        cached: count(&[Outcome::Cached]),
+        failed: count(&[Outcome::Failed]),
+        skipped: count(&[Outcome::Skipped, Outcome::NotApplicable]),
+    };
     let report = RunReport {
+        schema_version: JSON_SCHEMA_VERSION,
         pipeline: engine.pipeline.name.clone(),
         ok,
         interrupted,
+        counts,
+        remote,
         stages,
     };
     write_last_run(engine, &report);

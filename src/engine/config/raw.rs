@@ -26,6 +26,14 @@ pub struct PipelineSection {
     /// Cache of stage outputs, shareable between checkouts and CI jobs, relative to the pipeline
     /// file. Default `<work_dir>/cache`. The environment variable `NNFLOW_CACHE_DIR` overrides it.
     pub cache_dir: Option<String>,
+    /// A remote cache shared by checkouts, machines and CI jobs, looked up after the local cache
+    /// and sent what runs compute: `http(s)://HOST/PATH` (Bazel-style GET/PUT/HEAD, e.g. nginx
+    /// with WebDAV), `s3://BUCKET/PREFIX`, `gs://BUCKET/PREFIX`, `az://CONTAINER/PREFIX` or
+    /// `file:///FOLDER`. No credentials here: they come from each store's environment variables
+    /// (`AWS_*`, `GOOGLE_*`, `AZURE_*`; for HTTP, a user and password in `NNFLOW_REMOTE_CACHE`).
+    /// `NNFLOW_REMOTE_CACHE` (empty: none) and `nnflow run --remote-cache` / `--no-remote-cache`
+    /// override it.
+    pub remote_cache: Option<String>,
     /// Where stages run: `local` (default) or `slurm` (one `sbatch` job or job array per stage;
     /// the work and cache directories must be on a filesystem the compute nodes share).
     /// `nnflow run --executor` overrides it.

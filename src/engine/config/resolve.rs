@@ -27,6 +27,8 @@ pub struct Pipeline {
     /// `<work_dir>/<name>`: this pipeline's outputs, records, logs and locks.
     pub state_dir: PathBuf,
     pub cache_dir: PathBuf,
+    /// `[pipeline] remote_cache` as written (checked to be a supported URL without credentials).
+    pub remote_cache: Option<String>,
     pub executor: ExecutorKind,
     /// `[pipeline.slurm]`: Slurm settings for every stage.
     pub slurm: SlurmOptions,
@@ -141,6 +143,10 @@ fn resolve(
             .as_deref()
             .map_or_else(|| work_dir.join("cache"), |d| relative_to(&root, d)),
     };
+    let remote_cache = section.remote_cache.clone();
+    if let Some(url) = &remote_cache {
+        check_remote_cache(url, document, errors);
+    }
     let name = section.name.clone().unwrap_or_else(|| {
         path.file_stem()
             .map_or("pipeline".into(), |s| s.to_string_lossy().into_owned())
@@ -172,11 +178,40 @@ fn resolve(
         work_dir,
         state_dir,
         cache_dir,
+        remote_cache,
         executor: section.executor.unwrap_or_default(),
         slurm: section.slurm.clone().unwrap_or_default(),
         sources,
         instances,
         left_out,
+    }
+}
+
+/// `remote_cache` must be a URL nnflow can use, without credentials: the pipeline file is committed
+/// and shown in messages. A problem with credentials in the URL is reported without pointing at its
+/// line, which would print them.
+fn check_remote_cache(url: &str, document: &Node, errors: &mut Vec<Diagnostic>) {
+    let location = document
+        .get("pipeline")
+        .and_then(|p| p.get("remote_cache"))
+        .map(|node| node.location.clone());
+    match crate::engine::remote::Address::parse(url) {
+        Err(problem) => {
+            let shown = url::Url::parse(url)
+                .is_ok_and(|u| u.username().is_empty() && u.password().is_none() && u.query().is_none());
+            errors.push(Diagnostic::new(location.filter(|_| shown), problem.to_string()));
+        }
+        Ok(address) if address.has_credentials() => errors.push(Diagnostic::new(
+            None,
+            format!(
+                "[pipeline] remote_cache `{}` holds credentials (a user, password or query): the pipeline \
+                 file is committed and shown in messages, so give them through the environment instead \
+                 (the store's own variables, such as AWS_ACCESS_KEY_ID, or NNFLOW_REMOTE_CACHE with the \
+                 whole URL)",
+                address.shown()
+            ),
+        )),
+        Ok(_) => {}
     }
 }
 

@@ -35,6 +35,9 @@ pub struct SlurmRunOptions {
     pub detach: bool,
     /// The `--set` arguments, repeated for every job so it loads the same pipeline.
     pub sets: Vec<String>,
+    /// Environment variables the jobs get besides this process's own (the remote cache the
+    /// command line chose: kept out of job scripts, which would write a URL's credentials down).
+    pub env: Vec<(String, String)>,
 }
 
 /// An attached run's report, or the submission of a detached one.
@@ -96,7 +99,7 @@ pub fn run(
         .map_err(FileError::io(&run_dir.forced_list()))?;
     let job_name = format!("nnflow.{}.{run_id}", engine.pipeline.name);
     check_shared_filesystem(engine, &run_dir, &job_name)?;
-    let run = submit(engine, &pending, &run_dir, &job_name, &run_id, &slurm.sets)?;
+    let run = submit(engine, &pending, &run_dir, &job_name, &run_id, slurm)?;
     run_dir.save(&engine.pipeline.state_dir, &run)?;
     if !options.quiet {
         crate::errln!(
@@ -120,7 +123,7 @@ fn submit(
     run_dir: &RunDir,
     job_name: &str,
     run_id: &str,
-    sets: &[String],
+    slurm: &SlurmRunOptions,
 ) -> Result<SlurmRun, SlurmError> {
     let instances = &engine.pipeline.instances;
     // level: the longest chain of pending upstream instances; arrays of one level never wait on
@@ -160,7 +163,7 @@ fn submit(
             "--ids".into(),
             ids_file.to_string_lossy().into_owned(),
         ];
-        for set in sets {
+        for set in &slurm.sets {
             command.push("--set".into());
             command.push(set.clone());
         }
@@ -201,12 +204,10 @@ fn submit(
         }
         args.extend(settings.sbatch_args(first.threads, first.gpus));
         args.push(script.to_string_lossy().into_owned());
-        let job_id =
-            with_retries(SUBMIT_ATTEMPTS, || sbatch(&args), std::thread::sleep).map_err(|source| {
-                SlurmError::Submit {
-                    stage: first.stage.clone(),
-                    source,
-                }
+        let job_id = with_retries(SUBMIT_ATTEMPTS, || sbatch(&args, &slurm.env), std::thread::sleep)
+            .map_err(|source| SlurmError::Submit {
+                stage: first.stage.clone(),
+                source,
             })?;
         for &i in members {
             job_of.insert(i, job_id.clone());
@@ -292,6 +293,7 @@ fn wait(
                 ledger.record(Finished {
                     index,
                     outcome,
+                    restored: None,
                     done: None,
                     seconds,
                     error,
@@ -363,7 +365,7 @@ fn check_shared_filesystem(engine: &Engine, run_dir: &RunDir, job_name: &str) ->
     ];
     args.extend(engine.pipeline.slurm.sbatch_args(1, 0));
     args.push(format!("--wrap={script}"));
-    let result = with_retries(SUBMIT_ATTEMPTS, || sbatch(&args), std::thread::sleep);
+    let result = with_retries(SUBMIT_ATTEMPTS, || sbatch(&args, &[]), std::thread::sleep);
     let _ = std::fs::remove_file(&cache_token);
     result.map(|_| ()).map_err(|source| {
         let said = std::fs::read_to_string(&output).unwrap_or_default();

@@ -19,11 +19,12 @@ const TRANSIENT: [&str; 6] = [
     "try again",
 ];
 
-/// `sbatch --parsable ARGS`: the job id.
-pub fn sbatch(args: &[String]) -> Result<String, SubmitError> {
+/// `sbatch --parsable ARGS` with `env` added to the environment the job inherits: the job id.
+pub fn sbatch(args: &[String], env: &[(String, String)]) -> Result<String, SubmitError> {
     let output = Command::new("sbatch")
         .arg("--parsable")
         .args(args)
+        .envs(env.iter().map(|(name, value)| (name, value)))
         .output()
         .map_err(SubmitError::CannotRun)?;
     let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
