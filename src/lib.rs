@@ -41,6 +41,7 @@ pub mod evaluate;
 pub mod file_error;
 pub mod inference;
 pub mod json_numbers;
+pub mod json_sorted;
 pub mod kernels;
 pub mod network;
 pub mod plans;

@@ -200,9 +200,9 @@ fn a_misspelt_configuration_fails_at_load_time_listing_nnunets_names() {
     );
     assert!(
         report.contains(
-            "no instance of `resample` matches this instance's matrix values (configuration=3d_fulres; \
-             instances: resample[configuration=2d], resample[configuration=3d_fullres], \
-             resample[configuration=3d_lowres])"
+            "no instance of `preprocess` matches this instance's matrix values (configuration=3d_fulres; \
+             instances: preprocess[configuration=2d], preprocess[configuration=3d_fullres], \
+             preprocess[configuration=3d_lowres])"
         ),
         "{report}"
     );
@@ -290,11 +290,11 @@ fn configurations_the_plan_leaves_out_are_still_skipped_with_the_reason() {
         FEW_SAMPLES,
         "--set",
         "configurations=[\"3d_fullres\", \"3d_lowres\"]",
-        "normalize",
+        "preprocess",
     ]);
     assert_eq!(result.code, 0, "{}\n{}", result.stderr, result.json);
-    assert_eq!(result.outcome("normalize[configuration=3d_fullres]"), "ran");
-    let id = "normalize[configuration=3d_lowres]";
+    assert_eq!(result.outcome("preprocess[configuration=3d_fullres]"), "ran");
+    let id = "preprocess[configuration=3d_lowres]";
     assert_eq!(result.outcome(id), "skipped");
     let entry = result.json["stages"]
         .as_array()

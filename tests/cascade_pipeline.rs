@@ -12,7 +12,8 @@ mod common;
 use std::path::Path;
 
 use common::Project;
-use nnflow::data::{nifti, npy};
+use nnflow::data::case_store::{read_case, read_labels};
+use nnflow::data::nifti;
 
 const DATASET: &str = "data/Dataset950_Cascade";
 
@@ -140,13 +141,13 @@ fn the_cascade_trains_on_lowres_predictions_and_predicts_through_them() {
     );
 
     // every case's 3d_lowres prediction, on the 3d_fullres grid, from the fold that held it out
-    let fullres = out.join("resample/configuration=3d_fullres");
+    let fullres = out.join("preprocess/configuration=3d_fullres");
     for (fold, held_out) in [(0, &ids[..3]), (1, &ids[3..])] {
         let training = out.join(format!("train/configuration=3d_lowres,fold={fold}"));
         for id in held_out {
             let previous =
-                npy::read_labels(&training.join(format!("next_stage/3d_cascade_fullres/{id}.npy"))).unwrap();
-            let data = npy::read::<f32>(&fullres.join(format!("{id}_data.npy"))).unwrap();
+                read_labels(&training.join(format!("next_stage/3d_cascade_fullres/{id}.zarr"))).unwrap();
+            let data = read_case(&fullres, id).unwrap().data;
             assert_eq!(previous.shape()[0], 1);
             assert_eq!(previous.shape()[1..], data.shape()[1..], "{id}");
             assert!(previous.iter().all(|&v| (0..=2).contains(&v)), "{id}: labels 0-2");
@@ -240,7 +241,7 @@ fn the_cascade_trains_on_lowres_predictions_and_predicts_through_them() {
         "data",
         "fingerprint",
         "plan",
-        "resample[configuration=3d_fullres]",
+        "preprocess[configuration=3d_fullres]",
     ] {
         assert_eq!(rerun.outcome(stage), "cached", "{stage}");
     }
@@ -266,8 +267,7 @@ fn the_cascade_trains_on_lowres_predictions_and_predicts_through_them() {
     );
     assert!(!ids.iter().any(|id| id.contains("configuration=2d")), "{ids:?}");
     for stage in [
-        "normalize[configuration=3d_fullres]",
-        "resample[configuration=3d_fullres]",
+        "preprocess[configuration=3d_fullres]",
         "train[configuration=3d_lowres,fold=0]",
         "train[configuration=3d_cascade_fullres,fold=1]",
     ] {
@@ -287,7 +287,7 @@ fn the_cascade_trains_on_lowres_predictions_and_predicts_through_them() {
         "p.toml",
         "--set",
         r#"configurations=["3d_lowres", "3d_cascade_fullres"]"#,
-        "resample[configuration=2d]",
+        "preprocess[configuration=2d]",
     ]);
     assert_ne!(left_out.code, 0);
     assert!(left_out.stderr.contains("no other stage"), "{}", left_out.stderr);

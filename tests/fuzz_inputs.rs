@@ -270,6 +270,7 @@ const KINDS: &[(&str, &[&str])] = &[
     ),
     ("normalize", &["dataset", "configuration", "plan", "source"]),
     ("resample", &["dataset", "configuration", "plan", "source"]),
+    ("preprocess", &["dataset", "configuration", "plan", "source"]),
     (
         "train",
         &[

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 /// What the engine may use of the crate outside itself: bottom utilities that know no stage.
-const ALLOWED: &[&str] = &["engine", "atomic_file", "file_error", "errln"];
+const ALLOWED: &[&str] = &["engine", "atomic_file", "file_error", "errln", "json_sorted"];
 
 /// External crates of the image and network layers; the engine needs neither.
 const FORBIDDEN_CRATES: &[&str] = &["tch", "ndarray"];
@@ -227,10 +227,11 @@ const MAY_USE: &[(&str, &[&str])] = &[
     ("errln", &[]),
     ("file_error", &[]),
     ("json_numbers", &[]),
+    ("json_sorted", &[]),
     ("kernels", &[]),
     ("torch_env", &[]),
     ("atomic_file", &["file_error"]),
-    ("engine", &["atomic_file", "errln"]),
+    ("engine", &["atomic_file", "errln", "json_sorted"]),
     ("data", &["atomic_file", "json_numbers"]),
     ("plans", &["data"]),
     ("preprocess", &["plans", "kernels"]),

@@ -268,8 +268,11 @@ fn import_builds_a_dataset_from_plain_folders() {
     assert!(!project.path().join("Dataset003_Bad").exists());
 }
 
+/// `preprocess` (one pass per case) gives exactly the cases `normalize` then `resample` give, for
+/// cases off the target grid (resampled) and on it (left as they are); `resample` links the arrays
+/// of cases on the grid instead of writing them again.
 #[test]
-fn cases_off_the_target_grid_are_resampled_and_cases_on_it_are_linked() {
+fn preprocess_equals_normalize_then_resample_and_cases_on_the_grid_are_linked() {
     let project = Project::new();
     let synth = [
         "synth",
@@ -284,34 +287,54 @@ fn cases_off_the_target_grid_are_resampled_and_cases_on_it_are_linked() {
         "0.2",
     ];
     assert_eq!(project.nnflow(&synth).status.code(), Some(0));
-    let pipeline = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/nnunet.toml");
-    project.write("nnunet.toml", &std::fs::read_to_string(pipeline).unwrap());
-    let result = project.run(&[
-        "nnunet.toml",
-        "--set",
-        "dataset=D",
-        "--set",
-        FEW_SAMPLES,
-        "--set",
-        "configurations=[\"3d_fullres\"]",
-        "resample",
-    ]);
+    project.write(
+        "steps.toml",
+        r#"
+[stages.fingerprint]
+kind = "fingerprint"
+dataset = "D"
+foreground_samples = 20000
+[stages.plan]
+kind = "plan"
+dataset = "D"
+fingerprint = "${fingerprint.outputs}"
+[stages.normalize]
+kind = "normalize"
+dataset = "D"
+plan = "${plan.outputs}"
+configuration = "3d_fullres"
+[stages.resample]
+kind = "resample"
+dataset = "D"
+source = "${normalize.outputs}"
+plan = "${plan.outputs}"
+configuration = "3d_fullres"
+[stages.preprocess]
+kind = "preprocess"
+dataset = "D"
+plan = "${plan.outputs}"
+configuration = "3d_fullres"
+"#,
+    );
+    let result = project.run(&["steps.toml"]);
     assert_eq!(result.code, 0, "{}", result.stderr);
-    let normalized = project
-        .path()
-        .join(".nnflow/nnunet/out/normalize/configuration=3d_fullres");
-    let resampled = project
-        .path()
-        .join(".nnflow/nnunet/out/resample/configuration=3d_fullres");
+    let out = project.path().join(".nnflow/steps/out");
+    let (normalized, resampled, preprocessed) = (
+        out.join("normalize"),
+        out.join("resample"),
+        out.join("preprocess"),
+    );
+    assert_eq!(list_cases(&preprocessed), list_cases(&resampled));
     let (mut moved, mut linked) = (0, 0);
     for id in list_cases(&resampled) {
         let before = read_case(&normalized, &id).unwrap();
         let after = read_case(&resampled, &id).unwrap();
+        assert_eq!(read_case(&preprocessed, &id).unwrap(), after, "{id}");
         assert!(after.properties.resampled && after.properties.class_locations.is_some());
         if before.data.shape() == after.data.shape() {
             use std::os::unix::fs::MetadataExt;
             let inode = |folder: &Path| {
-                std::fs::metadata(folder.join(format!("{id}_data.npy")))
+                std::fs::metadata(folder.join(format!("{id}.zarr/data/c/0/0/0/0")))
                     .unwrap()
                     .ino()
             };

@@ -23,7 +23,7 @@ fn run_pipeline(project: &common::Project, dataset: &str) -> Value {
         &format!("dataset={dataset}"),
         "--set",
         "configurations=[\"3d_fullres\", \"2d\"]",
-        "resample",
+        "preprocess",
     ]);
     assert_eq!(result.code, 0, "{}", result.stderr);
     result.json
@@ -54,8 +54,12 @@ fn assert_json_close(ours: &Value, theirs: &Value, path: &str) {
             }
         }
         (Value::Object(a), Value::Object(b)) => {
-            let keys_a: Vec<&String> = a.keys().collect();
-            let keys_b: Vec<&String> = b.keys().collect();
+            // JSON objects are unordered: serde_json keeps insertion order when a crate in the
+            // build enables its `preserve_order` (zarrs does)
+            let mut keys_a: Vec<&String> = a.keys().collect();
+            let mut keys_b: Vec<&String> = b.keys().collect();
+            keys_a.sort();
+            keys_b.sort();
             assert_eq!(keys_a, keys_b, "{path}: keys differ");
             for (key, x) in a {
                 assert_json_close(x, &b[key], &format!("{path}.{key}"));
@@ -109,7 +113,7 @@ fn matches_nnunet(dataset: &str, fixtures: &str) {
             .into_iter()
             .find_map(|c| Some((c, name.strip_prefix(c)?.strip_prefix('_')?)))
             .unwrap_or_else(|| panic!("{name}: not <configuration>_<case>"));
-        let folder = outputs(&run, &format!("resample[configuration={configuration}]"));
+        let folder = outputs(&run, &format!("preprocess[configuration={configuration}]"));
         let ours = read_case(&folder, case).unwrap();
         let data = npy::read::<f32>(Path::new(&format!("{FIXTURES}/{fixtures}/{name}_data.npy"))).unwrap();
         let seg = npy::read::<i16>(Path::new(&format!("{FIXTURES}/{fixtures}/{name}_seg.npy"))).unwrap();
@@ -201,7 +205,7 @@ fn second_run_is_cached_and_a_different_gpu_target_replans_only_what_depends_on_
         &dataset,
         "--set",
         configurations,
-        "resample",
+        "preprocess",
     ]);
     assert!(again.with_outcome("ran").is_empty(), "{}", again.json);
     let replanned = project.run(&[
@@ -212,7 +216,7 @@ fn second_run_is_cached_and_a_different_gpu_target_replans_only_what_depends_on_
         configurations,
         "--set",
         "gpu_memory_gb=4",
-        "resample",
+        "preprocess",
     ]);
     assert_eq!(replanned.outcome("fingerprint"), "cached");
     assert_eq!(replanned.outcome("plan"), "ran");

@@ -246,7 +246,7 @@ cmd = "touch ran-a"
         "p.toml",
         2,
         8,
-        "unknown stage kind `comand` (known kinds: command, fingerprint, plan, normalize, resample, train, evaluate, ensemble-select, postprocess, predict, report)",
+        "unknown stage kind `comand` (known kinds: command, fingerprint, plan, normalize, resample, preprocess, train, evaluate, ensemble-select, postprocess, predict, report)",
         "kind = \"comand\"",
     );
     assert_count(&report, 1);

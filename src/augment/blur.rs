@@ -56,8 +56,10 @@ impl GaussianBlurParams {
         Ok(())
     }
 
-    pub fn apply(&self, sample: &mut Sample, rng: &mut SampleRng) {
-        let channels: Vec<usize> = (0..sample.data.len_of(Axis(0)))
+    /// The blurred channels and each one's sigmas along (z, y, x) (a 2D sample's z is drawn but
+    /// unused).
+    pub fn draw(&self, rng: &mut SampleRng, channels: usize) -> Vec<(usize, [f64; 3])> {
+        let picked: Vec<usize> = (0..channels)
             .filter(|_| rng.bernoulli(self.p_per_channel))
             .collect();
         let draw = |rng: &mut SampleRng| -> [f64; 3] {
@@ -68,12 +70,23 @@ impl GaussianBlurParams {
             }
         };
         let shared = draw(rng);
-        for c in channels {
-            let sigmas = if self.synchronize_channels {
-                shared
-            } else {
-                draw(rng)
-            };
+        picked
+            .into_iter()
+            .map(|c| {
+                (
+                    c,
+                    if self.synchronize_channels {
+                        shared
+                    } else {
+                        draw(rng)
+                    },
+                )
+            })
+            .collect()
+    }
+
+    pub fn apply(&self, sample: &mut Sample, rng: &mut SampleRng) {
+        for (c, sigmas) in self.draw(rng, sample.data.len_of(Axis(0))) {
             blur_channel(sample.data.index_axis_mut(Axis(0), c), sigmas);
         }
     }

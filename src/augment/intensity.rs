@@ -62,15 +62,26 @@ impl GaussianNoiseParams {
         Ok(())
     }
 
-    pub fn apply(&self, sample: &mut Sample, rng: &mut SampleRng) {
-        let channels = pick_channels(rng, sample.data.len_of(Axis(0)), self.p_per_channel);
+    /// The noised channels and each one's standard deviation, all drawn before any noise (the
+    /// order of batchgeneratorsv2's `get_parameters`).
+    pub fn draw(&self, rng: &mut SampleRng, channels: usize) -> Vec<(usize, f64)> {
+        let picked = pick_channels(rng, channels, self.p_per_channel);
         let shared = sample_range(rng, self.variance);
-        for c in channels {
-            let sigma = if self.synchronize_channels {
-                shared
-            } else {
-                sample_range(rng, self.variance)
-            };
+        picked
+            .into_iter()
+            .map(|c| {
+                let sigma = if self.synchronize_channels {
+                    shared
+                } else {
+                    sample_range(rng, self.variance)
+                };
+                (c, sigma)
+            })
+            .collect()
+    }
+
+    pub fn apply(&self, sample: &mut Sample, rng: &mut SampleRng) {
+        for (c, sigma) in self.draw(rng, sample.data.len_of(Axis(0))) {
             sample
                 .data
                 .index_axis_mut(Axis(0), c)
@@ -138,15 +149,19 @@ impl BrightnessParams {
         check_range(T, "multiplier", self.multiplier)
     }
 
-    pub fn apply(&self, sample: &mut Sample, rng: &mut SampleRng) {
-        let channels = sample.data.len_of(Axis(0));
-        for (c, m) in channel_factors(
+    /// The scaled channels and each one's multiplier.
+    pub fn draw(&self, rng: &mut SampleRng, channels: usize) -> Vec<(usize, f64)> {
+        channel_factors(
             rng,
             channels,
             self.p_per_channel,
             self.multiplier,
             self.synchronize_channels,
-        ) {
+        )
+    }
+
+    pub fn apply(&self, sample: &mut Sample, rng: &mut SampleRng) {
+        for (c, m) in self.draw(rng, sample.data.len_of(Axis(0))) {
             multiply_channel(sample.data.index_axis_mut(Axis(0), c), m);
         }
     }
@@ -192,15 +207,19 @@ impl ContrastParams {
         check_range(T, "contrast", self.contrast)
     }
 
-    pub fn apply(&self, sample: &mut Sample, rng: &mut SampleRng) {
-        let channels = sample.data.len_of(Axis(0));
-        for (c, m) in channel_factors(
+    /// The stretched channels and each one's factor.
+    pub fn draw(&self, rng: &mut SampleRng, channels: usize) -> Vec<(usize, f64)> {
+        channel_factors(
             rng,
             channels,
             self.p_per_channel,
             self.contrast,
             self.synchronize_channels,
-        ) {
+        )
+    }
+
+    pub fn apply(&self, sample: &mut Sample, rng: &mut SampleRng) {
+        for (c, m) in self.draw(rng, sample.data.len_of(Axis(0))) {
             contrast_channel(sample.data.index_axis_mut(Axis(0), c), m, self.preserve_range);
         }
     }
@@ -276,27 +295,54 @@ impl GammaParams {
         Ok(())
     }
 
-    pub fn apply(&self, sample: &mut Sample, rng: &mut SampleRng) {
-        let channels = pick_channels(rng, sample.data.len_of(Axis(0)), self.p_per_channel);
+    /// The changed channels with their gamma and flags.
+    pub fn draw(&self, rng: &mut SampleRng, channels: usize) -> Vec<GammaDraw> {
+        let picked = pick_channels(rng, channels, self.p_per_channel);
         // draw order as in batchgeneratorsv2: all retain flags, all invert flags, then the gammas
-        let retain: Vec<bool> = channels
+        let retain: Vec<bool> = picked
             .iter()
             .map(|_| rng.bernoulli(self.p_retain_stats))
             .collect();
-        let invert: Vec<bool> = channels
+        let invert: Vec<bool> = picked
             .iter()
             .map(|_| rng.bernoulli(self.p_invert_image))
             .collect();
         let shared = sample_bg_contrast(rng, self.gamma);
-        for (k, &c) in channels.iter().enumerate() {
-            let g = if self.synchronize_channels {
-                shared
-            } else {
-                sample_bg_contrast(rng, self.gamma)
-            };
-            gamma_channel(sample.data.index_axis_mut(Axis(0), c), g, invert[k], retain[k]);
+        picked
+            .into_iter()
+            .enumerate()
+            .map(|(k, channel)| GammaDraw {
+                channel,
+                gamma: if self.synchronize_channels {
+                    shared
+                } else {
+                    sample_bg_contrast(rng, self.gamma)
+                },
+                invert: invert[k],
+                retain_stats: retain[k],
+            })
+            .collect()
+    }
+
+    pub fn apply(&self, sample: &mut Sample, rng: &mut SampleRng) {
+        for d in self.draw(rng, sample.data.len_of(Axis(0))) {
+            gamma_channel(
+                sample.data.index_axis_mut(Axis(0), d.channel),
+                d.gamma,
+                d.invert,
+                d.retain_stats,
+            );
         }
     }
+}
+
+/// One channel's gamma draw.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GammaDraw {
+    pub channel: usize,
+    pub gamma: f64,
+    pub invert: bool,
+    pub retain_stats: bool,
 }
 
 /// `gamma_inverted`: the same transform with nnU-Net's defaults for the inverted variant.

@@ -59,8 +59,9 @@ impl LowResolutionParams {
         Ok(())
     }
 
-    pub fn apply(&self, sample: &mut Sample, rng: &mut SampleRng) {
-        let channels: Vec<usize> = (0..sample.data.len_of(Axis(0)))
+    /// The coarsened channels and each one's zoom along (z, y, x), 1 on the ignored axes.
+    pub fn draw(&self, rng: &mut SampleRng, channels: usize) -> Vec<(usize, [f64; 3])> {
+        let picked: Vec<usize> = (0..channels)
             .filter(|_| rng.bernoulli(self.p_per_channel))
             .collect();
         let draw = |rng: &mut SampleRng| -> [f64; 3] {
@@ -71,15 +72,24 @@ impl LowResolutionParams {
             }
         };
         let shared = draw(rng);
-        for c in channels {
-            let mut scales = if self.synchronize_channels {
-                shared
-            } else {
-                draw(rng)
-            };
-            for &a in &self.ignore_axes {
-                scales[a] = 1.0;
-            }
+        picked
+            .into_iter()
+            .map(|c| {
+                let mut scales = if self.synchronize_channels {
+                    shared
+                } else {
+                    draw(rng)
+                };
+                for &a in &self.ignore_axes {
+                    scales[a] = 1.0;
+                }
+                (c, scales)
+            })
+            .collect()
+    }
+
+    pub fn apply(&self, sample: &mut Sample, rng: &mut SampleRng) {
+        for (c, scales) in self.draw(rng, sample.data.len_of(Axis(0))) {
             simulate_low_resolution(sample.data.index_axis_mut(Axis(0), c), scales);
         }
     }

@@ -42,14 +42,17 @@ impl MirrorParams {
         check_axes(T, "axes", &self.axes)
     }
 
-    pub fn apply(&self, sample: &mut Sample, rng: &mut SampleRng) {
-        let axes: Vec<usize> = self
-            .axes
+    /// The axes flipped for one sample.
+    pub fn draw(&self, rng: &mut SampleRng) -> Vec<usize> {
+        self.axes
             .iter()
             .copied()
             .filter(|_| rng.bernoulli(self.p_per_axis))
-            .collect();
-        flip(sample, &axes);
+            .collect()
+    }
+
+    pub fn apply(&self, sample: &mut Sample, rng: &mut SampleRng) {
+        flip(sample, &self.draw(rng));
     }
 }
 

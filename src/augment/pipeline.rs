@@ -15,12 +15,12 @@ use super::blur::GaussianBlurParams;
 use super::cascade::{RandomBinaryOperatorParams, RemoveRandomComponentParams};
 use super::da_config::DaConfig;
 use super::intensity::{
-    BrightnessParams, ContrastParams, GammaInvertedParams, GammaParams, GaussianNoiseParams,
+    BrightnessParams, ContrastParams, GammaDraw, GammaInvertedParams, GammaParams, GaussianNoiseParams,
 };
 use super::low_resolution::LowResolutionParams;
 use super::mirror::MirrorParams;
 use super::seg::{MaskImageParams, RemoveLabelParams};
-use super::spatial::SpatialParams;
+use super::spatial::{SpatialDraw, SpatialParams};
 use super::{AugmentError, Sample, SampleRng};
 
 /// One registered transform with its parameters; `name` selects the variant.
@@ -118,6 +118,27 @@ impl TransformSpec {
         }
     }
 
+    /// Draws what [`Self::apply`] would draw first from the same stream, without touching data:
+    /// batchgeneratorsv2's `get_parameters`. `None` for the label and cascade steps, whose draws
+    /// depend on the segmentation.
+    pub fn draw(&self, channels: usize, rng: &mut SampleRng) -> Option<TransformDraw> {
+        Some(match self {
+            Self::Spatial(t) => TransformDraw::Spatial(t.draw_geometry(rng)),
+            Self::GaussianNoise(t) => TransformDraw::GaussianNoise(t.draw(rng, channels)),
+            Self::GaussianBlur(t) => TransformDraw::GaussianBlur(t.draw(rng, channels)),
+            Self::Brightness(t) => TransformDraw::Brightness(t.draw(rng, channels)),
+            Self::Contrast(t) => TransformDraw::Contrast(t.draw(rng, channels)),
+            Self::LowResolution(t) => TransformDraw::LowResolution(t.draw(rng, channels)),
+            Self::GammaInverted(t) => TransformDraw::Gamma(t.as_gamma().draw(rng, channels)),
+            Self::Gamma(t) => TransformDraw::Gamma(t.draw(rng, channels)),
+            Self::Mirror(t) => TransformDraw::Mirror(t.draw(rng)),
+            Self::MaskImage(_)
+            | Self::RemoveLabel(_)
+            | Self::RandomBinaryOperator(_)
+            | Self::RemoveRandomComponent(_) => return None,
+        })
+    }
+
     /// Applies the transform unconditionally (the pipeline has already drawn `p`).
     pub fn apply(&self, sample: &mut Sample, rng: &mut SampleRng) {
         match self {
@@ -136,6 +157,33 @@ impl TransformSpec {
             Self::RemoveRandomComponent(t) => t.apply(sample, rng),
         }
     }
+}
+
+/// One transform's parameters for one sample, as its `draw` returns them: per channel
+/// `(channel, value)` pairs for the intensity transforms, per-axis values along (z, y, x).
+#[derive(Debug, Clone, PartialEq)]
+pub enum TransformDraw {
+    Spatial(SpatialDraw),
+    /// Noise standard deviation per channel.
+    GaussianNoise(Vec<(usize, f64)>),
+    GaussianBlur(Vec<(usize, [f64; 3])>),
+    Brightness(Vec<(usize, f64)>),
+    Contrast(Vec<(usize, f64)>),
+    LowResolution(Vec<(usize, [f64; 3])>),
+    /// Both `gamma` and `gamma_inverted`.
+    Gamma(Vec<GammaDraw>),
+    /// The flipped axes.
+    Mirror(Vec<usize>),
+}
+
+/// What one enabled pipeline entry drew for one sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Drawn {
+    pub name: &'static str,
+    /// Whether the entry's `p` draw let it run.
+    pub fired: bool,
+    /// Its parameters when it fired (see [`TransformSpec::draw`]).
+    pub params: Option<TransformDraw>,
 }
 
 /// An ordered list of transforms; (de)serializes as the bare list.
@@ -275,21 +323,33 @@ impl Pipeline {
         }
     }
 
+    /// The enabled entries in order, each with its own stream (a fork of `rng` keyed by name and
+    /// occurrence) after the draw of its `p`, and the outcome of that draw.
+    fn gated<'a>(
+        &'a self,
+        rng: &'a SampleRng,
+    ) -> impl Iterator<Item = (&'a TransformSpec, bool, SampleRng)> + 'a {
+        let mut seen: Vec<&'static str> = Vec::new();
+        self.transforms.iter().filter_map(move |t| {
+            let occurrence = seen.iter().filter(|&&n| n == t.name()).count() as u64;
+            seen.push(t.name());
+            let (enabled, p) = t.gate();
+            if !enabled {
+                return None;
+            }
+            let mut r = rng.fork(fnv1a(t.name().as_bytes()) ^ occurrence);
+            let fired = r.bernoulli(p);
+            Some((t, fired, r))
+        })
+    }
+
     /// Augments one sample. `rng` is the sample's stream (usually `SampleRng::new(seed, epoch, index)`);
     /// each entry draws from its own fork keyed by name and occurrence, so switching one entry off or
     /// moving it does not change what the others draw.
     pub fn apply(&self, mut sample: Sample, rng: &SampleRng) -> Result<Sample, AugmentError> {
         check_sample(&sample)?;
-        let mut seen: Vec<&'static str> = Vec::new();
-        for t in &self.transforms {
-            let occurrence = seen.iter().filter(|&&n| n == t.name()).count() as u64;
-            seen.push(t.name());
-            let (enabled, p) = t.gate();
-            if !enabled {
-                continue;
-            }
-            let mut r = rng.fork(fnv1a(t.name().as_bytes()) ^ occurrence);
-            if r.bernoulli(p) {
+        for (t, fired, mut r) in self.gated(rng) {
+            if fired {
                 t.apply(&mut sample, &mut r);
             }
         }
@@ -301,6 +361,19 @@ impl Pipeline {
             sample.seg = sample.seg.as_standard_layout().into_owned();
         }
         Ok(sample)
+    }
+
+    /// What [`Self::apply`] draws for a sample of `channels` image channels with stream `rng`, per
+    /// enabled entry, without augmenting anything: for statistics against nnU-Net's transforms.
+    /// Training never calls it; `apply` draws through the same functions.
+    pub fn draw(&self, channels: usize, rng: &SampleRng) -> Vec<Drawn> {
+        self.gated(rng)
+            .map(|(t, fired, mut r)| Drawn {
+                name: t.name(),
+                fired,
+                params: if fired { t.draw(channels, &mut r) } else { None },
+            })
+            .collect()
     }
 
     /// Augments a batch in parallel; sample `i` uses `SampleRng::new(seed, epoch, first_index + i)`, so

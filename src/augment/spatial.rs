@@ -91,6 +91,33 @@ pub struct Warp {
     pub displacement: Option<Displacement>,
 }
 
+/// One sample's rotation and scaling draws. Only the first `dim` entries of `angles_rad` and
+/// `scales` are drawn (2 for a 2D or dummy-2D patch); the rest stay 0 and 1.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpatialDraw {
+    pub rotation: bool,
+    pub scaling: bool,
+    pub elastic: bool,
+    /// Angles about axes (0, 1, 2), or in the plane (the last drawn one counts) for 2D; 0 unless
+    /// `rotation`.
+    pub angles_rad: [f64; 3],
+    pub scales: [f64; 3],
+}
+
+impl SpatialDraw {
+    /// The rotation-and-scaling matrix, if either fired.
+    pub fn affine(&self, dim: usize) -> Option<Affine> {
+        (self.rotation || self.scaling).then(|| {
+            if dim == 3 {
+                affine_3d(self.angles_rad, self.scales)
+            } else {
+                // 2D uses the last drawn angle, as batchgeneratorsv2 does (angles[-1])
+                affine_2d(self.angles_rad[dim - 1], [self.scales[0], self.scales[1]])
+            }
+        })
+    }
+}
+
 impl SpatialParams {
     pub fn validate(&self) -> Result<(), AugmentError> {
         const T: &str = "spatial";
@@ -139,17 +166,29 @@ impl SpatialParams {
     /// Draws rotation, scaling and elastic deformation in batchgeneratorsv2's order; `None` means
     /// "centre crop only".
     pub fn draw(&self, rng: &mut SampleRng) -> Option<Warp> {
+        let drawn = self.draw_geometry(rng);
+        let affine = drawn.affine(self.patch_size.len());
+        let displacement = drawn.elastic.then(|| self.draw_displacement(rng));
+        if affine.is_none() && displacement.is_none() {
+            return None;
+        }
+        Some(Warp { affine, displacement })
+    }
+
+    /// The first part of [`Self::draw`], batchgeneratorsv2's `get_parameters` before the elastic
+    /// noise: which parts fire, the angles and the scales. Observing these costs no resampling.
+    pub fn draw_geometry(&self, rng: &mut SampleRng) -> SpatialDraw {
         let dim = self.patch_size.len();
-        let do_rotation = rng.bernoulli(self.p_rotation);
-        let do_scale = rng.bernoulli(self.p_scaling);
-        let do_deform = rng.bernoulli(self.p_elastic_deform);
-        let mut angles = [0.0; 3];
-        if do_rotation {
-            for a in angles.iter_mut().take(dim) {
+        let rotation = rng.bernoulli(self.p_rotation);
+        let scaling = rng.bernoulli(self.p_scaling);
+        let elastic = rng.bernoulli(self.p_elastic_deform);
+        let mut angles_rad = [0.0; 3];
+        if rotation {
+            for a in angles_rad.iter_mut().take(dim) {
                 *a = sample_range(rng, self.rotation_deg).to_radians();
             }
             if self.p_rot_per_axis < 1.0 {
-                for a in angles.iter_mut().take(dim) {
+                for a in angles_rad.iter_mut().take(dim) {
                     if rng.next_f64() > self.p_rot_per_axis {
                         *a = 0.0;
                     }
@@ -157,7 +196,7 @@ impl SpatialParams {
             }
         }
         let mut scales = [1.0; 3];
-        if do_scale {
+        if scaling {
             if rng.next_f64() <= self.p_synchronize_scaling_across_axes {
                 scales = [sample_range(rng, self.scaling); 3];
             } else {
@@ -166,19 +205,13 @@ impl SpatialParams {
                 }
             }
         }
-        let affine = (do_rotation || do_scale).then(|| {
-            if dim == 3 {
-                affine_3d(angles, scales)
-            } else {
-                // 2D uses the last drawn angle, as batchgeneratorsv2 does (angles[-1])
-                affine_2d(angles[dim - 1], [scales[0], scales[1]])
-            }
-        });
-        let displacement = do_deform.then(|| self.draw_displacement(rng));
-        if affine.is_none() && displacement.is_none() {
-            return None;
+        SpatialDraw {
+            rotation,
+            scaling,
+            elastic,
+            angles_rad,
+            scales,
         }
-        Some(Warp { affine, displacement })
     }
 
     /// batchgeneratorsv2's elastic draws: the shared-scale coin, the scales (fractions of the patch

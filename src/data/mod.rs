@@ -2,6 +2,7 @@
 //! nor tch.
 
 pub mod case_store;
+pub mod chunked;
 pub mod dataset;
 pub mod fingerprint_format;
 pub mod geometry;

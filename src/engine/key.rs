@@ -26,6 +26,7 @@ pub struct StageKey {
     #[serde(default, alias = "libtorch_version", deserialize_with = "read_toolchain")]
     pub toolchain: BTreeMap<String, String>,
     /// Resolved parameters, references to other stages kept symbolic.
+    #[serde(serialize_with = "sorted_json")]
     pub params: serde_json::Value,
     /// Input files (relative to the pipeline folder) and their content digests.
     pub inputs: BTreeMap<String, Digest>,
@@ -33,6 +34,12 @@ pub struct StageKey {
     pub upstream: BTreeMap<String, Digest>,
     /// Declared environment variables and their values (None when unset).
     pub env: BTreeMap<String, Option<String>>,
+}
+
+/// Writes the parameters with every object's keys sorted (see `crate::json_sorted`): the key must
+/// not depend on how a parameter table happened to be written or merged.
+fn sorted_json<S: serde::Serializer>(value: &serde_json::Value, serializer: S) -> Result<S::Ok, S::Error> {
+    crate::json_sorted::sorted_keys(value).serialize(serializer)
 }
 
 impl StageKey {

@@ -165,7 +165,10 @@ fn schema_properties(
         }
     }
     if let Some(properties) = schema.get("properties").and_then(serde_json::Value::as_object) {
-        for name in properties.keys() {
+        // sorted whatever serde_json's map keeps (insertion order under `preserve_order`)
+        let mut keys: Vec<&String> = properties.keys().collect();
+        keys.sort();
+        for name in keys {
             if !names.contains(name) {
                 names.push(name.clone());
             }

@@ -50,7 +50,8 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<F32Tensor>, SafetensorsError>
         .and_then(|n| n.checked_add(8))
         .filter(|&end| end <= bytes.len())
         .ok_or_else(|| invalid(format!("header length {header_len} runs past the file's end")))?;
-    let header: serde_json::Map<String, serde_json::Value> =
+    // sorted by name whatever serde_json's map keeps (insertion order under `preserve_order`)
+    let header: std::collections::BTreeMap<String, serde_json::Value> =
         serde_json::from_slice(&bytes[8..data_start]).map_err(|e| invalid(format!("header: {e}")))?;
     let data = &bytes[data_start..];
     let mut tensors = Vec::with_capacity(header.len());

@@ -57,6 +57,8 @@ pub enum PreprocessError {
     AlreadyNormalized,
     #[error("is already resampled (two resample stages in a row?)")]
     AlreadyResampled,
+    #[error("is already normalized and resampled (nothing left to preprocess)")]
+    AlreadyPreprocessed,
     #[error("no cases to preprocess")]
     NoCases,
     #[error("interrupted")]

@@ -12,6 +12,7 @@ pub mod finite;
 pub mod plan;
 pub mod postprocess;
 pub mod predict;
+pub mod preprocess;
 pub mod preprocessing;
 pub mod process;
 pub mod report;
@@ -29,6 +30,7 @@ pub static KINDS: &[Kind] = &[
     plan::KIND,
     preprocessing::NORMALIZE,
     preprocessing::RESAMPLE,
+    preprocess::PREPROCESS,
     train::KIND,
     evaluate::KIND,
     ensemble_select::KIND,

@@ -360,7 +360,8 @@ fn read_json(path: &Path) -> Result<Value, PlanStageError> {
 }
 
 fn write_json(path: &Path, value: &Value) -> Result<(), PlanStageError> {
-    let mut text = serde_json::to_vec_pretty(value).map_err(FileError::json(path))?;
+    let sorted = crate::json_sorted::sorted_keys(value);
+    let mut text = serde_json::to_vec_pretty(&sorted).map_err(FileError::json(path))?;
     text.push(b'\n');
     std::fs::write(path, text).map_err(|source| PlanStageError::Write {
         path: path.to_path_buf(),

@@ -21,17 +21,19 @@ use crate::preprocess::case_steps::{self, PlanView};
 use crate::preprocess::class_locations;
 use crate::preprocess::PreprocessError;
 
+/// Version 2: cases in the chunked, compressed layout (`<id>.zarr`), not `.npy`.
 pub const NORMALIZE: Kind = Kind {
     name: "normalize",
-    version: 1,
+    version: 2,
     toolchain: &[],
     schema: |generator| generator.subschema_for::<NormalizeStage>(),
     build: super::finite::build_finite::<NormalizeStage>,
 };
 
+/// Version 2: as [`NORMALIZE`]'s.
 pub const RESAMPLE: Kind = Kind {
     name: "resample",
-    version: 1,
+    version: 2,
     toolchain: &[],
     schema: |generator| generator.subschema_for::<ResampleStage>(),
     build: super::finite::build_finite::<ResampleStage>,
@@ -71,13 +73,13 @@ pub struct NormalizeStage(pub PreprocessParams);
 pub struct ResampleStage(pub PreprocessParams);
 
 impl PreprocessParams {
-    fn not_applicable(&self, root: &std::path::Path) -> Option<String> {
+    pub(super) fn not_applicable(&self, root: &std::path::Path) -> Option<String> {
         let plans = root.join(&self.plan).join("plans.json");
         case_io::unplanned_configuration(&plans, &self.configuration)
             .or_else(|| case_io::shared_preprocessing(&plans, &self.configuration))
     }
 
-    fn inputs(&self) -> Vec<StageInput> {
+    pub(super) fn inputs(&self) -> Vec<StageInput> {
         let mut inputs = match &self.source {
             // The source stage's outputs are keyed through the dependency; only dataset.json matters.
             Some(_) => vec![StageInput {
@@ -96,7 +98,7 @@ impl PreprocessParams {
     /// Loads each case, applies `step`, writes it to the stage's outputs. `pass_through` may answer
     /// a case's new properties when its arrays stay as they are in the source folder; they are then
     /// linked, not read and written.
-    fn process(
+    pub(super) fn process(
         &self,
         ctx: &StageContext,
         pool: &rayon::ThreadPool,
@@ -108,6 +110,8 @@ impl PreprocessParams {
         let plans_path = ctx.root.join(&self.plan).join("plans.json");
         let plans = Plans::read(&plans_path)?;
         let plan = PlanView::new(&plans, &self.configuration)?;
+        // the cases' chunks are sized for the patches training reads
+        let patch = plan.configuration.patch_size()?.to_vec();
         let source = self.source.as_ref().map(|s| ctx.root.join(s));
         let ids: Vec<String> = match &source {
             Some(folder) => list_cases(folder),
@@ -134,7 +138,7 @@ impl PreprocessParams {
                     }
                 };
                 let case = step(case, &plan, &dataset).map_err(PreprocessError::in_case(id))?;
-                Ok(write_case(ctx.out_dir, id, &case)?)
+                Ok(write_case(ctx.out_dir, id, &case, &patch)?)
             })
         })
     }
@@ -200,7 +204,7 @@ impl Stage for ResampleStage {
 
 /// A case already on the configuration's grid (nnU-Net then leaves its arrays untouched): only its
 /// spacing and class locations change, so the arrays are linked from the source.
-fn unchanged_grid(
+pub(super) fn unchanged_grid(
     folder: &std::path::Path,
     id: &str,
     plan: &PlanView,

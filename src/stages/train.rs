@@ -19,9 +19,11 @@ use crate::train::job::TrainJob;
 use crate::train::params::TrainParams;
 use crate::train::progress::Progress;
 
+/// Version 2: cases read in the chunked layout; predictions for the cascade's next stage written
+/// as chunked label arrays (`next_stage/<next>/<case>.zarr`), not `.npy`.
 pub const KIND: Kind = Kind {
     name: "train",
-    version: 1,
+    version: 2,
     toolchain: super::LIBTORCH,
     schema: |generator| generator.subschema_for::<TrainStage>(),
     build: super::finite::build_finite::<TrainStage>,
@@ -132,38 +134,17 @@ fn inputs_digest(params: &TrainParams) -> Result<String, FileError> {
     if let Some(weights) = &params.pretrained_weights {
         files.push(("pretrained_weights".into(), PathBuf::from(weights)));
     }
-    let folder = Path::new(&params.preprocessed);
-    let mut cases: Vec<PathBuf> = std::fs::read_dir(folder)
-        .map_err(FileError::io(folder))?
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|p| p.is_file())
-        .collect();
-    cases.sort();
-    // the cascade's previous-stage predictions made for this configuration
+    // the cascade's previous-stage predictions made for this configuration (label array folders)
     for training in &params.previous_stage {
         let folder = Path::new(training)
             .join(crate::train::previous_stage::FOLDER)
             .join(&params.configuration);
-        let mut predictions: Vec<PathBuf> = std::fs::read_dir(&folder)
-            .into_iter()
-            .flatten()
-            .filter_map(|entry| entry.ok().map(|e| e.path()))
-            .collect();
-        predictions.sort();
-        files.extend(predictions.into_iter().map(|p| {
-            let name = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
-            (format!("previous_stage/{name}"), p)
-        }));
+        if folder.is_dir() {
+            files.extend(files_under(&folder, "previous_stage")?);
+        }
     }
-    files.extend(cases.into_iter().map(|p| {
-        (
-            format!(
-                "preprocessed/{}",
-                p.file_name().unwrap_or_default().to_string_lossy()
-            ),
-            p,
-        )
-    }));
+    // the cases: properties files and every chunk file of their arrays
+    files.extend(files_under(Path::new(&params.preprocessed), "preprocessed")?);
     let mut total = blake3::Hasher::new();
     for (name, path) in files {
         let mut file_hash = blake3::Hasher::new();
@@ -172,6 +153,25 @@ fn inputs_digest(params: &TrainParams) -> Result<String, FileError> {
         total.update(file_hash.finalize().as_bytes());
     }
     Ok(total.finalize().to_hex().to_string())
+}
+
+/// Every file under `folder`, sorted, named `<prefix>/<relative path>`.
+fn files_under(folder: &Path, prefix: &str) -> Result<Vec<(String, PathBuf)>, FileError> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(folder).map_err(FileError::io(folder))? {
+        let path = entry.map_err(FileError::io(folder))?.path();
+        let name = format!(
+            "{prefix}/{}",
+            path.file_name().unwrap_or_default().to_string_lossy()
+        );
+        if path.is_dir() {
+            files.extend(files_under(&path, &name)?);
+        } else {
+            files.push((name, path));
+        }
+    }
+    files.sort();
+    Ok(files)
 }
 
 #[cfg(test)]

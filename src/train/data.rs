@@ -62,7 +62,7 @@ impl BatchMaker {
             ),
         };
         let mut rng = SampleRng::new(seed, epoch as u64, iteration as u64).fork(SAMPLER_STREAM);
-        let crops = sampler.draw(&mut rng);
+        let crops = sampler.draw(&mut rng)?;
         let first = (iteration * sampler.batch_size) as u64;
         let samples: Vec<Sample> = crops
             .into_par_iter()

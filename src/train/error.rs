@@ -1,21 +1,20 @@
 //! The error of the training layer without libtorch: parameters, splits, the run's setup, the
-//! mapped cases, batches, the cascade's previous stage and the resume checkpoints. Errors of the
-//! modules below (files, dataset.json, plans.json, the case store, augmentation, preprocessing)
-//! are wrapped, not rewritten, so each still names its own file.
+//! cases read for training, batches, the cascade's previous stage and the resume checkpoints.
+//! Errors of the modules below (files, dataset.json, plans.json, the case store, augmentation,
+//! preprocessing) are wrapped, not rewritten, so each still names its own file.
 
 use std::path::PathBuf;
 
 use crate::augment::AugmentError;
 use crate::data::case_store::CaseStoreError;
 use crate::data::dataset::DatasetError;
-use crate::data::npy::NpyError;
 use crate::file_error::FileError;
 use crate::network::architecture::ArchitectureError;
 use crate::plans::PlansError;
 use crate::preprocess::PreprocessError;
 
 use super::progress_plot::PlotError;
-use super::sampler::MappedArrayError;
+use crate::data::chunked::ChunkedError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -79,16 +78,6 @@ pub enum TrainError {
     )]
     RegionsClassOrder { regions: usize },
 
-    /// A preprocessed case's image (`<id>_data.npy`) that cannot be used.
-    #[error(transparent)]
-    CaseData(MappedArrayError),
-    #[error("case {case}: {source}")]
-    CaseLabels {
-        case: String,
-        #[source]
-        source: MappedArrayError,
-    },
-
     #[error("`previous_stage` is given but the plan's {configuration} is not the second stage of a cascade")]
     NotACascade { configuration: String },
     #[error(
@@ -125,13 +114,13 @@ pub enum TrainError {
     PreviousStageLabels {
         case: String,
         #[source]
-        source: MappedArrayError,
+        source: ChunkedError,
     },
-    /// The previous stage's prediction of a case (the error names the file).
-    #[error(transparent)]
-    PreviousStageRead(NpyError),
-    #[error("{}: expected (1, z, y, x) labels, got {shape:?}", .path.display())]
-    PreviousStageShape { path: PathBuf, shape: Vec<usize> },
+    #[error(
+        "{}: a previous-stage prediction in nnflow's earlier .npy layout; train {previous} again",
+        .path.display()
+    )]
+    PreviousStageOldLayout { path: PathBuf, previous: String },
 
     #[error("cannot start augmentation threads: {0}")]
     AugmentationThreads(#[source] rayon::ThreadPoolBuildError),

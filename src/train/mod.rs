@@ -3,6 +3,7 @@
 //! The libtorch parts (network, loss, optimizer, checkpoints, the training loop) are modules of
 //! the `nnflow-torch` worker binary.
 
+pub mod case_reader;
 pub mod data;
 mod error;
 pub mod job;

@@ -1,7 +1,7 @@
 //! nnU-Net's cascade on the training side. A low-resolution configuration (`3d_lowres`) names its
 //! `next_stage` in plans.json; its trainings store each held-out case's prediction resampled to
-//! the next stage's grid (`next_stage/<next>/<case>.npy`, labels `(1, z, y, x)`), as nnU-Net's
-//! `predicted_next_stage`. The next stage (`3d_cascade_fullres`, whose `previous_stage` names the
+//! the next stage's grid (`next_stage/<next>/<case>.zarr`, a chunked `(1, z, y, x)` label array
+//! of [`crate::data::case_store::write_labels`]), as nnU-Net's `predicted_next_stage`. The next stage (`3d_cascade_fullres`, whose `previous_stage` names the
 //! low-resolution one) reads, for every case, the prediction of the training that held it out and
 //! gives the network one 0/1 input channel per foreground label.
 
@@ -23,7 +23,7 @@ pub const FOLDER: &str = "next_stage";
 
 /// Where a training of the previous stage keeps its prediction of `case` for `next`.
 pub fn prediction_path(training: &Path, next: &str, case: &str) -> PathBuf {
-    training.join(FOLDER).join(next).join(format!("{case}.npy"))
+    training.join(FOLDER).join(next).join(format!("{case}.zarr"))
 }
 
 /// For every case, the prediction made for `configuration` by the training of `previous` that
@@ -54,7 +54,14 @@ pub fn collect_predictions(
         }
         for case in info.validation_cases {
             let path = prediction_path(training, configuration, &case);
-            if path.is_file() {
+            let old = path.with_extension("npy");
+            if !path.exists() && old.is_file() {
+                return Err(TrainError::PreviousStageOldLayout {
+                    path: old,
+                    previous: previous.into(),
+                });
+            }
+            if path.is_dir() {
                 found.entry(case).or_insert(path);
             }
         }
@@ -125,8 +132,7 @@ mod tests {
         };
         crate::atomic_file::write_json(&training.join("fold.json"), &info).unwrap();
         let file = prediction_path(&training, "3d_cascade_fullres", "a");
-        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
-        std::fs::write(&file, b"x").unwrap();
+        std::fs::create_dir_all(&file).unwrap();
         let cases = ["a".to_string()];
         let found = collect_predictions(
             std::slice::from_ref(&training),

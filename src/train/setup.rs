@@ -7,17 +7,17 @@ use std::path::{Path, PathBuf};
 
 use crate::augment::pipeline::TransformSpec;
 use crate::augment::{DaConfig, Pipeline};
-use crate::data::case_store::list_cases;
+use crate::data::case_store::{list_cases, read_labels};
 use crate::data::dataset::Dataset;
-use crate::data::npy;
 use crate::evaluate::folder::evaluation_targets;
 use crate::network::Architecture;
 use crate::plans::{Plans, ResolvedConfiguration};
 use crate::preprocess::case_steps::PlanView;
+use crate::train::case_reader::CaseReader;
 use crate::train::data::BatchMaker;
 use crate::train::params::TrainParams;
 use crate::train::previous_stage::collect_predictions;
-use crate::train::sampler::{MappedCase, PatchSampler};
+use crate::train::sampler::PatchSampler;
 use crate::train::splits::{fold_cases, Fold, Split};
 use crate::train::TrainError;
 
@@ -48,7 +48,7 @@ pub struct Setup {
 pub struct PreviousStage {
     /// The foreground labels, one input channel each.
     pub labels: Vec<i16>,
-    /// Case id -> `(1, z, y, x)` labels on this configuration's grid.
+    /// Case id -> its `(1, z, y, x)` label array on this configuration's grid.
     pub predictions: BTreeMap<String, PathBuf>,
 }
 
@@ -209,18 +209,12 @@ pub fn as_3d(patch: &[usize]) -> [usize; 3] {
 
 /// The previous stage's `(z, y, x)` segmentation of a case.
 pub fn read_previous_stage(previous: &PreviousStage, id: &str) -> Result<ndarray::Array3<i16>, TrainError> {
-    let path = &previous.predictions[id];
-    let labels = npy::read_labels(path).map_err(TrainError::PreviousStageRead)?;
-    let shape = labels.shape().to_vec();
-    labels
-        .into_dimensionality::<ndarray::Ix4>()
-        .ok()
-        .filter(|labels| labels.shape()[0] == 1)
-        .map(|labels| labels.index_axis_move(ndarray::Axis(0), 0))
-        .ok_or_else(|| TrainError::PreviousStageShape {
-            path: path.clone(),
-            shape,
-        })
+    let labels =
+        read_labels(&previous.predictions[id]).map_err(|source| TrainError::PreviousStageLabels {
+            case: id.to_string(),
+            source,
+        })?;
+    Ok(labels.index_axis_move(ndarray::Axis(0), 0))
 }
 
 /// The batches of a run: training patches (enlarged crops for the spatial transform) with the
@@ -236,10 +230,10 @@ pub fn batch_maker(params: &TrainParams, setup: &Setup) -> Result<BatchMaker, Tr
         // lists them itself (then with the labels filled in)
         augment = augment.with_previous_stage(&previous.labels);
     }
-    let open = |ids: &[String]| -> Result<Vec<MappedCase>, TrainError> {
+    let open = |ids: &[String]| -> Result<Vec<CaseReader>, TrainError> {
         ids.iter()
             .map(|id| {
-                let case = MappedCase::open(Path::new(&params.preprocessed), id)?;
+                let case = CaseReader::open(Path::new(&params.preprocessed), id)?;
                 match &setup.previous_stage {
                     Some(previous) => case.with_previous_stage(&previous.predictions[id]),
                     None => Ok(case),

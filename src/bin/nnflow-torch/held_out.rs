@@ -4,7 +4,8 @@
 use std::path::Path;
 use std::time::Instant;
 
-use nnflow::data::case_store::{read_case, CaseStoreError};
+use nnflow::data::case_store::{read_case, write_labels, CaseStoreError};
+use nnflow::data::chunked::ChunkedError;
 use nnflow::data::dataset::{Dataset, DatasetError};
 use nnflow::data::image::{self, ImageError};
 use nnflow::data::npy::{self, NpyError};
@@ -50,6 +51,8 @@ pub enum HeldOutError {
     Inference(#[from] InferenceError),
     #[error(transparent)]
     Npy(#[from] NpyError),
+    #[error(transparent)]
+    Chunked(#[from] ChunkedError),
     #[error(transparent)]
     Image(#[from] ImageError),
     #[error(transparent)]
@@ -104,9 +107,9 @@ pub fn validate_held_out(
             let seg = segmentation_on_grid(logits.view(), shape, &setup.configuration, regions.as_ref())
                 .map_err(HeldOutError::in_case(id))?;
             let path = prediction_path(&job.out_dir, &next.configuration.name, id);
-            let folder = path.parent().expect("a folder");
-            std::fs::create_dir_all(folder).map_err(FileError::io(folder))?;
-            npy::write(&path, seg.insert_axis(ndarray::Axis(0)).view())?;
+            // chunked for the next stage's patches, which its training crops
+            let patch = next.configuration.patch_size().map_err(TrainError::PlanEntry)?;
+            write_labels(&path, seg.insert_axis(ndarray::Axis(0)).view(), patch)?;
         }
         let exported = export_case(
             logits.view(),
